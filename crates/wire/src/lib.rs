@@ -1,0 +1,14 @@
+//! gipc's transport core, free of Python: the wire format, non-blocking framed reads and
+//! writes, and descriptor set-up. The extension module (`gipc._core`) binds it to Python.
+//!
+//! Nothing in this crate ever waits: every call either makes progress or says "would block",
+//! and the caller waits on gevent's hub.
+
+pub mod budget;
+pub mod frame;
+pub mod io;
+pub mod recv;
+pub mod send;
+
+#[cfg(test)]
+mod testing;

@@ -1,0 +1,573 @@
+//! The receiving half of a channel: turns a byte stream into frames, without ever waiting.
+//!
+//! Small frames are served from one read buffer, so a single `read` can deliver hundreds of
+//! messages. A large payload goes straight into its final buffer (in the extension, the
+//! `bytes` object handed to Python), so it is copied once, by the kernel.
+
+use std::fmt;
+use std::io;
+use std::ops::Range;
+
+use crate::budget::{Budget, BUFFERED_WEIGHT, SYSCALL_WEIGHT};
+use crate::frame::{decode_header, FrameError, Kind, HEADER_LEN};
+use crate::io::ReadSource;
+
+/// Size of the read buffer that small frames are served from.
+pub const READ_BUFFER: usize = 256 * 1024;
+
+/// Payloads up to this size are copied out of the read buffer; larger ones are read directly
+/// into a buffer of their own.
+pub const SMALL_PAYLOAD: usize = 32 * 1024;
+
+/// A buffer that a large payload is read into.
+pub trait PayloadBuf {
+    fn as_mut_slice(&mut self) -> &mut [u8];
+}
+
+impl PayloadBuf for Vec<u8> {
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        self
+    }
+}
+
+/// What one call to [`Receiver::poll`] produced.
+#[derive(Debug)]
+pub enum Event<'a, B> {
+    /// A whole message.
+    Message { kind: Kind, payload: Payload<'a, B> },
+    /// Nothing complete and nothing to read: wait until the descriptor is readable.
+    WouldBlock,
+    /// The time slice is used up while data keeps coming: give the event loop a turn, then
+    /// poll again (nothing is lost; the descriptor may not become readable again).
+    Yield,
+}
+
+/// A message's payload, either borrowed from the read buffer or in its own buffer.
+#[derive(Debug)]
+pub enum Payload<'a, B> {
+    Buffered(&'a [u8]),
+    Owned(B),
+}
+
+#[derive(Debug)]
+pub enum RecvError {
+    /// The stream ended cleanly, between two frames.
+    Eof,
+    /// The stream ended inside a frame. `expected` is `None` while the header was incomplete
+    /// (then `received` counts header bytes), else the payload length.
+    Torn { received: u64, expected: Option<u64> },
+    /// A header that cannot be trusted. The stream is out of step for good.
+    Frame(FrameError),
+    /// The payload's buffer could not be allocated.
+    Alloc { len: u64 },
+    Io(io::Error),
+}
+
+impl fmt::Display for RecvError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RecvError::Eof => write!(f, "end of stream: every write end of the pipe is closed"),
+            RecvError::Torn {
+                received,
+                expected: None,
+            } => write!(
+                f,
+                "message torn: the write end was closed after {received} of the \
+                 {HEADER_LEN} header bytes (did the writer die mid-message?)"
+            ),
+            RecvError::Torn {
+                received,
+                expected: Some(len),
+            } => write!(
+                f,
+                "message torn: the write end was closed after {received} of {len} payload \
+                 bytes (did the writer die mid-message?)"
+            ),
+            RecvError::Frame(err) => err.fmt(f),
+            RecvError::Alloc { len } => {
+                write!(f, "cannot allocate {len} bytes for an incoming message")
+            }
+            RecvError::Io(err) => err.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for RecvError {}
+
+struct LargeFrame<B> {
+    kind: Kind,
+    payload: B,
+    len: usize,
+    filled: usize,
+}
+
+/// What one step of the state machine found; owns no borrow, so `poll` can loop.
+enum Step<B> {
+    Again,
+    Buffered(Kind, Range<usize>),
+    Owned(Kind, B),
+    WouldBlock,
+    Yield,
+}
+
+pub struct Receiver<B> {
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+    large: Option<LargeFrame<B>>,
+    max_len: u64,
+    budget: Budget,
+    corrupt: Option<FrameError>,
+}
+
+impl<B: PayloadBuf> Receiver<B> {
+    pub fn new(max_len: u64, budget: Budget) -> Self {
+        Receiver {
+            buf: vec![0; READ_BUFFER].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            large: None,
+            max_len,
+            budget,
+            corrupt: None,
+        }
+    }
+
+    pub fn max_len(&self) -> u64 {
+        self.max_len
+    }
+
+    pub fn set_max_len(&mut self, max_len: u64) {
+        self.max_len = max_len;
+    }
+
+    /// Bytes received but not yet handed out (a partial frame, or whole frames not yet polled).
+    pub fn buffered(&self) -> usize {
+        self.end - self.start + self.large.as_ref().map_or(0, |l| l.filled)
+    }
+
+    /// Produces the next message, or says why there is none yet. `alloc` makes the buffer of a
+    /// large payload; it is called only after the header passed every check.
+    pub fn poll<S, A>(&mut self, src: &mut S, mut alloc: A) -> Result<Event<'_, B>, RecvError>
+    where
+        S: ReadSource,
+        A: FnMut(usize) -> Option<B>,
+    {
+        loop {
+            match self.step(src, &mut alloc)? {
+                Step::Again => continue,
+                Step::Buffered(kind, range) => {
+                    return Ok(Event::Message {
+                        kind,
+                        payload: Payload::Buffered(&self.buf[range]),
+                    })
+                }
+                Step::Owned(kind, payload) => {
+                    return Ok(Event::Message {
+                        kind,
+                        payload: Payload::Owned(payload),
+                    })
+                }
+                Step::WouldBlock => return Ok(Event::WouldBlock),
+                Step::Yield => return Ok(Event::Yield),
+            }
+        }
+    }
+
+    fn step<S, A>(&mut self, src: &mut S, alloc: &mut A) -> Result<Step<B>, RecvError>
+    where
+        S: ReadSource,
+        A: FnMut(usize) -> Option<B>,
+    {
+        if let Some(err) = &self.corrupt {
+            return Err(RecvError::Frame(err.clone()));
+        }
+        if self.large.is_some() {
+            return self.step_large(src);
+        }
+        let avail = self.end - self.start;
+        let mut needed = HEADER_LEN;
+        let mut announced = None;
+        if avail >= HEADER_LEN {
+            let raw: [u8; HEADER_LEN] = self.buf[self.start..self.start + HEADER_LEN]
+                .try_into()
+                .expect("slice has header length");
+            let (kind, len) = decode_header(raw, self.max_len).map_err(|err| {
+                self.corrupt = Some(err.clone());
+                RecvError::Frame(err)
+            })?;
+            announced = Some(len);
+            let len = usize::try_from(len).map_err(|_| RecvError::Alloc { len })?;
+            if len > SMALL_PAYLOAD {
+                let mut payload = alloc(len).ok_or(RecvError::Alloc { len: len as u64 })?;
+                let from = self.start + HEADER_LEN;
+                let have = (avail - HEADER_LEN).min(len);
+                payload.as_mut_slice()[..have].copy_from_slice(&self.buf[from..from + have]);
+                self.start = from + have;
+                self.large = Some(LargeFrame {
+                    kind,
+                    payload,
+                    len,
+                    filled: have,
+                });
+                return Ok(Step::Again);
+            }
+            if avail >= HEADER_LEN + len {
+                if self.budget.spend(BUFFERED_WEIGHT) {
+                    return Ok(Step::Yield);
+                }
+                let from = self.start + HEADER_LEN;
+                self.start = from + len;
+                return Ok(Step::Buffered(kind, from..from + len));
+            }
+            needed = HEADER_LEN + len;
+        }
+        self.make_room(needed);
+        if self.budget.spend(SYSCALL_WEIGHT) {
+            return Ok(Step::Yield);
+        }
+        match src.read_some(&mut self.buf[self.end..]) {
+            Ok(0) if avail == 0 => Err(RecvError::Eof),
+            Ok(0) => Err(match announced {
+                None => RecvError::Torn {
+                    received: avail as u64,
+                    expected: None,
+                },
+                Some(len) => RecvError::Torn {
+                    received: (avail - HEADER_LEN) as u64,
+                    expected: Some(len),
+                },
+            }),
+            Ok(n) => {
+                self.end += n;
+                Ok(Step::Again)
+            }
+            Err(err) => self.would_block_or(err),
+        }
+    }
+
+    fn step_large<S: ReadSource>(&mut self, src: &mut S) -> Result<Step<B>, RecvError> {
+        let large = self.large.as_mut().expect("checked by caller");
+        if large.filled == large.len {
+            let done = self.large.take().expect("checked above");
+            return Ok(Step::Owned(done.kind, done.payload));
+        }
+        if self.budget.spend(SYSCALL_WEIGHT) {
+            return Ok(Step::Yield);
+        }
+        let (filled, len) = (large.filled, large.len);
+        match src.read_some(&mut large.payload.as_mut_slice()[filled..len]) {
+            Ok(0) => Err(RecvError::Torn {
+                received: filled as u64,
+                expected: Some(len as u64),
+            }),
+            Ok(n) => {
+                large.filled += n;
+                Ok(Step::Again)
+            }
+            Err(err) => self.would_block_or(err),
+        }
+    }
+
+    fn would_block_or(&mut self, err: io::Error) -> Result<Step<B>, RecvError> {
+        if err.kind() == io::ErrorKind::WouldBlock {
+            // The caller is about to wait on the hub: that is the yield.
+            self.budget.reset();
+            Ok(Step::WouldBlock)
+        } else {
+            Err(RecvError::Io(err))
+        }
+    }
+
+    /// Makes sure the frame in progress (`needed` bytes from `start`) fits, and that the next
+    /// read has a useful amount of space, by moving the unread bytes to the front.
+    fn make_room(&mut self, needed: usize) {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+            return;
+        }
+        let cap = self.buf.len();
+        if self.start + needed > cap || cap - self.end < cap / 4 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::encode_header;
+    use crate::testing::ScriptedSource;
+    use proptest::prelude::*;
+
+    fn frame(kind: Kind, payload: &[u8]) -> Vec<u8> {
+        let mut out = encode_header(kind, payload.len() as u64).unwrap().to_vec();
+        out.extend_from_slice(payload);
+        out
+    }
+
+    fn receiver() -> Receiver<Vec<u8>> {
+        Receiver::new(u64::MAX, Budget::new(None))
+    }
+
+    fn alloc(len: usize) -> Option<Vec<u8>> {
+        Some(vec![0; len])
+    }
+
+    /// Polls until the source runs dry, collecting messages, and returns how it ended.
+    fn drain(
+        rx: &mut Receiver<Vec<u8>>,
+        src: &mut ScriptedSource,
+    ) -> (Vec<(Kind, Vec<u8>)>, Result<(), RecvError>) {
+        let mut got = Vec::new();
+        loop {
+            match rx.poll(src, alloc) {
+                Ok(Event::Message { kind, payload }) => got.push((
+                    kind,
+                    match payload {
+                        Payload::Buffered(b) => b.to_vec(),
+                        Payload::Owned(v) => v,
+                    },
+                )),
+                Ok(Event::WouldBlock) if src.is_exhausted() => return (got, Ok(())),
+                Ok(Event::WouldBlock) | Ok(Event::Yield) => continue,
+                Err(err) => return (got, Err(err)),
+            }
+        }
+    }
+
+    #[test]
+    fn many_small_frames_come_from_one_read() {
+        let mut stream = Vec::new();
+        for i in 0..500u32 {
+            stream.extend(frame(Kind::Encoded, &i.to_le_bytes()));
+        }
+        let mut src = ScriptedSource::whole(stream);
+        let mut rx = receiver();
+        let (got, end) = drain(&mut rx, &mut src);
+        assert!(end.is_ok());
+        assert_eq!(got.len(), 500);
+        assert_eq!(got[499].1, 499u32.to_le_bytes());
+        assert_eq!(src.reads(), 2, "one read for all frames, one that would block");
+    }
+
+    #[test]
+    fn every_split_point_yields_the_same_messages() {
+        let mut stream = frame(Kind::Bytes, b"first");
+        stream.extend(frame(Kind::Encoded, b""));
+        stream.extend(frame(Kind::Batch, &[7u8; 40_000]));
+        stream.extend(frame(Kind::Encoded, b"last"));
+        for cut in 0..stream.len() {
+            let mut src = ScriptedSource::split(&stream, &[cut]);
+            let (got, end) = drain(&mut receiver(), &mut src);
+            assert!(end.is_ok(), "cut at {cut}: {end:?}");
+            let kinds: Vec<Kind> = got.iter().map(|m| m.0).collect();
+            assert_eq!(
+                kinds,
+                [Kind::Bytes, Kind::Encoded, Kind::Batch, Kind::Encoded]
+            );
+            assert_eq!(got[2].1, vec![7u8; 40_000]);
+            assert_eq!(got[3].1, b"last");
+        }
+    }
+
+    #[test]
+    fn large_payload_is_read_into_its_own_buffer() {
+        let payload: Vec<u8> = (0..3_000_000u32).map(|i| i as u8).collect();
+        let stream = frame(Kind::Bytes, &payload);
+        let mut src = ScriptedSource::chunks(&stream, 65_536);
+        let mut rx = receiver();
+        let mut allocations = Vec::new();
+        let received = loop {
+            match rx.poll(&mut src, |len| {
+                allocations.push(len);
+                Some(vec![0; len])
+            }) {
+                Ok(Event::Message {
+                    payload: Payload::Owned(v),
+                    ..
+                }) => break v,
+                Ok(Event::WouldBlock) | Ok(Event::Yield) => continue,
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        assert_eq!(allocations, [payload.len()]);
+        assert!(received == payload);
+    }
+
+    #[test]
+    fn eof_between_frames_is_clean_and_repeats() {
+        let mut src = ScriptedSource::whole(frame(Kind::Encoded, b"x")).then_eof();
+        let mut rx = receiver();
+        let (got, end) = drain(&mut rx, &mut src);
+        assert_eq!(got.len(), 1);
+        assert!(matches!(end, Err(RecvError::Eof)));
+        assert!(matches!(rx.poll(&mut src, alloc), Err(RecvError::Eof)));
+    }
+
+    #[test]
+    fn eof_inside_the_header_is_torn() {
+        let mut src = ScriptedSource::whole(frame(Kind::Encoded, b"abc")[..5].to_vec()).then_eof();
+        let (_, end) = drain(&mut receiver(), &mut src);
+        match end {
+            Err(RecvError::Torn {
+                received: 5,
+                expected: None,
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn eof_inside_a_small_payload_is_torn() {
+        let mut src =
+            ScriptedSource::whole(frame(Kind::Encoded, b"abcdef")[..10].to_vec()).then_eof();
+        let (_, end) = drain(&mut receiver(), &mut src);
+        let err = end.unwrap_err();
+        assert!(matches!(
+            err,
+            RecvError::Torn {
+                received: 2,
+                expected: Some(6)
+            }
+        ));
+        assert!(err.to_string().contains("2 of 6 payload bytes"));
+    }
+
+    #[test]
+    fn eof_inside_a_large_payload_is_torn() {
+        let full = frame(Kind::Bytes, &vec![1u8; 100_000]);
+        let mut src = ScriptedSource::chunks(&full[..50_008], 4096).then_eof();
+        let (_, end) = drain(&mut receiver(), &mut src);
+        assert!(matches!(
+            end,
+            Err(RecvError::Torn {
+                received: 50_000,
+                expected: Some(100_000)
+            })
+        ));
+    }
+
+    #[test]
+    fn corrupt_header_is_refused_for_good_and_allocates_nothing() {
+        let mut src = ScriptedSource::whole(vec![0xAB; 64]);
+        let mut rx = receiver();
+        let mut asked = 0;
+        for _ in 0..3 {
+            let err = rx
+                .poll(&mut src, |len| {
+                    asked += 1;
+                    alloc(len)
+                })
+                .unwrap_err();
+            assert!(matches!(err, RecvError::Frame(FrameError::BadMagic { .. })));
+        }
+        assert_eq!(asked, 0);
+    }
+
+    #[test]
+    fn announced_length_above_the_maximum_allocates_nothing() {
+        let header = encode_header(Kind::Encoded, 1 << 39).unwrap();
+        let mut src = ScriptedSource::whole(header.to_vec());
+        let mut rx: Receiver<Vec<u8>> = Receiver::new(1 << 20, Budget::new(None));
+        let err = rx
+            .poll(&mut src, |_| panic!("must not allocate"))
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            RecvError::Frame(FrameError::TooLarge {
+                len: 549_755_813_888,
+                max: 1_048_576
+            })
+        ));
+    }
+
+    #[test]
+    fn failed_allocation_is_an_error_not_a_crash() {
+        let mut src = ScriptedSource::whole(frame(Kind::Bytes, &vec![0u8; 50_000]));
+        let err = receiver().poll(&mut src, |_| None).unwrap_err();
+        assert!(matches!(err, RecvError::Alloc { len: 50_000 }));
+    }
+
+    #[test]
+    fn io_errors_pass_through() {
+        let mut src = ScriptedSource::failing(io::ErrorKind::PermissionDenied);
+        let err = receiver().poll(&mut src, alloc).unwrap_err();
+        assert!(matches!(err, RecvError::Io(e) if e.kind() == io::ErrorKind::PermissionDenied));
+    }
+
+    #[test]
+    fn a_busy_stream_asks_for_yields_without_losing_messages() {
+        let mut stream = Vec::new();
+        for i in 0..20_000u32 {
+            stream.extend(frame(Kind::Encoded, &i.to_le_bytes()));
+        }
+        let mut src = ScriptedSource::chunks(&stream, 4096);
+        let mut rx = Receiver::new(u64::MAX, Budget::new(Some(std::time::Duration::ZERO)));
+        let (mut yields, mut next) = (0, 0u32);
+        loop {
+            match rx.poll(&mut src, alloc).unwrap() {
+                Event::Message {
+                    payload: Payload::Buffered(b),
+                    ..
+                } => {
+                    assert_eq!(b, next.to_le_bytes());
+                    next += 1;
+                }
+                Event::Yield => yields += 1,
+                Event::WouldBlock => break,
+                Event::Message { .. } => unreachable!(),
+            }
+        }
+        assert_eq!(next, 20_000);
+        assert!(yields > 100, "only {yields} yields");
+    }
+
+    proptest! {
+        #[test]
+        fn frames_survive_any_chunking(
+            payloads in proptest::collection::vec(
+                proptest::collection::vec(any::<u8>(), 0..70_000), 1..6),
+            chunk in 1usize..100_000,
+        ) {
+            let mut stream = Vec::new();
+            for p in &payloads {
+                stream.extend(frame(Kind::Encoded, p));
+            }
+            let mut src = ScriptedSource::chunks(&stream, chunk).then_eof();
+            let (got, end) = drain(&mut receiver(), &mut src);
+            prop_assert!(matches!(end, Err(RecvError::Eof)));
+            let got: Vec<Vec<u8>> = got.into_iter().map(|m| m.1).collect();
+            prop_assert_eq!(got, payloads);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic_or_over_allocate(
+            stream in proptest::collection::vec(any::<u8>(), 0..4096),
+            magic_prefix in any::<bool>(),
+            chunk in 1usize..512,
+        ) {
+            // Half the cases start with a valid magic so the length checks are reached.
+            let mut stream = stream;
+            if magic_prefix && stream.len() >= HEADER_LEN {
+                stream[6] = 0x70;
+                stream[7] = 0x67;
+            }
+            let max = 1u64 << 16;
+            let mut rx: Receiver<Vec<u8>> = Receiver::new(max, Budget::new(None));
+            let mut src = ScriptedSource::chunks(&stream, chunk).then_eof();
+            for _ in 0..10_000 {
+                match rx.poll(&mut src, |len| {
+                    assert!(len as u64 <= max);
+                    Some(vec![0; len])
+                }) {
+                    Ok(Event::Message { .. }) | Ok(Event::Yield) | Ok(Event::WouldBlock) => {}
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! The objects Python drives: one reader and one writer per channel. Each call does what the
+//! descriptor allows right now and reports the rest; waiting is the Python layer's job.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::ptr::NonNull;
+
+use gipc_wire::budget::{Budget, DEFAULT_SLICE};
+use gipc_wire::frame::Kind;
+use gipc_wire::io::{channel as make_channel, FdReader, FdWriter, Transport};
+use gipc_wire::recv::{Event, Payload, PayloadBuf, Receiver};
+use gipc_wire::send::{Progress, Sender};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyBytes, PyList};
+use pyo3::{ffi, IntoPyObjectExt};
+
+use crate::errors;
+
+/// `Writer.try_send`/`try_flush` results, mirrored as `DONE`/`WOULD_BLOCK`/`YIELD` in Python.
+const DONE: u8 = 0;
+const WOULD_BLOCK: u8 = 1;
+const YIELD: u8 = 2;
+
+fn status(progress: Progress) -> u8 {
+    match progress {
+        Progress::Done => DONE,
+        Progress::WouldBlock => WOULD_BLOCK,
+        Progress::Yield => YIELD,
+    }
+}
+
+fn kind_from(value: u8) -> PyResult<Kind> {
+    Kind::from_u8(value).ok_or_else(|| PyValueError::new_err(format!("unknown kind {value}")))
+}
+
+/// A `bytes` object queued for writing, readable without the GIL.
+struct HeldBytes {
+    _owner: Py<PyBytes>,
+    data: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: `bytes` objects are immutable and `_owner` keeps this one alive, so `data` points to
+// `len` unchanging bytes for as long as this value exists, whichever thread reads them.
+unsafe impl Send for HeldBytes {}
+// SAFETY: as above; shared access only ever reads.
+unsafe impl Sync for HeldBytes {}
+
+impl HeldBytes {
+    fn new(bytes: &Bound<'_, PyBytes>) -> Self {
+        let slice = bytes.as_bytes();
+        HeldBytes {
+            data: NonNull::from(slice).cast(),
+            len: slice.len(),
+            _owner: bytes.clone().unbind(),
+        }
+    }
+}
+
+impl AsRef<[u8]> for HeldBytes {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: see the `Send` impl: valid, immutable and alive while `self` is.
+        unsafe { std::slice::from_raw_parts(self.data.as_ptr(), self.len) }
+    }
+}
+
+/// A `bytes` object that a large payload is read into before anyone else sees it.
+struct FillingBytes {
+    owner: Py<PyBytes>,
+    data: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the object is reachable only through `owner` until the frame is complete, so no
+// other code can observe it while it is written; the pointer stays valid while `owner` lives.
+unsafe impl Send for FillingBytes {}
+// SAFETY: as above; `as_mut_slice` needs `&mut self`, so there is never shared mutation.
+unsafe impl Sync for FillingBytes {}
+
+impl FillingBytes {
+    /// A new `bytes` object of `len` uninitialised bytes (CPython's documented way to build
+    /// one in place), or `None` when it cannot be allocated.
+    fn allocate(py: Python<'_>, len: usize) -> Option<Self> {
+        let size = isize::try_from(len).ok()?;
+        // SAFETY: a null source with a length asks CPython for an uninitialised object, which
+        // we fully overwrite before it is handed to Python code.
+        let raw = unsafe { ffi::PyBytes_FromStringAndSize(std::ptr::null(), size) };
+        // SAFETY: `raw` is a new reference or null (with an exception set).
+        let owned = match unsafe { Bound::from_owned_ptr_or_err(py, raw) } {
+            Ok(obj) => obj,
+            Err(_) => return None, // MemoryError: reported by the caller with the size
+        };
+        let bytes = owned.cast_into::<PyBytes>().ok()?;
+        // SAFETY: `bytes` is a bytes object; its buffer holds `len` bytes plus a NUL.
+        let data = unsafe { ffi::PyBytes_AsString(bytes.as_ptr()) };
+        Some(FillingBytes {
+            data: NonNull::new(data.cast())?,
+            len,
+            owner: bytes.unbind(),
+        })
+    }
+}
+
+impl PayloadBuf for FillingBytes {
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: see the `Send` impl: exclusively ours, valid for `len` bytes.
+        unsafe { std::slice::from_raw_parts_mut(self.data.as_ptr(), self.len) }
+    }
+}
+
+/// The read end of a channel.
+#[pyclass(module = "gipc._core")]
+pub struct Reader {
+    fd: Option<OwnedFd>,
+    rx: Receiver<FillingBytes>,
+}
+
+#[pymethods]
+impl Reader {
+    /// The next message as `(kind, payload)`, `None` when the caller must wait until the
+    /// descriptor is readable, or `False` when it must let the event loop run first.
+    fn try_recv(&mut self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let fd = self.fd.as_ref().ok_or_else(errors::closed)?;
+        let mut source = FdReader(fd.as_fd());
+        let event = self
+            .rx
+            .poll(&mut source, |len| FillingBytes::allocate(py, len))
+            .map_err(errors::recv_error)?;
+        match event {
+            Event::Message { kind, payload } => {
+                let bytes = match payload {
+                    Payload::Buffered(data) => PyBytes::new(py, data).unbind(),
+                    Payload::Owned(filled) => filled.owner,
+                };
+                (kind as u8, bytes).into_py_any(py)
+            }
+            Event::WouldBlock => Ok(py.None()),
+            Event::Yield => Ok(PyBool::new(py, false).to_owned().into_any().unbind()),
+        }
+    }
+
+    fn fileno(&self) -> PyResult<i32> {
+        Ok(self.fd.as_ref().ok_or_else(errors::closed)?.as_raw_fd())
+    }
+
+    /// Closes the descriptor; returns False if it was closed already.
+    fn close(&mut self) -> bool {
+        self.fd.take().is_some()
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.fd.is_none()
+    }
+
+    #[getter]
+    fn max_message_size(&self) -> u64 {
+        self.rx.max_len()
+    }
+
+    #[setter]
+    fn set_max_message_size(&mut self, value: u64) {
+        self.rx.set_max_len(value);
+    }
+
+    /// Bytes received and not yet returned as messages.
+    #[getter]
+    fn buffered(&self) -> usize {
+        self.rx.buffered()
+    }
+}
+
+/// The write end of a channel.
+#[pyclass(module = "gipc._core")]
+pub struct Writer {
+    fd: Option<OwnedFd>,
+    transport: Transport,
+    tx: Sender<HeldBytes>,
+}
+
+impl Writer {
+    fn flush(&mut self) -> PyResult<u8> {
+        let fd = self.fd.as_ref().ok_or_else(errors::closed)?;
+        let mut sink = FdWriter::new(fd.as_fd(), self.transport);
+        Ok(status(self.tx.flush(&mut sink)?))
+    }
+}
+
+#[pymethods]
+impl Writer {
+    /// Queues one frame and writes what the descriptor takes now. Returns `DONE`,
+    /// `WOULD_BLOCK` (wait until writable, then `try_flush`) or `YIELD` (let the loop run,
+    /// then `try_flush`).
+    fn try_send(&mut self, kind: u8, payload: &Bound<'_, PyBytes>) -> PyResult<u8> {
+        if self.fd.is_none() {
+            return Err(errors::closed());
+        }
+        self.tx
+            .push(kind_from(kind)?, HeldBytes::new(payload))
+            .map_err(errors::frame_error)?;
+        self.flush()
+    }
+
+    /// Like `try_send` for a list of payloads, all written with as few system calls as the
+    /// descriptor allows.
+    fn try_send_many(&mut self, kind: u8, payloads: &Bound<'_, PyList>) -> PyResult<u8> {
+        if self.fd.is_none() {
+            return Err(errors::closed());
+        }
+        let kind = kind_from(kind)?;
+        // Check every item first so a bad one queues nothing.
+        let items: Vec<Bound<'_, PyBytes>> = payloads
+            .iter()
+            .map(|item| item.cast_into::<PyBytes>().map_err(PyErr::from))
+            .collect::<PyResult<_>>()?;
+        for item in &items {
+            self.tx
+                .push(kind, HeldBytes::new(item))
+                .map_err(errors::frame_error)?;
+        }
+        self.flush()
+    }
+
+    /// Continues writing what is queued.
+    fn try_flush(&mut self) -> PyResult<u8> {
+        self.flush()
+    }
+
+    /// True while queued frames are not entirely written.
+    #[getter]
+    fn pending(&self) -> bool {
+        self.tx.has_pending()
+    }
+
+    /// True when a frame is partly written: closing now would tear it for the reader.
+    #[getter]
+    fn mid_frame(&self) -> bool {
+        self.tx.is_mid_frame()
+    }
+
+    fn fileno(&self) -> PyResult<i32> {
+        Ok(self.fd.as_ref().ok_or_else(errors::closed)?.as_raw_fd())
+    }
+
+    /// Forgets queued frames and closes the descriptor; returns False if it was closed already.
+    fn close(&mut self) -> bool {
+        self.tx.discard();
+        self.fd.take().is_some()
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.fd.is_none()
+    }
+}
+
+/// Creates a one-way channel and returns its `(Reader, Writer)`.
+#[pyfunction]
+#[pyo3(signature = (transport = "socket", max_message_size = 1 << 32, slice_us = None))]
+pub fn channel(
+    transport: &str,
+    max_message_size: u64,
+    slice_us: Option<u64>,
+) -> PyResult<(Reader, Writer)> {
+    let transport = Transport::from_name(transport).ok_or_else(|| {
+        PyValueError::new_err(format!(
+            "unknown transport {transport:?}: use 'socket' or 'pipe'"
+        ))
+    })?;
+    let slice = match slice_us {
+        None => Some(DEFAULT_SLICE),
+        Some(0) => None,
+        Some(us) => Some(std::time::Duration::from_micros(us)),
+    };
+    let (read_end, write_end) = make_channel(transport)?;
+    Ok((
+        Reader {
+            fd: Some(read_end),
+            rx: Receiver::new(max_message_size, Budget::new(slice)),
+        },
+        Writer {
+            fd: Some(write_end),
+            transport,
+            tx: Sender::new(Budget::new(slice)),
+        },
+    ))
+}

@@ -1,0 +1,23 @@
+//! `gipc._core`: the extension module. It only exports; see `handle.rs` for the classes and
+//! the `gipc-wire` crate for the framing and I/O they drive.
+
+mod errors;
+mod handle;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<handle::Reader>()?;
+    m.add_class::<handle::Writer>()?;
+    m.add_function(wrap_pyfunction!(handle::channel, m)?)?;
+    m.add("DONE", 0u8)?;
+    m.add("WOULD_BLOCK", 1u8)?;
+    m.add("YIELD", 2u8)?;
+    m.add("KIND_ENCODED", gipc_wire::frame::Kind::Encoded as u8)?;
+    m.add("KIND_BYTES", gipc_wire::frame::Kind::Bytes as u8)?;
+    m.add("KIND_BATCH", gipc_wire::frame::Kind::Batch as u8)?;
+    m.add("MAX_PAYLOAD_LEN", gipc_wire::frame::MAX_PAYLOAD_LEN)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
