@@ -7,6 +7,9 @@ a cooperative wait on the current thread's hub.
 from __future__ import annotations
 
 import gevent
+from typing import Any
+
+from gevent._hub_local import get_hub_class, set_hub
 from gevent.hub import get_hub
 
 READ = 1  # libev/libuv event masks, the same on both loops
@@ -38,5 +41,46 @@ def fresh_hub_after_fork() -> None:
     """
     gevent.reinit()
     hub = get_hub()
+    if _is_libuv(hub.loop) and not _close_libuv_loop(hub.loop):
+        # libuv refused to close the inherited default loop (seen rarely: a handle the
+        # parent was closing at fork time never finishes closing in the child). Rather than
+        # spin, leave it behind: mark it gone so gevent does not try again, and run the child
+        # on a brand-new loop. Only libuv's default loop supports child watchers, so
+        # gevent.subprocess is unavailable in such a child.
+        hub.loop.ptr.data = _libuv_ffi().NULL
+        hub.destroy(destroy_loop=True)
+        set_hub(get_hub_class()(default=False))
+        return
     hub.destroy(destroy_loop=True)
     get_hub()
+
+
+def _is_libuv(loop: object) -> bool:
+    return type(loop).__module__.startswith("gevent.libuv")
+
+
+def _libuv_ffi() -> Any:
+    from gevent.libuv._corecffi import ffi  # type: ignore[import-not-found]
+
+    return ffi
+
+
+def _close_libuv_loop(loop: Any, attempts: int = 100) -> bool:
+    """Closes every handle of the inherited libuv loop and the loop itself, giving up after
+    ``attempts`` turns instead of looping for ever as gevent's own teardown would."""
+    try:
+        from gevent.libuv._corecffi import lib  # type: ignore[import-not-found]
+    except ImportError:  # a gevent without the cffi backend: let gevent handle it
+        return True
+    ptr = loop.ptr
+    if not ptr:
+        return True
+    lib.uv_stop(ptr)
+    lib.gevent_close_all_handles(ptr)
+    for _ in range(attempts):
+        if lib.uv_loop_close(ptr) == 0:
+            return True
+        # Closed handles are only finalised by a turn of the loop; with every handle
+        # closed, no callback of the parent's can run here.
+        lib.uv_run(ptr, lib.UV_RUN_NOWAIT)
+    return False

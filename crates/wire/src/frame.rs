@@ -153,7 +153,13 @@ mod tests {
     fn length_above_the_readers_maximum_is_refused() {
         let raw = encode_header(Kind::Encoded, 1001).unwrap();
         let err = decode_header(raw, 1000).unwrap_err();
-        assert_eq!(err, FrameError::TooLarge { len: 1001, max: 1000 });
+        assert_eq!(
+            err,
+            FrameError::TooLarge {
+                len: 1001,
+                max: 1000
+            }
+        );
         assert!(err.to_string().contains("max_message_size"));
         assert!(decode_header(raw, 1001).is_ok());
     }

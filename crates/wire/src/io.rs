@@ -57,7 +57,7 @@ pub fn channel(transport: Transport) -> io::Result<(OwnedFd, OwnedFd)> {
             (r, w)
         }
         Transport::Socket => {
-            use rustix::net::{sockopt, socketpair, AddressFamily, SocketFlags, SocketType};
+            use rustix::net::{socketpair, sockopt, AddressFamily, SocketFlags, SocketType};
             let (r, w) = socketpair(
                 AddressFamily::UNIX,
                 SocketType::STREAM,

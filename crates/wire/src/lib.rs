@@ -7,6 +7,7 @@
 pub mod budget;
 pub mod frame;
 pub mod io;
+pub mod memory;
 pub mod recv;
 pub mod send;
 

@@ -55,11 +55,16 @@ pub enum RecvError {
     Eof,
     /// The stream ended inside a frame. `expected` is `None` while the header was incomplete
     /// (then `received` counts header bytes), else the payload length.
-    Torn { received: u64, expected: Option<u64> },
+    Torn {
+        received: u64,
+        expected: Option<u64>,
+    },
     /// A header that cannot be trusted. The stream is out of step for good.
     Frame(FrameError),
     /// The payload's buffer could not be allocated.
-    Alloc { len: u64 },
+    Alloc {
+        len: u64,
+    },
     Io(io::Error),
 }
 
@@ -351,7 +356,11 @@ mod tests {
         assert!(end.is_ok());
         assert_eq!(got.len(), 500);
         assert_eq!(got[499].1, 499u32.to_le_bytes());
-        assert_eq!(src.reads(), 2, "one read for all frames, one that would block");
+        assert_eq!(
+            src.reads(),
+            2,
+            "one read for all frames, one that would block"
+        );
     }
 
     #[test]

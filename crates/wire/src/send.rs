@@ -160,7 +160,8 @@ mod tests {
         let mut rx: Receiver<Vec<u8>> = Receiver::new(u64::MAX, Budget::new(None));
         let mut src = ScriptedSource::whole(bytes);
         let mut out = Vec::new();
-        while let Event::Message { kind, payload } = rx.poll(&mut src, |n| Some(vec![0; n])).unwrap()
+        while let Event::Message { kind, payload } =
+            rx.poll(&mut src, |n| Some(vec![0; n])).unwrap()
         {
             out.push((
                 kind,

@@ -36,11 +36,7 @@ impl ScriptedSource {
     }
 
     pub fn chunks(data: &[u8], size: usize) -> Self {
-        Self::from_pieces(
-            data.chunks(size)
-                .map(|c| Piece::Data(c.to_vec()))
-                .collect(),
-        )
+        Self::from_pieces(data.chunks(size).map(|c| Piece::Data(c.to_vec())).collect())
     }
 
     pub fn failing(kind: io::ErrorKind) -> Self {

@@ -1,0 +1,107 @@
+"""Every test must leave no trace: no new open file descriptor, no child process (running
+or zombie) of this process. The autouse fixture below fails a test that leaks either."""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+import time
+from typing import Dict, Iterator, Set
+
+import gevent
+import pytest
+
+LINUX = sys.platform.startswith("linux")
+
+
+def open_fds() -> Dict[int, str]:
+    """Descriptor number -> what it points to."""
+    if LINUX:
+        found = {}
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                found[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+            except OSError:  # the directory's own descriptor, gone by now
+                pass
+        return found
+    result = {}
+    for fd in range(0, 1024):
+        try:
+            os.fstat(fd)
+        except OSError:
+            continue
+        result[fd] = "?"
+    return result
+
+
+def child_pids() -> Set[int]:
+    """Children of this process, alive or zombie (Linux: read from /proc)."""
+    if not LINUX:
+        return set()
+    me = os.getpid()
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # Fields after the command name, which is in parentheses and may contain spaces.
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if int(fields[1]) == me:
+            found.add(int(entry))
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _warm_hub() -> None:
+    # The hub, its loop and the loop's own descriptors are created once per process; make
+    # them before the first test so they are not mistaken for a leak.
+    hub = gevent.get_hub()
+    gevent.sleep(0.001)
+    hub.threadpool  # noqa: B018
+
+
+def _settle(check, attempts: int = 50) -> bool:
+    for _ in range(attempts):
+        if check():
+            return True
+        gc.collect()
+        time.sleep(0.02)
+    return check()
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
+    gc.collect()
+    fds_before = open_fds()
+    children_before = child_pids()
+    yield
+    if request.node.get_closest_marker("allow_leaks"):
+        return
+    new_children: Set[int] = set()
+
+    def no_new_children() -> bool:
+        new_children.clear()
+        new_children.update(child_pids() - children_before)
+        return not new_children
+
+    assert _settle(no_new_children), f"test left child processes behind: {new_children}"
+    leaked: Dict[int, str] = {}
+
+    def no_new_fds() -> bool:
+        now = open_fds()
+        leaked.clear()
+        leaked.update({fd: what for fd, what in now.items() if fds_before.get(fd) != what})
+        return not leaked
+
+    assert _settle(no_new_fds, attempts=10), f"test leaked file descriptors: {leaked}"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "allow_leaks: the test deliberately keeps descriptors or children"
+    )

@@ -1,0 +1,66 @@
+"""Small helpers shared by the tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from typing import List
+
+import gevent
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Ticker:
+    """A greenlet that ticks every ``interval`` seconds and records the longest gap: proof
+    that the event loop kept running."""
+
+    def __init__(self, interval: float = 0.001) -> None:
+        import time
+
+        self._time = time.perf_counter
+        self.interval = interval
+        self.ticks = 0
+        self.max_gap = 0.0
+        self._greenlet = gevent.spawn(self._run)
+
+    def _run(self) -> None:
+        last = self._time()
+        while True:
+            gevent.sleep(self.interval)
+            now = self._time()
+            self.max_gap = max(self.max_gap, now - last)
+            last = now
+            self.ticks += 1
+
+    def stop(self) -> None:
+        self._greenlet.kill()
+
+
+def run_python(code: str, *args: str, env_extra: "dict[str, str] | None" = None,
+               timeout: float = 60) -> subprocess.CompletedProcess:
+    """Runs ``code`` in a fresh interpreter (for monkey-patching and exit behaviour, which
+    must not leak into the test process)."""
+    env = dict(os.environ)
+    env.update(env_extra or {})
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
+
+
+def fd_targets(pid: int) -> List[str]:
+    """What the descriptors of process ``pid`` point to (Linux)."""
+    out = []
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{name}"))
+        except OSError:
+            pass
+    return out
