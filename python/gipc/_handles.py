@@ -86,11 +86,16 @@ class _GIPCHandle:
             self._watcher = None
         self._core.close()
 
-    def _after_fork_in_child(self) -> None:
-        # The cached watcher belongs to the parent's loop, which the child has discarded.
+    def _after_fork_in_child(self, keep: bool) -> None:
+        """Adopts (``keep``) or closes a handle inherited by a forked child. Either way the
+        cached watcher belongs to the parent's loop, which the child has discarded: it is
+        dropped, not closed (closing it would touch that dead loop)."""
         self._watcher = None
         self._watcher_hub = None
-        self._lock = Semaphore()
+        if keep:
+            self._lock = Semaphore()
+        else:
+            self._release()
 
     def _wait(self) -> None:
         hub = gevent.get_hub()

@@ -22,12 +22,17 @@ def wait_for(watcher: object) -> None:
 
 
 def yield_to_loop() -> None:
-    """Lets every other greenlet and due timer run once, then resumes the caller.
+    """Lets every other greenlet, due timer and ready descriptor have a turn, then resumes.
 
     ``gevent.sleep(0)`` only runs callbacks that are already queued; a zero-length *timer*
-    needs a turn of the loop, so due timers and ready I/O are handled first.
+    needs a full turn of the loop, so I/O is polled and due timers fire first.
     """
-    gevent.sleep(0.0000001)
+    hub = get_hub()
+    timer = hub.loop.timer(0.0)
+    try:
+        hub.wait(timer)
+    finally:
+        timer.close()
 
 
 def fresh_hub_after_fork() -> None:
@@ -41,17 +46,22 @@ def fresh_hub_after_fork() -> None:
     """
     gevent.reinit()
     hub = get_hub()
-    if _is_libuv(hub.loop) and not _close_libuv_loop(hub.loop):
-        # libuv refused to close the inherited default loop (seen rarely: a handle the
-        # parent was closing at fork time never finishes closing in the child). Rather than
-        # spin, leave it behind: mark it gone so gevent does not try again, and run the child
-        # on a brand-new loop. Only libuv's default loop supports child watchers, so
-        # gevent.subprocess is unavailable in such a child.
+    if _is_libuv(hub.loop):
+        closed = _close_libuv_loop(hub.loop)
+        # Either way gevent must not tear the native loop down again (a second
+        # uv_loop_close of the default loop is a double free): mark it gone.
         hub.loop.ptr.data = _libuv_ffi().NULL
         hub.destroy(destroy_loop=True)
-        set_hub(get_hub_class()(default=False))
-        return
-    hub.destroy(destroy_loop=True)
+        if not closed:
+            # libuv refused to close the inherited default loop (seen rarely: a handle the
+            # parent was closing at fork time never finishes closing in the child). Rather
+            # than spin, leave it behind and run the child on a brand-new loop. Only libuv's
+            # default loop supports child watchers, so gevent.subprocess is unavailable in
+            # such a child.
+            set_hub(get_hub_class()(default=False))
+            return
+    else:
+        hub.destroy(destroy_loop=True)
     get_hub()
 
 

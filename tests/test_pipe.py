@@ -1,0 +1,446 @@
+"""The pipe API: handles, codecs, errors, timeouts, locking and context managers, within one
+process (greenlet to greenlet). Cross-process behaviour is in test_process.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import gevent
+import gevent.event
+import pytest
+
+import gipc
+from gipc import GIPCClosed, GIPCError, GIPCLocked
+from gipc.gipc import _GIPCDuplexHandle, _GIPCHandle, _GIPCReader, _GIPCWriter
+
+from conftest import open_fds
+from helpers import Ticker
+
+HEADER_MAGIC = 0x6770 << 48
+
+
+def raw_header(length: int, kind: int = 0) -> bytes:
+    return (HEADER_MAGIC | (kind << 40) | length).to_bytes(8, "little")
+
+
+class Tagged(bytes):
+    """A bytes subclass: must not take the unpickled fast path meant for exact bytes."""
+
+
+class TestCreation:
+    def test_simplex_pair(self):
+        pair = gipc.pipe()
+        reader, writer = pair
+        assert isinstance(pair, tuple) and len(pair) == 2
+        assert type(reader) is _GIPCReader and type(writer) is _GIPCWriter
+        assert isinstance(reader, _GIPCHandle) and isinstance(writer, _GIPCHandle)
+        reader.close()
+        writer.close()
+
+    def test_duplex_pair(self):
+        with gipc.pipe(duplex=True) as (h1, h2):
+            assert type(h1) is _GIPCDuplexHandle and type(h2) is _GIPCDuplexHandle
+            h1.put(1)
+            assert h2.get() == 1
+            h2.put(2)
+            assert h1.get() == 2
+
+    def test_documented_names_are_importable(self):
+        import gipc.gipc as module
+
+        for name in ("_GIPCHandle", "_GIPCReader", "_GIPCWriter", "_GIPCDuplexHandle",
+                     "_GProcess", "GIPCError", "GIPCClosed", "GIPCLocked"):
+            assert hasattr(module, name)
+        assert issubclass(GIPCClosed, GIPCError) and issubclass(GIPCLocked, GIPCError)
+
+    @pytest.mark.parametrize(
+        "kwargs, error",
+        [
+            ({"encoder": 1}, TypeError),
+            ({"decoder": 1.5}, TypeError),
+            ({"encoder": "json"}, ValueError),
+            ({"decoder": "pickle"}, ValueError),
+            ({"max_message_size": -1}, ValueError),
+        ],
+    )
+    def test_bad_arguments_are_rejected_before_any_descriptor_exists(self, kwargs, error):
+        before = open_fds()
+        with pytest.raises(error):
+            gipc.pipe(**kwargs)
+        assert open_fds() == before
+
+
+class TestCodecs:
+    @pytest.mark.parametrize(
+        "obj",
+        [None, 0, -1, 2**100, 1.5, "text", "ünïcode", b"", b"bytes", bytearray(b"ba"),
+         [1, [2, 3]], {"a": (1, 2)}, {1, 2}, ValueError("boom")],
+        ids=repr,
+    )
+    def test_default_codec_round_trips(self, obj):
+        with gipc.pipe() as (r, w):
+            w.put(obj)
+            got = r.get()
+        if isinstance(obj, Exception):
+            assert type(got) is ValueError and got.args == obj.args
+        else:
+            assert got == obj and type(got) is type(obj)
+
+    def test_bytes_subclass_keeps_its_type(self):
+        with gipc.pipe() as (r, w):
+            w.put(Tagged(b"x"))
+            assert type(r.get()) is Tagged
+
+    def test_raw_mode_takes_and_returns_bytes_only(self):
+        with gipc.pipe(encoder=None, decoder=None) as (r, w):
+            w.put(b"raw")
+            assert r.get() == b"raw"
+            for bad in ("str", 1, bytearray(b"x"), memoryview(b"x")):
+                with pytest.raises(TypeError):
+                    w.put(bad)
+            w.put(b"still fine")
+            assert r.get() == b"still fine"
+
+    def test_json_callables(self):
+        enc = lambda o: json.dumps(o).encode("ascii")  # noqa: E731
+        dec = lambda b: json.loads(b.decode("ascii"))  # noqa: E731
+        with gipc.pipe(encoder=enc, decoder=dec) as (r, w):
+            w.put({"a": [1, 2]})
+            assert r.get() == {"a": [1, 2]}
+            w.put(b"raw bytes go through the encoder too".decode())
+            assert r.get() == "raw bytes go through the encoder too"
+
+    def test_encoder_must_return_bytes(self):
+        with gipc.pipe(encoder=lambda o: str(o)) as (r, w):
+            with pytest.raises(TypeError, match="encoder must return bytes"):
+                w.put(1)
+
+    def test_decoder_error_leaves_the_pipe_usable(self):
+        def dec(b: bytes):
+            if b == b"bad":
+                raise ValueError("cannot decode")
+            return b
+
+        with gipc.pipe(encoder=None, decoder=dec) as (r, w):
+            w.put(b"bad")
+            w.put(b"good")
+            with pytest.raises(ValueError, match="cannot decode"):
+                r.get()
+            assert r.get() == b"good"
+
+    def test_pickling_error_sends_nothing(self):
+        with gipc.pipe() as (r, w):
+            with pytest.raises((pickle.PicklingError, TypeError, AttributeError)):
+                w.put(lambda: None)
+            w.put("next")
+            assert r.get() == "next"
+
+
+class TestBatches:
+    @pytest.mark.parametrize("codecs", ["default", "raw", "custom"])
+    def test_put_many_preserves_order_and_mixes_with_put(self, codecs):
+        if codecs == "default":
+            kwargs, items = {}, [{"i": i} for i in range(500)]
+        elif codecs == "raw":
+            kwargs, items = {"encoder": None, "decoder": None}, [b"%d" % i for i in range(500)]
+        else:
+            kwargs = {"encoder": lambda o: str(o).encode(), "decoder": lambda b: int(b)}
+            items = list(range(500))
+        with gipc.pipe(**kwargs) as (r, w):
+            w.put(items[0])
+            w.put_many(items[1:300])
+            w.put_many([])
+            w.put_many(iter(items[300:]))
+            got = [r.get() for _ in range(5)]
+            while len(got) < len(items):
+                got.extend(r.get_many(64))
+            assert got == items
+
+    def test_get_many_returns_what_is_there_without_waiting_for_more(self):
+        with gipc.pipe() as (r, w):
+            w.put(1)
+            w.put(2)
+            assert r.get_many(10) == [1, 2]
+            with pytest.raises(ValueError):
+                r.get_many(0)
+
+    def test_put_many_raw_rejects_a_non_bytes_item_and_sends_nothing(self):
+        with gipc.pipe(encoder=None, decoder=None) as (r, w):
+            with pytest.raises(TypeError):
+                w.put_many([b"a", "b"])
+            w.put(b"c")
+            assert r.get() == b"c"
+
+    def test_reader_iterates_until_eof(self):
+        r, w = gipc.pipe()
+        with r:
+            with w:
+                w.put_many(range(10))
+            assert list(r) == list(range(10))
+
+
+class TestTimeouts:
+    def test_started_timeout_instance(self):
+        with gipc.pipe() as (r, w):
+            t = gevent.Timeout.start_new(0.05)
+            try:
+                with pytest.raises(gevent.Timeout) as info:
+                    r.get(timeout=t)
+                assert info.value is t
+            finally:
+                t.cancel()
+
+    def test_silent_timeout_idiom(self):
+        with gipc.pipe() as (r, w):
+            with gevent.Timeout(0.05, False) as t:
+                r.get(timeout=t)
+                pytest.fail("get returned")
+
+    def test_number_of_seconds(self):
+        with gipc.pipe() as (r, w):
+            with pytest.raises(gevent.Timeout):
+                r.get(timeout=0.05)
+            w.put("later")
+            assert r.get(timeout=1) == "later"
+
+    def test_partial_message_survives_a_timeout(self):
+        with gipc.pipe(encoder=None, decoder=None) as (r, w):
+            fd = w._core.fileno()
+            payload = b"p" * 100_000
+            os.write(fd, raw_header(len(payload)) + payload[:1000])
+            with pytest.raises(gevent.Timeout):
+                r.get(timeout=0.05)
+            gevent.spawn(os.write, fd, payload[1000:]).join()
+            assert r.get(timeout=1) == payload
+
+
+class TestClosing:
+    def test_use_after_close_and_double_close(self):
+        r, w = gipc.pipe()
+        r.close()
+        w.close()
+        assert r.closed and w.closed
+        with pytest.raises(GIPCClosed):
+            r.get()
+        with pytest.raises(GIPCClosed):
+            w.put(1)
+        with pytest.raises(GIPCClosed):
+            r.close()
+        with pytest.raises(GIPCClosed):
+            w.close()
+
+    def test_closed_reader_with_batched_messages_left(self):
+        r, w = gipc.pipe()
+        w.put_many([1, 2, 3])
+        assert r.get() == 1
+        r.close()
+        w.close()
+        with pytest.raises(GIPCClosed):
+            r.get()
+
+    def test_close_while_another_greenlet_reads_is_refused(self):
+        with gipc.pipe() as (r, w):
+            g = gevent.spawn(r.get)
+            gevent.sleep(0.01)
+            with pytest.raises(GIPCLocked):
+                r.close()
+            w.put("unblock")
+            assert g.get() == "unblock"
+
+    def test_close_while_another_greenlet_writes_is_refused(self):
+        with gipc.pipe(encoder=None, decoder=None) as (r, w):
+            big = b"x" * (32 << 20)  # larger than any socket or pipe buffer
+            g = gevent.spawn(w.put, big)
+            gevent.sleep(0.01)
+            assert not g.ready()
+            with pytest.raises(GIPCLocked):
+                w.close()
+            assert r.get() == big
+            g.get()
+
+    def test_duplex_close(self):
+        h1, h2 = gipc.pipe(duplex=True)
+        h1.close()
+        assert h1.closed
+        with pytest.raises(GIPCClosed):
+            h1.close()
+        with pytest.raises(GIPCClosed):
+            h1.put(1)
+        h2.close()
+
+
+class TestContextManagers:
+    def test_pair_context_closes_both(self):
+        with gipc.pipe() as (r, w):
+            pass
+        assert r.closed and w.closed
+
+    def test_handle_context_closes_it(self):
+        r, w = gipc.pipe()
+        with r:
+            with w as same:
+                assert same is w
+            assert w.closed and not r.closed
+        assert r.closed
+
+    def test_handles_closed_inside_the_block_are_skipped(self):
+        with gipc.pipe() as (r, w):
+            r.close()
+        assert w.closed
+
+    def test_exception_in_block_is_never_hidden(self):
+        with pytest.raises(ZeroDivisionError):
+            with gipc.pipe() as (r, w):
+                g = gevent.spawn(r.get)
+                gevent.sleep(0.01)  # r is now locked: closing it will fail
+                try:
+                    1 / 0
+                finally:
+                    w.put("release")  # lets g finish after the with block
+        g.join()
+        assert g.value == "release"
+        r.close()
+
+    def test_close_failure_surfaces_when_block_ended_normally(self):
+        with pytest.raises(GIPCLocked):
+            with gipc.pipe() as (r, w):
+                g = gevent.spawn(r.get)
+                gevent.sleep(0.01)
+        w.put("release") if not w.closed else None
+        g.join()
+        r.close()
+
+
+class TestEndOfStream:
+    def test_eof_after_writer_closes(self):
+        r, w = gipc.pipe()
+        w.put("last")
+        w.close()
+        assert r.get() == "last"
+        with pytest.raises(EOFError):
+            r.get()
+        with pytest.raises(EOFError):
+            r.get()
+        r.close()
+
+    def test_eof_wakes_a_waiting_reader(self):
+        r, w = gipc.pipe()
+        g = gevent.spawn(r.get)
+        gevent.sleep(0.01)
+        w.close()
+        with pytest.raises(EOFError):
+            g.get(timeout=5)
+        r.close()
+
+    def test_torn_message(self):
+        r, w = gipc.pipe(encoder=None, decoder=None)
+        os.write(w._core.fileno(), raw_header(1000) + b"x" * 10)
+        w.close()
+        with pytest.raises(GIPCError, match="torn"):
+            r.get()
+        r.close()
+
+    def test_corrupt_header(self):
+        r, w = gipc.pipe()
+        os.write(w._core.fileno(), b"\xff" * 16)
+        with pytest.raises(GIPCError, match="corrupt"):
+            r.get()
+        with pytest.raises(GIPCError, match="corrupt"):
+            r.get()
+        r.close()
+        w.close()
+
+    def test_message_above_max_message_size(self):
+        with gipc.pipe(max_message_size=100) as (r, w):
+            assert r.max_message_size == 100
+            w.put(b"x" * 50)
+            assert r.get() == b"x" * 50
+            w.put(b"x" * 101)
+            with pytest.raises(GIPCError, match="max_message_size"):
+                r.get()
+
+    def test_announced_terabyte_is_refused_without_allocating(self):
+        with gipc.pipe() as (r, w):
+            os.write(w._core.fileno(), raw_header((1 << 40) - 1))
+            with pytest.raises(GIPCError, match="max_message_size"):
+                r.get()
+
+    def test_put_without_reader_is_broken_pipe(self):
+        r, w = gipc.pipe()
+        r.close()
+        with pytest.raises(BrokenPipeError):
+            w.put("nobody listens")
+        w.close()
+
+
+class TestConcurrency:
+    def test_concurrent_puts_never_interleave(self):
+        with gipc.pipe(encoder=None, decoder=None) as (r, w):
+            size = 3 << 20  # each put blocks several times
+
+            def writer(tag: int) -> None:
+                for _ in range(3):
+                    w.put(bytes([tag]) * size)
+
+            writers = [gevent.spawn(writer, t) for t in range(1, 7)]
+            seen = []
+            for _ in range(18):
+                msg = r.get()
+                assert len(msg) == size and msg == msg[:1] * size
+                seen.append(msg[0])
+            gevent.joinall(writers, raise_error=True)
+            assert sorted(seen) == sorted(list(range(1, 7)) * 3)
+
+    def test_many_greenlets_share_one_reader(self):
+        with gipc.pipe() as (r, w):
+            got = []
+
+            def reader() -> None:
+                while True:
+                    item = r.get()
+                    if item is None:
+                        return
+                    got.append(item)
+
+            readers = [gevent.spawn(reader) for _ in range(8)]
+            for i in range(2000):
+                w.put(i)
+            for _ in readers:
+                w.put(None)
+            gevent.joinall(readers, raise_error=True)
+            assert sorted(got) == list(range(2000))
+
+    def test_waiting_get_does_not_block_the_loop(self):
+        ticker = Ticker(0.005)
+        try:
+            with gipc.pipe() as (r, w):
+                gevent.spawn_later(0.3, w.put, "done")
+                assert r.get() == "done"
+            assert ticker.ticks >= 10
+        finally:
+            ticker.stop()
+
+    def test_big_transfer_between_greenlets_lets_others_run(self):
+        ticker = Ticker(0.001)
+        try:
+            with gipc.pipe() as (r, w):
+                payload = b"y" * (64 << 20)
+                g = gevent.spawn(w.put, payload)
+                assert r.get() == payload
+                g.get()
+            assert ticker.ticks > 0
+        finally:
+            ticker.stop()
+
+
+@pytest.mark.slow
+def test_message_larger_than_two_gib():
+    size = (2 << 30) + 17
+    with gipc.pipe(encoder=None, decoder=None) as (r, w):
+        payload = b"\x01" * size
+        g = gevent.spawn(w.put, payload)
+        got = r.get()
+        g.get()
+        assert len(got) == size and got[-1] == 1 and got == payload
