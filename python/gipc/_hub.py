@@ -9,7 +9,7 @@ from __future__ import annotations
 import gevent
 from typing import Any
 
-from gevent._hub_local import get_hub_class, set_hub
+from gevent._hub_local import get_hub_class, get_loop, set_hub, set_loop
 from gevent.hub import get_hub
 
 READ = 1  # libev/libuv event masks, the same on both loops
@@ -40,29 +40,41 @@ def fresh_hub_after_fork() -> None:
 
     ``gevent.reinit()`` first detaches the inherited loop from the parent's kernel objects (on
     libuv the epoll descriptor is shared with the parent after ``fork``: tearing watchers down
-    through it would remove the parent's registrations). Then the hub and its loop are
-    destroyed without running, so no cloned greenlet or watcher callback ever runs here, and
-    the next ``get_hub()`` builds fresh ones.
+    through it would remove the parent's registrations). Then the loop is destroyed without
+    running, so no cloned greenlet or watcher callback ever runs here, and the next
+    ``get_hub()`` builds a fresh hub and loop.
+
+    ``Hub.destroy()`` is not used: it throws into the inherited hub greenlet, and when that
+    greenlet exits control passes to *its* parent, the main greenlet as it was at fork time.
+    A child forked from any other greenlet would then resume the parent's program. The hub
+    greenlet is therefore never switched to; its threadpool and resolver threads do not exist
+    in the child, so they are dropped, not stopped.
     """
     gevent.reinit()
     hub = get_hub()
-    if _is_libuv(hub.loop):
-        closed = _close_libuv_loop(hub.loop)
+    hub._threadpool = None
+    hub._resolver = None
+    hub.periodic_monitoring_thread = None
+    loop = hub.loop
+    fresh_default_loop = True
+    if _is_libuv(loop):
+        fresh_default_loop = _close_libuv_loop(loop)
         # Either way gevent must not tear the native loop down again (a second
         # uv_loop_close of the default loop is a double free): mark it gone.
-        hub.loop.ptr.data = _libuv_ffi().NULL
-        hub.destroy(destroy_loop=True)
-        if not closed:
-            # libuv refused to close the inherited default loop (seen rarely: a handle the
-            # parent was closing at fork time never finishes closing in the child). Rather
-            # than spin, leave it behind and run the child on a brand-new loop. Only libuv's
-            # default loop supports child watchers, so gevent.subprocess is unavailable in
-            # such a child.
-            set_hub(get_hub_class()(default=False))
-            return
+        loop.ptr.data = _libuv_ffi().NULL
+    if get_loop() is loop:
+        set_loop(None)
+    loop.destroy()
+    hub.loop = None
+    set_hub(None)
+    if fresh_default_loop:
+        get_hub()
     else:
-        hub.destroy(destroy_loop=True)
-    get_hub()
+        # libuv refused to close the inherited default loop (seen rarely: a handle the parent
+        # was closing at fork time never finishes closing in the child). Rather than spin,
+        # leave it behind and run the child on a brand-new loop. Only libuv's default loop
+        # supports child watchers, so gevent.subprocess is unavailable in such a child.
+        set_hub(get_hub_class()(default=False))
 
 
 def _is_libuv(loop: object) -> bool:

@@ -322,11 +322,13 @@ mod tests {
         Some(vec![0; len])
     }
 
+    type Messages = Vec<(Kind, Vec<u8>)>;
+
     /// Polls until the source runs dry, collecting messages, and returns how it ended.
     fn drain(
         rx: &mut Receiver<Vec<u8>>,
         src: &mut ScriptedSource,
-    ) -> (Vec<(Kind, Vec<u8>)>, Result<(), RecvError>) {
+    ) -> (Messages, Result<(), RecvError>) {
         let mut got = Vec::new();
         loop {
             match rx.poll(src, alloc) {

@@ -1,0 +1,389 @@
+"""start_process and the process object: API, cooperation, the child's fresh state, handle
+hand-over, descriptor hygiene, start methods and monkey-patching."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sys
+import tempfile
+import time
+
+import gevent
+import pytest
+
+import gipc
+from gipc import GIPCClosed, GIPCLocked
+from gipc.gipc import _GProcess
+
+from conftest import LINUX, child_pids, open_fds
+from helpers import Ticker, fd_targets, run_python
+
+
+def noop() -> None:
+    pass
+
+
+def exit_with(code: int) -> None:
+    sys.exit(code)
+
+
+def raise_error() -> None:
+    raise RuntimeError("child failed")
+
+
+def sleep_for(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def echo_twice(reader, writer) -> None:
+    writer.put(reader.get() * 2)
+
+
+class TestProcessObject:
+    def test_is_a_started_multiprocessing_process(self):
+        p = gipc.start_process(noop, name="worker-1", daemon=True)
+        assert isinstance(p, multiprocessing.Process) and isinstance(p, _GProcess)
+        assert p.name == "worker-1" and p.daemon is True and p.pid > 0
+        p.join()
+        assert p.exitcode == 0 and not p.is_alive()
+        p.close()
+
+    def test_defaults(self):
+        p = gipc.start_process(noop)
+        p.join()
+        assert p.daemon is False and p.name.startswith("_GProcess")
+
+    @pytest.mark.parametrize("target, args, code", [(exit_with, (3,), 3), (raise_error, (), 1)])
+    def test_exit_codes(self, target, args, code, capfd):
+        p = gipc.start_process(target, args=args)
+        p.join()
+        assert p.exitcode == code
+
+    @pytest.mark.parametrize("method, signum", [("terminate", signal.SIGTERM),
+                                                 ("kill", signal.SIGKILL)])
+    def test_exitcode_is_minus_signal(self, method, signum):
+        p = gipc.start_process(sleep_for, args=(30,))
+        assert p.is_alive()
+        getattr(p, method)()
+        p.join()
+        assert p.exitcode == -signum
+
+    def test_join_timeout_returns_with_child_alive(self):
+        p = gipc.start_process(sleep_for, args=(30,))
+        t0 = time.monotonic()
+        p.join(0.1)
+        assert time.monotonic() - t0 < 5
+        assert p.is_alive() and p.exitcode is None
+        p.kill()
+        p.join()
+
+    def test_join_is_cooperative(self):
+        ticker = Ticker(0.01)
+        try:
+            p = gipc.start_process(sleep_for, args=(1.0,))
+            p.join()
+            assert ticker.ticks >= 30, ticker.ticks
+        finally:
+            ticker.stop()
+
+    def test_several_greenlets_join_one_child(self):
+        p = gipc.start_process(sleep_for, args=(0.2,))
+        joiners = [gevent.spawn(p.join) for _ in range(5)]
+        gevent.joinall(joiners, raise_error=True)
+        assert p.exitcode == 0
+
+    def test_close(self):
+        p = gipc.start_process(sleep_for, args=(30,))
+        with pytest.raises(ValueError):
+            p.close()
+        p.kill()
+        p.join()
+        p.close()
+        with pytest.raises(ValueError):
+            p.is_alive()
+
+    @pytest.mark.parametrize(
+        "kwargs, match",
+        [({"target": noop, "args": [1]}, "args must be a tuple"),
+         ({"target": noop, "kwargs": [("a", 1)]}, "kwargs must be a dict"),
+         ({"target": 42}, "target must be callable")],
+    )
+    def test_bad_arguments(self, kwargs, match):
+        with pytest.raises(TypeError, match=match):
+            gipc.start_process(**kwargs)
+
+    def test_args_and_kwargs_reach_the_target(self):
+        def target(a, b, *, c, w):
+            w.put((a, b, c))
+
+        with gipc.pipe() as (r, w):
+            p = gipc.start_process(target, args=(1, 2), kwargs={"c": 3, "w": w})
+            assert r.get() == (1, 2, 3)
+            p.join()
+
+
+class TestExitWatching:
+    @pytest.mark.skipif(not LINUX, reason="reads /proc")
+    def test_no_descriptor_or_zombie_after_join(self):
+        before = open_fds()
+        p = gipc.start_process(noop)
+        assert len(open_fds()) > len(before)
+        p.join()
+        assert open_fds() == before
+        assert p.pid not in child_pids()
+
+    def test_exit_of_other_children_is_not_stolen(self):
+        # A plain multiprocessing child in the same process keeps its exit code.
+        ctx = multiprocessing.get_context("fork")
+        plain = ctx.Process(target=exit_with, args=(7,))
+        plain.start()
+        ours = gipc.start_process(exit_with, args=(5,))
+        ours.join()
+        plain.join()
+        assert (plain.exitcode, ours.exitcode) == (7, 5)
+
+    def test_many_children_at_once(self):
+        procs = [gipc.start_process(exit_with, args=(i % 7,)) for i in range(30)]
+        for i, p in enumerate(procs):
+            p.join()
+            assert p.exitcode == i % 7
+
+
+def report_child_state(writer, parent_pid, marker) -> None:
+    # Give any greenlet or timer cloned from the parent every chance to run here.
+    gevent.sleep(0.2)
+    names = ("SIGINT", "SIGTERM", "SIGUSR1", "SIGHUP", "SIGCHLD", "SIGPIPE")
+    dispositions = {name: signal.getsignal(getattr(signal, name)) for name in names}
+    writer.put({
+        "dispositions": {k: int(v) if isinstance(v, int) else repr(v)
+                         for k, v in dispositions.items()},
+        "marker_written": os.path.exists(marker),
+        "ppid": os.getppid() == parent_pid,
+        "fds": fd_targets(os.getpid()) if LINUX else [],
+    })
+
+
+class TestChildState:
+    def test_cloned_greenlets_and_timers_never_run_in_the_child(self):
+        marker = tempfile.mktemp(prefix="gipc-clone-")
+        parent = os.getpid()
+
+        def haunt():
+            while True:
+                gevent.sleep(0.01)
+                if os.getpid() != parent:
+                    open(marker, "w").close()
+
+        def timer_callback():
+            if os.getpid() != parent:
+                open(marker, "w").close()
+
+        ghost = gevent.spawn(haunt)
+        timer = gevent.get_hub().loop.timer(0.05)
+        timer.start(timer_callback)
+        try:
+            with gipc.pipe() as (r, w):
+                p = gipc.start_process(report_child_state, args=(w, parent, marker))
+                state = r.get()
+                p.join()
+            assert state["ppid"] and not state["marker_written"]
+        finally:
+            ghost.kill()
+            timer.close()
+            if os.path.exists(marker):
+                os.unlink(marker)
+
+    def test_signal_dispositions_are_default_except_sigpipe(self):
+        previous = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGHUP)}
+        signal.signal(signal.SIGUSR1, lambda *a: None)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        try:
+            with gipc.pipe() as (r, w):
+                p = gipc.start_process(report_child_state, args=(w, os.getpid(), "/nonexistent"))
+                state = r.get()
+                p.join()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        got = state["dispositions"]
+        for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGHUP", "SIGCHLD"):
+            assert got[name] == int(signal.SIG_DFL), (name, got)
+        assert got["SIGPIPE"] == int(signal.getsignal(signal.SIGPIPE))
+
+    @pytest.mark.skipif(not LINUX, reason="reads /proc")
+    def test_child_holds_only_the_handles_passed_to_it(self):
+        def sockets_of(handle):
+            return os.readlink(f"/proc/self/fd/{handle._core.fileno()}")
+
+        with gipc.pipe() as (r, w), gipc.pipe() as (other_r, other_w):
+            others = {sockets_of(other_r), sockets_of(other_w)}
+            passed = sockets_of(w)
+            p = gipc.start_process(report_child_state, args=(w, os.getpid(), "/nonexistent"))
+            assert w.closed, "a handle passed to the child is closed in the parent"
+            state = r.get()
+            p.join()
+        assert passed in state["fds"]
+        assert not others & set(state["fds"])
+
+
+class TestHandleHandOver:
+    def test_simplex_ends_work_in_the_child_and_close_in_the_parent(self):
+        with gipc.pipe() as (r1, w1), gipc.pipe() as (r2, w2):
+            p = gipc.start_process(echo_twice, args=(r1, w2))
+            assert r1.closed and w2.closed
+            with pytest.raises(GIPCClosed):
+                r1.get()
+            w1.put(21)
+            assert r2.get() == 42
+            p.join()
+            assert p.exitcode == 0
+
+    def test_duplex_handle(self):
+        def child(h):
+            h.put(h.get() + 1)
+
+        with gipc.pipe(duplex=True) as (mine, theirs):
+            p = gipc.start_process(child, args=(theirs,))
+            assert theirs.closed
+            mine.put(1)
+            assert mine.get() == 2
+            p.join()
+
+    def test_handles_nested_in_containers(self):
+        def child(pair, mapping):
+            pair[0].put(mapping["in"].get())
+
+        with gipc.pipe() as (r1, w1), gipc.pipe() as (r2, w2):
+            p = gipc.start_process(child, args=([w2],), kwargs={"mapping": {"in": r1}})
+            assert w2.closed and r1.closed
+            w1.put("nested")
+            assert r2.get() == "nested"
+            p.join()
+
+    def test_closed_handle_cannot_be_passed(self):
+        r, w = gipc.pipe()
+        r.close()
+        with pytest.raises(GIPCClosed):
+            gipc.start_process(noop, args=(r,))
+        w.close()
+
+    def test_handle_in_use_cannot_be_passed(self):
+        with gipc.pipe() as (r, w):
+            g = gevent.spawn(r.get)
+            gevent.sleep(0.01)
+            with pytest.raises(GIPCLocked):
+                gipc.start_process(noop, args=(r,))
+            w.put("free")
+            g.join()
+
+    def test_children_of_children(self):
+        def level(depth, writer):
+            if depth == 3:
+                writer.put(("bottom", os.getpid()))
+                return
+            p = gipc.start_process(level, args=(depth + 1, writer))
+            p.join()
+            sys.exit(p.exitcode)
+
+        with gipc.pipe() as (r, w):
+            p = gipc.start_process(level, args=(1, w))
+            tag, pid = r.get()
+            p.join()
+        assert tag == "bottom" and pid != os.getpid() and p.exitcode == 0
+
+
+SCRIPT_CHILD_ROUND_TRIP = """
+import sys, multiprocessing, gevent, gipc
+
+def child(r, w):
+    w.put(r.get() + 1)
+
+if __name__ == "__main__":
+    {setup}
+    with gipc.pipe() as (r, w), gipc.pipe() as (r2, w2):
+        p = gipc.start_process(child, args=(r, w2))
+        w.put(41)
+        assert r2.get() == 42
+        p.join()
+        assert p.exitcode == 0
+        p2 = gipc.start_process(sys.exit, args=(9,))
+        p2.join()
+        assert p2.exitcode == 9, p2.exitcode
+    print("ok")
+"""
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        "multiprocessing.set_start_method('spawn')",
+        "multiprocessing.set_start_method('forkserver')",
+        "from gevent import monkey; monkey.patch_all()",
+        "pass",
+    ],
+    ids=["spawn", "forkserver", "patch_all", "plain"],
+)
+def test_independent_of_start_method_and_monkey_patching(setup, tmp_path):
+    script = tmp_path / "scenario.py"
+    script.write_text(SCRIPT_CHILD_ROUND_TRIP.replace("{setup}", setup))
+    import subprocess
+
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_works_when_started_from_a_greenlet():
+    def spawn_and_join():
+        with gipc.pipe() as (r1, w1), gipc.pipe() as (r2, w2):
+            p = gipc.start_process(echo_twice, args=(r1, w2))
+            w1.put(4)
+            assert r2.get() == 8
+            p.join()
+            return p.exitcode
+
+    assert gevent.spawn(spawn_and_join).get() == 0
+
+
+def test_daemon_children_are_terminated_at_parent_exit():
+    result = run_python(
+        """
+        import time, gipc
+        p = gipc.start_process(time.sleep, args=(60,), daemon=True)
+        print(p.pid, flush=True)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    pid = int(result.stdout.strip())
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"daemon child {pid} outlived its parent")
+
+
+def test_child_forked_from_a_greenlet_never_resumes_the_parents_code():
+    # The child runs in the greenlet that forked it; the main greenlet, suspended at fork
+    # time, must stay suspended there. If it resumed, the child would run this test's code
+    # past this point, which the marker file would show.
+    marker = tempfile.mktemp(prefix="gipc-escape-")
+    parent = os.getpid()
+
+    def start_and_join():
+        p = gipc.start_process(noop)
+        p.join()
+        return p.exitcode
+
+    try:
+        assert gevent.spawn(start_and_join).get() == 0
+        gevent.sleep(0.1)
+    finally:
+        if os.getpid() != parent:
+            open(marker, "w").close()
+            os._exit(0)
+    assert not os.path.exists(marker)
