@@ -95,12 +95,15 @@ def pickled_len(obj_or_size):
 
 class Case(object):
     def __init__(self, key, group, label, workload, params, metrics,
-                 c=None, sweep=None, c_impls=None):
+                 c=None, sweep=None, c_impls=None, upstream_ref=None):
         self.key, self.group, self.label = key, group, label
         self.workload, self.params, self.metrics = workload, params, metrics
         self.c = c            # argv tail for the ceiling binary, or None
         self.sweep = sweep    # (encoding, size) if part of the size sweep
         self.c_impls = c_impls if c_impls is not None else C_IMPLS
+        # Case whose upstream numbers the ours/upstream ratio uses (batch:
+        # upstream has no put_many, so compare with its plain put()).
+        self.upstream_ref = upstream_ref
 
     def to_json(self):
         return dict(group=self.group, label=self.label,
@@ -130,7 +133,7 @@ def build_cases(quick):
     cases.append(Case(
         "small-batch", "batch", "small 100 B pickled, put_many x1000",
         "batch", dict(count=n_small, size=100, batch=1000), ["msgs_per_s"],
-        c=["stream", small_bytes, n_small]))
+        c=["stream", small_bytes, n_small], upstream_ref="small-pickled"))
 
     n_pp, warm_pp = (2000, 200) if q else (20000, 1000)
     cases.append(Case(
@@ -159,8 +162,8 @@ def build_cases(quick):
         dict(count=n_sp, warmup=5), ["spawn_ms"],
         c=["spawn", n_sp, 5], c_impls=["c_pipe"]))
 
-    n_big = 2 if q else 8
-    n_st_small = 20000 if q else 100000
+    n_big = 1 if q else 8
+    n_st_small = 10000 if q else 100000
     cases.append(Case(
         "stall-send-64m", "stall", "stall: parent sends %dx64 MiB" % n_big,
         "stall", dict(mode="send", size=64 * MiB, count=n_big),
@@ -317,7 +320,6 @@ def machine_info():
     info["pipe_max_size"] = _read("/proc/sys/fs/pipe-max-size")
     info["transparent_hugepage"] = _read(
         "/sys/kernel/mm/transparent_hugepage/enabled")
-    info["loadavg_at_start"] = _read("/proc/loadavg")
     info["driver_python"] = sys.version.split()[0]
     info["driver_executable"] = sys.executable
     info["GEVENT_LOOP"] = os.environ.get("GEVENT_LOOP")
@@ -377,7 +379,7 @@ def best_ceiling_run(case, run_results, run_idx, metric):
     return best
 
 
-def compute_ratios(case, raw, nruns):
+def compute_ratios(case, raw, nruns, upstream_raw=None):
     """Ratios computed inside each run, then the median across runs."""
     ratios = {}
     ours = raw.get("ours") or []
@@ -389,7 +391,8 @@ def compute_ratios(case, raw, nruns):
                 return runs[i]["metrics"]
             return None
 
-        up = raw.get("upstream") or []
+        up = (upstream_raw if upstream_raw is not None else raw).get(
+            "upstream") or []
         vals = []
         for i in range(nruns):
             a, b = ok_metrics(ours, i), ok_metrics(up, i)
@@ -398,6 +401,8 @@ def compute_ratios(case, raw, nruns):
         if vals:
             entry["ours/upstream"] = dict(runs=vals,
                                           median=statistics.median(vals))
+            if upstream_raw is not None:
+                entry["ours/upstream"]["upstream_case"] = case.upstream_ref
         if not m.startswith("rss_"):
             vals, used = [], []
             for i in range(nruns):
@@ -451,9 +456,8 @@ def print_table(cases, results, ratios, impls, out=sys.stdout):
             tag = {"rtt_median_us": "median", "rtt_p99_us": "p99",
                    "rss_send_x": "sender peak RSS",
                    "rss_recv_x": "receiver peak RSS"}.get(m, "")
-            label = "%s%s (%s%s)" % (case.label, ", " + tag if tag else "",
-                                     unit, "" if m.startswith("rss_") else
-                                     (", higher=better" if higher else ""))
+            label = "%s%s (%s)" % (case.label, ", " + tag if tag else "",
+                                   unit)
             if len(label) > lw - 1:
                 label = label[:lw - 2] + "~"
             row = "%-*s" % (lw, label)
@@ -487,19 +491,25 @@ NOTES = [
     "Peak RSS (64 MiB rows) = (peak RSS during the transfer - RSS just "
     "before it) / payload size, peak reset via /proc/self/clear_refs.  "
     "Sender: the payload object is created BEFORE the baseline, so 0.00x "
-    "means no copy beyond the payload itself (pickling needs >= 1x).  "
+    "means no copy beyond the payload itself (in-band pickling: 1x).  "
     "Receiver: the received object itself counts, so 1.00x is the minimum.",
+    "The put_many row's ours/upst compares with upstream's plain put() of "
+    "the same messages (small 100 B pickled row), upstream having no batch "
+    "API.",
     "Stall = longest gap between ticks of a 1 ms ticker greenlet in the "
     "parent during the transfer (~1 ms is ideal).",
     "mp.Pipe = multiprocessing.Pipe() (socketpair), gevent wait_read/"
     "wait_write then blocking send/recv; its spawn = fork-context "
     "multiprocessing.Process + wait on sentinel.  os.pipe = os.pipe() + "
     "gevent.os.nb_read/nb_write + 8-byte length prefix; its spawn = "
-    "gevent.fork + gevent.os.waitpid.  Their transfer children are started "
+    "gevent.os.fork_gevent + wait_read on a pipe the child holds + "
+    "os.waitpid.  Their transfer children are started "
     "with gipc.start_process of the 'ours' interpreter.",
     "C columns: benches/ceiling.c (cc -O2), fork, parent write()s, child "
     "read()s, 8-byte header per message; pipe1M = F_SETPIPE_SZ 1 MiB, "
-    "unix = AF_UNIX SOCK_STREAM socketpair.  C spawn = fork/_exit/waitpid.",
+    "unix = AF_UNIX SOCK_STREAM socketpair.  C spawn = fork/_exit/waitpid.  "
+    "It bounds one write/read per message; batching (put_many) or other "
+    "mechanisms can exceed it.",
 ]
 
 
@@ -652,6 +662,7 @@ def main(argv=None):
         return 0
 
     started = time.time()
+    loadavg_at_start = _read("/proc/loadavg")
     log = sys.stderr
     notes = []
     tmpdir = tempfile.mkdtemp(prefix="gipc-bench-")
@@ -706,8 +717,8 @@ def main(argv=None):
             if not ours_g:
                 notes.append("ours: gipc is not importable by %s"
                              % args.ours_python)
-            elif ours_g.get("dist_version") == "1.8.0" or \
-                    ours_g.get("version") == "1.8.0":
+            elif (ours_g.get("version") or
+                  ours_g.get("dist_version")) == "1.8.0":
                 notes.append("ours resolves to gipc %s at %s, which looks "
                              "like UPSTREAM 1.8.0 (stand-in?)" % (
                                  ours_g.get("version"), ours_g.get("path")))
@@ -721,6 +732,13 @@ def main(argv=None):
             if loop and "libev" not in loop:
                 notes.append("%s runs on gevent loop %s (not libev)"
                              % (impl, loop))
+        try:
+            load1 = float((loadavg_at_start or "0").split()[0])
+        except ValueError:
+            load1 = 0.0
+        if load1 > 0.5:
+            notes.append("1-min load average was %.2f at start: other work "
+                         "is running, numbers will be noisy" % load1)
         for n in notes:
             print("NOTE: " + n, file=log)
 
@@ -786,7 +804,8 @@ def main(argv=None):
                                         or not case.c):
                     continue
                 results[case.key][impl] = summarize(cell, case.metrics)
-            ratios[case.key] = compute_ratios(case, raw[case.key], runs)
+            ref = raw.get(case.upstream_ref) if case.upstream_ref else None
+            ratios[case.key] = compute_ratios(case, raw[case.key], runs, ref)
 
         elapsed = time.time() - started
         print("", file=sys.stdout)
@@ -804,6 +823,8 @@ def main(argv=None):
                     (", gipc %s (%s)" % (g.get("version"), g.get("path")))
                     if impl in ("ours", "upstream") else ""))
         m = machine_info()
+        m["loadavg_at_start"] = loadavg_at_start
+        m["loadavg_at_end"] = _read("/proc/loadavg")
         print("  machine: %s, %s cores; %s" % (m["cpu_model"], m["cpu_count"],
                                                m["uname"]))
         print("")

@@ -18,11 +18,10 @@ Prints exactly one JSON line on stdout: {"ok": true, "metrics": {...},
 "info": {...}} or {"ok": false, "error": "..."}.  bench.py drives this.
 
 Every child is started with gipc.start_process (when gipc is importable; a
-gevent.fork-based stand-in otherwise, recorded as info.starter) and joined
-before this process exits.
+fork + sentinel-pipe stand-in otherwise, recorded as info.starter) and is
+joined before this process exits.
 """
 
-import errno
 import fcntl
 import json
 import os
@@ -112,25 +111,45 @@ def ctl_send(fd, **msg):
         data = data[n:]
 
 
-class _ForkProcess(object):
-    """Used only when gipc cannot be imported (baselines still runnable)."""
+def _reap(pid):
+    try:
+        _, status = os.waitpid(pid, 0)
+    except ChildProcessError:  # reaped by someone else (libev SIGCHLD)
+        return None
+    return os.waitstatus_to_exitcode(status)
 
-    def __init__(self, target, args):
-        self.pid = gevent.fork()
+
+class _ForkProcess(object):
+    """Used only when gipc cannot be imported (baselines still runnable).
+
+    Cooperative wait without child watchers: the child holds the write end
+    of a pipe, which reads EOF once the child has exited.  (gevent.fork()
+    plus gevent.os.waitpid() was tried first; it hung once in ~200
+    spawns under gevent 26.9/libev.)"""
+
+    def __init__(self, target, args=()):
+        r, w = os.pipe()
+        self.pid = gevent.os.fork_gevent()
         if self.pid == 0:
             code = 0
             try:
+                os.close(r)
                 target(*args)
             except BaseException:
                 traceback.print_exc()
                 code = 1
             finally:
                 os._exit(code)
+        os.close(w)
+        self._sentinel = r
         self.exitcode = None
 
     def join(self, timeout=None):
-        _, status = gevent.os.waitpid(self.pid, 0)
-        self.exitcode = os.waitstatus_to_exitcode(status)
+        if self._sentinel is not None:
+            gevent.socket.wait_read(self._sentinel)
+            os.close(self._sentinel)
+            self._sentinel = None
+            self.exitcode = _reap(self.pid)
 
 
 def start_child(target, args):
@@ -573,11 +592,9 @@ def w_spawn(impl, p):
             _check(os.waitstatus_to_exitcode(status) == 0, "bad exit")
     else:
         def one():
-            pid = gevent.fork()
-            if pid == 0:
-                os._exit(0)
-            _, status = gevent.os.waitpid(pid, 0)
-            _check(os.waitstatus_to_exitcode(status) == 0, "bad exit")
+            pr = _ForkProcess(_noop)
+            pr.join()
+            _check(pr.exitcode in (0, None), "exitcode %r" % pr.exitcode)
     for i in range(warm + count):
         t0 = perf()
         one()
@@ -687,15 +704,14 @@ def main(argv):
             raise RuntimeError("gipc is not importable by %s" %
                                sys.executable)
         impl = IMPLS[impl_name]()
-        # Start the hub's loop once before anything forks: with gevent
-        # 26.x/libev, gevent.os.waitpid on a gevent.fork() child can miss
-        # the SIGCHLD (and hang) if the loop never ran before the fork.
+        # Start the hub's loop once before anything forks (gevent's child
+        # watchers can miss a SIGCHLD that arrives before the loop ever ran).
         gevent.sleep(0)
         metrics = WORKLOADS[wl](impl, params)
         out.update(ok=True, metrics=metrics,
                    info=dict(loop=loop_name(),
                              starter="gipc.start_process" if gipc
-                             else "gevent.fork"))
+                             else "fork+sentinel"))
         if metrics is None:
             out.update(ok=True, na=True, metrics={})
     except BaseException:

@@ -162,7 +162,19 @@ def report_child_state(writer, parent_pid, marker) -> None:
         "marker_written": os.path.exists(marker),
         "ppid": os.getppid() == parent_pid,
         "fds": fd_targets(os.getpid()) if LINUX else [],
+        "kernel_masks": kernel_signal_masks() if LINUX else {},
     })
+
+
+def kernel_signal_masks() -> dict:
+    """The kernel's view of this process's dispositions: caught and ignored signal sets."""
+    masks = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("SigCgt", "SigIgn"):
+                masks[key] = int(value.strip(), 16)
+    return masks
 
 
 class TestChildState:
@@ -211,6 +223,21 @@ class TestChildState:
         for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGHUP", "SIGCHLD"):
             assert got[name] == int(signal.SIG_DFL), (name, got)
         assert got["SIGPIPE"] == int(signal.getsignal(signal.SIGPIPE))
+
+    @pytest.mark.skipif(not LINUX, reason="reads /proc")
+    def test_handlers_installed_behind_pythons_back_are_reset_too(self):
+        # gevent installs its signal watchers with sigaction, invisible to signal.getsignal().
+        watcher = gevent.signal_handler(signal.SIGUSR2, lambda: None)
+        try:
+            with gipc.pipe() as (r, w):
+                p = gipc.start_process(report_child_state, args=(w, os.getpid(), "/nonexistent"))
+                state = r.get()
+                p.join()
+        finally:
+            watcher.cancel()
+        masks = state["kernel_masks"]
+        assert masks["SigCgt"] == 0, f"caught signals left in the child: {masks['SigCgt']:#x}"
+        assert masks["SigIgn"] == 1 << (signal.SIGPIPE - 1), f"{masks['SigIgn']:#x}"
 
     @pytest.mark.skipif(not LINUX, reason="reads /proc")
     def test_child_holds_only_the_handles_passed_to_it(self):

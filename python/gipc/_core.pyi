@@ -1,0 +1,74 @@
+"""Type stubs for gipc's Rust extension module. It never waits: methods report "would block"
+and the Python layer waits on gevent's hub."""
+
+from typing import List, Optional, Tuple, Union, final
+
+__all__ = ["DONE", "KIND_BATCH", "KIND_BYTES", "KIND_ENCODED", "MAX_PAYLOAD_LEN", "Reader", "WOULD_BLOCK", "Writer", "YIELD", "__version__", "channel", "reset_signal_dispositions"]
+
+__version__: str
+
+#: Results of Writer.try_send / try_send_many / try_flush.
+DONE: int
+WOULD_BLOCK: int
+YIELD: int
+
+#: Payload kinds on the wire.
+KIND_ENCODED: int
+KIND_BYTES: int
+KIND_BATCH: int
+
+#: The largest payload the frame header can describe (1 TiB - 1).
+MAX_PAYLOAD_LEN: int
+
+@final
+class Reader:
+    """The read end of a channel."""
+
+    max_message_size: int
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet returned as messages."""
+    def try_recv(self) -> Union[Tuple[int, bytes], None, bool]:
+        """``(kind, payload)``; ``None``: wait until readable; ``False``: yield to the loop.
+
+        Raises EOFError at a clean end of stream, GIPCError for a torn, corrupt or oversized
+        frame, MemoryError if the payload cannot be allocated, OSError for I/O errors, and
+        GIPCClosed once closed."""
+    def fileno(self) -> int: ...
+    def close(self) -> bool:
+        """Closes the descriptor; False if it was closed already."""
+
+@final
+class Writer:
+    """The write end of a channel."""
+
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def pending(self) -> bool:
+        """True while queued frames are not entirely written."""
+    @property
+    def mid_frame(self) -> bool:
+        """True when a frame is partly written: closing now would tear it."""
+    def try_send(self, kind: int, payload: bytes) -> int:
+        """Queues one frame and writes what the descriptor takes now: DONE, WOULD_BLOCK
+        (wait until writable, then try_flush) or YIELD (let the loop run, then try_flush)."""
+    def try_send_many(self, kind: int, payloads: List[bytes]) -> int: ...
+    def try_flush(self) -> int: ...
+    def fileno(self) -> int: ...
+    def close(self) -> bool:
+        """Drops queued frames and closes the descriptor; False if it was closed already."""
+
+def channel(
+    transport: str = "socket",
+    max_message_size: int = ...,
+    slice_us: Optional[int] = None,
+) -> Tuple[Reader, Writer]:
+    """A one-way channel: ``transport`` is "socket" (AF_UNIX stream pair) or "pipe";
+    ``slice_us`` is how long a transfer may run before asking for a yield (0: never)."""
+
+def reset_signal_dispositions() -> None:
+    """Every signal's disposition to SIG_DFL at the C level, except SIGPIPE, SIGKILL and
+    SIGSTOP."""
