@@ -69,6 +69,6 @@ def channel(
     """A one-way channel: ``transport`` is "socket" (AF_UNIX stream pair) or "pipe";
     ``slice_us`` is how long a transfer may run before asking for a yield (0: never)."""
 
-def reset_signal_dispositions() -> None:
+def reset_signal_dispositions() -> List[int]:
     """Every signal's disposition to SIG_DFL at the C level, except SIGPIPE, SIGKILL and
-    SIGSTOP."""
+    SIGSTOP; returns the signals whose disposition was not SIG_DFL before."""

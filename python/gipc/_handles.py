@@ -41,6 +41,9 @@ Decoder = Union[str, None, Callable[[bytes], Any]]
 _pickle_dumps = functools.partial(pickle.dumps, protocol=pickle.HIGHEST_PROTOCOL)
 _pickle_loads = pickle.loads
 
+#: Marks "no try_recv() made yet" (None and False are results of one).
+_NOT_POLLED = object()
+
 #: Every open handle of this process, so a forked child can close those it was not given.
 _open_handles: "weakref.WeakSet[_GIPCHandle]" = weakref.WeakSet()
 
@@ -164,6 +167,10 @@ class _GIPCReader(_GIPCHandle):
                 frame = self._core.try_recv()
                 if frame.__class__ is tuple:
                     return self._decode(frame)
+                # Must wait: nothing can have switched greenlets since the lock was seen
+                # free, so take it and carry on from this result.
+                with self._lock:
+                    return self._receive(frame)
             with self._lock:
                 return self._receive()
         with gevent.Timeout(timeout):
@@ -196,20 +203,24 @@ class _GIPCReader(_GIPCHandle):
             except EOFError:
                 return
 
-    def _receive(self) -> Any:
-        if self._closed:
-            raise GIPCClosed(f"{self!r} is closed")
-        if self._backlog:
-            return self._backlog.popleft()
+    def _receive(self, frame: Any = _NOT_POLLED) -> Any:
+        """Waits as long as it takes for the next message; ``frame`` is what the caller's
+        own ``try_recv()`` returned, if it made one."""
+        if frame is _NOT_POLLED:
+            if self._closed:
+                raise GIPCClosed(f"{self!r} is closed")
+            if self._backlog:
+                return self._backlog.popleft()
+            frame = self._core.try_recv()
         core = self._core
         while True:
-            frame = core.try_recv()
             if frame is None:
                 self._wait()
             elif frame is False:
                 yield_to_loop()
             else:
                 return self._decode(frame)
+            frame = core.try_recv()
 
     def _decode(self, frame: Tuple[int, bytes]) -> Any:
         kind, payload = frame

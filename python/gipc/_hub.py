@@ -41,8 +41,9 @@ def fresh_hub_after_fork() -> None:
     ``gevent.reinit()`` first detaches the inherited loop from the parent's kernel objects (on
     libuv the epoll descriptor is shared with the parent after ``fork``: tearing watchers down
     through it would remove the parent's registrations). Then the loop is destroyed without
-    running, so no cloned greenlet or watcher callback ever runs here, and the next
-    ``get_hub()`` builds a fresh hub and loop.
+    running, so no cloned greenlet or watcher callback ever runs here. The next ``get_hub()``
+    builds a fresh hub and loop, when the child first needs one (a child that never waits
+    never pays for it).
 
     ``Hub.destroy()`` is not used: it throws into the inherited hub greenlet, and when that
     greenlet exits control passes to *its* parent, the main greenlet as it was at fork time.
@@ -67,9 +68,7 @@ def fresh_hub_after_fork() -> None:
     loop.destroy()
     hub.loop = None
     set_hub(None)
-    if fresh_default_loop:
-        get_hub()
-    else:
+    if not fresh_default_loop:
         # libuv refused to close the inherited default loop (seen rarely: a handle the parent
         # was closing at fork time never finishes closing in the child). Rather than spin,
         # leave it behind and run the child on a brand-new loop. Only libuv's default loop
