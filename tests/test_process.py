@@ -152,6 +152,9 @@ class TestExitWatching:
 
 
 def report_child_state(writer, parent_pid, marker) -> None:
+    # The kernel's view of the dispositions as the target starts (using gevent below lets the
+    # new loop install its own SIGCHLD handler, as it does in any gevent program).
+    masks = kernel_signal_masks() if LINUX else {}
     # Give any greenlet or timer cloned from the parent every chance to run here.
     gevent.sleep(0.2)
     names = ("SIGINT", "SIGTERM", "SIGUSR1", "SIGHUP", "SIGCHLD", "SIGPIPE")
@@ -162,7 +165,7 @@ def report_child_state(writer, parent_pid, marker) -> None:
         "marker_written": os.path.exists(marker),
         "ppid": os.getppid() == parent_pid,
         "fds": fd_targets(os.getpid()) if LINUX else [],
-        "kernel_masks": kernel_signal_masks() if LINUX else {},
+        "kernel_masks": masks,
     })
 
 

@@ -12,14 +12,33 @@ hub is here, in Python.
 
 from ._core import __version__
 from ._handles import pipe
+from ._outcome import ChildDied, RemoteTraceback, UnpicklableOutcome
 from ._process import start_process
 from .exceptions import GIPCClosed, GIPCError, GIPCLocked
 
+# gipc 1.x code refers to the documented classes as gipc.gipc._GIPCReader etc.
+from . import gipc  # noqa: E402  (a submodule, bound as an attribute on purpose)
+
 __all__ = [
+    "ChildDied",
     "GIPCClosed",
     "GIPCError",
     "GIPCLocked",
+    "ProcessPool",
+    "RemoteTraceback",
+    "UnpicklableOutcome",
     "__version__",
     "pipe",
     "start_process",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # The pool pulls in concurrent.futures.process (and with it tempfile, shutil, lzma, ...):
+    # imported on first use only, so programs that never use it do not pay for it in memory
+    # and in the cost of every fork.
+    if name == "ProcessPool":
+        from .pool import ProcessPool
+
+        return ProcessPool
+    raise AttributeError(f"module 'gipc' has no attribute {name!r}")

@@ -20,7 +20,7 @@ from gevent.lock import Semaphore
 
 from . import _core
 from ._hub import READ, WRITE, wait_for, yield_to_loop
-from .exceptions import GIPCClosed, GIPCLocked
+from .exceptions import GIPCClosed, GIPCError, GIPCLocked
 
 DONE = _core.DONE
 WOULD_BLOCK = _core.WOULD_BLOCK
@@ -130,9 +130,14 @@ class _GIPCReader(_GIPCHandle):
 
     _EVENTS = READ
 
-    def __init__(self, core: Any, decoder: Optional[Callable[[bytes], Any]]) -> None:
+    def __init__(
+        self, core: Any, decoder: Optional[Callable[[bytes], Any]], default_codecs: bool
+    ) -> None:
         super().__init__(core)
         self._decoder = decoder
+        # Unpickled bytes and pickled batches are only accepted when this pipe uses pickle
+        # anyway: the kind comes from the peer, and must not bypass a safe decoder.
+        self._default_codecs = default_codecs
         # Messages that arrived in one batch frame and were not returned yet.
         self._backlog: "collections.deque[Any]" = collections.deque()
 
@@ -227,9 +232,14 @@ class _GIPCReader(_GIPCHandle):
         if kind == KIND_ENCODED:
             decoder = self._decoder
             return payload if decoder is None else decoder(payload)
+        if not self._default_codecs:
+            raise GIPCError(
+                f"refused a frame of kind {kind}: only pipes with the default pickle codecs "
+                "carry it (is the writer another kind of pipe, or untrusted?)"
+            )
         if kind == KIND_BYTES:
             return payload
-        items = _pickle_loads(payload)  # KIND_BATCH: only sent between default codecs
+        items = _pickle_loads(payload)  # KIND_BATCH
         self._backlog.extend(items[1:])
         return items[0]
 
@@ -434,7 +444,10 @@ def pipe(
 
     def one_way() -> Tuple[_GIPCReader, _GIPCWriter]:
         read_core, write_core = _core.channel(TRANSPORT, max_message_size)
-        return _GIPCReader(read_core, dec), _GIPCWriter(write_core, enc, default_codecs)
+        return (
+            _GIPCReader(read_core, dec, default_codecs),
+            _GIPCWriter(write_core, enc, default_codecs),
+        )
 
     if not duplex:
         return _PairContext(one_way())

@@ -10,17 +10,30 @@ its own and never touches multiprocessing's behaviour for anybody else.
 from __future__ import annotations
 
 import multiprocessing
+
+# Registers multiprocessing's atexit hook, which terminates daemonic children and joins the
+# others when the parent exits normally; gipc's children take part like any other.
+import multiprocessing.util  # noqa: F401
 import os
+import struct
 import signal
+import time
 import weakref
 from typing import Any, Callable, Dict, Iterable, Optional, Set, Tuple
 
 import gevent
+import gevent.event
 from gevent.hub import get_hub
+from gevent.lock import Semaphore
 
-from . import _handles
-from ._handles import _GIPCDuplexHandle, _GIPCHandle
+from . import _core, _handles, _outcome
+from ._handles import _GIPCDuplexHandle, _GIPCHandle, _GIPCWriter
 from ._hub import READ, fresh_hub_after_fork
+from ._outcome import Outcome, OutcomeReceiver
+from .exceptions import GIPCError
+
+#: What a child writes to its sentinel pipe just before it exits.
+_EXIT_CODE = struct.Struct("<i")
 
 #: Process monitors of this process's live children, so a forked child can close the
 #: descriptors that watch its siblings.
@@ -41,6 +54,8 @@ class _CooperativePopen:
         self.returncode: Optional[int] = None
         self._exit_fd: Optional[int] = None
         self._parent_fds: Tuple[int, ...] = ()
+        self._watcher_greenlet: Optional[gevent.Greenlet] = None
+        self._exited = gevent.event.Event()
         _flush_std_streams()
         self._launch(process_obj)
 
@@ -60,7 +75,13 @@ class _CooperativePopen:
                 os.close(parent_w)
                 code = process_obj._bootstrap(parent_sentinel=child_r)
             finally:
-                os._exit(code)
+                # Also tell the parent through the sentinel: if someone else in the parent
+                # reaps us (gevent's SIGCHLD handling reaps every child once
+                # gevent.subprocess was used), the exit code is not lost.
+                try:
+                    os.write(child_w, _EXIT_CODE.pack(code))
+                finally:
+                    os._exit(code)
         self.pid = pid
         os.close(child_w)
         os.close(child_r)
@@ -75,9 +96,10 @@ class _CooperativePopen:
             try:
                 pid, status = os.waitpid(self.pid, os.WNOHANG)
             except ChildProcessError:
-                # Reaped by somebody else (a raw waitpid(-1) elsewhere in the program): the
-                # child is gone, its status is not ours to know.
-                pid, status = self.pid, 255 << 8
+                # Reaped by somebody else (gevent's SIGCHLD handling, or a waitpid(-1)
+                # elsewhere in the program). The child wrote its exit code to the sentinel
+                # before exiting, unless a signal killed it: then 255 is all we can say.
+                pid, status = self.pid, self._reported_exit_status()
             if pid == 0:
                 return None
             self.returncode = os.waitstatus_to_exitcode(status)
@@ -90,26 +112,34 @@ class _CooperativePopen:
             return self.returncode
         if timeout is not None and timeout <= 0:
             return None
-        with gevent.Timeout(timeout, False):
-            self._wait_until_reaped()
+        if self._watcher_greenlet is None:
+            # One watcher per child, however many greenlets join it: it owns the only io
+            # watcher on the exit descriptor and closes it before the descriptor is closed.
+            self._exited.clear()
+            self._watcher_greenlet = gevent.spawn(self._watch_until_reaped)
+        self._exited.wait(timeout)
         return self.returncode
 
-    def _wait_until_reaped(self) -> None:
+    def _watch_until_reaped(self) -> None:
         hub = get_hub()
         backoff = 0.0005
-        while self.poll() is None:
-            fd = self._exit_fd if self._exit_fd is not None else self.sentinel
-            watcher = hub.loop.io(fd, READ)
-            try:
-                hub.wait(watcher)
-            finally:
-                watcher.close()
-            if self.poll() is None:
-                # The descriptor fired a moment before the exit status is ready (the sentinel
-                # closes before the child is a zombie; gevent's own SIGCHLD bookkeeping may
-                # lag the pidfd): look again shortly.
-                gevent.sleep(backoff)
-                backoff = min(backoff * 2, 0.05)
+        try:
+            while self.poll() is None:
+                fd = self._exit_fd if self._exit_fd is not None else self.sentinel
+                watcher = hub.loop.io(fd, READ)
+                try:
+                    hub.wait(watcher)
+                finally:
+                    watcher.close()
+                if self.poll() is None:
+                    # The descriptor fired a moment before the exit status is ready (the
+                    # sentinel closes before the child is a zombie; gevent's own SIGCHLD
+                    # bookkeeping may lag the pidfd): look again shortly.
+                    gevent.sleep(backoff)
+                    backoff = min(backoff * 2, 0.05)
+        finally:
+            self._watcher_greenlet = None
+            self._exited.set()
 
     def _send_signal(self, sig: int) -> None:
         if self.poll() is None:
@@ -126,6 +156,20 @@ class _CooperativePopen:
 
     def close(self) -> None:
         self._release()
+
+    def _reported_exit_status(self) -> int:
+        """The wait status matching the exit code the child wrote before ``_exit``."""
+        code = 255
+        if self._parent_fds:
+            try:
+                # Non-blocking: a grandchild may still hold the write end open.
+                os.set_blocking(self.sentinel, False)
+                data = os.read(self.sentinel, _EXIT_CODE.size)
+            except OSError:
+                data = b""
+            if len(data) == _EXIT_CODE.size:
+                (code,) = _EXIT_CODE.unpack(data)
+        return (code & 0xFF) << 8
 
     def _release(self) -> None:
         """Closes every descriptor the parent holds for this child."""
@@ -173,14 +217,114 @@ class _GProcess(multiprocessing.Process):
 
     _gipc_handles: Tuple[_GIPCHandle, ...] = ()
 
+    # Outcome capture (``start_process(..., capture=True)``). The class attributes are the
+    # state of a process started without it.
+    #: Whether the child reports its outcome.
+    _capture = False
+    #: In the child only: where the outcome goes.
+    _outcome_writer: Optional[_GIPCWriter] = None
+    #: In the parent, until the outcome has arrived: where it comes from.
+    _outcome_receiver: Optional[OutcomeReceiver] = None
+    #: In the parent, once it has arrived (or the child died without one).
+    _outcome: Optional[Outcome] = None
+    #: One greenlet at a time reads the outcome; others wait for what it finds.
+    _outcome_lock: Optional[Semaphore] = None
+
     @staticmethod
     def _Popen(process_obj: Any) -> _CooperativePopen:  # type: ignore[override]
         return _CooperativePopen(process_obj)
 
     def run(self) -> None:
-        """In the child: reset the inherited state, then run the target."""
+        """In the child: reset the inherited state, then run the target (and report its
+        outcome when the parent asked for it)."""
         _prepare_child(self._gipc_handles)
-        super().run()
+        writer = self._outcome_writer
+        if writer is None:
+            super().run()
+            return
+        target, args, kwargs = self._target, self._args, self._kwargs  # type: ignore[attr-defined]
+        _outcome.run_and_report(writer, target, args, kwargs)
+
+    def result(self, timeout: Optional[float] = None) -> Any:
+        """Wait cooperatively for the target's outcome in the child, then return its return
+        value or raise the exception it raised. Only for a process started with
+        ``start_process(..., capture=True)``.
+
+        A re-raised exception has the child's formatted traceback attached as its
+        ``__cause__`` (a :class:`gipc.RemoteTraceback`). The outcome is read once and kept:
+        later calls return (or raise) the same again, also after ``join()``/``close()``.
+
+        Args:
+            timeout: ``None`` (wait as long as it takes) or a number of seconds.
+
+        Raises:
+            TimeoutError: no outcome within ``timeout``; the child keeps running and a later
+                call can still collect it.
+            gipc.ChildDied: the child ended without an outcome (killed by a signal,
+                ``os._exit()``, ``sys.exit()``); ``.exitcode`` says how.
+            gipc.UnpicklableOutcome: the return value or exception could not be pickled
+                (the message names its type).
+            GIPCError: the process was started without ``capture=True``.
+            ValueError: the process object was closed before the outcome was collected.
+        """
+        if self._outcome is None:
+            if not self._capture:
+                raise GIPCError(
+                    f"{self!r} was started without capture=True: it reports no outcome "
+                    "(use start_process(..., capture=True) to get one)"
+                )
+            self._check_closed()  # type: ignore[attr-defined]
+            if not self._collect_outcome(timeout):
+                raise TimeoutError(f"{self!r} reported no outcome within {timeout} s")
+        assert self._outcome is not None
+        return self._outcome.unwrap()
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        """Wait cooperatively for the child to exit, at most ``timeout`` seconds.
+
+        With ``capture=True`` the outcome is read (and kept for ``result()``) while waiting:
+        a child whose outcome is larger than the pipe's buffer cannot exit before someone
+        reads it, so a plain join would wait for ever.
+        """
+        if self._outcome_receiver is not None and self._outcome is None:
+            self._check_closed()  # type: ignore[attr-defined]
+            started = time.monotonic()
+            self._collect_outcome(timeout)
+            if timeout is not None:
+                timeout = _outcome.clamp_timeout(timeout - (time.monotonic() - started))
+        super().join(timeout)
+
+    def close(self) -> None:
+        """Release the resources of an exited process (``multiprocessing.Process.close``),
+        including the outcome pipe. An outcome not collected by then is lost."""
+        super().close()
+        receiver, self._outcome_receiver = self._outcome_receiver, None
+        if receiver is not None:
+            receiver.close()
+
+    def _collect_outcome(self, timeout: Optional[float]) -> bool:
+        """Reads the outcome (or finds that the child died without one), at most
+        ``timeout`` seconds; True once it is known. The read end is closed then."""
+        lock = self._outcome_lock
+        if self._outcome is not None or lock is None:
+            return self._outcome is not None
+        started = time.monotonic()
+        if not lock.acquire(timeout=_outcome.clamp_timeout(timeout)):
+            return False
+        try:
+            receiver = self._outcome_receiver
+            if self._outcome is None and receiver is not None:
+                if timeout is not None:
+                    timeout = max(timeout - (time.monotonic() - started), 0.0)
+                outcome = _outcome.await_outcome(receiver, self, timeout)
+                if outcome is None:
+                    return False
+                self._outcome = outcome
+                self._outcome_receiver = None
+                receiver.close()
+            return self._outcome is not None
+        finally:
+            lock.release()
 
     def __repr__(self) -> str:
         return "<_GProcess" + super().__repr__()[len("<_GProcess") :]
@@ -209,10 +353,7 @@ def _prepare_child(kept: Iterable[_GIPCHandle]) -> None:
     _restore_default_signals()
     kept = set(kept)
     for handle in list(_handles._open_handles):
-        if handle in kept:
-            handle._after_fork_in_child()
-        else:
-            handle._release()
+        handle._after_fork_in_child(keep=handle in kept)
     for popen in list(_live_popens):
         # A sibling's monitor, inherited: it is the parent's to use.
         popen._release()
@@ -221,12 +362,16 @@ def _prepare_child(kept: Iterable[_GIPCHandle]) -> None:
 def _restore_default_signals() -> None:
     """Every signal back to its default action, except SIGPIPE, which keeps the inherited
     one (Python ignores it, so a vanished reader is a BrokenPipeError, not death)."""
-    for signum in signal.valid_signals():
-        if signum in (signal.SIGKILL, signal.SIGSTOP, signal.SIGPIPE):
-            continue
+    # Every disposition at the C level first, including handlers an event loop installed
+    # behind Python's back (a system call per signal, in Rust: microseconds)...
+    changed = _core.reset_signal_dispositions()
+    # ...then Python's own table, so signal.getsignal() tells the truth, for just the
+    # signals that had a handler (asking Python about all 64 costs a quarter millisecond).
+    for signum in changed:
         try:
-            signal.signal(signum, signal.SIG_DFL)
-        except (OSError, ValueError):  # signals reserved by the C library
+            if signal.getsignal(signum) not in (signal.SIG_DFL, None):
+                signal.signal(signum, signal.SIG_DFL)
+        except (OSError, ValueError):  # not a signal Python manages
             pass
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
@@ -237,6 +382,8 @@ def start_process(
     kwargs: Optional[Dict[str, Any]] = None,
     daemon: Optional[bool] = None,
     name: Optional[str] = None,
+    *,
+    capture: bool = False,
 ) -> _GProcess:
     """Start a child process that runs ``target(*args, **kwargs)`` and return its
     :class:`_GProcess` (a ``multiprocessing.Process``), already started.
@@ -246,6 +393,13 @@ def start_process(
     closed in the child. The child starts with a fresh gevent hub and event loop and with
     default signal dispositions (SIGPIPE aside). The child is always forked, whatever
     multiprocessing's start method is set to.
+
+    With ``capture=True`` the child reports the target's outcome, its return value or the
+    exception it raised, and ``process.result(timeout=None)`` returns or re-raises it in
+    the parent (with the child's traceback as ``__cause__``). The cost: one more pipe (two
+    descriptors, the parent's closed once the outcome is read or the process joined or
+    closed) and one message, in which the return value or exception is pickled. The exit
+    code is unchanged: 0, or 1 after an exception. Without it, nothing is sent back.
 
     Raises:
         TypeError: ``target`` is not callable, ``args`` not a tuple or ``kwargs`` not a dict.
@@ -266,7 +420,23 @@ def start_process(
         handle._check_passable()
     process = _GProcess(target=target, name=name, args=args, kwargs=kwargs, daemon=daemon)
     process._gipc_handles = tuple(passed)
-    process.start()
+    if capture:
+        outcome_reader, outcome_writer = _outcome.outcome_pipe()
+        process._gipc_handles += (outcome_writer,)
+        process._outcome_writer = outcome_writer
+        try:
+            process.start()
+        except BaseException:
+            outcome_reader._release()
+            outcome_writer._release()
+            raise
+        outcome_writer._release()
+        process._outcome_writer = None
+        process._capture = True
+        process._outcome_receiver = OutcomeReceiver(outcome_reader)
+        process._outcome_lock = Semaphore()
+    else:
+        process.start()
     for handle in passed:
         handle._release()
     process._gipc_handles = ()

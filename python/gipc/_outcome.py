@@ -1,0 +1,398 @@
+"""The outcome of code run in a child (its return value, or the exception it raised) and how
+it travels back to the parent.
+
+Used by ``start_process(..., capture=True)`` with ``_GProcess.result()``, and by the workers
+of :class:`gipc.pool.ProcessPool`. Both ends of an outcome pipe belong to gipc, so the pipe
+carries raw bytes (no codec) and the pickling happens here. A value or exception that cannot
+be pickled is then caught in the child, where its type is still known, and replaced by an
+error the parent can explain, rather than failing inside ``put`` with nothing sent back.
+
+One outcome on the wire is one of:
+
+* ``dumps((VALUE, value))``: a return value, pickled inline;
+* ``dumps((VALUE_RAW,))`` followed by the value itself as a second message: a large ``bytes``
+  return value, which takes the transport's fast path and is never copied into a pickle;
+* ``dumps((ERROR, exception, traceback_text, pid))``: the code raised.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import time
+import traceback
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import gevent
+from gevent.hub import get_hub
+
+from ._handles import _GIPCReader, _GIPCWriter, pipe
+from ._hub import READ
+from .exceptions import GIPCError
+
+VALUE = 0
+VALUE_RAW = 1
+ERROR = 2
+
+#: ``bytes`` at least this long travel as their own message (the transport sends ``bytes``
+#: as they are) instead of being copied into a pickle. Below it, one message is cheaper.
+RAW_THRESHOLD = 32 * 1024
+
+#: After a child is seen to exit, how long to keep reading for an outcome it sent just
+#: before. Everything it wrote is in the kernel by then, so this is only ever waited out in
+#: full when a descendant of the child still holds the pipe's write end open.
+EXIT_GRACE = 0.5
+
+_HIGHEST = pickle.HIGHEST_PROTOCOL
+_RAW_HEADER = pickle.dumps((VALUE_RAW,), protocol=_HIGHEST)
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in a child, as text.
+
+    Attached as ``__cause__`` to the exception re-raised in the parent, so a printed
+    traceback shows where in the child it happened, followed by where the parent got it.
+    """
+
+    def __init__(self, text: str, pid: Optional[int] = None) -> None:
+        super().__init__(text, pid)
+        self.text = text
+        self.pid = pid
+
+    def __str__(self) -> str:
+        where = "a child process" if self.pid is None else f"child process {self.pid}"
+        return f"traceback in {where}:\n\n{self.text.rstrip()}\n"
+
+
+class ChildDied(GIPCError):
+    """The child ended without reporting an outcome: it was killed by a signal, called
+    ``os._exit()`` or ``sys.exit()``, or crashed. ``exitcode`` is its exit code as
+    ``multiprocessing`` reports it (``-N`` for signal N); ``pid`` is its process id."""
+
+    def __init__(self, pid: int, exitcode: int) -> None:
+        super().__init__(
+            f"child process {pid} {describe_exit(exitcode)} before reporting an outcome"
+        )
+        self.pid = pid
+        self.exitcode = exitcode
+
+    def __reduce__(self) -> Tuple[Any, ...]:
+        return type(self), (self.pid, self.exitcode)
+
+
+class UnpicklableOutcome(GIPCError):
+    """The child's return value or exception could not be sent to the parent: it cannot be
+    pickled, or (for exceptions) cannot be rebuilt from its pickle. The message names the
+    type and the pickling error; ``__cause__`` carries the child's traceback."""
+
+
+class Outcome:
+    """A return value or an exception; ``unwrap()`` returns the one or raises the other."""
+
+    __slots__ = ("value", "exception")
+
+    def __init__(self, value: Any = None, exception: Optional[BaseException] = None) -> None:
+        self.value = value
+        self.exception = exception
+
+    def unwrap(self) -> Any:
+        if self.exception is not None:
+            raise self.exception
+        return self.value
+
+
+def describe_exit(exitcode: int) -> str:
+    """``"exited with code 3"`` or ``"was killed by SIGKILL (signal 9)"``."""
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = "an unknown signal"
+        return f"was killed by {name} (signal {-exitcode})"
+    return f"exited with code {exitcode}"
+
+
+def outcome_pipe() -> Tuple[_GIPCReader, _GIPCWriter]:
+    """A pipe that carries ``bytes`` as they are (no codec): for outcomes, pickled by this
+    module, and for the pool's tasks."""
+    reader, writer = pipe(encoder=None, decoder=None)
+    return reader, writer  # type: ignore[return-value]
+
+
+# --- In the child -------------------------------------------------------------------------
+
+
+def call(fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Outcome:
+    """Runs ``fn(*args, **kwargs)`` and captures what came of it.
+
+    ``SystemExit`` is not an outcome: it propagates, so the child ends with the exit code it
+    asked for and the parent learns that code (as ``ChildDied``) instead of receiving an
+    exception that would end the parent too.
+    """
+    try:
+        return Outcome(value=fn(*args, **kwargs))
+    except SystemExit:
+        raise
+    except BaseException as exc:
+        return Outcome(exception=exc)
+
+
+def encode(outcome: Outcome, pid: int) -> List[bytes]:
+    """The messages that carry ``outcome``. Never raises for an unpicklable value or
+    exception: those become an :class:`UnpicklableOutcome` that says what failed."""
+    exc = outcome.exception
+    if exc is None:
+        value = outcome.value
+        if value.__class__ is bytes and len(value) >= RAW_THRESHOLD:
+            return [_RAW_HEADER, value]
+        try:
+            return [pickle.dumps((VALUE, value), protocol=_HIGHEST)]
+        except Exception as err:
+            exc = UnpicklableOutcome(
+                f"the return value, of type {_type_name(value)}, cannot be pickled: "
+                f"{_describe(err)}"
+            )
+            tb_text = _format(err)
+    else:
+        # Without the frame of `call`: the remote traceback starts where the caller's
+        # code does.
+        tb = exc.__traceback__
+        if tb is not None and tb.tb_frame.f_code is call.__code__:
+            tb = tb.tb_next
+        tb_text = "".join(traceback.format_exception(type(exc), exc, tb))
+    try:
+        data = pickle.dumps((ERROR, exc, tb_text, pid), protocol=_HIGHEST)
+        # Many exception types pickle fine but cannot be rebuilt from the pickle (an
+        # __init__ with other arguments than `args`): better found out here than in the
+        # parent, where nothing would be left to say what the exception was.
+        pickle.loads(data)
+    except Exception as err:
+        replacement = UnpicklableOutcome(
+            f"the exception {_type_name(exc)}: {_safe_str(exc)} cannot be pickled: "
+            f"{_describe(err)}"
+        )
+        data = pickle.dumps((ERROR, replacement, tb_text, pid), protocol=_HIGHEST)
+    return [data]
+
+
+def send(writer: _GIPCWriter, outcome: Outcome) -> bool:
+    """Sends ``outcome``; False when the parent is no longer listening."""
+    messages = encode(outcome, os.getpid())
+    try:
+        if len(messages) == 1:
+            writer.put(messages[0])
+        else:
+            writer.put_many(messages)
+    except (OSError, GIPCError):  # the parent closed its end, or is gone
+        return False
+    return True
+
+
+def run_and_report(
+    writer: _GIPCWriter,
+    target: Callable[..., Any],
+    args: Tuple[Any, ...],
+    kwargs: Dict[str, Any],
+) -> None:
+    """The body of a ``capture=True`` child: run the target, send its outcome, then behave
+    as ``multiprocessing`` would without capture, so an exception is re-raised (it is
+    printed and the exit code is 1). Closing the writer right after sending lets the
+    parent's read complete even if the child lingers on in its exit handlers."""
+    outcome = call(target, args, kwargs)
+    send(writer, outcome)
+    writer.close()
+    if outcome.exception is not None:
+        raise outcome.exception
+
+
+# --- In the parent ------------------------------------------------------------------------
+
+
+class OutcomeReceiver:
+    """Reads outcomes from an outcome pipe. A read interrupted between the two messages of a
+    raw value resumes where it stopped, so ``receive`` may be abandoned (killed, timed out)
+    and called again."""
+
+    def __init__(self, reader: _GIPCReader) -> None:
+        self._reader = reader
+        self._raw_pending = False
+
+    @property
+    def closed(self) -> bool:
+        return self._reader.closed
+
+    def receive(self) -> Outcome:
+        """The next outcome, waiting cooperatively for it.
+
+        Raises:
+            EOFError: the child closed the pipe (it is gone) and sent nothing more.
+            GIPCError: a torn message (the child died while writing it).
+        """
+        if not self._raw_pending:
+            data = self._reader.get()
+            try:
+                message = pickle.loads(data)
+            except Exception as err:
+                return Outcome(
+                    exception=UnpicklableOutcome(
+                        f"the child's outcome cannot be unpickled: {_describe(err)}"
+                    )
+                )
+            tag = message[0]
+            if tag == VALUE:
+                return Outcome(value=message[1])
+            if tag == ERROR:
+                _, exc, tb_text, pid = message
+                exc.__cause__ = RemoteTraceback(tb_text, pid)
+                exc.__suppress_context__ = True
+                return Outcome(exception=exc)
+            self._raw_pending = True
+        value = self._reader.get()
+        self._raw_pending = False
+        return Outcome(value=value)
+
+    def close(self) -> None:
+        """Closes the read end. One still in use by a greenlet is left for it to finish
+        with (and to the garbage collector)."""
+        if not self._reader.closed:
+            try:
+                self._reader.close()
+            except GIPCError:
+                pass
+
+
+def await_outcome(
+    receiver: OutcomeReceiver, process: Any, timeout: Optional[float]
+) -> Optional[Outcome]:
+    """Waits cooperatively, at most ``timeout`` seconds, until the child ``process`` has
+    reported an outcome or ended without one (then the outcome is a :class:`ChildDied`).
+    Returns ``None`` when the time is up first.
+
+    The end of the child is watched separately from the pipe: a descendant that inherited
+    the pipe's write end would otherwise hide it, and a child killed halfway through a
+    message leaves nothing to read but that half.
+    """
+    deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+    getter = gevent.spawn(_receive_or_error, receiver)
+    exited = gevent.spawn(wait_for_exit, process)
+    try:
+        gevent.wait([getter, exited], timeout=remaining(deadline), count=1)
+        if not getter.ready():
+            if not exited.ready():
+                return None
+            grace_end = time.monotonic() + EXIT_GRACE
+            if deadline is not None and deadline < grace_end:
+                getter.join(remaining(deadline))
+                if not getter.ready():
+                    return None
+            else:
+                getter.join(EXIT_GRACE)
+        received = getter.value if getter.ready() else None
+        if isinstance(received, Outcome):
+            return received
+        if received is not None and not isinstance(received, (EOFError, GIPCError, OSError)):
+            raise received
+        exited.join(remaining(deadline))
+        if not exited.ready():
+            return None
+        if exited.exception is not None:
+            raise exited.exception
+        return Outcome(exception=ChildDied(process.pid, exited.value))
+    finally:
+        gevent.killall([getter, exited])
+
+
+def _receive_or_error(receiver: OutcomeReceiver) -> Any:
+    # Returned, not raised: gevent would print an exception raised in a greenlet.
+    try:
+        return receiver.receive()
+    except Exception as exc:
+        return exc
+
+
+def wait_for_exit(process: Any) -> int:
+    """Waits cooperatively until ``process`` (a started ``_GProcess``) has ended and been
+    reaped; returns its exit code.
+
+    The wait is on a descriptor of our own (a pidfd, or a duplicate of the exit sentinel)
+    rather than on the process object's: whoever reaps the child (``multiprocessing``
+    polls every child of ours each time a process starts) closes the object's descriptors,
+    and a wait parked on a closed descriptor would never end.
+    """
+    code = process.exitcode
+    if code is not None:
+        return code  # type: ignore[no-any-return]
+    fd = _exit_fd(process)
+    if fd is not None:
+        try:
+            hub = get_hub()
+            watcher = hub.loop.io(fd, READ)
+            try:
+                hub.wait(watcher)
+            finally:
+                watcher.close()
+        finally:
+            os.close(fd)
+    # The descriptor fires as the child ends, a moment before its exit status can be
+    # collected.
+    delay = 0.001
+    while True:
+        code = process.exitcode
+        if code is not None:
+            return code  # type: ignore[no-any-return]
+        gevent.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def _exit_fd(process: Any) -> Optional[int]:
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is not None:
+        try:
+            return pidfd_open(process.pid)  # type: ignore[no-any-return]
+        except OSError:
+            pass
+    try:
+        return os.dup(process.sentinel)
+    except (OSError, ValueError):
+        return None  # the loop in wait_for_exit polls instead
+
+
+def clamp_timeout(timeout: Optional[float]) -> Optional[float]:
+    """A timeout fit for gevent: never negative, and none shorter than a millisecond (libuv
+    timers cannot be, and gevent warns about every such timer)."""
+    if timeout is None:
+        return None
+    if timeout <= 0:
+        return 0.0
+    return max(timeout, 0.001)
+
+
+def remaining(deadline: Optional[float]) -> Optional[float]:
+    """Seconds left until ``deadline`` (a ``time.monotonic()`` value), fit for gevent."""
+    if deadline is None:
+        return None
+    return clamp_timeout(deadline - time.monotonic())
+
+
+def _type_name(obj: Any) -> str:
+    cls = type(obj)
+    if cls.__module__ == "builtins":
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {_safe_str(err)}"
+
+
+def _safe_str(obj: Any) -> str:
+    try:
+        text = str(obj)
+    except Exception:
+        return f"<unprintable {type(obj).__name__}>"
+    return text if len(text) <= 500 else text[:500] + "..."
+
+
+def _format(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
