@@ -512,6 +512,9 @@ def scenario(tmp_path):
 
 INTERRUPTED_PARENT = """
 import json, os, signal, sys, time, gevent, gipc
+# A process started in the background by a shell without job control (as CI may run this
+# suite) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 {setup}
 out = sys.argv[1]
 

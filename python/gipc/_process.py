@@ -122,7 +122,7 @@ class _CooperativePopen:
 
     def _watch_until_reaped(self) -> None:
         hub = get_hub()
-        backoff = 0.0005
+        backoff = 0.001  # libuv timers have millisecond resolution
         try:
             while self.poll() is None:
                 fd = self._exit_fd if self._exit_fd is not None else self.sentinel
