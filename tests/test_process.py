@@ -180,6 +180,15 @@ def kernel_signal_masks() -> dict:
     return masks
 
 
+def child_state() -> dict:
+    """What a freshly started child reports about itself (see report_child_state)."""
+    with gipc.pipe() as (r, w):
+        p = gipc.start_process(report_child_state, args=(w, os.getpid(), "/nonexistent"))
+        state = r.get()
+        p.join()
+    return state
+
+
 class TestChildState:
     def test_cloned_greenlets_and_timers_never_run_in_the_child(self):
         marker = tempfile.mktemp(prefix="gipc-clone-")
@@ -215,10 +224,7 @@ class TestChildState:
         signal.signal(signal.SIGUSR1, lambda *a: None)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         try:
-            with gipc.pipe() as (r, w):
-                p = gipc.start_process(report_child_state, args=(w, os.getpid(), "/nonexistent"))
-                state = r.get()
-                p.join()
+            state = child_state()
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -232,10 +238,7 @@ class TestChildState:
         # gevent installs its signal watchers with sigaction, invisible to signal.getsignal().
         watcher = gevent.signal_handler(signal.SIGUSR2, lambda: None)
         try:
-            with gipc.pipe() as (r, w):
-                p = gipc.start_process(report_child_state, args=(w, os.getpid(), "/nonexistent"))
-                state = r.get()
-                p.join()
+            state = child_state()
         finally:
             watcher.cancel()
         masks = state["kernel_masks"]
