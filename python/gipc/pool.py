@@ -50,6 +50,7 @@ import gevent.queue
 
 from . import _outcome
 from ._handles import _GIPCReader, _GIPCWriter
+from ._hub import yield_to_loop
 from ._outcome import Outcome, OutcomeReceiver, clamp_timeout, describe_exit, remaining
 from ._process import _GProcess, start_process
 from .exceptions import GIPCError
@@ -366,6 +367,23 @@ class _Worker:
 _live_pools: "weakref.WeakSet[ProcessPool]" = weakref.WeakSet()
 
 
+#: How long submitting a large map() may keep the event loop busy before it yields.
+_SUBMIT_SLICE = 0.0005
+
+
+def _submit_all(submissions: Iterator[Future]) -> List[Future]:
+    """Runs the submissions, giving the event loop a turn every half millisecond: queueing
+    10,000 tasks takes tens of milliseconds, which other greenlets must not wait for."""
+    futures = []
+    slice_start = time.perf_counter()
+    for future in submissions:
+        futures.append(future)
+        if len(futures) % 64 == 0 and time.perf_counter() - slice_start > _SUBMIT_SLICE:
+            yield_to_loop()
+            slice_start = time.perf_counter()
+    return futures
+
+
 class ProcessPool(cf.Executor):
     """A ``concurrent.futures.Executor`` running calls in up to ``max_workers`` gipc child
     processes, every wait cooperative with gevent.
@@ -560,8 +578,9 @@ class ProcessPool(cf.Executor):
             raise ValueError("chunksize must be a positive int")
         calls = zip(*iterables)
         if chunksize == 1:
-            return [self.submit(fn, *args) for args in calls], False
-        return [self.submit(_run_chunk, fn, chunk) for chunk in _chunks(calls, chunksize)], True
+            return _submit_all(self.submit(fn, *args) for args in calls), False
+        chunks = _chunks(calls, chunksize)
+        return _submit_all(self.submit(_run_chunk, fn, chunk) for chunk in chunks), True
 
     def _broken_error(self) -> BrokenProcessPool:
         error = BrokenProcessPool(self._broken)

@@ -1,0 +1,152 @@
+#!/usr/bin/env python
+"""Process pools driven from a gevent program: gipc.ProcessPool against
+concurrent.futures.ProcessPoolExecutor and multiprocessing.Pool.
+
+    python benches/pool_bench.py [--runs 3] [--workers 2] [--json out.json]
+
+Workloads, each after a warm-up that starts every worker:
+  tiny   10,000 tasks returning x + 1, through map() (chunksize 1): tasks per second;
+  bulk   200 tasks that each take a 1 MiB bytes and return it: MB/s moved (in + out).
+For each, the longest gap of a greenlet ticking every 1 ms in the parent is recorded: the
+stdlib pools block the event loop while the main greenlet waits on them.
+
+Each (implementation, workload, run) runs in a fresh interpreter, so no pool's state leaks
+into another's figures. Ratios are computed inside each run, then the median is shown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+TINY_TASKS = 10_000
+BULK_TASKS = 200
+BULK_SIZE = 1 << 20
+IMPLS = ["gipc", "cf", "mp"]
+
+
+def tiny(x: int) -> int:
+    return x + 1
+
+
+def echo(payload: bytes) -> bytes:
+    return payload
+
+
+def measure(impl: str, workload: str, workers: int) -> dict:
+    import gevent
+
+    gaps = []
+
+    def ticker() -> None:
+        last = time.perf_counter()
+        while True:
+            gevent.sleep(0.001)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    if impl == "gipc":
+        import gipc
+
+        pool = gipc.ProcessPool(max_workers=workers)
+        run_map = lambda fn, items: list(pool.map(fn, items))  # noqa: E731
+    elif impl == "cf":
+        import concurrent.futures as cf
+        import multiprocessing
+
+        pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+        run_map = lambda fn, items: list(pool.map(fn, items))  # noqa: E731
+    else:
+        import multiprocessing
+
+        pool = multiprocessing.get_context("fork").Pool(workers)
+        run_map = lambda fn, items: pool.map(fn, items, chunksize=1)  # noqa: E731
+
+    run_map(tiny, range(4 * workers))  # every worker started and warm
+    if workload == "tiny":
+        items, fn, moved = list(range(TINY_TASKS)), tiny, None
+    else:
+        payload = b"\x5a" * BULK_SIZE
+        items, fn, moved = [payload] * BULK_TASKS, echo, 2 * BULK_SIZE * BULK_TASKS
+    tick = gevent.spawn(ticker)
+    gevent.sleep(0.005)
+    gaps.clear()
+    start = time.perf_counter()
+    results = run_map(fn, items)
+    elapsed = time.perf_counter() - start
+    gevent.sleep(0.003)  # one more tick, so a stall at the very end is counted
+    tick.kill()
+    assert len(results) == len(items)
+    if impl == "mp":
+        pool.close()
+        pool.join()
+    else:
+        pool.shutdown(wait=True)
+    out = {"seconds": elapsed, "max_gap_ms": max(gaps) * 1e3 if gaps else elapsed * 1e3}
+    if moved is None:
+        out["tasks_per_s"] = len(items) / elapsed
+    else:
+        out["mb_per_s"] = moved / elapsed / 1e6
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--json")
+    parser.add_argument("--one", nargs=2, metavar=("IMPL", "WORKLOAD"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one[0], args.one[1], args.workers)))
+        return
+    runs: dict = {}
+    for run in range(args.runs):
+        for workload in ("tiny", "bulk"):
+            for impl in IMPLS:
+                proc = subprocess.run(
+                    [sys.executable, __file__, "--workers", str(args.workers), "--one", impl,
+                     workload], capture_output=True, text=True, timeout=300)
+                if proc.returncode != 0:
+                    raise SystemExit(f"{impl} {workload} failed:\n{proc.stderr}")
+                runs.setdefault((workload, impl), []).append(json.loads(proc.stdout))
+        print(f"[run {run + 1}/{args.runs} done]", file=sys.stderr)
+
+    def med(workload: str, impl: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[(workload, impl)])
+
+    def ratio(workload: str, other: str, key: str) -> float:
+        return statistics.median(
+            a[key] / b[key] for a, b in zip(runs[(workload, "gipc")], runs[(workload, other)]))
+
+    rows = [("tiny", "tasks_per_s", "10,000 tiny tasks (tasks/s)"),
+            ("tiny", "max_gap_ms", "  longest event-loop stall (ms)"),
+            ("bulk", "mb_per_s", "200 x 1 MiB in and out (MB/s)"),
+            ("bulk", "max_gap_ms", "  longest event-loop stall (ms)")]
+    print(f"\nprocess pools from a gevent program: {args.workers} workers, median of "
+          f"{args.runs} runs, {os.uname().sysname} {os.cpu_count()} cores, "
+          f"Python {sys.version.split()[0]}")
+    print(f"{'workload':34} {'gipc.ProcessPool':>17} {'ProcessPoolExec.':>17} "
+          f"{'mp.Pool':>10} {'gipc/cf':>8} {'gipc/mp':>8}")
+    table = []
+    for workload, key, label in rows:
+        values = [med(workload, impl, key) for impl in IMPLS]
+        ratios = [ratio(workload, "cf", key), ratio(workload, "mp", key)]
+        table.append({"workload": workload, "metric": key, "median": dict(zip(IMPLS, values)),
+                      "ratio_vs": {"cf": ratios[0], "mp": ratios[1]}})
+        print(f"{label:34} {values[0]:17.1f} {values[1]:17.1f} {values[2]:10.1f} "
+              f"{ratios[0]:8.2f} {ratios[1]:8.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"command": sys.argv, "table": table,
+                       "runs": {f"{w}/{i}": v for (w, i), v in runs.items()}}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
