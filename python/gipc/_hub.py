@@ -86,18 +86,39 @@ def _libuv_ffi() -> Any:
     return ffi
 
 
+#: Handle types whose uv_close only touches the handle itself. A signal handle's close takes
+#: libuv's process-wide signal lock, and in a forked child that can abort() the process (seen
+#: on CPython 3.13 after long test runs); other types are not gevent's to begin with.
+_SAFE_TO_CLOSE = frozenset(("timer", "prepare", "check", "idle", "async", "poll"))
+
+
 def _close_libuv_loop(loop: Any, attempts: int = 100) -> bool:
     """Closes every handle of the inherited libuv loop and the loop itself, giving up after
-    ``attempts`` turns instead of looping for ever as gevent's own teardown would."""
+    ``attempts`` turns instead of looping for ever as gevent's own teardown would. Returns
+    False (leave the loop behind) if a handle is not safe to close here."""
     try:
-        from gevent.libuv._corecffi import lib  # type: ignore[import-not-found]
+        from gevent.libuv._corecffi import ffi, lib  # type: ignore[import-not-found]
     except ImportError:  # a gevent without the cffi backend: let gevent handle it
         return True
     ptr = loop.ptr
     if not ptr:
         return True
     lib.uv_stop(ptr)
-    lib.gevent_close_all_handles(ptr)
+    unsafe = []
+
+    @ffi.callback("void(*)(uv_handle_t*,void*)")
+    def close_one(handle: Any, _arg: Any) -> None:
+        if lib.uv_is_closing(handle):
+            return
+        kind = ffi.string(lib.uv_handle_type_name(handle.type))
+        if kind.decode("ascii", "replace") in _SAFE_TO_CLOSE:
+            lib.uv_close(handle, ffi.NULL)
+        else:
+            unsafe.append(kind)
+
+    lib.uv_walk(ptr, close_one, ffi.NULL)
+    if unsafe:
+        return False
     for _ in range(attempts):
         if lib.uv_loop_close(ptr) == 0:
             return True
