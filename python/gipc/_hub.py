@@ -7,8 +7,6 @@ a cooperative wait on the current thread's hub.
 from __future__ import annotations
 
 import gevent
-from typing import Any
-
 from gevent._hub_local import get_hub_class, get_loop, set_hub, set_loop
 from gevent.hub import get_hub
 
@@ -38,91 +36,45 @@ def yield_to_loop() -> None:
 def fresh_hub_after_fork() -> None:
     """In a forked child: abandon the hub, loop and greenlets cloned from the parent.
 
-    ``gevent.reinit()`` first detaches the inherited loop from the parent's kernel objects (on
-    libuv the epoll descriptor is shared with the parent after ``fork``: tearing watchers down
-    through it would remove the parent's registrations). Then the loop is destroyed without
-    running, so no cloned greenlet or watcher callback ever runs here. The next ``get_hub()``
-    builds a fresh hub and loop, when the child first needs one (a child that never waits
-    never pays for it).
+    No cloned greenlet or watcher callback may ever run here, and nothing done here may
+    change the parent's kernel objects. The next ``get_hub()`` builds a fresh hub and loop,
+    when the child first needs one (a child that never waits never pays for it).
 
     ``Hub.destroy()`` is not used: it throws into the inherited hub greenlet, and when that
     greenlet exits control passes to *its* parent, the main greenlet as it was at fork time.
     A child forked from any other greenlet would then resume the parent's program. The hub
     greenlet is therefore never switched to; its threadpool and resolver threads do not exist
     in the child, so they are dropped, not stopped.
+
+    libev: ``gevent.reinit()`` then destroying the loop without running it is safe.
+    libuv: the inherited loop is left untouched, neither re-initialised nor closed. Walking
+    its handles in a forked child aborted or crashed children (CPython 3.13, after long runs:
+    a signal handle's close takes libuv's process-wide lock, and handles the parent was
+    closing at fork time may be half torn down), and closing them through the inherited
+    epoll descriptor would remove the parent's registrations. The child runs on a brand-new
+    loop instead; as libuv supports child watchers on its default loop only, gevent's child
+    watching (``gevent.subprocess``, ``gevent.os.waitpid``) is unavailable in gipc children
+    on libuv. Plain ``subprocess`` and ``multiprocessing`` work.
     """
-    gevent.reinit()
     hub = get_hub()
     hub._threadpool = None
     hub._resolver = None
     hub.periodic_monitoring_thread = None
     loop = hub.loop
-    fresh_default_loop = True
-    if _is_libuv(loop):
-        fresh_default_loop = _close_libuv_loop(loop)
-        # Either way gevent must not tear the native loop down again (a second
-        # uv_loop_close of the default loop is a double free): mark it gone.
-        loop.ptr.data = _libuv_ffi().NULL
+    libuv = _is_libuv(loop)
     if get_loop() is loop:
         set_loop(None)
-    loop.destroy()
+    if libuv:
+        # Forget it without touching the native loop: gevent must not close it either.
+        loop._ptr = None
+    else:
+        gevent.reinit()
+        loop.destroy()
     hub.loop = None
     set_hub(None)
-    if not fresh_default_loop:
-        # libuv refused to close the inherited default loop (seen rarely: a handle the parent
-        # was closing at fork time never finishes closing in the child). Rather than spin,
-        # leave it behind and run the child on a brand-new loop. Only libuv's default loop
-        # supports child watchers, so gevent.subprocess is unavailable in such a child.
+    if libuv:
         set_hub(get_hub_class()(default=False))
 
 
 def _is_libuv(loop: object) -> bool:
     return type(loop).__module__.startswith("gevent.libuv")
-
-
-def _libuv_ffi() -> Any:
-    from gevent.libuv._corecffi import ffi  # type: ignore[import-not-found]
-
-    return ffi
-
-
-#: Handle types whose uv_close only touches the handle itself. A signal handle's close takes
-#: libuv's process-wide signal lock, and in a forked child that can abort() the process (seen
-#: on CPython 3.13 after long test runs); other types are not gevent's to begin with.
-_SAFE_TO_CLOSE = frozenset(("timer", "prepare", "check", "idle", "async", "poll"))
-
-
-def _close_libuv_loop(loop: Any, attempts: int = 100) -> bool:
-    """Closes every handle of the inherited libuv loop and the loop itself, giving up after
-    ``attempts`` turns instead of looping for ever as gevent's own teardown would. Returns
-    False (leave the loop behind) if a handle is not safe to close here."""
-    try:
-        from gevent.libuv._corecffi import ffi, lib  # type: ignore[import-not-found]
-    except ImportError:  # a gevent without the cffi backend: let gevent handle it
-        return True
-    ptr = loop.ptr
-    if not ptr:
-        return True
-    lib.uv_stop(ptr)
-    unsafe = []
-
-    @ffi.callback("void(*)(uv_handle_t*,void*)")
-    def close_one(handle: Any, _arg: Any) -> None:
-        if lib.uv_is_closing(handle):
-            return
-        kind = ffi.string(lib.uv_handle_type_name(handle.type))
-        if kind.decode("ascii", "replace") in _SAFE_TO_CLOSE:
-            lib.uv_close(handle, ffi.NULL)
-        else:
-            unsafe.append(kind)
-
-    lib.uv_walk(ptr, close_one, ffi.NULL)
-    if unsafe:
-        return False
-    for _ in range(attempts):
-        if lib.uv_loop_close(ptr) == 0:
-            return True
-        # Closed handles are only finalised by a turn of the loop; with every handle
-        # closed, no callback of the parent's can run here.
-        lib.uv_run(ptr, lib.UV_RUN_NOWAIT)
-    return False
