@@ -21,6 +21,7 @@ import time
 import tracemalloc
 
 import gevent
+import gevent.socket
 import pytest
 
 import gipc
@@ -90,14 +91,19 @@ def outcome(fn, *args):
 
 
 def receive_then_freeze(reader, status) -> None:
-    """Starts receiving; once part of the message has arrived, says so and stops itself, so
-    the parent kills it while the message is provably half received."""
-    getter = gevent.spawn(reader.get)
-    while reader._core.buffered == 0:
-        gevent.sleep(0.001)
-        if getter.ready():
+    """Receives by hand, one bounded step at a time, until part of the message has arrived;
+    then says so and stops itself, so the parent kills it while the message is provably half
+    received. Each step is one time slice (a few reads of at most a socket buffer), so 64 MiB
+    cannot complete in one step, however the machine schedules us; a polling greenlet beside
+    a background get() could be starved on a loaded machine until the whole message was in."""
+    while True:
+        gevent.socket.wait_read(reader._core.fileno())
+        frame = reader._core.try_recv()
+        if frame.__class__ is tuple:
             status.put("complete")
             return
+        if reader._core.buffered > 0:
+            break
     status.put(("receiving", reader._core.buffered))
     os.kill(os.getpid(), signal.SIGSTOP)
 
