@@ -28,6 +28,7 @@ import concurrent.futures as cf
 import itertools
 import os
 import pickle
+import threading
 import time
 import weakref
 from concurrent.futures.process import BrokenProcessPool
@@ -145,6 +146,10 @@ class _CooperativeWaiters(list):  # type: ignore[type-arg]
         super().append(waiter)
 
 
+#: The lock of every gipc Future (see Future.__init__).
+_SHARED_CONDITION = threading.Condition()
+
+
 class Future(cf.Future):  # type: ignore[type-arg]
     """A ``concurrent.futures.Future`` whose waits are cooperative: ``result()``,
     ``exception()``, and ``concurrent.futures.wait``/``as_completed`` let other greenlets
@@ -155,9 +160,20 @@ class Future(cf.Future):  # type: ignore[type-arg]
     """
 
     def __init__(self) -> None:
-        super().__init__()
-        self._done_event = gevent.event.Event()
+        # cf.Future.__init__ is not called: its Condition is the bulk of a future (eight
+        # objects the garbage collector tracks, out of eleven), and a map() of 10,000 tasks
+        # then filled the heap enough for two full collections of ~20 ms each, stalling
+        # the event loop. The condition is only ever taken briefly, never waited on (waits
+        # use the gevent event below), so every future shares one.
+        self._condition = _SHARED_CONDITION
+        self._state = cf._base.PENDING
+        self._result = None
+        self._exception = None
         self._waiters = _CooperativeWaiters()
+        self._done_callbacks = []
+        # Made by the first greenlet that has to wait: most futures of a busy pool are
+        # done before anybody asks.
+        self._done_event: Optional[gevent.event.Event] = None
 
     def result(self, timeout: Optional[float] = None) -> Any:
         self._wait_done(timeout)
@@ -173,22 +189,29 @@ class Future(cf.Future):  # type: ignore[type-arg]
         with self._condition:
             if self._state == cf._base.CANCELLED:
                 super().set_running_or_notify_cancel()
-        self._done_event.set()
+        self._wake_waiters()
         return True
 
     def set_result(self, result: Any) -> None:
         super().set_result(result)
-        self._done_event.set()
+        self._wake_waiters()
 
     def set_exception(self, exception: Optional[BaseException]) -> None:
         super().set_exception(exception)
-        self._done_event.set()
+        self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
+        if self._done_event is not None:
+            self._done_event.set()
 
     def _wait_done(self, timeout: Optional[float]) -> None:
-        # done() too: done-callbacks (which may ask for the result) run inside set_result,
-        # before the event is set.
-        if not self._done_event.is_set() and not self.done():
-            self._done_event.wait(clamp_timeout(timeout))
+        # done(), not the event: done-callbacks (which may ask for the result) run inside
+        # set_result, before the event is set.
+        if self.done():
+            return
+        if self._done_event is None:
+            self._done_event = gevent.event.Event()
+        self._done_event.wait(clamp_timeout(timeout))
 
 
 # --- Tasks on the wire ----------------------------------------------------------------------
