@@ -3,6 +3,13 @@
 //! While data keeps coming, a non-blocking read never says "would block", so a loop of `get()`
 //! calls would never give the gevent hub a turn. The budget measures the time spent since the
 //! caller last waited, and asks for a yield once a slice is used up.
+//!
+//! The caller may also wait elsewhere between two calls (on another handle, a queue, a
+//! sleep), which this budget cannot see. So a call that begins more than a slice after the
+//! previous one began starts a fresh slice: otherwise a handle used once in a while would
+//! find its slice long expired on every call and yield each time, delaying every message by
+//! a turn of the event loop. The cost is one look at the clock per call; the price in the
+//! worst case (a long call, then a pause, then more work) is a stall of two slices, not one.
 
 use std::time::{Duration, Instant};
 
@@ -20,6 +27,7 @@ pub struct Budget {
     slice: Option<Duration>,
     since: Option<Instant>,
     pending_weight: u32,
+    last_call: Option<Instant>,
 }
 
 impl Budget {
@@ -29,7 +37,23 @@ impl Budget {
             slice,
             since: None,
             pending_weight: 0,
+            last_call: None,
         }
+    }
+
+    /// Called as each call of the caller's begins: after a pause of more than a slice since
+    /// the previous call began, the slice starts over.
+    pub fn begin_call(&mut self) {
+        let Some(slice) = self.slice else {
+            return;
+        };
+        let now = Instant::now();
+        if let Some(previous) = self.last_call {
+            if now.duration_since(previous) > slice {
+                self.reset();
+            }
+        }
+        self.last_call = Some(now);
     }
 
     /// The caller has just waited (or yielded): a new slice starts with the next piece of work.
@@ -90,6 +114,37 @@ mod tests {
             .filter(|&y| y)
             .count();
         assert_eq!(asked, 1);
+    }
+
+    #[test]
+    fn a_call_after_a_pause_starts_a_fresh_slice() {
+        let mut budget = Budget::new(Some(Duration::from_millis(1)));
+        budget.begin_call();
+        budget.spend(SYSCALL_WEIGHT);
+        std::thread::sleep(Duration::from_millis(3));
+        budget.begin_call();
+        assert!(
+            !budget.spend(SYSCALL_WEIGHT),
+            "the pause was not this budget's work"
+        );
+        assert!(!budget.spend(SYSCALL_WEIGHT));
+    }
+
+    #[test]
+    fn calls_in_quick_succession_share_one_slice() {
+        let slice = Duration::from_millis(2);
+        let mut budget = Budget::new(Some(slice));
+        let start = Instant::now();
+        let mut yielded = false;
+        while !yielded && start.elapsed() < slice * 10 {
+            budget.begin_call();
+            yielded = budget.spend(SYSCALL_WEIGHT);
+        }
+        assert!(
+            yielded,
+            "many short calls in a row must still be asked to yield"
+        );
+        assert!(start.elapsed() >= slice);
     }
 
     #[test]

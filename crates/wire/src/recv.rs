@@ -158,6 +158,7 @@ impl<B: PayloadBuf> Receiver<B> {
         S: ReadSource,
         A: FnMut(usize) -> Option<B>,
     {
+        self.budget.begin_call();
         loop {
             match self.step(src, &mut alloc)? {
                 Step::Again => continue,
@@ -517,7 +518,10 @@ mod tests {
             stream.extend(frame(Kind::Encoded, &i.to_le_bytes()));
         }
         let mut src = ScriptedSource::chunks(&stream, 4096);
-        let mut rx = Receiver::new(u64::MAX, Budget::new(Some(std::time::Duration::ZERO)));
+        // A tiny slice, but longer than the gap between two polls: a pause longer than the
+        // slice would rightly start a fresh one.
+        let slice = std::time::Duration::from_micros(5);
+        let mut rx = Receiver::new(u64::MAX, Budget::new(Some(slice)));
         let (mut yields, mut next) = (0, 0u32);
         loop {
             match rx.poll(&mut src, alloc).unwrap() {

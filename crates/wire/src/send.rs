@@ -78,6 +78,7 @@ impl<P: AsRef<[u8]>> Sender<P> {
 
     /// Writes as much of the queue as the descriptor takes now.
     pub fn flush<W: WriteSink>(&mut self, sink: &mut W) -> io::Result<Progress> {
+        self.budget.begin_call();
         while !self.queue.is_empty() {
             if self.budget.spend(SYSCALL_WEIGHT) {
                 return Ok(Progress::Yield);
