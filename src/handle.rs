@@ -3,12 +3,14 @@
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::ptr::NonNull;
+use std::time::{Duration, Instant};
 
 use gipc_wire::budget::{Budget, DEFAULT_SLICE};
 use gipc_wire::frame::Kind;
 use gipc_wire::io::{channel as make_channel, FdReader, FdWriter, Transport};
 use gipc_wire::recv::{Event, Payload, PayloadBuf, Receiver};
 use gipc_wire::send::{Progress, Sender};
+use gipc_wire::spin::SpinPolicy;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyList};
@@ -114,30 +116,46 @@ impl PayloadBuf for FillingBytes {
 pub struct Reader {
     fd: Option<OwnedFd>,
     rx: Receiver<FillingBytes>,
+    spin: SpinPolicy,
 }
 
 #[pymethods]
 impl Reader {
     /// The next message as `(kind, payload)`, `None` when the caller must wait until the
     /// descriptor is readable, or `False` when it must let the event loop run first.
+    ///
+    /// Before answering `None`, looks again for up to `spin_us` microseconds while that
+    /// keeps paying off (see `gipc_wire::spin`): a reply that is on its way is then taken
+    /// without a trip through the event loop.
     fn try_recv(&mut self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        let fd = self.fd.as_ref().ok_or_else(errors::closed)?;
-        let mut source = FdReader(fd.as_fd());
-        let event = self
-            .rx
-            .poll(&mut source, |len| FillingBytes::allocate(py, len))
-            .map_err(errors::recv_error)?;
-        match event {
-            Event::Message { kind, payload } => {
-                let bytes = match payload {
-                    Payload::Buffered(data) => PyBytes::new(py, data).unbind(),
-                    Payload::Owned(filled) => filled.owner,
-                };
-                (kind as u8, bytes).into_py_any(py)
-            }
-            Event::WouldBlock => Ok(py.None()),
-            Event::Yield => Ok(PyBool::new(py, false).to_owned().into_any().unbind()),
+        if let Some(answer) = self.poll_once(py)? {
+            return Ok(answer);
         }
+        let Some(deadline) = self.spin.start(Instant::now()) else {
+            return Ok(py.None());
+        };
+        loop {
+            std::hint::spin_loop();
+            if let Some(answer) = self.poll_once(py)? {
+                self.spin.finish(true);
+                return Ok(answer);
+            }
+            if Instant::now() >= deadline {
+                self.spin.finish(false);
+                return Ok(py.None());
+            }
+        }
+    }
+
+    /// How long `try_recv` may look again before saying "wait" (0, the default: never).
+    #[getter]
+    fn spin_us(&self) -> u64 {
+        self.spin.limit().map_or(0, |d| d.as_micros() as u64)
+    }
+
+    #[setter]
+    fn set_spin_us(&mut self, value: u64) {
+        self.spin.set_limit(spin_limit(value));
     }
 
     fn fileno(&self) -> PyResult<i32> {
@@ -169,6 +187,33 @@ impl Reader {
     fn buffered(&self) -> usize {
         self.rx.buffered()
     }
+}
+
+impl Reader {
+    /// One attempt: `Some(message or False)`, or `None` when the descriptor has nothing.
+    fn poll_once(&mut self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        let fd = self.fd.as_ref().ok_or_else(errors::closed)?;
+        let mut source = FdReader(fd.as_fd());
+        let event = self
+            .rx
+            .poll(&mut source, |len| FillingBytes::allocate(py, len))
+            .map_err(errors::recv_error)?;
+        match event {
+            Event::Message { kind, payload } => {
+                let bytes = match payload {
+                    Payload::Buffered(data) => PyBytes::new(py, data).unbind(),
+                    Payload::Owned(filled) => filled.owner,
+                };
+                Ok(Some((kind as u8, bytes).into_py_any(py)?))
+            }
+            Event::WouldBlock => Ok(None),
+            Event::Yield => Ok(Some(PyBool::new(py, false).to_owned().into_any().unbind())),
+        }
+    }
+}
+
+fn spin_limit(us: u64) -> Option<Duration> {
+    (us > 0).then(|| Duration::from_micros(us))
 }
 
 /// The write end of a channel.
@@ -278,6 +323,7 @@ pub fn channel(
         Reader {
             fd: Some(read_end),
             rx: Receiver::new(max_message_size, Budget::new(slice)),
+            spin: SpinPolicy::new(None),
         },
         Writer {
             fd: Some(write_end),

@@ -444,3 +444,44 @@ def test_message_larger_than_two_gib():
         got = r.get()
         g.get()
         assert len(got) == size and got[-1] == 1 and got == payload
+
+
+def _put_after(writer, delay: float, message) -> None:
+    gevent.sleep(delay)
+    writer.put(message)
+
+
+class TestReplySpin:
+    """A duplex handle's get() looks again for a few microseconds before it sleeps in the
+    event loop (a prompt reply then costs no wake-up); one-way readers never spin."""
+
+    def test_only_duplex_readers_spin(self):
+        from gipc import _core
+
+        assert _core.REPLY_SPIN_US > 0
+        with gipc.pipe() as (r, w), gipc.pipe(duplex=True) as (a, b):
+            assert r._core.spin_us == 0
+            assert a._reader._core.spin_us == b._reader._core.spin_us == _core.REPLY_SPIN_US
+
+    def test_a_spin_catches_a_message_that_arrives_during_it(self):
+        with gipc.pipe() as (r, w):
+            r._core.spin_us = 0
+            assert r._core.try_recv() is None  # no spin: says "wait" at once
+            p = gipc.start_process(_put_after, args=(w, 0.02, "late"))
+            # A spin far longer than the child needs: the message is caught by the spin,
+            # not by a wait (try_recv never waits).
+            r._core.spin_us = 5_000_000
+            frame = r._core.try_recv()
+            p.join()
+            assert isinstance(frame, tuple), frame
+            assert pickle.loads(frame[1]) == "late"
+
+    def test_spinning_get_keeps_its_timeout_and_end_of_stream(self):
+        with gipc.pipe(duplex=True) as (a, b):
+            with pytest.raises(gevent.Timeout):
+                a.get(timeout=0.05)
+            b.put("after a timeout")
+            assert a.get() == "after a timeout"
+            b.close()
+            with pytest.raises(EOFError):
+                a.get()

@@ -3,7 +3,7 @@ and the Python layer waits on gevent's hub."""
 
 from typing import List, Optional, Tuple, Union, final
 
-__all__ = ["DONE", "KIND_BATCH", "KIND_BYTES", "KIND_ENCODED", "MAX_PAYLOAD_LEN", "Reader", "WOULD_BLOCK", "Writer", "YIELD", "__version__", "channel", "reset_signal_dispositions"]
+__all__ = ["DONE", "KIND_BATCH", "KIND_BYTES", "KIND_ENCODED", "MAX_PAYLOAD_LEN", "REPLY_SPIN_US", "Reader", "WOULD_BLOCK", "Writer", "YIELD", "__version__", "channel", "reset_signal_dispositions"]
 
 __version__: str
 
@@ -19,12 +19,17 @@ KIND_BATCH: int
 
 #: The largest payload the frame header can describe (1 TiB - 1).
 MAX_PAYLOAD_LEN: int
+#: How long a duplex handle's reader looks again for a reply before waiting, in microseconds.
+REPLY_SPIN_US: int
 
 @final
 class Reader:
     """The read end of a channel."""
 
     max_message_size: int
+    #: How long try_recv() looks again, while that pays off, before answering None
+    #: (microseconds; 0, the default, never).
+    spin_us: int
     @property
     def closed(self) -> bool: ...
     @property

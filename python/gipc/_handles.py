@@ -453,6 +453,10 @@ def pipe(
         return _PairContext(one_way())
     reader1, writer1 = one_way()
     reader2, writer2 = one_way()
+    # A duplex handle is mostly used for request and reply: its get() looks again for a
+    # few microseconds before sleeping in the event loop, which catches a prompt reply
+    # without two wake-ups through the kernel (and backs off when that does not pay).
+    reader1._core.spin_us = reader2._core.spin_us = _core.REPLY_SPIN_US
     return _PairContext(
         (_GIPCDuplexHandle(reader1, writer2), _GIPCDuplexHandle(reader2, writer1))
     )
