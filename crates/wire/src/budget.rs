@@ -1,21 +1,25 @@
 //! How long a reader or writer may keep the event loop busy before it must yield.
 //!
 //! While data keeps coming, a non-blocking read never says "would block", so a loop of `get()`
-//! calls would never give the gevent hub a turn. The budget measures the time spent since the
-//! caller last waited, and asks for a yield once a slice is used up.
+//! calls would never give the gevent hub a turn. The budget adds up the time the caller
+//! spends in our calls since it last waited, and asks for a yield once a slice is used up.
 //!
-//! The caller may also wait elsewhere between two calls (on another handle, a queue, a
-//! sleep), which this budget cannot see. So a call that begins more than a slice after the
-//! previous one began starts a fresh slice: otherwise a handle used once in a while would
-//! find its slice long expired on every call and yield each time, delaying every message by
-//! a turn of the event loop. The cost is one look at the clock per call; the price in the
-//! worst case (a long call, then a pause, then more work) is a stall of two slices, not one.
+//! What counts: the time inside each call, and the gaps between calls that are shorter than
+//! [`PAUSE`] (a caller in a tight loop around us: the loop is stalled all along). A longer
+//! gap is the caller's own business, and may well include a wait elsewhere (on another
+//! handle, a queue, a sleep) that this budget cannot see: it is not counted. Without that
+//! rule a handle used now and then (the pool's task writer, a reply writer) found its slice
+//! expired on every call, and each message waited a turn of the event loop before it went
+//! out. The cost is two looks at the clock per call.
 
 use std::time::{Duration, Instant};
 
 /// The default slice: a tenth of the 5 ms stall we promise, so decoding that happens between
 /// two checks still leaves a wide margin.
 pub const DEFAULT_SLICE: Duration = Duration::from_micros(500);
+
+/// Gaps between two calls up to this long count as our time (see the module docs).
+pub const PAUSE: Duration = Duration::from_micros(50);
 
 /// Work units between two looks at the clock: a system call is worth a full look, a message
 /// served from the buffer 1/32 of one (reading the clock costs about as much as serving one).
@@ -25,9 +29,15 @@ pub const BUFFERED_WEIGHT: u32 = 1;
 #[derive(Debug)]
 pub struct Budget {
     slice: Option<Duration>,
-    since: Option<Instant>,
+    /// Time counted in this slice before `counting_since`.
+    spent: Duration,
+    /// Start of the stretch being counted now (inside a call), if any.
+    counting_since: Option<Instant>,
     pending_weight: u32,
-    last_call: Option<Instant>,
+    /// When the previous call ended, unless the caller has waited or yielded since.
+    last_end: Option<Instant>,
+    /// No work done yet in this slice.
+    fresh_slice: bool,
 }
 
 impl Budget {
@@ -35,31 +45,45 @@ impl Budget {
     pub fn new(slice: Option<Duration>) -> Self {
         Budget {
             slice,
-            since: None,
+            spent: Duration::ZERO,
+            counting_since: None,
             pending_weight: 0,
-            last_call: None,
+            last_end: None,
+            fresh_slice: true,
         }
     }
 
-    /// Called as each call of the caller's begins: after a pause of more than a slice since
-    /// the previous call began, the slice starts over.
+    /// A call begins: the gap since the previous call counts if it was short.
     pub fn begin_call(&mut self) {
-        let Some(slice) = self.slice else {
+        if self.slice.is_none() {
             return;
-        };
+        }
         let now = Instant::now();
-        if let Some(previous) = self.last_call {
-            if now.duration_since(previous) > slice {
-                self.reset();
+        if let Some(end) = self.last_end {
+            let gap = now.saturating_duration_since(end);
+            if gap <= PAUSE {
+                self.spent += gap;
             }
         }
-        self.last_call = Some(now);
+        self.counting_since = Some(now);
     }
 
-    /// The caller has just waited (or yielded): a new slice starts with the next piece of work.
+    /// A call ends: its time is added to the slice.
+    pub fn end_call(&mut self) {
+        if let Some(since) = self.counting_since.take() {
+            let now = Instant::now();
+            self.spent += now.saturating_duration_since(since);
+            self.last_end = Some(now);
+        }
+    }
+
+    /// The caller is about to wait (or yield): a new slice starts with the next call.
     pub fn reset(&mut self) {
-        self.since = None;
+        self.spent = Duration::ZERO;
+        self.counting_since = None;
         self.pending_weight = 0;
+        self.last_end = None;
+        self.fresh_slice = true;
     }
 
     /// Accounts for one piece of work and tells whether the slice is used up. When it is, the
@@ -68,16 +92,20 @@ impl Budget {
         let Some(slice) = self.slice else {
             return false;
         };
-        let Some(since) = self.since else {
-            self.since = Some(Instant::now());
+        // Work outside begin_call/end_call (or after a yield inside a call) is counted from
+        // its first piece on.
+        let since = *self.counting_since.get_or_insert_with(Instant::now);
+        if std::mem::take(&mut self.fresh_slice) {
+            // The first piece of work of a slice is always done, so that a call right after
+            // a yield makes progress whatever the slice.
             return false;
-        };
+        }
         self.pending_weight += weight;
         if self.pending_weight < SYSCALL_WEIGHT {
             return false;
         }
         self.pending_weight = 0;
-        if since.elapsed() >= slice {
+        if self.spent + since.elapsed() >= slice {
             self.reset();
             return true;
         }
@@ -117,17 +145,29 @@ mod tests {
     }
 
     #[test]
-    fn a_call_after_a_pause_starts_a_fresh_slice() {
+    fn pauses_between_calls_are_not_counted() {
         let mut budget = Budget::new(Some(Duration::from_millis(1)));
-        budget.begin_call();
-        budget.spend(SYSCALL_WEIGHT);
-        std::thread::sleep(Duration::from_millis(3));
+        for _ in 0..5 {
+            budget.begin_call();
+            assert!(
+                !budget.spend(SYSCALL_WEIGHT),
+                "the pauses were not this budget's work"
+            );
+            budget.end_call();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    #[test]
+    fn a_long_call_is_counted_whole() {
+        let mut budget = Budget::new(Some(Duration::from_millis(1)));
         budget.begin_call();
         assert!(
             !budget.spend(SYSCALL_WEIGHT),
-            "the pause was not this budget's work"
+            "the first piece of work is always done"
         );
-        assert!(!budget.spend(SYSCALL_WEIGHT));
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(budget.spend(SYSCALL_WEIGHT));
     }
 
     #[test]
@@ -136,15 +176,33 @@ mod tests {
         let mut budget = Budget::new(Some(slice));
         let start = Instant::now();
         let mut yielded = false;
-        while !yielded && start.elapsed() < slice * 10 {
+        while !yielded && start.elapsed() < slice * 50 {
             budget.begin_call();
             yielded = budget.spend(SYSCALL_WEIGHT);
+            budget.end_call();
         }
         assert!(
             yielded,
             "many short calls in a row must still be asked to yield"
         );
         assert!(start.elapsed() >= slice);
+    }
+
+    #[test]
+    fn time_of_ended_calls_adds_up() {
+        let mut budget = Budget::new(Some(Duration::from_millis(3)));
+        for _ in 0..2 {
+            budget.begin_call();
+            std::thread::sleep(Duration::from_millis(1));
+            budget.spend(SYSCALL_WEIGHT);
+            budget.end_call();
+        }
+        budget.begin_call();
+        std::thread::sleep(Duration::from_millis(1));
+        assert!(
+            budget.spend(SYSCALL_WEIGHT),
+            "three 1 ms calls fill a 3 ms slice"
+        );
     }
 
     #[test]

@@ -159,23 +159,33 @@ impl<B: PayloadBuf> Receiver<B> {
         A: FnMut(usize) -> Option<B>,
     {
         self.budget.begin_call();
+        let step = self.next_step(src, &mut alloc);
+        self.budget.end_call();
+        Ok(match step? {
+            Step::Buffered(kind, range) => Event::Message {
+                kind,
+                payload: Payload::Buffered(&self.buf[range]),
+            },
+            Step::Owned(kind, payload) => Event::Message {
+                kind,
+                payload: Payload::Owned(payload),
+            },
+            Step::WouldBlock => Event::WouldBlock,
+            Step::Yield => Event::Yield,
+            Step::Again => unreachable!("next_step never returns Again"),
+        })
+    }
+
+    /// Steps until there is something to report.
+    fn next_step<S, A>(&mut self, src: &mut S, alloc: &mut A) -> Result<Step<B>, RecvError>
+    where
+        S: ReadSource,
+        A: FnMut(usize) -> Option<B>,
+    {
         loop {
-            match self.step(src, &mut alloc)? {
+            match self.step(src, alloc)? {
                 Step::Again => continue,
-                Step::Buffered(kind, range) => {
-                    return Ok(Event::Message {
-                        kind,
-                        payload: Payload::Buffered(&self.buf[range]),
-                    })
-                }
-                Step::Owned(kind, payload) => {
-                    return Ok(Event::Message {
-                        kind,
-                        payload: Payload::Owned(payload),
-                    })
-                }
-                Step::WouldBlock => return Ok(Event::WouldBlock),
-                Step::Yield => return Ok(Event::Yield),
+                other => return Ok(other),
             }
         }
     }

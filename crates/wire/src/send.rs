@@ -79,6 +79,12 @@ impl<P: AsRef<[u8]>> Sender<P> {
     /// Writes as much of the queue as the descriptor takes now.
     pub fn flush<W: WriteSink>(&mut self, sink: &mut W) -> io::Result<Progress> {
         self.budget.begin_call();
+        let progress = self.flush_queue(sink);
+        self.budget.end_call();
+        progress
+    }
+
+    fn flush_queue<W: WriteSink>(&mut self, sink: &mut W) -> io::Result<Progress> {
         while !self.queue.is_empty() {
             if self.budget.spend(SYSCALL_WEIGHT) {
                 return Ok(Progress::Yield);
