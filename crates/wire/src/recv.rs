@@ -10,7 +10,7 @@ use std::ops::Range;
 
 use crate::budget::{Budget, BUFFERED_WEIGHT, SYSCALL_WEIGHT};
 use crate::frame::{decode_header, FrameError, Kind, HEADER_LEN};
-use crate::io::ReadSource;
+use crate::io::{ReadSource, MAX_IO_CHUNK};
 
 /// Size of the read buffer that small frames are served from.
 pub const READ_BUFFER: usize = 256 * 1024;
@@ -272,7 +272,8 @@ impl<B: PayloadBuf> Receiver<B> {
             return Ok(Step::Yield);
         }
         let (filled, len) = (large.filled, large.len);
-        match src.read_some(&mut large.payload.as_mut_slice()[filled..len]) {
+        let until = len.min(filled + MAX_IO_CHUNK);
+        match src.read_some(&mut large.payload.as_mut_slice()[filled..until]) {
             Ok(0) => Err(RecvError::Torn {
                 received: filled as u64,
                 expected: Some(len as u64),
@@ -519,6 +520,16 @@ mod tests {
         let mut src = ScriptedSource::failing(io::ErrorKind::PermissionDenied);
         let err = receiver().poll(&mut src, alloc).unwrap_err();
         assert!(matches!(err, RecvError::Io(e) if e.kind() == io::ErrorKind::PermissionDenied));
+    }
+
+    #[test]
+    fn no_read_asks_for_more_than_one_chunk() {
+        let big: Vec<u8> = (0..3 * MAX_IO_CHUNK + 5).map(|i| i as u8).collect();
+        let mut src = ScriptedSource::whole(frame(Kind::Bytes, &big));
+        let (got, end) = drain(&mut receiver(), &mut src);
+        assert!(end.is_ok());
+        assert_eq!(got, vec![(Kind::Bytes, big)]);
+        assert!(src.largest_read <= MAX_IO_CHUNK, "{}", src.largest_read);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::io::{self, IoSlice};
 
 use crate::budget::{Budget, SYSCALL_WEIGHT};
 use crate::frame::{encode_header, FrameError, Kind, HEADER_LEN};
-use crate::io::WriteSink;
+use crate::io::{WriteSink, MAX_IO_CHUNK};
 
 /// At most this many buffers go into one `writev` (POSIX guarantees 16; Linux and macOS
 /// allow 1024).
@@ -92,18 +92,25 @@ impl<P: AsRef<[u8]>> Sender<P> {
             let written = {
                 let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
                 let mut count = 0;
+                let mut room = MAX_IO_CHUNK;
                 for frame in self.queue.iter() {
-                    if count + 2 > MAX_IOVECS {
+                    if count + 2 > MAX_IOVECS || room == 0 {
                         break;
                     }
                     let payload = frame.payload.as_ref();
                     if frame.written < HEADER_LEN {
-                        iov[count] = IoSlice::new(&frame.header[frame.written..]);
-                        iov[count + 1] = IoSlice::new(payload);
+                        let header = &frame.header[frame.written..];
+                        let body = &payload[..payload.len().min(room.saturating_sub(header.len()))];
+                        iov[count] = IoSlice::new(header);
+                        iov[count + 1] = IoSlice::new(body);
                         count += 2;
+                        room = room.saturating_sub(header.len() + body.len());
                     } else {
-                        iov[count] = IoSlice::new(&payload[frame.written - HEADER_LEN..]);
+                        let rest = &payload[frame.written - HEADER_LEN..];
+                        let body = &rest[..rest.len().min(room)];
+                        iov[count] = IoSlice::new(body);
                         count += 1;
+                        room -= body.len();
                     }
                 }
                 sink.write_some(&iov[..count])
@@ -244,6 +251,25 @@ mod tests {
         let err = tx.flush(&mut sink).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
         assert!(tx.has_pending());
+    }
+
+    #[test]
+    fn no_write_offers_more_than_one_chunk() {
+        let big = vec![7u8; 3 * MAX_IO_CHUNK + 5];
+        let mut tx = sender();
+        tx.push(Kind::Bytes, big.clone()).unwrap();
+        tx.push(Kind::Encoded, b"after".to_vec()).unwrap();
+        let mut sink = ChokedSink::new(usize::MAX);
+        flush_all(&mut tx, &mut sink);
+        assert!(
+            sink.largest_offer <= MAX_IO_CHUNK + HEADER_LEN,
+            "{}",
+            sink.largest_offer
+        );
+        let got = decode_all(sink.taken);
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].1, big);
+        assert_eq!(got[1].1, b"after");
     }
 
     #[test]

@@ -17,6 +17,8 @@ pub struct ScriptedSource {
     pieces: VecDeque<Piece>,
     eof: bool,
     reads: usize,
+    /// The largest buffer any read offered to fill.
+    pub largest_read: usize,
 }
 
 impl ScriptedSource {
@@ -61,6 +63,7 @@ impl ScriptedSource {
             pieces: pieces.into(),
             eof: false,
             reads: 0,
+            largest_read: 0,
         }
     }
 }
@@ -68,6 +71,7 @@ impl ScriptedSource {
 impl ReadSource for ScriptedSource {
     fn read_some(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.reads += 1;
+        self.largest_read = self.largest_read.max(buf.len());
         loop {
             match self.pieces.front_mut() {
                 None if self.eof => return Ok(0),
@@ -94,6 +98,8 @@ pub struct ChokedSink {
     pub per_call: usize,
     pub calls: usize,
     pub fail: Option<io::ErrorKind>,
+    /// The most bytes any write offered.
+    pub largest_offer: usize,
     block_next: bool,
 }
 
@@ -104,6 +110,7 @@ impl ChokedSink {
             per_call,
             calls: 0,
             fail: None,
+            largest_offer: 0,
             block_next: false,
         }
     }
@@ -112,6 +119,8 @@ impl ChokedSink {
 impl WriteSink for ChokedSink {
     fn write_some(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         self.calls += 1;
+        let offered: usize = bufs.iter().map(|b| b.len()).sum();
+        self.largest_offer = self.largest_offer.max(offered);
         if let Some(kind) = self.fail {
             return Err(kind.into());
         }
