@@ -587,3 +587,112 @@ def test_futures_are_light_for_the_garbage_collector():
     assert per_future <= 4, per_future
     futures[0].set_result(1)
     assert futures[0].result() == 1 and futures[1].cancel() and futures[1].cancelled()
+
+
+# --- Sending ahead (prefetch) -------------------------------------------------------------
+
+
+def record_run(path, value):
+    with open(path, "a") as f:
+        f.write(f"{value}\n")
+    return value
+
+
+def record_then_crash(path, value):
+    record_run(path, value)
+    os._exit(3)
+
+
+def record_then_sleep(path, value, seconds):
+    record_run(path, value)
+    time.sleep(seconds)
+    return value
+
+
+def _runs(path):
+    return [int(line) for line in path.read_text().split()]
+
+
+@pytest.fixture
+def every_task_quick(monkeypatch):
+    """Every task counts as quick, so sending ahead starts after the first one whatever
+    the machine's load (the real threshold is a millisecond)."""
+    import gipc.pool
+
+    monkeypatch.setattr(gipc.pool, "_QUICK_TASK", 1e9)
+
+
+def test_prefetch_argument():
+    for bad in (-1, 1.5, "8", None, True):
+        with pytest.raises(ValueError):
+            ProcessPool(1, prefetch=bad)
+    with ProcessPool(1, prefetch=0) as pool:
+        assert list(pool.map(square, range(50))) == [x * x for x in range(50)]
+
+
+def test_quick_tasks_are_sent_ahead(every_task_quick):
+    with ProcessPool(1, prefetch=3) as pool:
+        assert pool.submit(square, 2).result(timeout=20) == 4
+        slow = pool.submit(sleep_and_return, 0.5, "slow")
+        behind = [pool.submit(square, i) for i in range(5)]
+        wait_until_running(slow)
+        gevent.sleep(0.1)
+        # Three went out behind the slow one (and so count as running); the rest wait in
+        # the pool's queue, where they can still be cancelled.
+        assert [f.running() for f in behind] == [True] * 3 + [False] * 2
+        assert behind[4].cancel()
+        assert [f.result(timeout=20) for f in behind[:4]] == [0, 1, 4, 9]
+        assert slow.result() == "slow"
+        assert list(pool.map(square, range(2000))) == [x * x for x in range(2000)]
+
+
+def test_without_prefetch_a_long_task_holds_nothing_back(every_task_quick):
+    with ProcessPool(2, prefetch=0) as pool:
+        list(pool.map(square, range(20)))
+        slow = pool.submit(sleep_and_return, 1.5, "slow")
+        wait_until_running(slow)
+        quick = [pool.submit(square, i) for i in range(10)]
+        done, not_done = cf.wait(quick, timeout=20)
+        assert not not_done
+        assert not slow.done(), "a quick task waited behind the slow one"
+        assert slow.result(timeout=20) == "slow"
+
+
+def test_crash_fails_its_task_and_those_sent_behind_it_run_once(tmp_path, every_task_quick):
+    path = tmp_path / "runs"
+    with ProcessPool(1) as pool:
+        assert pool.submit(square, 3).result(timeout=20) == 9
+        futures = [
+            pool.submit(record_run, path, 1),
+            pool.submit(record_then_crash, path, 2),
+            pool.submit(record_run, path, 3),
+            pool.submit(record_run, path, 4),
+        ]
+        assert futures[0].result(timeout=20) == 1
+        with pytest.raises(WorkerCrashed) as info:
+            futures[1].result(timeout=20)
+        assert info.value.exitcode == 3 and "record_then_crash" in str(info.value)
+        assert [f.result(timeout=20) for f in futures[2:]] == [3, 4]
+    assert _runs(path) == [1, 2, 3, 4]
+
+
+def test_timeout_fails_its_task_and_those_sent_behind_it_run_once(tmp_path, every_task_quick):
+    path = tmp_path / "runs"
+    with ProcessPool(1) as pool:
+        assert pool.submit(square, 3).result(timeout=20) == 9
+        hung = pool.submit_with_timeout(0.5, record_then_sleep, path, 1, 60)
+        behind = [pool.submit(record_run, path, 2), pool.submit(record_run, path, 3)]
+        with pytest.raises(TaskTimeout):
+            hung.result(timeout=20)
+        assert [f.result(timeout=20) for f in behind] == [2, 3]
+    assert _runs(path) == [1, 2, 3]
+
+
+def test_a_task_sent_ahead_gets_its_whole_timeout_once_it_starts(every_task_quick):
+    with ProcessPool(1) as pool:
+        assert pool.submit(square, 3).result(timeout=20) == 9
+        first = pool.submit(sleep_and_return, 1.5, "first")
+        # Sent ahead at once, but its 1 s runs from when the first one has finished.
+        second = pool.submit_with_timeout(1.0, sleep_and_return, 0.1, "second")
+        assert first.result(timeout=20) == "first"
+        assert second.result(timeout=20) == "second"

@@ -16,6 +16,11 @@ How the work moves:
 * A greenlet per worker ("serving") takes the next task from the pool's queue, sends it and
   waits for what comes back: the outcome, the worker's end, or the task's deadline. Two
   helpers feed that wait: one reads outcomes off the pipe, one watches the process exit.
+  Once a worker's tasks prove quick (under a millisecond), up to ``prefetch`` (8) more small
+  ones are sent ahead, so it never waits for the parent between two tasks; a task's deadline runs
+  from the moment the one before it finished. Sent-ahead tasks count as running (they
+  cannot be cancelled); if the worker dies, those behind the one it was running go to a
+  new worker.
 * A worker that dies fails only the task it was running (:class:`WorkerCrashed`); one that
   runs past the task's timeout is killed and fails it with :class:`TaskTimeout`. Either
   way, and after ``max_tasks_per_child`` tasks, the worker is replaced when there is work.
@@ -24,6 +29,7 @@ How the work moves:
 from __future__ import annotations
 
 import atexit
+import collections
 import concurrent.futures as cf
 import itertools
 import os
@@ -35,6 +41,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import (
     Any,
     Callable,
+    Deque,
     Dict,
     Iterable,
     Iterator,
@@ -329,7 +336,7 @@ def _task_name(fn: Callable[..., Any]) -> str:
 
 
 class _WorkItem:
-    __slots__ = ("future", "fn", "args", "kwargs", "timeout")
+    __slots__ = ("future", "fn", "args", "kwargs", "timeout", "started")
 
     def __init__(
         self,
@@ -344,6 +351,9 @@ class _WorkItem:
         self.args = args
         self.kwargs = kwargs
         self.timeout = timeout
+        #: Sent to a worker once already (its future is running): a worker that died
+        #: before starting it hands it on, and it must not be marked running again.
+        self.started = False
 
 
 class _Gone:
@@ -359,6 +369,19 @@ class _Gone:
 _EXITED = object()
 #: `_await_reply`: the deadline passed.
 _TIMED_OUT = object()
+#: `_next_item`: nothing in the queue right now.
+_EMPTY = object()
+
+#: ProcessPool's default ``prefetch``: how many tasks a worker may have been sent beyond the
+#: one it runs, once its tasks prove quick. The next one is then waiting in its pipe when
+#: it finishes, and the parent handles outcomes and sends tasks several at a time.
+#: Measured, 10,000 tiny tasks on 2 workers: 0 -> 8.8k, 2 -> 13-16k, 8 -> 18-20k tasks/s.
+DEFAULT_PREFETCH = 8
+#: A task that took less than this (seen from the parent) counts as quick.
+_QUICK_TASK = 0.001
+#: Tasks are sent ahead only while all in flight fit in this many bytes, far below a pipe's
+#: buffer, so sending ahead never blocks.
+_AHEAD_BYTES = 32 * 1024
 
 
 class _Worker:
@@ -374,7 +397,17 @@ class _Worker:
         self.serving: Optional[gevent.Greenlet] = None
         self.helpers: List[gevent.Greenlet] = []
         self.exit_watch: Optional[gevent.Greenlet] = None
-        self.tasks_done = 0
+        #: Tasks sent and not answered yet, oldest (the one running) first, with the bytes
+        #: each took on the pipe.
+        self.in_flight: "collections.deque[Tuple[_WorkItem, int]]" = collections.deque()
+        self.bytes_in_flight = 0
+        #: When the oldest task in flight started running, as far as the parent can tell.
+        self.head_since = 0.0
+        #: Whether its last task took less than _QUICK_TASK: then tasks are sent ahead.
+        self.quick = False
+        self.tasks_sent = 0
+        #: Died or was killed while serving: what it held goes to a new worker.
+        self.lost = False
 
     @property
     def pid(self) -> int:
@@ -422,6 +455,12 @@ class ProcessPool(cf.Executor):
         task_timeout: default time limit, in seconds, for a task once it is sent to a
             worker; a worker that exceeds it is killed and the task fails with
             :class:`TaskTimeout`. ``submit_with_timeout`` sets it per task.
+        prefetch: how many small tasks (32 KiB in all) a worker whose tasks take under a
+            millisecond may be sent ahead of the one it runs (default 8). This more than
+            doubles the throughput of tiny tasks; the price is that a long task arriving
+            after quick ones can hold back up to this many tasks behind it while other
+            workers are free, and tasks sent ahead can no longer be cancelled. ``0`` sends
+            a worker one task at a time.
 
     The pool is driven by greenlets of the hub of the thread that created it; use it from
     that thread.
@@ -435,6 +474,7 @@ class ProcessPool(cf.Executor):
         *,
         max_tasks_per_child: Optional[int] = None,
         task_timeout: Optional[float] = None,
+        prefetch: int = DEFAULT_PREFETCH,
     ) -> None:
         if max_workers is None:
             max_workers = _usable_cpus()
@@ -446,6 +486,9 @@ class ProcessPool(cf.Executor):
             not isinstance(max_tasks_per_child, int) or max_tasks_per_child <= 0
         ):
             raise ValueError("max_tasks_per_child must be a positive int or None")
+        if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
+            raise ValueError("prefetch must be an int >= 0")
+        self._prefetch = prefetch
         self._max_workers = max_workers
         self._initializer = initializer
         self._initargs = tuple(initargs)
@@ -623,79 +666,101 @@ class ProcessPool(cf.Executor):
         self._pending = 0
         return items
 
-    def _adjust_workers(self, handoff: Optional[_WorkItem] = None) -> None:
+    def _adjust_workers(self, handoff: Iterable[_WorkItem] = ()) -> None:
         """Starts workers while there is work that no idle or starting worker will take.
-        ``handoff``: an item taken by a worker that turned out to be dead, never sent; it
-        goes to a new worker of its own."""
+        ``handoff``: items a worker had taken but never started (it died first); they go
+        to a new worker of their own."""
+        handoff = list(handoff)
         if self._broken is not None:
-            if handoff is not None:
-                self._fail(handoff, self._broken_error())
+            for item in handoff:
+                self._fail(item, self._broken_error())
             return
-        if handoff is not None:
+        if handoff:
             self._add_worker(handoff)
         while (
             len(self._workers) < self._max_workers
             and self._pending > self._idle + self._starting
         ):
-            self._add_worker(None)
+            self._add_worker([])
 
-    def _add_worker(self, first_item: Optional[_WorkItem]) -> None:
+    def _add_worker(self, first_items: List[_WorkItem]) -> None:
         worker = _Worker(next(self._numbers))
         self._workers.add(worker)
         self._starting += 1
-        worker.serving = gevent.spawn(self._serve, worker, first_item)
+        worker.serving = gevent.spawn(self._serve, worker, first_items)
 
-    def _next_item(self) -> Optional[_WorkItem]:
-        self._idle += 1
-        try:
-            item: Optional[_WorkItem] = self._queue.get()
-        finally:
-            self._idle -= 1
+    def _next_item(self, wait: bool) -> Union[None, _WorkItem, object]:
+        """The next work item from the queue; ``None`` for a stop mark; ``_EMPTY`` when
+        ``wait`` is false and the queue is empty."""
+        if not wait:
+            try:
+                item: Optional[_WorkItem] = self._queue.get_nowait()
+            except gevent.queue.Empty:
+                return _EMPTY
+        else:
+            self._idle += 1
+            try:
+                item = self._queue.get()
+            finally:
+                self._idle -= 1
         if item is not None:
             self._pending -= 1
         return item
 
-    def _serve(self, worker: _Worker, item: Optional[_WorkItem]) -> None:
-        """The serving greenlet of one worker, from its start to its end."""
+    def _serve(self, worker: _Worker, first_items: List[_WorkItem]) -> None:
+        """The serving greenlet of one worker, from its start to its end: keeps the worker
+        fed (one task, or several ahead once its tasks prove quick) and completes the
+        futures from its outcomes, in order."""
         replace = True  # whether the pool may need a new worker when this one ends
-        handoff: Optional[_WorkItem] = None
+        held: Deque[_WorkItem] = collections.deque(first_items)  # taken, not sent yet
+        abnormal = False
+        stopping = False  # took a stop mark from the queue
         try:
             try:
                 ready = self._start(worker)
             finally:
                 self._starting -= 1
             if not ready:
-                handoff, item = item, None
                 return
             while True:
-                if item is None:
-                    item = self._next_item()
-                    if item is None:
-                        replace = False  # told to stop
+                stopping = self._feed(worker, held, take_new=not stopping) or stopping
+                if worker.lost:
+                    return
+                if not worker.in_flight:
+                    if stopping and not held:
+                        replace = False
                         return
-                if worker.gone():
-                    # It died while idle: the item was never sent, so it is not the item's
-                    # fault. A new worker takes it.
-                    handoff, item = item, None
+                    if self._max_tasks is not None and worker.tasks_sent >= self._max_tasks:
+                        return
+                    continue
+                if not self._finish_oldest(worker):
                     return
-                alive = self._run(worker, item)
-                item = None
-                if not alive:
-                    return
-                worker.tasks_done += 1
-                if self._max_tasks is not None and worker.tasks_done >= self._max_tasks:
-                    return
+        except BaseException:  # killed (GreenletExit) or a bug: nothing held can be served
+            abnormal = True
+            raise
         finally:
+            # Tasks sent to a worker that died or was killed never started if they were
+            # behind the one it ran: with those it had not sent, a new worker takes them.
+            handoff = [item for item, _ in worker.in_flight] + list(held)
+            if abnormal and worker.in_flight and worker.process is not None:
+                # Do not let it run tasks whose futures are failed below.
+                worker.process.kill()
+            worker.in_flight.clear()
             self._retire(worker)
             self._workers.discard(worker)
-            if item is not None:  # ended abnormally (killed?) while holding an item
-                self._fail(
-                    item,
-                    self._broken_error()
-                    if self._broken
-                    else BrokenProcessPool("the pool stopped serving this task unexpectedly"),
-                )
+            if abnormal:
+                for item in handoff:
+                    self._fail(
+                        item,
+                        self._broken_error()
+                        if self._broken
+                        else BrokenProcessPool("the pool stopped serving this task unexpectedly"),
+                    )
+                handoff = []
             if replace:
+                if stopping:
+                    # The stop mark this worker took was meant for whoever serves on.
+                    self._queue.put_nowait(None)
                 self._adjust_workers(handoff)
 
     def _start(self, worker: _Worker) -> bool:
@@ -739,20 +804,65 @@ class ProcessPool(cf.Executor):
         )
         return False
 
-    def _run(self, worker: _Worker, item: _WorkItem) -> bool:
-        """Runs one item on the worker and completes its future; False if the worker is
-        gone or was killed (it must be replaced)."""
+    def _feed(self, worker: _Worker, held: Deque[_WorkItem], take_new: bool) -> bool:
+        """Sends the worker what it may take now: a task when it has none, more while its
+        tasks are quick and what is in flight stays small; from ``held`` first, then (if
+        ``take_new``) from the queue. Returns True when it took a stop mark. Sets
+        ``worker.lost`` if the worker turns out to be gone."""
+        while self._may_send_more(worker):
+            if held:
+                item = held.popleft()
+            elif not take_new:
+                break
+            else:
+                got = self._next_item(wait=not worker.in_flight)
+                if got is _EMPTY:
+                    break
+                if got is None:
+                    return True
+                item = got  # type: ignore[assignment]
+            if not worker.in_flight and worker.gone():
+                # It died while idle: the item was never sent, so it is not the item's
+                # fault. A new worker takes it.
+                held.appendleft(item)
+                worker.lost = True
+                break
+            if not self._send(worker, item, held):
+                break
+        return False
+
+    def _may_send_more(self, worker: _Worker) -> bool:
+        if worker.lost:
+            return False
+        if self._max_tasks is not None and worker.tasks_sent >= self._max_tasks:
+            return False
+        count = len(worker.in_flight)
+        return count == 0 or (worker.quick and count <= self._prefetch)
+
+    def _send(self, worker: _Worker, item: _WorkItem, held: Deque[_WorkItem]) -> bool:
+        """Sends one item; False when feeding must stop (the item went back to ``held``
+        to wait until nothing is in flight, or the worker is gone)."""
         future = item.future
-        if future.cancelled() or not future.set_running_or_notify_cancel():
-            return True
+        if not item.started:
+            if future.cancelled() or not future.set_running_or_notify_cancel():
+                return True
+        item.started = True
         try:
             messages = _encode_task(item.fn, item.args, item.kwargs)
         except Exception as exc:
             future.set_exception(exc)
             return True
-        deadline = None if item.timeout is None else time.monotonic() + item.timeout
+        size = sum(len(m) for m in messages)
+        if worker.in_flight and worker.bytes_in_flight + size > _AHEAD_BYTES:
+            # Sending it now might block, and this greenlet must stay free to watch the
+            # running task's deadline: it goes once the worker has caught up.
+            held.appendleft(item)
+            return False
         assert worker.tasks is not None
-        timer = gevent.Timeout(clamp_timeout(item.timeout))
+        first = not worker.in_flight
+        if first:
+            worker.head_since = time.monotonic()
+        timer = gevent.Timeout(clamp_timeout(item.timeout) if first else None)
         timer.start()
         try:
             worker.tasks.put_many(messages)
@@ -766,24 +876,48 @@ class ProcessPool(cf.Executor):
         finally:
             timer.close()
         del messages
-        if reply is None:
-            reply = self._await_reply(worker, deadline)
-        if isinstance(reply, Outcome):
-            if reply.exception is None:
-                future.set_result(reply.value)
-            else:
-                future.set_exception(reply.exception)
-            return True
+        worker.in_flight.append((item, size))
+        worker.bytes_in_flight += size
+        worker.tasks_sent += 1
+        if reply is not None:
+            self._end_oldest(worker, reply)
+            return False
+        return True
+
+    def _finish_oldest(self, worker: _Worker) -> bool:
+        """Waits for the outcome of the task the worker is running and completes its
+        future; False if the worker is gone or was killed (it must be replaced)."""
+        item, _ = worker.in_flight[0]
+        deadline = None if item.timeout is None else worker.head_since + item.timeout
+        reply = self._await_reply(worker, deadline)
+        if not isinstance(reply, Outcome):
+            self._end_oldest(worker, reply)
+            return False
+        _, size = worker.in_flight.popleft()
+        worker.bytes_in_flight -= size
+        now = time.monotonic()
+        worker.quick = now - worker.head_since < _QUICK_TASK
+        worker.head_since = now
+        if reply.exception is None:
+            item.future.set_result(reply.value)
+        else:
+            item.future.set_exception(reply.exception)
+        return True
+
+    def _end_oldest(self, worker: _Worker, reply: Any) -> None:
+        """The worker timed out or died running its oldest task in flight: fail that
+        task (after killing the worker, for a timeout), reap the worker, and mark it lost."""
+        worker.lost = True
+        item, _ = worker.in_flight.popleft()
         name = _task_name(item.fn)
         if reply is _TIMED_OUT:
             assert item.timeout is not None
             worker.process.kill()  # type: ignore[union-attr]
             self._reap(worker)
-            future.set_exception(TaskTimeout(item.timeout, worker.pid, name))
+            item.future.set_exception(TaskTimeout(item.timeout, worker.pid, name))
         else:
             code = self._reap(worker, reply)
-            future.set_exception(WorkerCrashed(worker.pid, code, name))
-        return False
+            item.future.set_exception(WorkerCrashed(worker.pid, code, name))
 
     def _await_reply(self, worker: _Worker, deadline: Optional[float]) -> Any:
         """The worker's next outcome, ``_TIMED_OUT``, or a ``_Gone``."""
