@@ -580,11 +580,18 @@ def test_futures_are_light_for_the_garbage_collector():
     that no yielding can prevent. This pins the fix: a few tracked objects per future."""
     import gc
 
-    gc.collect()
-    before = len(gc.get_objects())
-    futures = [Future() for _ in range(1000)]
-    per_future = (len(gc.get_objects()) - before) / len(futures)
-    assert per_future <= 4, per_future
+    def tracked_per_future(make):
+        futures = []
+        gc.collect()
+        before = len(gc.get_objects())
+        futures.extend(make() for _ in range(1000))
+        return (len(gc.get_objects()) - before) / len(futures), futures
+
+    ours, futures = tracked_per_future(Future)
+    stdlib, _ = tracked_per_future(cf.Future)
+    # 3 on CPython 3.11+, 4 before (where an instance's __dict__ is an object of its own);
+    # the stdlib's is 11-12.
+    assert ours <= 4.5 and ours * 2 < stdlib, (ours, stdlib)
     futures[0].set_result(1)
     assert futures[0].result() == 1 and futures[1].cancel() and futures[1].cancelled()
 
