@@ -73,7 +73,8 @@ class _CooperativePopen:
             try:
                 os.close(parent_r)
                 os.close(parent_w)
-                code = process_obj._bootstrap(parent_sentinel=child_r)
+                # multiprocessing's own child entry point (private, so not in its stubs).
+                code = process_obj._bootstrap(parent_sentinel=child_r)  # type: ignore[attr-defined]
             finally:
                 # Also tell the parent through the sentinel: if someone else in the parent
                 # reaps us (gevent's SIGCHLD handling reaps every child once

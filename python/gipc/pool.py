@@ -177,7 +177,7 @@ class Future(cf.Future):  # type: ignore[type-arg]
         self._result = None
         self._exception = None
         self._waiters = _CooperativeWaiters()
-        self._done_callbacks = []
+        self._done_callbacks: List[Callable[["cf.Future[Any]"], object]] = []
         # Made by the first greenlet that has to wait: most futures of a busy pool are
         # done before anybody asks.
         self._done_event: Optional[gevent.event.Event] = None
