@@ -434,6 +434,35 @@ class TestConcurrency:
         finally:
             ticker.stop()
 
+    def test_a_yield_lets_timers_that_fell_due_run_first(self):
+        # A reader or writer that used up its time slice yields; a timer that fell due
+        # during the slice must run before the busy greenlet's next slice, on either loop
+        # (the loop's cached clock and libev's newest-first order once let the busy
+        # greenlet go again first, doubling every stall).
+        import time
+
+        from gipc._hub import yield_to_loop
+
+        ticks = []
+
+        def ticker() -> None:
+            while True:
+                gevent.sleep(0.001)
+                ticks.append(1)
+
+        g = gevent.spawn(ticker)
+        try:
+            gevent.sleep(0.01)
+            for _ in range(20):
+                seen = len(ticks)
+                busy_until = time.perf_counter() + 0.003  # a slice: the ticker falls due
+                while time.perf_counter() < busy_until:
+                    pass
+                yield_to_loop()
+                assert len(ticks) > seen
+        finally:
+            g.kill()
+
 
 @pytest.mark.slow
 def test_message_larger_than_two_gib():

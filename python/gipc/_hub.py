@@ -13,6 +13,9 @@ from gevent.hub import get_hub
 READ = 1  # libev/libuv event masks, the same on both loops
 WRITE = 2
 
+#: libev watcher priority of the timer that yields (-2..2, default 0): below everything else.
+_YIELD_PRIORITY = -1
+
 
 def wait_for(watcher: object) -> None:
     """Switches to the hub until ``watcher`` fires."""
@@ -24,9 +27,19 @@ def yield_to_loop() -> None:
 
     ``gevent.sleep(0)`` only runs callbacks that are already queued; a zero-length *timer*
     needs a full turn of the loop, so I/O is polled and due timers fire first.
+
+    "First" needs two more things. The loop's clock is cached from the start of its
+    iteration, so a zero timer started after a long slice of work would be due *before*
+    timers that fell due during that slice, and run ahead of them (libuv fires due timers in
+    order of due time): the clock is refreshed first. And libev invokes the watchers that
+    became ready in one iteration newest first, within a priority: the timer gets a lower
+    priority than everything else (libuv has no priorities and ignores it). Without both, a
+    ticker greenlet saw two slices of a busy reader back to back, not one.
     """
     hub = get_hub()
-    timer = hub.loop.timer(0.0)
+    loop = hub.loop
+    loop.update_now()
+    timer = loop.timer(0.0, priority=_YIELD_PRIORITY)
     try:
         hub.wait(timer)
     finally:
