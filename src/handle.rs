@@ -6,8 +6,8 @@ use std::ptr::NonNull;
 use std::time::{Duration, Instant};
 
 use gipc_wire::budget::{Budget, DEFAULT_SLICE};
-use gipc_wire::frame::Kind;
-use gipc_wire::io::{channel as make_channel, FdReader, FdWriter, Transport};
+use gipc_wire::frame::{Kind, Lane};
+use gipc_wire::io::{channel_ends, FdReader, FdWriter, Transport, BULK_MIN};
 use gipc_wire::recv::{Event, Payload, PayloadBuf, Receiver};
 use gipc_wire::send::{Progress, Sender};
 use gipc_wire::spin::SpinPolicy;
@@ -115,6 +115,8 @@ impl PayloadBuf for FillingBytes {
 #[pyclass(module = "gipc._core")]
 pub struct Reader {
     fd: Option<OwnedFd>,
+    /// The bulk lane's descriptor, on channels that have one (closed with `fd`).
+    bulk: Option<OwnedFd>,
     rx: Receiver<FillingBytes>,
     spin: SpinPolicy,
 }
@@ -162,8 +164,19 @@ impl Reader {
         Ok(self.fd.as_ref().ok_or_else(errors::closed)?.as_raw_fd())
     }
 
-    /// Closes the descriptor; returns False if it was closed already.
+    /// Every descriptor of this end: the frame lane's, then the bulk lane's if any.
+    fn filenos(&self) -> PyResult<Vec<i32>> {
+        all_filenos(&self.fd, &self.bulk)
+    }
+
+    /// The descriptor to wait for (readable) after `try_recv` returned `None`.
+    fn wait_fileno(&self) -> PyResult<i32> {
+        lane_fileno(&self.fd, &self.bulk, self.rx.waiting_lane())
+    }
+
+    /// Closes the descriptors; returns False if they were closed already.
     fn close(&mut self) -> bool {
+        self.bulk = None;
         self.fd.take().is_some()
     }
 
@@ -194,9 +207,12 @@ impl Reader {
     fn poll_once(&mut self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
         let fd = self.fd.as_ref().ok_or_else(errors::closed)?;
         let mut source = FdReader(fd.as_fd());
+        let mut bulk_source = self.bulk.as_ref().map(|bulk| FdReader(bulk.as_fd()));
         let event = self
             .rx
-            .poll(&mut source, |len| FillingBytes::allocate(py, len))
+            .poll_lanes(&mut source, bulk_source.as_mut(), |len| {
+                FillingBytes::allocate(py, len)
+            })
             .map_err(errors::recv_error)?;
         match event {
             Event::Message { kind, payload } => {
@@ -212,6 +228,24 @@ impl Reader {
     }
 }
 
+/// The descriptor of `lane`: the bulk lane's if the channel has one, else the frame lane's.
+fn lane_fileno(frame: &Option<OwnedFd>, bulk: &Option<OwnedFd>, lane: Lane) -> PyResult<i32> {
+    let frame = frame.as_ref().ok_or_else(errors::closed)?;
+    Ok(match (lane, bulk) {
+        (Lane::Bulk, Some(bulk)) => bulk.as_raw_fd(),
+        _ => frame.as_raw_fd(),
+    })
+}
+
+/// The frame lane's descriptor, then the bulk lane's if the channel has one.
+fn all_filenos(frame: &Option<OwnedFd>, bulk: &Option<OwnedFd>) -> PyResult<Vec<i32>> {
+    let frame = frame.as_ref().ok_or_else(errors::closed)?;
+    Ok(std::iter::once(frame)
+        .chain(bulk)
+        .map(|fd| fd.as_raw_fd())
+        .collect())
+}
+
 fn spin_limit(us: u64) -> Option<Duration> {
     (us > 0).then(|| Duration::from_micros(us))
 }
@@ -220,6 +254,8 @@ fn spin_limit(us: u64) -> Option<Duration> {
 #[pyclass(module = "gipc._core")]
 pub struct Writer {
     fd: Option<OwnedFd>,
+    /// The bulk lane's descriptor, on channels that have one (closed with `fd`).
+    bulk: Option<OwnedFd>,
     transport: Transport,
     tx: Sender<HeldBytes>,
 }
@@ -227,8 +263,12 @@ pub struct Writer {
 impl Writer {
     fn flush(&mut self) -> PyResult<u8> {
         let fd = self.fd.as_ref().ok_or_else(errors::closed)?;
-        let mut sink = FdWriter::new(fd.as_fd(), self.transport);
-        Ok(status(self.tx.flush(&mut sink)?))
+        let mut sink = FdWriter::new(fd.as_fd(), self.transport.frame_lane());
+        let mut bulk_sink = self
+            .bulk
+            .as_ref()
+            .map(|bulk| FdWriter::new(bulk.as_fd(), Transport::Socket));
+        Ok(status(self.tx.flush_lanes(&mut sink, bulk_sink.as_mut())?))
     }
 }
 
@@ -288,9 +328,21 @@ impl Writer {
         Ok(self.fd.as_ref().ok_or_else(errors::closed)?.as_raw_fd())
     }
 
-    /// Forgets queued frames and closes the descriptor; returns False if it was closed already.
+    /// Every descriptor of this end: the frame lane's, then the bulk lane's if any.
+    fn filenos(&self) -> PyResult<Vec<i32>> {
+        all_filenos(&self.fd, &self.bulk)
+    }
+
+    /// The descriptor to wait for (writable) after `WOULD_BLOCK`.
+    fn wait_fileno(&self) -> PyResult<i32> {
+        lane_fileno(&self.fd, &self.bulk, self.tx.waiting_lane())
+    }
+
+    /// Forgets queued frames and closes the descriptors; returns False if they were closed
+    /// already.
     fn close(&mut self) -> bool {
         self.tx.discard();
+        self.bulk = None;
         self.fd.take().is_some()
     }
 
@@ -302,7 +354,7 @@ impl Writer {
 
 /// Creates a one-way channel and returns its `(Reader, Writer)`.
 #[pyfunction]
-#[pyo3(signature = (transport = "socket", max_message_size = 1 << 32, slice_us = None))]
+#[pyo3(signature = (transport = "hybrid", max_message_size = 1 << 32, slice_us = None))]
 pub fn channel(
     transport: &str,
     max_message_size: u64,
@@ -310,7 +362,7 @@ pub fn channel(
 ) -> PyResult<(Reader, Writer)> {
     let transport = Transport::from_name(transport).ok_or_else(|| {
         PyValueError::new_err(format!(
-            "unknown transport {transport:?}: use 'socket' or 'pipe'"
+            "unknown transport {transport:?}: use 'hybrid', 'socket' or 'pipe'"
         ))
     })?;
     let slice = match slice_us {
@@ -318,17 +370,23 @@ pub fn channel(
         Some(0) => None,
         Some(us) => Some(std::time::Duration::from_micros(us)),
     };
-    let (read_end, write_end) = make_channel(transport)?;
+    let (read_end, write_end) = channel_ends(transport)?;
+    let tx = match write_end.bulk {
+        Some(_) => Sender::with_bulk_lane(Budget::new(slice), BULK_MIN),
+        None => Sender::new(Budget::new(slice)),
+    };
     Ok((
         Reader {
-            fd: Some(read_end),
+            fd: Some(read_end.frame),
+            bulk: read_end.bulk,
             rx: Receiver::new(max_message_size, Budget::new(slice)),
             spin: SpinPolicy::new(None),
         },
         Writer {
-            fd: Some(write_end),
+            fd: Some(write_end.frame),
+            bulk: write_end.bulk,
             transport,
-            tx: Sender::new(Budget::new(slice)),
+            tx,
         },
     ))
 }

@@ -55,9 +55,9 @@ def write_raw(writer, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-@pytest.fixture(params=["socket", "pipe"])
+@pytest.fixture(params=["hybrid", "socket", "pipe"])
 def transport(request, monkeypatch):
-    """Runs a test over both transports."""
+    """Runs a test over every transport."""
     monkeypatch.setattr(_handles, "TRANSPORT", request.param)
     return request.param
 
@@ -97,7 +97,7 @@ def receive_then_freeze(reader, status) -> None:
     cannot complete in one step, however the machine schedules us; a polling greenlet beside
     a background get() could be starved on a loaded machine until the whole message was in."""
     while True:
-        gevent.socket.wait_read(reader._core.fileno())
+        gevent.socket.wait_read(reader._core.wait_fileno())
         frame = reader._core.try_recv()
         if frame.__class__ is tuple:
             status.put("complete")

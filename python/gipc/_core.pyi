@@ -41,9 +41,15 @@ class Reader:
         Raises EOFError at a clean end of stream, GIPCError for a torn, corrupt or oversized
         frame, MemoryError if the payload cannot be allocated, OSError for I/O errors, and
         GIPCClosed once closed."""
-    def fileno(self) -> int: ...
+    def fileno(self) -> int:
+        """The frame lane's descriptor."""
+    def filenos(self) -> List[int]:
+        """Every descriptor of this end: the frame lane's, then the bulk lane's if any."""
+    def wait_fileno(self) -> int:
+        """The descriptor to wait for (readable) after try_recv() returned None: the bulk
+        lane's while a large payload is coming on it, else the frame lane's."""
     def close(self) -> bool:
-        """Closes the descriptor; False if it was closed already."""
+        """Closes the descriptors; False if they were closed already."""
 
 @final
 class Writer:
@@ -62,16 +68,23 @@ class Writer:
         (wait until writable, then try_flush) or YIELD (let the loop run, then try_flush)."""
     def try_send_many(self, kind: int, payloads: List[bytes]) -> int: ...
     def try_flush(self) -> int: ...
-    def fileno(self) -> int: ...
+    def fileno(self) -> int:
+        """The frame lane's descriptor."""
+    def filenos(self) -> List[int]:
+        """Every descriptor of this end: the frame lane's, then the bulk lane's if any."""
+    def wait_fileno(self) -> int:
+        """The descriptor to wait for (writable) after WOULD_BLOCK."""
     def close(self) -> bool:
-        """Drops queued frames and closes the descriptor; False if it was closed already."""
+        """Drops queued frames and closes the descriptors; False if they were closed
+        already."""
 
 def channel(
-    transport: str = "socket",
+    transport: str = "hybrid",
     max_message_size: int = ...,
     slice_us: Optional[int] = None,
 ) -> Tuple[Reader, Writer]:
-    """A one-way channel: ``transport`` is "socket" (AF_UNIX stream pair) or "pipe";
+    """A one-way channel: ``transport`` is "hybrid" (frames through a pipe, payloads of
+    64 KiB or more through an AF_UNIX stream pair beside it), "socket" or "pipe";
     ``slice_us`` is how long a transfer may run before asking for a yield (0: never)."""
 
 def reset_signal_dispositions() -> List[int]:

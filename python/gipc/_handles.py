@@ -31,9 +31,10 @@ KIND_BATCH = _core.KIND_BATCH
 #: Largest message a reader accepts unless told otherwise (``pipe(max_message_size=...)``).
 DEFAULT_MAX_MESSAGE_SIZE = 4 << 30
 
-#: What carries the bytes: "socket" (an AF_UNIX socket pair) or "pipe". The API is the same;
-#: the default is whichever the benchmark shows faster. Overridable for comparisons.
-TRANSPORT = os.environ.get("GIPC_TRANSPORT", "socket")
+#: What carries the bytes: "hybrid" (frames through a pipe, payloads of 64 KiB or more
+#: through an AF_UNIX socket pair beside it), "socket" or "pipe". The API is the same; the
+#: default is whichever the benchmark shows faster. Overridable for comparisons.
+TRANSPORT = os.environ.get("GIPC_TRANSPORT", "hybrid")
 
 Encoder = Union[str, None, Callable[[Any], bytes]]
 Decoder = Union[str, None, Callable[[bytes], Any]]
@@ -59,6 +60,7 @@ class _GIPCHandle:
         self._lock = Semaphore()
         self._watcher: Any = None
         self._watcher_hub: Any = None
+        self._watcher_fd = -1
         self._closed = False
         _open_handles.add(self)
 
@@ -102,9 +104,15 @@ class _GIPCHandle:
 
     def _wait(self) -> None:
         hub = gevent.get_hub()
-        if self._watcher_hub is not hub:
-            self._watcher = hub.loop.io(self._core.fileno(), self._EVENTS)
+        # A channel with a bulk lane waits on that descriptor while a large payload is on
+        # its way, and on the frame lane otherwise.
+        fd = self._core.wait_fileno()
+        if self._watcher_hub is not hub or self._watcher_fd != fd:
+            if self._watcher is not None and self._watcher_hub is hub:
+                self._watcher.close()
+            self._watcher = hub.loop.io(fd, self._EVENTS)
             self._watcher_hub = hub
+            self._watcher_fd = fd
         wait_for(self._watcher)
 
     def _check_passable(self) -> None:

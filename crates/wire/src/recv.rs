@@ -9,7 +9,7 @@ use std::io;
 use std::ops::Range;
 
 use crate::budget::{Budget, BUFFERED_WEIGHT, SYSCALL_WEIGHT};
-use crate::frame::{decode_header, FrameError, Kind, HEADER_LEN};
+use crate::frame::{decode_header, FrameError, Kind, Lane, HEADER_LEN};
 use crate::io::{ReadSource, MAX_IO_CHUNK};
 
 /// Size of the read buffer that small frames are served from.
@@ -104,6 +104,8 @@ struct LargeFrame<B> {
     payload: B,
     len: usize,
     filled: usize,
+    /// Where the rest of the payload comes from.
+    lane: Lane,
 }
 
 /// What one step of the state machine found; owns no borrow, so `poll` can loop.
@@ -153,13 +155,30 @@ impl<B: PayloadBuf> Receiver<B> {
 
     /// Produces the next message, or says why there is none yet. `alloc` makes the buffer of a
     /// large payload; it is called only after the header passed every check.
-    pub fn poll<S, A>(&mut self, src: &mut S, mut alloc: A) -> Result<Event<'_, B>, RecvError>
+    pub fn poll<S, A>(&mut self, src: &mut S, alloc: A) -> Result<Event<'_, B>, RecvError>
     where
         S: ReadSource,
         A: FnMut(usize) -> Option<B>,
     {
+        self.poll_lanes::<S, S, A>(src, None, alloc)
+    }
+
+    /// [`Receiver::poll`] for a channel whose large payloads may come on a bulk lane (when
+    /// `bulk` is given). After `WouldBlock`, [`Receiver::waiting_lane`] says which
+    /// descriptor to wait for.
+    pub fn poll_lanes<S, T, A>(
+        &mut self,
+        src: &mut S,
+        mut bulk: Option<&mut T>,
+        mut alloc: A,
+    ) -> Result<Event<'_, B>, RecvError>
+    where
+        S: ReadSource,
+        T: ReadSource,
+        A: FnMut(usize) -> Option<B>,
+    {
         self.budget.begin_call();
-        let step = self.next_step(src, &mut alloc);
+        let step = self.next_step(src, &mut bulk, &mut alloc);
         self.budget.end_call();
         Ok(match step? {
             Step::Buffered(kind, range) => Event::Message {
@@ -176,30 +195,56 @@ impl<B: PayloadBuf> Receiver<B> {
         })
     }
 
+    /// The descriptor to wait for after `WouldBlock`: the bulk lane while a payload is
+    /// coming on it, else the frame lane.
+    pub fn waiting_lane(&self) -> Lane {
+        self.large.as_ref().map_or(Lane::Frame, |large| large.lane)
+    }
+
     /// Steps until there is something to report.
-    fn next_step<S, A>(&mut self, src: &mut S, alloc: &mut A) -> Result<Step<B>, RecvError>
+    fn next_step<S, T, A>(
+        &mut self,
+        src: &mut S,
+        bulk: &mut Option<&mut T>,
+        alloc: &mut A,
+    ) -> Result<Step<B>, RecvError>
     where
         S: ReadSource,
+        T: ReadSource,
         A: FnMut(usize) -> Option<B>,
     {
         loop {
-            match self.step(src, alloc)? {
+            match self.step(src, bulk, alloc)? {
                 Step::Again => continue,
                 other => return Ok(other),
             }
         }
     }
 
-    fn step<S, A>(&mut self, src: &mut S, alloc: &mut A) -> Result<Step<B>, RecvError>
+    fn step<S, T, A>(
+        &mut self,
+        src: &mut S,
+        bulk: &mut Option<&mut T>,
+        alloc: &mut A,
+    ) -> Result<Step<B>, RecvError>
     where
         S: ReadSource,
+        T: ReadSource,
         A: FnMut(usize) -> Option<B>,
     {
         if let Some(err) = &self.corrupt {
             return Err(RecvError::Frame(err.clone()));
         }
-        if self.large.is_some() {
-            return self.step_large(src);
+        if let Some(large) = &self.large {
+            return match large.lane {
+                Lane::Frame => self.step_large(src),
+                Lane::Bulk => match bulk {
+                    Some(bulk) => self.step_large(*bulk),
+                    None => Err(RecvError::Io(io::Error::other(
+                        "a payload is due on the bulk lane, but none was given",
+                    ))),
+                },
+            };
         }
         let avail = self.end - self.start;
         let mut needed = HEADER_LEN;
@@ -208,12 +253,26 @@ impl<B: PayloadBuf> Receiver<B> {
             let raw: [u8; HEADER_LEN] = self.buf[self.start..self.start + HEADER_LEN]
                 .try_into()
                 .expect("slice has header length");
-            let (kind, len) = decode_header(raw, self.max_len).map_err(|err| {
-                self.corrupt = Some(err.clone());
-                RecvError::Frame(err)
-            })?;
+            let (kind, len, lane) =
+                decode_header(raw, self.max_len, bulk.is_some()).map_err(|err| {
+                    self.corrupt = Some(err.clone());
+                    RecvError::Frame(err)
+                })?;
             announced = Some(len);
             let len = usize::try_from(len).map_err(|_| RecvError::Alloc { len })?;
+            if lane == Lane::Bulk {
+                // The payload comes on the other descriptor; nothing of it is buffered here.
+                let payload = alloc(len).ok_or(RecvError::Alloc { len: len as u64 })?;
+                self.start += HEADER_LEN;
+                self.large = Some(LargeFrame {
+                    kind,
+                    payload,
+                    len,
+                    filled: 0,
+                    lane,
+                });
+                return Ok(Step::Again);
+            }
             if len > SMALL_PAYLOAD {
                 let mut payload = alloc(len).ok_or(RecvError::Alloc { len: len as u64 })?;
                 let from = self.start + HEADER_LEN;
@@ -225,6 +284,7 @@ impl<B: PayloadBuf> Receiver<B> {
                     payload,
                     len,
                     filled: have,
+                    lane,
                 });
                 return Ok(Step::Again);
             }
@@ -262,7 +322,7 @@ impl<B: PayloadBuf> Receiver<B> {
         }
     }
 
-    fn step_large<S: ReadSource>(&mut self, src: &mut S) -> Result<Step<B>, RecvError> {
+    fn step_large<S: ReadSource + ?Sized>(&mut self, src: &mut S) -> Result<Step<B>, RecvError> {
         let large = self.large.as_mut().expect("checked by caller");
         if large.filled == large.len {
             let done = self.large.take().expect("checked above");
@@ -316,7 +376,7 @@ impl<B: PayloadBuf> Receiver<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::encode_header;
+    use crate::frame::{encode_header, encode_lane_header};
     use crate::testing::ScriptedSource;
     use proptest::prelude::*;
 
@@ -336,6 +396,13 @@ mod tests {
 
     type Messages = Vec<(Kind, Vec<u8>)>;
 
+    fn payload_vec(payload: Payload<'_, Vec<u8>>) -> Vec<u8> {
+        match payload {
+            Payload::Buffered(b) => b.to_vec(),
+            Payload::Owned(v) => v,
+        }
+    }
+
     /// Polls until the source runs dry, collecting messages, and returns how it ended.
     fn drain(
         rx: &mut Receiver<Vec<u8>>,
@@ -344,13 +411,7 @@ mod tests {
         let mut got = Vec::new();
         loop {
             match rx.poll(src, alloc) {
-                Ok(Event::Message { kind, payload }) => got.push((
-                    kind,
-                    match payload {
-                        Payload::Buffered(b) => b.to_vec(),
-                        Payload::Owned(v) => v,
-                    },
-                )),
+                Ok(Event::Message { kind, payload }) => got.push((kind, payload_vec(payload))),
                 Ok(Event::WouldBlock) if src.is_exhausted() => return (got, Ok(())),
                 Ok(Event::WouldBlock) | Ok(Event::Yield) => continue,
                 Err(err) => return (got, Err(err)),
@@ -471,6 +532,86 @@ mod tests {
                 received: 50_000,
                 expected: Some(100_000)
             })
+        ));
+    }
+
+    #[test]
+    fn a_bulk_payload_is_read_from_the_bulk_lane_then_frames_go_on() {
+        let mut frames = encode_lane_header(Kind::Bytes, 6, Lane::Bulk)
+            .unwrap()
+            .to_vec();
+        frames.extend(frame(Kind::Encoded, b"next"));
+        let mut src = ScriptedSource::whole(frames);
+        let mut bulk = ScriptedSource::split(b"abcdef", &[2]);
+        let mut rx = receiver();
+        let mut polls = 0;
+        let first = loop {
+            polls += 1;
+            match rx.poll_lanes(&mut src, Some(&mut bulk), alloc).unwrap() {
+                Event::Message { kind, payload } => break (kind, payload_vec(payload)),
+                _ => assert!(polls < 10),
+            }
+        };
+        assert_eq!(first, (Kind::Bytes, b"abcdef".to_vec()));
+        assert_eq!(rx.waiting_lane(), Lane::Frame);
+        match rx.poll_lanes(&mut src, Some(&mut bulk), alloc).unwrap() {
+            Event::Message { kind, payload } => {
+                assert_eq!(
+                    (kind, payload_vec(payload)),
+                    (Kind::Encoded, b"next".to_vec())
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn waiting_for_a_bulk_payload_names_the_bulk_lane() {
+        let header = encode_lane_header(Kind::Bytes, 10, Lane::Bulk)
+            .unwrap()
+            .to_vec();
+        let mut src = ScriptedSource::whole(header);
+        let mut bulk = ScriptedSource::whole(b"12345".to_vec());
+        let mut rx = receiver();
+        assert!(matches!(
+            rx.poll_lanes(&mut src, Some(&mut bulk), alloc).unwrap(),
+            Event::WouldBlock
+        ));
+        assert_eq!(rx.waiting_lane(), Lane::Bulk);
+        assert_eq!(rx.buffered(), 5);
+    }
+
+    #[test]
+    fn a_bulk_lane_that_ends_mid_payload_is_a_torn_message() {
+        let header = encode_lane_header(Kind::Bytes, 10, Lane::Bulk)
+            .unwrap()
+            .to_vec();
+        let mut src = ScriptedSource::whole(header);
+        let mut bulk = ScriptedSource::whole(b"1234".to_vec()).then_eof();
+        let err = receiver()
+            .poll_lanes(&mut src, Some(&mut bulk), alloc)
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            RecvError::Torn {
+                received: 4,
+                expected: Some(10)
+            }
+        ));
+    }
+
+    #[test]
+    fn a_bulk_header_on_a_channel_without_a_bulk_lane_is_corrupt() {
+        let header = encode_lane_header(Kind::Bytes, 10, Lane::Bulk)
+            .unwrap()
+            .to_vec();
+        let mut src = ScriptedSource::whole(header);
+        let err = receiver()
+            .poll(&mut src, |_| panic!("must not allocate"))
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            RecvError::Frame(FrameError::UnknownKind { .. })
         ));
     }
 

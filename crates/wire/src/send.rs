@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 
 use crate::budget::{Budget, SYSCALL_WEIGHT};
-use crate::frame::{encode_header, FrameError, Kind, HEADER_LEN};
+use crate::frame::{encode_lane_header, FrameError, Kind, Lane, HEADER_LEN};
 use crate::io::{WriteSink, MAX_IO_CHUNK};
 
 /// At most this many buffers go into one `writev` (POSIX guarantees 16; Linux and macOS
@@ -29,17 +29,29 @@ struct Pending<P> {
     payload: P,
     /// Bytes of header plus payload already written.
     written: usize,
+    /// Where the payload goes (the header always goes on the frame lane).
+    lane: Lane,
 }
 
 impl<P: AsRef<[u8]>> Pending<P> {
     fn total(&self) -> usize {
         HEADER_LEN + self.payload.as_ref().len()
     }
+
+    /// What of this frame goes on the frame lane: all of it, or only the header.
+    fn frame_lane_total(&self) -> usize {
+        match self.lane {
+            Lane::Frame => self.total(),
+            Lane::Bulk => HEADER_LEN,
+        }
+    }
 }
 
 pub struct Sender<P> {
     queue: VecDeque<Pending<P>>,
     budget: Budget,
+    /// Payloads at least this long go on the bulk lane (`None`: the channel has none).
+    bulk_min: Option<usize>,
 }
 
 impl<P: AsRef<[u8]>> Sender<P> {
@@ -47,18 +59,43 @@ impl<P: AsRef<[u8]>> Sender<P> {
         Sender {
             queue: VecDeque::new(),
             budget,
+            bulk_min: None,
+        }
+    }
+
+    /// A sender for a channel with a bulk lane, which carries payloads of `bulk_min` bytes
+    /// or more; flush it with [`Sender::flush_lanes`].
+    pub fn with_bulk_lane(budget: Budget, bulk_min: usize) -> Self {
+        Sender {
+            bulk_min: Some(bulk_min.max(1)),
+            ..Sender::new(budget)
         }
     }
 
     /// Queues one frame. Its bytes go out with the next [`Sender::flush`].
     pub fn push(&mut self, kind: Kind, payload: P) -> Result<(), FrameError> {
-        let header = encode_header(kind, payload.as_ref().len() as u64)?;
+        let len = payload.as_ref().len();
+        let lane = match self.bulk_min {
+            Some(min) if len >= min => Lane::Bulk,
+            _ => Lane::Frame,
+        };
+        let header = encode_lane_header(kind, len as u64, lane)?;
         self.queue.push_back(Pending {
             header,
             payload,
             written: 0,
+            lane,
         });
         Ok(())
+    }
+
+    /// The descriptor to wait for after `WouldBlock`: the bulk lane while the front frame's
+    /// payload is going out on it, else the frame lane.
+    pub fn waiting_lane(&self) -> Lane {
+        match self.queue.front() {
+            Some(front) if front.lane == Lane::Bulk && front.written >= HEADER_LEN => Lane::Bulk,
+            _ => Lane::Frame,
+        }
     }
 
     /// True while queued frames are not entirely written.
@@ -78,47 +115,49 @@ impl<P: AsRef<[u8]>> Sender<P> {
 
     /// Writes as much of the queue as the descriptor takes now.
     pub fn flush<W: WriteSink>(&mut self, sink: &mut W) -> io::Result<Progress> {
+        self.flush_lanes::<W, W>(sink, None)
+    }
+
+    /// [`Sender::flush`] for a channel with a bulk lane (`bulk`). After `WouldBlock`,
+    /// [`Sender::waiting_lane`] says which descriptor to wait for.
+    pub fn flush_lanes<W: WriteSink, V: WriteSink>(
+        &mut self,
+        sink: &mut W,
+        mut bulk: Option<&mut V>,
+    ) -> io::Result<Progress> {
         self.budget.begin_call();
-        let progress = self.flush_queue(sink);
+        let progress = self.flush_queue(sink, &mut bulk);
         self.budget.end_call();
         progress
     }
 
-    fn flush_queue<W: WriteSink>(&mut self, sink: &mut W) -> io::Result<Progress> {
+    fn flush_queue<W: WriteSink, V: WriteSink>(
+        &mut self,
+        sink: &mut W,
+        bulk: &mut Option<&mut V>,
+    ) -> io::Result<Progress> {
         while !self.queue.is_empty() {
             if self.budget.spend(SYSCALL_WEIGHT) {
                 return Ok(Progress::Yield);
             }
-            let written = {
-                let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
-                let mut count = 0;
-                let mut room = MAX_IO_CHUNK;
-                for frame in self.queue.iter() {
-                    if count + 2 > MAX_IOVECS || room == 0 {
-                        break;
-                    }
-                    let payload = frame.payload.as_ref();
-                    if frame.written < HEADER_LEN {
-                        let header = &frame.header[frame.written..];
-                        let body = &payload[..payload.len().min(room.saturating_sub(header.len()))];
-                        iov[count] = IoSlice::new(header);
-                        iov[count + 1] = IoSlice::new(body);
-                        count += 2;
-                        room = room.saturating_sub(header.len() + body.len());
-                    } else {
-                        let rest = &payload[frame.written - HEADER_LEN..];
-                        let body = &rest[..rest.len().min(room)];
-                        iov[count] = IoSlice::new(body);
-                        count += 1;
-                        room -= body.len();
-                    }
-                }
-                sink.write_some(&iov[..count])
+            let on_bulk_lane = self.waiting_lane() == Lane::Bulk;
+            let written = if on_bulk_lane {
+                let Some(bulk) = bulk.as_deref_mut() else {
+                    return Err(io::Error::other(
+                        "a payload is due on the bulk lane, but none was given",
+                    ));
+                };
+                let front = self.queue.front().expect("checked by the loop");
+                let rest = &front.payload.as_ref()[front.written - HEADER_LEN..];
+                bulk.write_some(&[IoSlice::new(&rest[..rest.len().min(MAX_IO_CHUNK)])])
+            } else {
+                self.write_frame_lane(sink)
             };
             match written {
-                // Every frame has an 8-byte header, so a zero-length write means no room.
+                // Every write offers at least one byte, so a zero-length write means no room.
                 Ok(0) => return Ok(self.would_block()),
-                Ok(n) => self.advance(n),
+                Ok(n) if on_bulk_lane => self.advance_bulk_lane(n),
+                Ok(n) => self.advance_frame_lane(n),
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
                     return Ok(self.would_block())
                 }
@@ -128,21 +167,87 @@ impl<P: AsRef<[u8]>> Sender<P> {
         Ok(Progress::Done)
     }
 
+    /// One gathering write of the frames at the front that go on the frame lane, up to and
+    /// including the header of the first frame whose payload goes on the bulk lane.
+    fn write_frame_lane<W: WriteSink>(&self, sink: &mut W) -> io::Result<usize> {
+        if let Some(front) = self.queue.front() {
+            // The common case, one small frame: no need to set up a long vector.
+            if self.queue.len() == 1 && front.lane == Lane::Frame {
+                let payload = front.payload.as_ref();
+                let room = MAX_IO_CHUNK;
+                return if front.written < HEADER_LEN {
+                    let header = &front.header[front.written..];
+                    let body = &payload[..payload.len().min(room.saturating_sub(header.len()))];
+                    sink.write_some(&[IoSlice::new(header), IoSlice::new(body)])
+                } else {
+                    let rest = &payload[front.written - HEADER_LEN..];
+                    sink.write_some(&[IoSlice::new(&rest[..rest.len().min(room)])])
+                };
+            }
+        }
+        let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
+        let mut count = 0;
+        let mut room = MAX_IO_CHUNK;
+        for frame in self.queue.iter() {
+            if count + 2 > MAX_IOVECS || room == 0 {
+                break;
+            }
+            let payload = match frame.lane {
+                Lane::Frame => frame.payload.as_ref(),
+                Lane::Bulk => &[],
+            };
+            if frame.written < HEADER_LEN {
+                let header = &frame.header[frame.written..];
+                let body = &payload[..payload.len().min(room.saturating_sub(header.len()))];
+                iov[count] = IoSlice::new(header);
+                iov[count + 1] = IoSlice::new(body);
+                count += 2;
+                room = room.saturating_sub(header.len() + body.len());
+            } else {
+                let rest = &payload[frame.written - HEADER_LEN..];
+                let body = &rest[..rest.len().min(room)];
+                iov[count] = IoSlice::new(body);
+                count += 1;
+                room -= body.len();
+            }
+            if frame.lane == Lane::Bulk {
+                // Its payload must go out before anything behind it.
+                break;
+            }
+        }
+        sink.write_some(&iov[..count])
+    }
+
     fn would_block(&mut self) -> Progress {
         // The caller is about to wait on the hub: that is the yield.
         self.budget.reset();
         Progress::WouldBlock
     }
 
-    fn advance(&mut self, mut n: usize) {
+    fn advance_frame_lane(&mut self, mut n: usize) {
         while n > 0 {
             let front = self.queue.front_mut().expect("wrote more than was queued");
-            let left = front.total() - front.written;
+            let left = front.frame_lane_total() - front.written;
             if n < left {
                 front.written += n;
                 return;
             }
             n -= left;
+            front.written += left;
+            if front.written < front.total() {
+                // A bulk-lane frame whose header is out: its payload goes next.
+                debug_assert_eq!(n, 0, "wrote past a bulk-lane header");
+                return;
+            }
+            self.queue.pop_front();
+        }
+    }
+
+    fn advance_bulk_lane(&mut self, n: usize) {
+        let front = self.queue.front_mut().expect("wrote more than was queued");
+        front.written += n;
+        debug_assert!(front.written <= front.total());
+        if front.written == front.total() {
             self.queue.pop_front();
         }
     }
@@ -152,6 +257,7 @@ impl<P: AsRef<[u8]>> Sender<P> {
 mod tests {
     use super::*;
     use crate::budget::Budget;
+    use crate::frame::Lane;
     use crate::recv::{Event, Payload, Receiver};
     use crate::testing::{ChokedSink, ScriptedSource};
     use proptest::prelude::*;
@@ -289,7 +395,132 @@ mod tests {
         assert_eq!(sink.taken.len(), HEADER_LEN + (1 << 20));
     }
 
+    // --- channels with a bulk lane ---
+
+    fn flush_all_lanes(tx: &mut Sender<Vec<u8>>, sink: &mut ChokedSink, bulk: &mut ChokedSink) {
+        for _ in 0..100_000 {
+            match tx.flush_lanes(sink, Some(&mut *bulk)).unwrap() {
+                Progress::Done => return,
+                Progress::WouldBlock | Progress::Yield => continue,
+            }
+        }
+        panic!("flush never finished");
+    }
+
+    /// Decodes what the two lanes carried, each read back in pieces of `read_size` bytes.
+    fn decode_lanes(frames: &[u8], bulk: &[u8], read_size: usize) -> Vec<(Kind, Vec<u8>)> {
+        let mut rx: Receiver<Vec<u8>> = Receiver::new(u64::MAX, Budget::new(None));
+        let mut src = ScriptedSource::chunks(frames, read_size);
+        let mut bulk_src = ScriptedSource::chunks(bulk, read_size);
+        let mut out = Vec::new();
+        for _ in 0..10_000_000 {
+            match rx
+                .poll_lanes(&mut src, Some(&mut bulk_src), |n| Some(vec![0; n]))
+                .unwrap()
+            {
+                Event::Message { kind, payload } => out.push((
+                    kind,
+                    match payload {
+                        Payload::Buffered(b) => b.to_vec(),
+                        Payload::Owned(v) => v,
+                    },
+                )),
+                Event::Yield => {}
+                Event::WouldBlock => {
+                    if src.is_exhausted() && bulk_src.is_exhausted() {
+                        return out;
+                    }
+                }
+            }
+        }
+        panic!(
+            "decoding never finished: {} messages, waiting on {:?}, {} buffered",
+            out.len(),
+            rx.waiting_lane(),
+            rx.buffered()
+        );
+    }
+
+    #[test]
+    fn large_payloads_take_the_bulk_lane_and_small_ones_stay() {
+        let payloads = [
+            vec![1u8; 10],
+            vec![2; 100],
+            vec![3; 5],
+            vec![4; 1000],
+            vec![],
+        ];
+        let mut tx = Sender::with_bulk_lane(Budget::new(None), 100);
+        for p in &payloads {
+            tx.push(Kind::Bytes, p.clone()).unwrap();
+        }
+        let (mut sink, mut bulk) = (ChokedSink::new(usize::MAX), ChokedSink::new(usize::MAX));
+        flush_all_lanes(&mut tx, &mut sink, &mut bulk);
+        // Five headers and the three small payloads on the frame lane; the rest on the other.
+        assert_eq!(sink.taken.len(), 5 * HEADER_LEN + 10 + 5);
+        assert_eq!(bulk.taken, [vec![2u8; 100], vec![4; 1000]].concat());
+        let got: Vec<Vec<u8>> = decode_lanes(&sink.taken, &bulk.taken, 7)
+            .into_iter()
+            .map(|m| m.1)
+            .collect();
+        assert_eq!(got, payloads);
+    }
+
+    #[test]
+    fn the_lane_to_wait_for_follows_the_front_frame() {
+        let mut tx = Sender::with_bulk_lane(Budget::new(None), 100);
+        tx.push(Kind::Bytes, vec![9; 500]).unwrap();
+        tx.push(Kind::Bytes, vec![8; 3]).unwrap();
+        assert_eq!(tx.waiting_lane(), Lane::Frame);
+        // The header goes out, then the bulk lane takes 200 bytes and is full.
+        let (mut sink, mut bulk) = (ChokedSink::new(usize::MAX), ChokedSink::new(200));
+        assert_eq!(
+            tx.flush_lanes(&mut sink, Some(&mut bulk)).unwrap(),
+            Progress::WouldBlock
+        );
+        assert_eq!(tx.waiting_lane(), Lane::Bulk);
+        assert!(tx.is_mid_frame());
+        // Nothing behind the large frame went out before its payload was complete.
+        assert_eq!(sink.taken.len(), HEADER_LEN);
+        flush_all_lanes(&mut tx, &mut sink, &mut bulk);
+        assert_eq!(tx.waiting_lane(), Lane::Frame);
+        assert_eq!(sink.taken.len(), 2 * HEADER_LEN + 3);
+    }
+
+    #[test]
+    fn a_bulk_frame_without_a_bulk_sink_is_an_error_not_a_panic() {
+        let mut tx = Sender::with_bulk_lane(Budget::new(None), 1);
+        tx.push(Kind::Bytes, vec![1; 10]).unwrap();
+        let mut sink = ChokedSink::new(usize::MAX);
+        assert!(tx.flush(&mut sink).is_err());
+    }
+
     proptest! {
+        #[test]
+        fn any_sequence_of_frames_round_trips_over_two_lanes(
+            payloads in proptest::collection::vec(
+                proptest::collection::vec(any::<u8>(), 0..3_000), 0..12),
+            bulk_min in 1usize..2_000,
+            per_call in 1usize..5_000,
+            bulk_per_call in 1usize..5_000,
+            read_size in 1usize..5_000,
+        ) {
+            let mut tx = Sender::with_bulk_lane(Budget::new(None), bulk_min);
+            for p in &payloads {
+                tx.push(Kind::Encoded, p.clone()).unwrap();
+            }
+            let mut sink = ChokedSink::new(per_call);
+            let mut bulk = ChokedSink::new(bulk_per_call);
+            flush_all_lanes(&mut tx, &mut sink, &mut bulk);
+            let large: usize = payloads.iter().filter(|p| p.len() >= bulk_min).map(Vec::len).sum();
+            prop_assert_eq!(bulk.taken.len(), large);
+            let got: Vec<Vec<u8>> = decode_lanes(&sink.taken, &bulk.taken, read_size)
+                .into_iter()
+                .map(|m| m.1)
+                .collect();
+            prop_assert_eq!(got, payloads);
+        }
+
         #[test]
         fn any_sequence_of_frames_round_trips(
             payloads in proptest::collection::vec(

@@ -84,6 +84,10 @@ impl ReadSource for ScriptedSource {
                     let n = data.len().min(buf.len());
                     buf[..n].copy_from_slice(&data[..n]);
                     data.drain(..n);
+                    if data.is_empty() {
+                        // Exhausted as soon as the last byte is taken, not at the next read.
+                        self.pieces.pop_front();
+                    }
                     return Ok(n);
                 }
             }

@@ -24,7 +24,8 @@ use std::time::Duration;
 
 use gipc_wire::budget::Budget;
 use gipc_wire::frame::{
-    decode_header, encode_header, FrameError, Kind, HEADER_LEN, MAX_PAYLOAD_LEN,
+    decode_header, encode_header, encode_lane_header, FrameError, Kind, Lane, HEADER_LEN,
+    MAX_PAYLOAD_LEN,
 };
 use gipc_wire::io::ReadSource;
 use gipc_wire::recv::{Event, Payload, Receiver, RecvError};
@@ -317,7 +318,8 @@ fn noise_piece() -> impl Strategy<Value = Vec<u8>> {
         Just(MAX_PAYLOAD_LEN),
     ];
     let plausible = (
-        0u8..6,
+        // Plain kinds, and kinds flagged "payload on the bulk lane".
+        prop_oneof![0u8..6, 0x80u8..0x86],
         length,
         proptest::collection::vec(any::<u8>(), 0..256),
     )
@@ -375,6 +377,84 @@ fn garbage_header(mode: Garbage, noise: [u8; 8], max_len: u64) -> [u8; HEADER_LE
 
 fn expected_prefix(frames: &[FrameSpec]) -> Vec<(Kind, Vec<u8>)> {
     frames.iter().map(|f| (f.kind, f.payload.clone())).collect()
+}
+
+/// [`drive`] for a channel with a bulk lane: untrusted bytes on both descriptors.
+fn drive_lanes(frames: &[u8], bulk: &[u8], schedule: &Schedule, max_len: u64, eof: bool) -> Run {
+    let budget = Budget::new(schedule.yields.then_some(Duration::ZERO));
+    let mut rx: Receiver<Vec<u8>> = Receiver::new(max_len, budget);
+    let mut src = ScheduledSource::new(frames, schedule, eof);
+    let mut bulk_src = ScheduledSource::new(bulk, schedule, eof);
+    let mut messages = Vec::new();
+    let mut allocations = Vec::new();
+    let poll_limit = 64 + 8 * (frames.len() + bulk.len());
+    for _ in 0..poll_limit {
+        let event = rx.poll_lanes(&mut src, Some(&mut bulk_src), |len| {
+            assert!(
+                len as u64 <= max_len,
+                "asked to allocate {len} bytes, max {max_len}"
+            );
+            allocations.push(len);
+            (len <= ALLOC_CAP).then(|| vec![0xA5; len])
+        });
+        match event {
+            Ok(Event::Message { kind, payload }) => {
+                let bytes = match payload {
+                    Payload::Buffered(slice) => slice.to_vec(),
+                    Payload::Owned(vec) => vec,
+                };
+                assert!(bytes.len() as u64 <= max_len, "message above max_len");
+                messages.push((kind, bytes));
+            }
+            Ok(Event::Yield) => {}
+            Ok(Event::WouldBlock) => {
+                // Idle once the lane it waits on has nothing more to give.
+                let waited = match rx.waiting_lane() {
+                    Lane::Frame => &src,
+                    Lane::Bulk => &bulk_src,
+                };
+                if waited.drained() && !eof {
+                    return Run {
+                        messages,
+                        allocations,
+                        end: End::Idle,
+                    };
+                }
+            }
+            Err(err) => {
+                return Run {
+                    messages,
+                    allocations,
+                    end: End::Error(err),
+                };
+            }
+        }
+    }
+    panic!("no end after {poll_limit} polls");
+}
+
+proptest! {
+    #![proptest_config(config(1024))]
+
+    #[test]
+    fn untrusted_bytes_on_both_lanes_never_panic_over_allocate_or_stall(
+        frame_pieces in proptest::collection::vec(noise_piece(), 0..8),
+        bulk_pieces in proptest::collection::vec(noise_piece(), 0..4),
+        schedule in schedule(),
+        max_len in max_len(),
+        eof_at_end in any::<bool>(),
+    ) {
+        let frames: Vec<u8> = frame_pieces.concat();
+        let bulk: Vec<u8> = bulk_pieces.concat();
+        let run = drive_lanes(&frames, &bulk, &schedule, max_len, eof_at_end);
+        for &len in &run.allocations {
+            prop_assert!(len as u64 <= max_len);
+        }
+        if let End::Error(RecvError::Alloc { len }) = run.end {
+            prop_assert!(len as usize > ALLOC_CAP);
+        }
+        prop_assert!(!matches!(run.end, End::Error(RecvError::Io(_))));
+    }
 }
 
 proptest! {
@@ -525,12 +605,17 @@ proptest! {
     #![proptest_config(config(20_000))]
 
     #[test]
-    fn header_decoding_is_total_and_canonical(raw in any::<[u8; 8]>(), max in max_len()) {
+    fn header_decoding_is_total_and_canonical(
+        raw in any::<[u8; 8]>(),
+        max in max_len(),
+        bulk_lane in any::<bool>(),
+    ) {
         let word = u64::from_le_bytes(raw);
-        match decode_header(raw, max) {
-            Ok((kind, len)) => {
+        match decode_header(raw, max, bulk_lane) {
+            Ok((kind, len, lane)) => {
                 prop_assert!(len <= max && len <= MAX_PAYLOAD_LEN);
-                prop_assert_eq!(encode_header(kind, len).unwrap(), raw);
+                prop_assert!(bulk_lane || lane == Lane::Frame);
+                prop_assert_eq!(encode_lane_header(kind, len, lane).unwrap(), raw);
             }
             Err(FrameError::BadMagic { header }) => {
                 prop_assert_ne!(word >> 48, 0x6770);
@@ -538,7 +623,8 @@ proptest! {
             }
             Err(FrameError::UnknownKind { kind }) => {
                 prop_assert_eq!(word >> 48, 0x6770);
-                prop_assert!(kind > 2);
+                let plain = if bulk_lane { kind & 0x7f } else { kind };
+                prop_assert!(plain > 2);
             }
             Err(FrameError::TooLarge { len, max: reported }) => {
                 prop_assert_eq!(reported, max);
