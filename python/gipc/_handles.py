@@ -39,8 +39,11 @@ TRANSPORT = os.environ.get("GIPC_TRANSPORT", "hybrid")
 Encoder = Union[str, None, Callable[[Any], bytes]]
 Decoder = Union[str, None, Callable[[bytes], Any]]
 
-_pickle_dumps = functools.partial(pickle.dumps, protocol=pickle.HIGHEST_PROTOCOL)
+_PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
+_pickle_dumps = functools.partial(pickle.dumps, protocol=_PICKLE_PROTOCOL)
 _pickle_loads = pickle.loads
+#: Called directly on the hot path: a partial and a method call cost ~0.15 us per message.
+_dumps = pickle.dumps
 
 #: Marks "no try_recv() made yet" (None and False are results of one).
 _NOT_POLLED = object()
@@ -179,6 +182,8 @@ class _GIPCReader(_GIPCHandle):
                     return self._backlog.popleft()
                 frame = self._core.try_recv()
                 if frame.__class__ is tuple:
+                    if frame[0] == KIND_ENCODED and self._decoder is _pickle_loads:
+                        return _pickle_loads(frame[1])  # the common case, inlined
                     return self._decode(frame)
                 # Must wait: nothing can have switched greenlets since the lock was seen
                 # free, so take it and carry on from this result.
@@ -276,10 +281,12 @@ class _GIPCWriter(_GIPCHandle):
             BrokenPipeError: no reader is left.
             GIPCClosed: the handle is closed.
         """
-        if self._default_codecs and o.__class__ is bytes:
+        if not self._default_codecs:
+            kind, payload = KIND_ENCODED, self._encode(o)
+        elif o.__class__ is bytes:
             kind, payload = KIND_BYTES, o
         else:
-            kind, payload = KIND_ENCODED, self._encode(o)
+            kind, payload = KIND_ENCODED, _dumps(o, _PICKLE_PROTOCOL)
         if self._lock.locked():
             with self._lock:
                 self._finish(self._core.try_send(kind, payload))
