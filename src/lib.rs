@@ -24,6 +24,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         gipc_wire::spin::REPLY_SPIN.as_micros() as u64,
     )?;
     m.add("MAX_PAYLOAD_LEN", gipc_wire::frame::MAX_PAYLOAD_LEN)?;
+    m.add("BULK_MIN", gipc_wire::io::BULK_MIN)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

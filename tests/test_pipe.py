@@ -12,7 +12,7 @@ import gevent.event
 import pytest
 
 import gipc
-from gipc import GIPCClosed, GIPCError, GIPCLocked
+from gipc import GIPCClosed, GIPCError, GIPCLocked, _core
 from gipc.gipc import _GIPCDuplexHandle, _GIPCHandle, _GIPCReader, _GIPCWriter
 
 from conftest import open_fds
@@ -522,12 +522,13 @@ def _echo(handle, count: int) -> None:
 
 
 class TestLanes:
-    """By default a channel has two lanes: frames through a pipe, payloads of 64 KiB or more
-    through a socket pair beside it. Whatever lane a payload takes, messages arrive whole and
+    """By default a channel has two lanes: frames through a pipe, payloads of BULK_MIN bytes
+    or more through a socket pair beside it. Whatever lane a payload takes, messages arrive whole and
     in order."""
 
     # Around the bulk threshold, tiny ones between large ones, and one far above a buffer.
-    SIZES = [0, 1, (64 << 10) - 1, 64 << 10, 5, (64 << 10) + 1, 100, 3 << 20, 7, 1 << 20, 2]
+    SIZES = [0, 1, _core.BULK_MIN - 1, _core.BULK_MIN, 5, _core.BULK_MIN + 1, 100, 3 << 20, 7,
+             1 << 20, 2, 64 << 10]
 
     def test_default_channels_have_a_bulk_lane(self):
         from gipc import _handles

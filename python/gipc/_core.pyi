@@ -3,7 +3,7 @@ and the Python layer waits on gevent's hub."""
 
 from typing import List, Optional, Tuple, Union, final
 
-__all__ = ["DONE", "KIND_BATCH", "KIND_BYTES", "KIND_ENCODED", "MAX_PAYLOAD_LEN", "REPLY_SPIN_US", "Reader", "WOULD_BLOCK", "Writer", "YIELD", "__version__", "channel", "reset_signal_dispositions"]
+__all__ = ["BULK_MIN", "DONE", "KIND_BATCH", "KIND_BYTES", "KIND_ENCODED", "MAX_PAYLOAD_LEN", "REPLY_SPIN_US", "Reader", "WOULD_BLOCK", "Writer", "YIELD", "__version__", "channel", "reset_signal_dispositions"]
 
 __version__: str
 
@@ -19,6 +19,8 @@ KIND_BATCH: int
 
 #: The largest payload the frame header can describe (1 TiB - 1).
 MAX_PAYLOAD_LEN: int
+#: On a "hybrid" channel, payloads at least this long (bytes) go through its socket lane.
+BULK_MIN: int
 #: How long a duplex handle's reader looks again for a reply before waiting, in microseconds.
 REPLY_SPIN_US: int
 
@@ -84,7 +86,7 @@ def channel(
     slice_us: Optional[int] = None,
 ) -> Tuple[Reader, Writer]:
     """A one-way channel: ``transport`` is "hybrid" (frames through a pipe, payloads of
-    64 KiB or more through an AF_UNIX stream pair beside it), "socket" or "pipe";
+    BULK_MIN bytes or more through an AF_UNIX stream pair beside it), "socket" or "pipe";
     ``slice_us`` is how long a transfer may run before asking for a yield (0: never)."""
 
 def reset_signal_dispositions() -> List[int]:

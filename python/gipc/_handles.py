@@ -31,7 +31,7 @@ KIND_BATCH = _core.KIND_BATCH
 #: Largest message a reader accepts unless told otherwise (``pipe(max_message_size=...)``).
 DEFAULT_MAX_MESSAGE_SIZE = 4 << 30
 
-#: What carries the bytes: "hybrid" (frames through a pipe, payloads of 64 KiB or more
+#: What carries the bytes: "hybrid" (frames through a pipe, payloads of 16 KiB or more
 #: through an AF_UNIX socket pair beside it), "socket" or "pipe". The API is the same; the
 #: default is whichever the benchmark shows faster. Overridable for comparisons.
 TRANSPORT = os.environ.get("GIPC_TRANSPORT", "hybrid")
