@@ -571,3 +571,27 @@ class TestLanes:
             putter.get()
             assert r._core.wait_fileno() == r._core.fileno()
             assert w._core.wait_fileno() == w._core.fileno()
+
+    def test_a_bulk_payload_survives_a_timeout_and_a_torn_one_is_an_error(self):
+        from gipc import _handles
+
+        if _handles.TRANSPORT != "hybrid":
+            pytest.skip("only channels with a bulk lane")
+        bulk_flag = 0x80
+        with gipc.pipe(encoder=None, decoder=None) as (r, w):
+            frame_fd, bulk_fd = w._core.filenos()
+            payload = b"q" * 100_000
+            # Written behind gipc's back: a header saying "on the bulk lane", half the payload.
+            os.write(frame_fd, raw_header(len(payload), kind=bulk_flag))
+            os.write(bulk_fd, payload[:50_000])
+            with pytest.raises(gevent.Timeout):
+                r.get(timeout=0.05)
+            assert r._core.buffered == 50_000
+            gevent.spawn(os.write, bulk_fd, payload[50_000:]).join()
+            assert r.get(timeout=1) == payload
+            # Then one that never completes: the writer goes away mid-payload.
+            os.write(frame_fd, raw_header(10, kind=bulk_flag))
+            os.write(bulk_fd, b"12345")
+            w.close()
+            with pytest.raises(GIPCError, match="torn"):
+                r.get(timeout=5)
