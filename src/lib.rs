@@ -12,7 +12,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<handle::Reader>()?;
     m.add_class::<handle::Writer>()?;
     m.add_function(wrap_pyfunction!(handle::channel, m)?)?;
-    m.add_function(wrap_pyfunction!(signals::reset_signal_dispositions, m)?)?;
+    m.add_function(wrap_pyfunction!(signals::reset_signal_state, m)?)?;
     m.add("DONE", 0u8)?;
     m.add("WOULD_BLOCK", 1u8)?;
     m.add("YIELD", 2u8)?;

@@ -3,7 +3,7 @@ and the Python layer waits on gevent's hub."""
 
 from typing import List, Optional, Tuple, Union, final
 
-__all__ = ["BULK_MIN", "DONE", "KIND_BATCH", "KIND_BYTES", "KIND_ENCODED", "MAX_PAYLOAD_LEN", "REPLY_SPIN_US", "Reader", "WOULD_BLOCK", "Writer", "YIELD", "__version__", "channel", "reset_signal_dispositions"]
+__all__ = ["BULK_MIN", "DONE", "KIND_BATCH", "KIND_BYTES", "KIND_ENCODED", "MAX_PAYLOAD_LEN", "REPLY_SPIN_US", "Reader", "WOULD_BLOCK", "Writer", "YIELD", "__version__", "channel", "reset_signal_state"]
 
 __version__: str
 
@@ -89,6 +89,7 @@ def channel(
     BULK_MIN bytes or more through an AF_UNIX stream pair beside it), "socket" or "pipe";
     ``slice_us`` is how long a transfer may run before asking for a yield (0: never)."""
 
-def reset_signal_dispositions() -> List[int]:
+def reset_signal_state() -> List[int]:
     """Every signal's disposition to SIG_DFL at the C level, except SIGPIPE, SIGKILL and
-    SIGSTOP; returns the signals whose disposition was not SIG_DFL before."""
+    SIGSTOP, and every signal unblocked in the calling thread; returns the signals whose
+    disposition was not SIG_DFL before."""

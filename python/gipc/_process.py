@@ -1,10 +1,11 @@
 """Child processes: start them with a fresh gevent state, and watch them cooperatively.
 
 The process object is a real ``multiprocessing.Process``; only how it forks and waits is
-gipc's own (``_CooperativePopen``). That keeps gipc independent of multiprocessing's start
-method setting (it always forks), and it watches each child on its own descriptor — a
-pidfd on Linux, the exit sentinel pipe elsewhere — so it never reaps a process that is not
-its own and never touches multiprocessing's behaviour for anybody else.
+gipc's own (``_CooperativePopen``), and how the child starts (``_child``: what
+multiprocessing's fork child does, with fewer copied pages). That keeps gipc independent of
+multiprocessing's start method setting (it always forks), and it watches each child on its
+own descriptor — a pidfd on Linux, the exit sentinel pipe elsewhere — so it never reaps a
+process that is not its own and never touches multiprocessing's behaviour for anybody else.
 """
 
 from __future__ import annotations
@@ -19,16 +20,16 @@ import struct
 import signal
 import time
 import weakref
-from typing import Any, Callable, Dict, Iterable, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import gevent
 import gevent.event
 from gevent.hub import get_hub
 from gevent.lock import Semaphore
 
-from . import _core, _handles, _outcome
+from . import _child, _handles, _outcome
 from ._handles import _GIPCDuplexHandle, _GIPCHandle, _GIPCWriter
-from ._hub import READ, fresh_hub_after_fork
+from ._hub import READ, before_fork
 from ._outcome import Outcome, OutcomeReceiver
 from .exceptions import GIPCError
 
@@ -63,18 +64,35 @@ class _CooperativePopen:
         # Two pipes, as multiprocessing makes them: the parent's read end becomes readable
         # when the child is gone (`sentinel`); the child's read end does the same when the
         # parent is gone (`multiprocessing.parent_process().sentinel`).
-        parent_r, child_w = os.pipe()
-        child_r, parent_w = os.pipe()
-        # Looked up at call time: under gevent.monkey this is gevent's fork, which registers
-        # the child with gevent's own SIGCHLD handling, and os.waitpid is its matching wait.
-        pid = os.fork()
+        start = _child.ChildStart(process_obj)
+        pipe_fds: List[int] = []
+        try:
+            parent_r, child_w = os.pipe()
+            pipe_fds += (parent_r, child_w)
+            child_r, parent_w = os.pipe()
+            pipe_fds += (child_r, parent_w)
+            start.ready(child_r)
+            before_fork()
+            # Looked up at call time: under gevent.monkey this is gevent's fork, which
+            # registers the child with gevent's own SIGCHLD handling, and os.waitpid is its
+            # matching wait.
+            pid = os.fork()
+        except BaseException:
+            start.forget()
+            for fd in pipe_fds:
+                os.close(fd)
+            raise
         if pid == 0:
             code = 1
             try:
                 os.close(parent_r)
                 os.close(parent_w)
-                # multiprocessing's own child entry point (private, so not in its stubs).
-                code = process_obj._bootstrap(parent_sentinel=child_r)  # type: ignore[attr-defined]
+                _release_inherited(process_obj._gipc_handles)
+                code = start.run()
+            except BaseException:  # gipc's own start-up failed: say why before exiting
+                import traceback
+
+                traceback.print_exc()
             finally:
                 # Also tell the parent through the sentinel: if someone else in the parent
                 # reaps us (gevent's SIGCHLD handling reaps every child once
@@ -83,6 +101,7 @@ class _CooperativePopen:
                     os.write(child_w, _EXIT_CODE.pack(code))
                 finally:
                     os._exit(code)
+        start.forget()
         self.pid = pid
         os.close(child_w)
         os.close(child_r)
@@ -236,9 +255,8 @@ class _GProcess(multiprocessing.Process):
         return _CooperativePopen(process_obj)
 
     def run(self) -> None:
-        """In the child: reset the inherited state, then run the target (and report its
-        outcome when the parent asked for it)."""
-        _prepare_child(self._gipc_handles)
+        """In the child: run the target (and report its outcome when the parent asked for
+        it)."""
         writer = self._outcome_writer
         if writer is None:
             super().run()
@@ -347,34 +365,18 @@ def _collect_handles(obj: Any, found: Set[_GIPCHandle], depth: int = 0) -> None:
             _collect_handles(item, found, depth + 1)
 
 
-def _prepare_child(kept: Iterable[_GIPCHandle]) -> None:
-    """Runs first thing in the child: a fresh gevent hub and loop, default signal
-    dispositions, and only the gipc descriptors that were passed in."""
-    fresh_hub_after_fork()
-    _restore_default_signals()
-    kept = set(kept)
-    for handle in list(_handles._open_handles):
-        handle._after_fork_in_child(keep=handle in kept)
-    for popen in list(_live_popens):
-        # A sibling's monitor, inherited: it is the parent's to use.
-        popen._release()
-
-
-def _restore_default_signals() -> None:
-    """Every signal back to its default action, except SIGPIPE, which keeps the inherited
-    one (Python ignores it, so a vanished reader is a BrokenPipeError, not death)."""
-    # Every disposition at the C level first, including handlers an event loop installed
-    # behind Python's back (a system call per signal, in Rust: microseconds)...
-    changed = _core.reset_signal_dispositions()
-    # ...then Python's own table, so signal.getsignal() tells the truth, for just the
-    # signals that had a handler (asking Python about all 64 costs a quarter millisecond).
-    for signum in changed:
-        try:
-            if signal.getsignal(signum) not in (signal.SIG_DFL, None):
-                signal.signal(signum, signal.SIG_DFL)
-        except (OSError, ValueError):  # not a signal Python manages
-            pass
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+def _release_inherited(kept: Iterable[_GIPCHandle]) -> None:
+    """Runs first thing in the child: only the gipc descriptors that were passed in stay
+    open. (Checked for emptiness first: iterating a WeakSet runs Python code, and every
+    object it touches is a page copied into the child.)"""
+    if _handles._open_handles:
+        kept = set(kept)
+        for handle in list(_handles._open_handles):
+            handle._after_fork_in_child(keep=handle in kept)
+    if _live_popens:
+        for popen in list(_live_popens):
+            # A sibling's monitor, inherited: it is the parent's to use.
+            popen._release()
 
 
 def start_process(

@@ -1,0 +1,208 @@
+"""What a forked child does between ``fork()`` and ``os._exit()``.
+
+First a fresh gevent state (see ``_hub.fresh_hub_after_fork``) and default signal
+dispositions, then what multiprocessing's own fork child does around the target: the child
+is a real ``multiprocessing`` child (``current_process()``, ``parent_process()``, stdin on
+``/dev/null``, after-fork hooks, finalizers and exit code as multiprocessing defines them).
+
+Why not simply call ``Process._bootstrap()``: on a fork every page the child writes to is
+copied first, and each copy costs a page fault (several microseconds on a virtual machine).
+Python code writes to every object it touches (reference counts), so a child's start-up cost
+is close to the number of distinct objects it touches. The steps below are multiprocessing's
+(3.9 to 3.13), minus work that has nothing to do (the import statement at the top of
+``_bootstrap``, running an empty after-fork registry, running ``util._exit_function`` with
+no finalizer and no child registered, ``threading._shutdown`` with no other thread and no
+exit callback), and with the objects the child will install (its ``parent_process()``, its
+new ``sys.stdin`` on ``/dev/null``, ...) made by the parent just before the fork, where
+making them copies no page. Together with the lean signal reset and the lazy hub (see
+``_hub``) that is about half of the page faults of gipc's own part of a no-op child.
+``tests/test_child.py`` compares the result with multiprocessing's own fork child.
+"""
+
+from __future__ import annotations
+
+import _signal
+import io
+import itertools
+import multiprocessing.process as mp_process
+import multiprocessing.util as mp_util
+import os
+import sys
+import threading
+from typing import Any, Optional, Set
+
+from . import _core
+from ._hub import fresh_hub_after_fork
+
+#: From 3.13, a fork child runs the atexit functions registered in it, multiprocessing's
+#: exit function among them (3.12 and older call that function from ``_bootstrap`` and run
+#: no atexit function in the child).
+_ATEXIT_IN_CHILD = sys.version_info >= (3, 13)
+
+#: The encoding of the child's new stdin: multiprocessing names it from 3.10 on (the
+#: locale's before).
+_STDIN_ENCODING = "utf-8" if sys.version_info >= (3, 10) else None
+
+
+class ChildStart:
+    """What a child needs to start, made in the parent just before the fork.
+
+    Made before the sentinel pipes, then ``ready()`` once they exist; ``run()`` is then
+    called in the child, ``forget()`` in the parent (after the fork, or if it fails).
+    """
+
+    def __init__(self, process: Any) -> None:
+        self.process = process
+        self.parent_process: Any = None
+        self.process_counter = itertools.count(1)
+        self.children: Set[Any] = set()
+        # The child's sys.stdin: multiprocessing opens /dev/null in the child, on the lowest
+        # free descriptor, and wraps it in a text file. Opened here before the sentinel pipes
+        # (so the descriptor number is the same), it is inherited; the parent closes its copy.
+        self.devnull_fd = -1
+        self.stdin: Optional[io.TextIOWrapper] = None
+        try:
+            self.devnull_fd = os.open(os.devnull, os.O_RDONLY)
+            self.stdin = open(self.devnull_fd, encoding=_STDIN_ENCODING, closefd=False)
+        except (OSError, ValueError):
+            self.forget()
+
+    def ready(self, parent_sentinel: int) -> None:
+        """The child's ``multiprocessing.parent_process()``, watching ``parent_sentinel``."""
+        process = self.process
+        self.parent_process = mp_process._ParentProcess(  # type: ignore[attr-defined]
+            process._parent_name, process._parent_pid, parent_sentinel
+        )
+
+    def forget(self) -> None:
+        """In the parent, once forked: close the parent's copy of the child's stdin."""
+        fd, self.devnull_fd = self.devnull_fd, -1
+        self.stdin = None
+        if fd >= 0:
+            os.close(fd)
+
+    def run(self) -> int:
+        """In the child: a fresh gevent state and default signals, then ``process`` runs as
+        in multiprocessing's fork child. Returns the exit code."""
+        fresh_hub_after_fork()
+        restore_default_signals()
+        if _ATEXIT_IN_CHILD:
+            import atexit
+
+            atexit._clear()  # type: ignore[attr-defined]
+            atexit.register(mp_util._exit_function)  # type: ignore[attr-defined]
+            try:
+                return self._bootstrap()
+            finally:
+                atexit._run_exitfuncs()  # type: ignore[attr-defined]
+        return self._bootstrap()
+
+    def _bootstrap(self) -> int:
+        """``multiprocessing.process.BaseProcess._bootstrap``, step by step."""
+        process = self.process
+        try:
+            if process._start_method is not None:
+                from multiprocessing import context
+
+                context._force_start_method(process._start_method)
+            mp_process._process_counter = self.process_counter  # type: ignore[attr-defined]
+            mp_process._children = self.children  # type: ignore[attr-defined]
+            self._stdin_to_devnull()
+            # The parent's process object is finalized after the after-fork hooks have run.
+            old_process = mp_process._current_process  # type: ignore[attr-defined]
+            mp_process._current_process = process  # type: ignore[attr-defined]
+            mp_process._parent_process = self.parent_process  # type: ignore[attr-defined]
+            if threading._HAVE_THREAD_NATIVE_ID:  # type: ignore[attr-defined]
+                threading.main_thread()._set_native_id()  # type: ignore[attr-defined]
+            try:
+                mp_util._finalizer_registry.clear()  # type: ignore[attr-defined]
+                if mp_util._afterfork_registry:  # type: ignore[attr-defined]
+                    mp_util._run_after_forkers()  # type: ignore[attr-defined]
+            finally:
+                del old_process
+            mp_util.info("child process calling self.run()")
+            if _ATEXIT_IN_CHILD:
+                process.run()
+            else:
+                try:
+                    process.run()
+                finally:
+                    _exit_function()
+            exitcode = 0
+        except SystemExit as e:
+            if e.code is None:
+                exitcode = 0
+            elif isinstance(e.code, int):
+                exitcode = e.code
+            else:
+                sys.stderr.write(str(e.code) + "\n")
+                exitcode = 1
+        except BaseException:
+            exitcode = 1
+            import traceback
+
+            sys.stderr.write(f"Process {process.name}:\n")
+            traceback.print_exc()
+        finally:
+            # Waits for the threads the target started and runs threading's exit callbacks;
+            # with neither, it has nothing to do.
+            if threading.active_count() > 1 or threading._threading_atexits:  # type: ignore[attr-defined]
+                threading._shutdown()  # type: ignore[attr-defined]
+            mp_util.info("process exiting with exitcode %d" % exitcode)
+            mp_util._flush_std_streams()  # type: ignore[attr-defined]
+        return exitcode
+
+    def _stdin_to_devnull(self) -> None:
+        """``multiprocessing.util._close_stdin``, with the file made in the parent."""
+        stdin = sys.stdin
+        if stdin is None:
+            self._close_devnull()
+            return
+        try:
+            stdin.close()
+        except (OSError, ValueError):
+            pass
+        if self.stdin is not None:
+            sys.stdin = self.stdin
+            return
+        try:  # the parent could not make it: as multiprocessing does
+            fd = os.open(os.devnull, os.O_RDONLY)
+            try:
+                sys.stdin = open(fd, encoding=_STDIN_ENCODING, closefd=False)
+            except BaseException:
+                os.close(fd)
+                raise
+        except (OSError, ValueError):
+            pass
+
+    def _close_devnull(self) -> None:
+        if self.devnull_fd >= 0:
+            os.close(self.devnull_fd)
+
+
+def restore_default_signals() -> None:
+    """Every signal back to its default action and unblocked, except SIGPIPE, which keeps
+    the inherited disposition (Python ignores it, so a vanished reader is a BrokenPipeError,
+    not death)."""
+    # Every disposition at the C level, including handlers an event loop installed behind
+    # Python's back (one system call per signal, in Rust)...
+    for signum in _core.reset_signal_state():
+        # ...then Python's own table, so signal.getsignal() tells the truth, for just the
+        # signals that had a handler. `_signal` is what `signal` wraps, minus the enum
+        # conversions, whose code would be copied page by page into the child.
+        try:
+            if _signal.getsignal(signum) not in (_signal.SIG_DFL, None):
+                _signal.signal(signum, _signal.SIG_DFL)
+        except (OSError, ValueError):  # not a signal Python manages
+            pass
+
+
+def _exit_function() -> None:
+    """``multiprocessing.util._exit_function`` when it has something to do: finalizers to
+    run, children to join or terminate, or multiprocessing's log to write to."""
+    if (
+        mp_util._finalizer_registry  # type: ignore[attr-defined]
+        or mp_process._children  # type: ignore[attr-defined]
+        or mp_util._logger is not None  # type: ignore[attr-defined]
+    ):
+        mp_util._exit_function()  # type: ignore[attr-defined]
