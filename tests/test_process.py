@@ -94,6 +94,19 @@ class TestProcessObject:
         gevent.joinall(joiners, raise_error=True)
         assert p.exitcode == 0
 
+    def test_a_waiting_join_returns_when_another_greenlet_reaps_the_child(self):
+        # is_alive() reaps an exited child (and closes its exit descriptor) while a join()
+        # is waiting on that descriptor: the join must return all the same.
+        p = gipc.start_process(sleep_for, args=(0.2,))
+        joiner = gevent.spawn(p.join)
+        gevent.sleep(0.05)  # the joiner is waiting now
+        # Block (the hub cannot run) until the child has exited, without reaping it...
+        os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)
+        assert not p.is_alive()  # ...then reap it here, before the joiner's watcher can
+        joiner.join(timeout=5)
+        assert joiner.dead and joiner.successful()
+        assert p.exitcode == 0
+
     def test_close(self):
         p = gipc.start_process(sleep_for, args=(30,))
         with pytest.raises(ValueError):

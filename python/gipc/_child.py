@@ -54,6 +54,7 @@ class ChildStart:
     def __init__(self, process: Any) -> None:
         self.process = process
         self.parent_process: Any = None
+        self.replaced_process: Any = None
         self.process_counter = itertools.count(1)
         self.children: Set[Any] = set()
         # The child's sys.stdin: multiprocessing opens /dev/null in the child, on the lowest
@@ -108,18 +109,16 @@ class ChildStart:
             mp_process._process_counter = self.process_counter  # type: ignore[attr-defined]
             mp_process._children = self.children  # type: ignore[attr-defined]
             self._stdin_to_devnull()
-            # The parent's process object is finalized after the after-fork hooks have run.
-            old_process = mp_process._current_process  # type: ignore[attr-defined]
+            # multiprocessing lets the parent's process object go once the after-fork hooks
+            # have run; it has no finalizer, and deallocating it would only copy more pages.
+            self.replaced_process = mp_process._current_process  # type: ignore[attr-defined]
             mp_process._current_process = process  # type: ignore[attr-defined]
             mp_process._parent_process = self.parent_process  # type: ignore[attr-defined]
             if threading._HAVE_THREAD_NATIVE_ID:  # type: ignore[attr-defined]
                 threading.main_thread()._set_native_id()  # type: ignore[attr-defined]
-            try:
-                mp_util._finalizer_registry.clear()  # type: ignore[attr-defined]
-                if mp_util._afterfork_registry:  # type: ignore[attr-defined]
-                    mp_util._run_after_forkers()  # type: ignore[attr-defined]
-            finally:
-                del old_process
+            mp_util._finalizer_registry.clear()  # type: ignore[attr-defined]
+            if mp_util._afterfork_registry:  # type: ignore[attr-defined]
+                mp_util._run_after_forkers()  # type: ignore[attr-defined]
             mp_util.info("child process calling self.run()")
             if _ATEXIT_IN_CHILD:
                 process.run()

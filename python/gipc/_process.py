@@ -55,7 +55,9 @@ class _CooperativePopen:
         self.returncode: Optional[int] = None
         self._exit_fd: Optional[int] = None
         self._parent_fds: Tuple[int, ...] = ()
-        self._watcher_greenlet: Optional[gevent.Greenlet] = None
+        self._exit_watcher: Any = None
+        self._retry_timer: Any = None
+        self._retry_delay = 0.001  # libuv timers have millisecond resolution
         self._exited = gevent.event.Event()
         _flush_std_streams()
         self._launch(process_obj)
@@ -124,6 +126,7 @@ class _CooperativePopen:
                 return None
             self.returncode = os.waitstatus_to_exitcode(status)
             self._release()
+            self._exited.set()  # whoever reaped it, every waiting join() returns
         return self.returncode
 
     def wait(self, timeout: Optional[float] = None) -> Optional[int]:
@@ -132,34 +135,44 @@ class _CooperativePopen:
             return self.returncode
         if timeout is not None and timeout <= 0:
             return None
-        if self._watcher_greenlet is None:
-            # One watcher per child, however many greenlets join it: it owns the only io
-            # watcher on the exit descriptor and closes it before the descriptor is closed.
-            self._exited.clear()
-            self._watcher_greenlet = gevent.spawn(self._watch_until_reaped)
+        if self._exit_watcher is None:
+            self._watch_exit()
         self._exited.wait(timeout)
         return self.returncode
 
-    def _watch_until_reaped(self) -> None:
-        hub = get_hub()
-        backoff = 0.001  # libuv timers have millisecond resolution
-        try:
-            while self.poll() is None:
-                fd = self._exit_fd if self._exit_fd is not None else self.sentinel
-                watcher = hub.loop.io(fd, READ)
-                try:
-                    hub.wait(watcher)
-                finally:
-                    watcher.close()
-                if self.poll() is None:
-                    # The descriptor fired a moment before the exit status is ready (the
-                    # sentinel closes before the child is a zombie; gevent's own SIGCHLD
-                    # bookkeeping may lag the pidfd): look again shortly.
-                    gevent.sleep(backoff)
-                    backoff = min(backoff * 2, 0.05)
-        finally:
-            self._watcher_greenlet = None
-            self._exited.set()
+    # One io watcher on the exit descriptor per child, however many greenlets join it; its
+    # callbacks run in the hub and reap the child (no greenlet of its own: fewer switches,
+    # and fewer pages written in the parent while the child exits).
+
+    def _watch_exit(self) -> None:
+        fd = self._exit_fd if self._exit_fd is not None else self.sentinel
+        self._exit_watcher = get_hub().loop.io(fd, READ)
+        self._exit_watcher.start(self._on_exit_readable)
+
+    def _on_exit_readable(self) -> None:
+        # Reaping closes the descriptor and its watcher: not inside the watcher's callback.
+        self._exit_watcher.stop()
+        get_hub().loop.run_callback(self._reap_or_retry)
+
+    def _reap_or_retry(self) -> None:
+        if self.poll() is not None:
+            return
+        # The descriptor fired a moment before the exit status is ready (the sentinel closes
+        # before the child is a zombie; gevent's own SIGCHLD bookkeeping may lag the pidfd):
+        # look again shortly.
+        self._retry_timer = get_hub().loop.timer(self._retry_delay)
+        self._retry_delay = min(self._retry_delay * 2, 0.05)
+        self._retry_timer.start(self._on_retry_due)
+
+    def _on_retry_due(self) -> None:
+        get_hub().loop.run_callback(self._retry)
+
+    def _retry(self) -> None:
+        timer, self._retry_timer = self._retry_timer, None
+        if timer is not None:
+            timer.close()
+        if self.poll() is None and self._exit_watcher is not None:
+            self._exit_watcher.start(self._on_exit_readable)
 
     def _send_signal(self, sig: int) -> None:
         if self.poll() is None:
@@ -191,9 +204,16 @@ class _CooperativePopen:
                 (code,) = _EXIT_CODE.unpack(data)
         return (code & 0xFF) << 8
 
-    def _release(self) -> None:
-        """Closes every descriptor the parent holds for this child."""
+    def _release(self, in_child: bool = False) -> None:
+        """Closes every descriptor the parent holds for this child, and its watchers (in a
+        forked child they belong to the parent's loop: dropped, never touched)."""
         _live_popens.discard(self)
+        watchers = (self._exit_watcher, self._retry_timer)
+        self._exit_watcher = self._retry_timer = None
+        if not in_child:
+            for watcher in watchers:
+                if watcher is not None:
+                    watcher.close()
         fds, self._parent_fds = self._parent_fds, ()
         if self._exit_fd is not None:
             fds += (self._exit_fd,)
@@ -367,16 +387,16 @@ def _collect_handles(obj: Any, found: Set[_GIPCHandle], depth: int = 0) -> None:
 
 def _release_inherited(kept: Iterable[_GIPCHandle]) -> None:
     """Runs first thing in the child: only the gipc descriptors that were passed in stay
-    open. (Checked for emptiness first: iterating a WeakSet runs Python code, and every
-    object it touches is a page copied into the child.)"""
-    if _handles._open_handles:
+    open. (The WeakSets' underlying sets are checked for emptiness first: a WeakSet's own
+    methods are Python code, and every object they touch is a page copied into the child.)"""
+    if _handles._open_handles.data:
         kept = set(kept)
         for handle in list(_handles._open_handles):
             handle._after_fork_in_child(keep=handle in kept)
-    if _live_popens:
+    if _live_popens.data:
         for popen in list(_live_popens):
             # A sibling's monitor, inherited: it is the parent's to use.
-            popen._release()
+            popen._release(in_child=True)
 
 
 def start_process(
