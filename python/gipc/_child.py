@@ -117,9 +117,11 @@ class ChildStart:
             if threading._HAVE_THREAD_NATIVE_ID:  # type: ignore[attr-defined]
                 threading.main_thread()._set_native_id()  # type: ignore[attr-defined]
             mp_util._finalizer_registry.clear()  # type: ignore[attr-defined]
-            if mp_util._afterfork_registry:  # type: ignore[attr-defined]
+            # (The registry's own dict: a WeakValueDictionary's len() is Python code.)
+            if mp_util._afterfork_registry.data:  # type: ignore[attr-defined]
                 mp_util._run_after_forkers()  # type: ignore[attr-defined]
-            mp_util.info("child process calling self.run()")
+            if mp_util._logger is not None:  # type: ignore[attr-defined]
+                mp_util.info("child process calling self.run()")
             if _ATEXIT_IN_CHILD:
                 process.run()
             else:
@@ -144,10 +146,15 @@ class ChildStart:
             traceback.print_exc()
         finally:
             # Waits for the threads the target started and runs threading's exit callbacks;
-            # with neither, it has nothing to do.
-            if threading.active_count() > 1 or threading._threading_atexits:  # type: ignore[attr-defined]
+            # with neither, it has nothing to do. (threading.active_count() is the same
+            # count, behind a lock.)
+            if (
+                len(threading._active) + len(threading._limbo) > 1  # type: ignore[attr-defined]
+                or threading._threading_atexits  # type: ignore[attr-defined]
+            ):
                 threading._shutdown()  # type: ignore[attr-defined]
-            mp_util.info("process exiting with exitcode %d" % exitcode)
+            if mp_util._logger is not None:  # type: ignore[attr-defined]
+                mp_util.info("process exiting with exitcode %d" % exitcode)
             mp_util._flush_std_streams()  # type: ignore[attr-defined]
         return exitcode
 
@@ -187,11 +194,10 @@ def restore_default_signals() -> None:
     # Python's back (one system call per signal, in Rust)...
     for signum in _core.reset_signal_state():
         # ...then Python's own table, so signal.getsignal() tells the truth, for just the
-        # signals that had a handler. `_signal` is what `signal` wraps, minus the enum
+        # signals whose disposition changed. `_signal` is what `signal` wraps, minus the enum
         # conversions, whose code would be copied page by page into the child.
         try:
-            if _signal.getsignal(signum) not in (_signal.SIG_DFL, None):
-                _signal.signal(signum, _signal.SIG_DFL)
+            _signal.signal(signum, _signal.SIG_DFL)
         except (OSError, ValueError):  # not a signal Python manages
             pass
 

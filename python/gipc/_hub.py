@@ -48,21 +48,6 @@ def yield_to_loop() -> None:
         timer.close()
 
 
-def before_fork() -> None:
-    """In the parent, just before a fork: work out what the child will need to know about
-    the loop, so the child does not compute it (see ``fresh_hub_after_fork``)."""
-    global _loop_class_at_fork
-    hub = get_hub_if_exists()
-    if hub is not None and hub.loop is not None:
-        _is_libuv(hub.loop)
-    if _LOOP_SETTING is not None:
-        loop_class = _LOOP_SETTING.get()
-        # In a child that has not made a loop yet the stand-in is still installed; the real
-        # class is the one inherited.
-        if loop_class is not _first_loop:
-            _loop_class_at_fork = loop_class
-
-
 def fresh_hub_after_fork() -> None:
     """In a forked child: abandon the hub, loop and greenlets cloned from the parent.
 
@@ -102,12 +87,15 @@ def fresh_hub_after_fork() -> None:
         return
     set_loop(None)
     _abandoned.append(loop)
-    if _LOOP_SETTING is None or _loop_class_at_fork is None:
+    # The class the inherited hub's loop came from (reified when that hub was made).
+    loop_class = None if _LOOP_SETTING is None else _LOOP_SETTING.value
+    if loop_class is None or loop_class is _first_loop:
         if _retire(loop):
             set_hub(get_hub_class()(default=False))
         return
-    global _inherited_loop
+    global _inherited_loop, _loop_class
     _inherited_loop = loop
+    _loop_class = loop_class
     _LOOP_SETTING.value = _first_loop
 
 
@@ -115,7 +103,7 @@ def _first_loop(flags: object = None, default: Optional[bool] = None) -> object:
     """Stands in for the loop class until a forked child makes its first loop: retires the
     inherited one first."""
     assert _LOOP_SETTING is not None
-    loop_class = _loop_class_at_fork
+    loop_class = _loop_class
     _LOOP_SETTING.value = loop_class  # once only: every later loop is an ordinary one
     if _retire(_inherited_loop):
         default = False
@@ -155,8 +143,9 @@ def _find_loop_setting() -> Any:
 _abandoned: List[object] = []
 
 _LOOP_SETTING = _find_loop_setting()
-_loop_class_at_fork: Any = None
+#: In a forked child until it makes its first loop: the loop to retire, the class to use.
 _inherited_loop: Any = None
+_loop_class: Any = None
 
 #: Whether a loop type is libuv's, by type: asking a type for its module builds a new string
 #: each time, and in a forked child every new object costs a copied page.

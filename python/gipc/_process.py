@@ -29,7 +29,7 @@ from gevent.lock import Semaphore
 
 from . import _child, _handles, _outcome
 from ._handles import _GIPCDuplexHandle, _GIPCHandle, _GIPCWriter
-from ._hub import READ, before_fork
+from ._hub import READ
 from ._outcome import Outcome, OutcomeReceiver
 from .exceptions import GIPCError
 
@@ -74,7 +74,6 @@ class _CooperativePopen:
             child_r, parent_w = os.pipe()
             pipe_fds += (child_r, parent_w)
             start.ready(child_r)
-            before_fork()
             # Looked up at call time: under gevent.monkey this is gevent's fork, which
             # registers the child with gevent's own SIGCHLD handling, and os.waitpid is its
             # matching wait.
@@ -89,7 +88,8 @@ class _CooperativePopen:
             try:
                 os.close(parent_r)
                 os.close(parent_w)
-                _release_inherited(process_obj._gipc_handles)
+                if _handles._open_handles.data or _live_popens.data:
+                    _release_inherited(process_obj._gipc_handles)
                 code = start.run()
             except BaseException:  # gipc's own start-up failed: say why before exiting
                 import traceback
@@ -387,16 +387,15 @@ def _collect_handles(obj: Any, found: Set[_GIPCHandle], depth: int = 0) -> None:
 
 def _release_inherited(kept: Iterable[_GIPCHandle]) -> None:
     """Runs first thing in the child: only the gipc descriptors that were passed in stay
-    open. (The WeakSets' underlying sets are checked for emptiness first: a WeakSet's own
-    methods are Python code, and every object they touch is a page copied into the child.)"""
-    if _handles._open_handles.data:
-        kept = set(kept)
-        for handle in list(_handles._open_handles):
-            handle._after_fork_in_child(keep=handle in kept)
-    if _live_popens.data:
-        for popen in list(_live_popens):
-            # A sibling's monitor, inherited: it is the parent's to use.
-            popen._release(in_child=True)
+    open. (Called only when a registry is not empty, checked on the WeakSets' underlying
+    sets: a WeakSet's own methods are Python code, and every object they touch is a page
+    copied into the child.)"""
+    kept = set(kept)
+    for handle in list(_handles._open_handles):
+        handle._after_fork_in_child(keep=handle in kept)
+    for popen in list(_live_popens):
+        # A sibling's monitor, inherited: it is the parent's to use.
+        popen._release(in_child=True)
 
 
 def start_process(
