@@ -101,7 +101,8 @@ def fresh_hub_after_fork() -> None:
 
 def _first_loop(flags: object = None, default: Optional[bool] = None) -> object:
     """Stands in for the loop class until a forked child makes its first loop: retires the
-    inherited one first."""
+    inherited one first. (Until then ``gevent.config.loop`` reads as this function, and the
+    inherited loop's own descriptors, close-on-exec, stay open.)"""
     assert _LOOP_SETTING is not None
     loop_class = _loop_class
     _LOOP_SETTING.value = loop_class  # once only: every later loop is an ordinary one
