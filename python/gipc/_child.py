@@ -90,12 +90,12 @@ class ChildStart:
         if _ATEXIT_IN_CHILD:
             import atexit
 
-            atexit._clear()  # type: ignore[attr-defined]
+            atexit._clear()
             atexit.register(mp_util._exit_function)  # type: ignore[attr-defined]
             try:
                 return self._bootstrap()
             finally:
-                atexit._run_exitfuncs()  # type: ignore[attr-defined]
+                atexit._run_exitfuncs()
         return self._bootstrap()
 
     def _bootstrap(self) -> int:

@@ -88,7 +88,7 @@ class _CooperativePopen:
             try:
                 os.close(parent_r)
                 os.close(parent_w)
-                if _handles._open_handles.data or _live_popens.data:
+                if _handles._open_handles.data or _live_popens.data:  # type: ignore[attr-defined]
                     _release_inherited(process_obj._gipc_handles)
                 code = start.run()
             except BaseException:  # gipc's own start-up failed: say why before exiting
