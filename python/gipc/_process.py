@@ -16,8 +16,9 @@ import multiprocessing
 # others when the parent exits normally; gipc's children take part like any other.
 import multiprocessing.util  # noqa: F401
 import os
-import struct
 import signal
+import struct
+import sys
 import time
 import weakref
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
@@ -238,8 +239,6 @@ def _open_pidfd(pid: int) -> Optional[int]:
 
 def _flush_std_streams() -> None:
     # Output buffered before the fork would otherwise be written twice.
-    import sys
-
     for stream in (sys.stdout, sys.stderr):
         try:
             if stream is not None:
