@@ -11,11 +11,12 @@ use gipc_wire::io::{channel_ends, FdReader, FdWriter, Transport, BULK_MIN};
 use gipc_wire::recv::{Event, Payload, PayloadBuf, Receiver};
 use gipc_wire::send::{Progress, Sender};
 use gipc_wire::spin::SpinPolicy;
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyList};
 use pyo3::{ffi, IntoPyObjectExt};
 
+use crate::buffer::HeldView;
 use crate::errors;
 
 /// `Writer.try_send`/`try_flush` results, mirrored as `DONE`/`WOULD_BLOCK`/`YIELD` in Python.
@@ -35,15 +36,26 @@ fn kind_from(value: u8) -> PyResult<Kind> {
     Kind::from_u8(value).ok_or_else(|| PyValueError::new_err(format!("unknown kind {value}")))
 }
 
-/// A `bytes` object queued for writing, readable without the GIL.
+/// A payload queued for writing: a `bytes` object, or any other object's contiguous buffer
+/// (`bytearray`, `memoryview`, `array.array`, NumPy arrays), written from where it lies.
 struct HeldBytes {
-    _owner: Py<PyBytes>,
+    _owner: Owner,
     data: NonNull<u8>,
     len: usize,
 }
 
-// SAFETY: `bytes` objects are immutable and `_owner` keeps this one alive, so `data` points to
-// `len` unchanging bytes for as long as this value exists, whichever thread reads them.
+/// What keeps a queued payload's memory alive and in place.
+enum Owner {
+    Bytes(#[allow(dead_code)] Py<PyBytes>),
+    /// A buffer export: while it is held, the exporter may not move or free the memory
+    /// (a `bytearray` refuses to resize), and dropping it releases the export.
+    Buffer(#[allow(dead_code)] HeldView),
+}
+
+// SAFETY: `_owner` keeps the memory alive and in place for as long as this value exists
+// (an immutable `bytes`, or an exported buffer, which the buffer protocol forbids the
+// exporter to move or free until released), whichever thread reads it. Only the writing
+// system calls read it, with the GIL held.
 unsafe impl Send for HeldBytes {}
 // SAFETY: as above; shared access only ever reads.
 unsafe impl Sync for HeldBytes {}
@@ -54,14 +66,40 @@ impl HeldBytes {
         HeldBytes {
             data: NonNull::from(slice).cast(),
             len: slice.len(),
-            _owner: bytes.clone().unbind(),
+            _owner: Owner::Bytes(bytes.clone().unbind()),
         }
+    }
+
+    /// `bytes` as they are, or a contiguous buffer of any other object; `TypeError`
+    /// naming the type for anything else.
+    fn from_object(payload: &Bound<'_, PyAny>) -> PyResult<Self> {
+        if let Ok(bytes) = payload.cast::<PyBytes>() {
+            return Ok(Self::new(bytes));
+        }
+        let type_name = || {
+            payload
+                .get_type()
+                .name()
+                .map_or_else(|_| "?".to_owned(), |name| name.to_string())
+        };
+        let buffer = HeldView::get(payload).map_err(|_| {
+            PyTypeError::new_err(format!(
+                "a payload must be bytes or a contiguous bytes-like object, not {}",
+                type_name()
+            ))
+        })?;
+        let (data, len) = (buffer.data(), buffer.len());
+        Ok(HeldBytes {
+            data,
+            len,
+            _owner: Owner::Buffer(buffer),
+        })
     }
 }
 
 impl AsRef<[u8]> for HeldBytes {
     fn as_ref(&self) -> &[u8] {
-        // SAFETY: see the `Send` impl: valid, immutable and alive while `self` is.
+        // SAFETY: see the `Send` impl: valid and alive while `self` is.
         unsafe { std::slice::from_raw_parts(self.data.as_ptr(), self.len) }
     }
 }
@@ -277,12 +315,13 @@ impl Writer {
     /// Queues one frame and writes what the descriptor takes now. Returns `DONE`,
     /// `WOULD_BLOCK` (wait until writable, then `try_flush`) or `YIELD` (let the loop run,
     /// then `try_flush`).
-    fn try_send(&mut self, kind: u8, payload: &Bound<'_, PyBytes>) -> PyResult<u8> {
+    fn try_send(&mut self, kind: u8, payload: &Bound<'_, PyAny>) -> PyResult<u8> {
         if self.fd.is_none() {
             return Err(errors::closed());
         }
+        let held = HeldBytes::from_object(payload)?;
         self.tx
-            .push(kind_from(kind)?, HeldBytes::new(payload))
+            .push(kind_from(kind)?, held)
             .map_err(errors::frame_error)?;
         self.flush()
     }
@@ -295,14 +334,12 @@ impl Writer {
         }
         let kind = kind_from(kind)?;
         // Check every item first so a bad one queues nothing.
-        let items: Vec<Bound<'_, PyBytes>> = payloads
+        let items: Vec<HeldBytes> = payloads
             .iter()
-            .map(|item| item.cast_into::<PyBytes>().map_err(PyErr::from))
+            .map(|item| HeldBytes::from_object(&item))
             .collect::<PyResult<_>>()?;
-        for item in &items {
-            self.tx
-                .push(kind, HeldBytes::new(item))
-                .map_err(errors::frame_error)?;
+        for item in items {
+            self.tx.push(kind, item).map_err(errors::frame_error)?;
         }
         self.flush()
     }

@@ -1,6 +1,7 @@
 //! `gipc._core`: the extension module. It only exports; see `handle.rs` for the classes and
 //! the `gipc-wire` crate for the framing and I/O they drive.
 
+mod buffer;
 mod errors;
 mod handle;
 mod signals;

@@ -25,6 +25,12 @@ def raw_header(length: int, kind: int = 0) -> bytes:
     return (HEADER_MAGIC | (kind << 40) | length).to_bytes(8, "little")
 
 
+def decode_unless_bad(b: bytes) -> bytes:
+    if b == b"bad":
+        raise ValueError("cannot decode")
+    return b
+
+
 class Tagged(bytes):
     """A bytes subclass: must not take the unpickled fast path meant for exact bytes."""
 
@@ -93,13 +99,16 @@ class TestCodecs:
             w.put(Tagged(b"x"))
             assert type(r.get()) is Tagged
 
-    def test_raw_mode_takes_and_returns_bytes_only(self):
+    def test_raw_mode_takes_bytes_like_and_returns_bytes(self):
+        # gipc 1.x took anything with the buffer protocol here; the reader gets bytes.
         with gipc.pipe(encoder=None, decoder=None) as (r, w):
             w.put(b"raw")
             assert r.get() == b"raw"
-            for bad in ("str", 1, bytearray(b"x"), memoryview(b"x")):
-                with pytest.raises(TypeError):
+            for bad in ("str", 1, None, [1, 2], memoryview(b"abcd")[::2]):
+                with pytest.raises(TypeError) as info:
                     w.put(bad)
+                assert isinstance(info.value, gipc.GIPCError)
+                assert type(bad).__name__ in str(info.value)
             w.put(b"still fine")
             assert r.get() == b"still fine"
 
@@ -118,12 +127,7 @@ class TestCodecs:
                 w.put(1)
 
     def test_decoder_error_leaves_the_pipe_usable(self):
-        def dec(b: bytes):
-            if b == b"bad":
-                raise ValueError("cannot decode")
-            return b
-
-        with gipc.pipe(encoder=None, decoder=dec) as (r, w):
+        with gipc.pipe(encoder=None, decoder=decode_unless_bad) as (r, w):
             w.put(b"bad")
             w.put(b"good")
             with pytest.raises(ValueError, match="cannot decode"):
@@ -165,6 +169,44 @@ class TestBatches:
             assert r.get_many(10) == [1, 2]
             with pytest.raises(ValueError):
                 r.get_many(0)
+
+    def test_get_many_loses_nothing_when_a_later_message_fails_to_decode(self):
+        with gipc.pipe(encoder=None, decoder=decode_unless_bad) as (r, w):
+            for m in (b"1", b"2", b"bad", b"3"):
+                w.put(m)
+            assert r.get_many(10) == [b"1", b"2"]  # what decoded is delivered...
+            with pytest.raises(ValueError, match="cannot decode"):
+                r.get_many(10)  # ...then the failure, once...
+            assert r.get_many(10) == [b"3"]  # ...then what followed it
+
+    def test_get_then_get_after_a_deferred_failure(self):
+        with gipc.pipe(encoder=None, decoder=decode_unless_bad) as (r, w):
+            w.put_many([b"1", b"bad", b"2"])
+            assert r.get_many() == [b"1"]
+            with pytest.raises(ValueError):
+                r.get()
+            assert r.get() == b"2"
+
+    def test_get_many_delivers_what_came_before_the_end_of_stream(self):
+        r, w = gipc.pipe()
+        w.put("a")
+        w.put("b")
+        w.close()
+        assert r.get_many(10) == ["a", "b"]
+        with pytest.raises(EOFError):
+            r.get_many(10)
+        r.close()
+
+    def test_get_many_delivers_what_came_before_a_torn_message(self):
+        r, w = gipc.pipe(encoder=None, decoder=None)
+        w.put(b"whole")
+        # A header announcing 100 bytes, 3 of them sent, then the writer is gone.
+        os.write(w._core.fileno(), raw_header(100) + b"abc")
+        w.close()
+        assert r.get_many(10) == [b"whole"]
+        with pytest.raises(GIPCError):
+            r.get_many(10)
+        r.close()
 
     def test_put_many_raw_rejects_a_non_bytes_item_and_sends_nothing(self):
         with gipc.pipe(encoder=None, decoder=None) as (r, w):

@@ -11,10 +11,10 @@ hub is here, in Python.
 """
 
 from ._core import __version__
-from ._handles import pipe
+from ._handles import get_default_codec, pipe, set_default_codec
 from ._outcome import ChildDied, RemoteTraceback, UnpicklableOutcome
 from ._process import start_process
-from .exceptions import GIPCClosed, GIPCError, GIPCLocked
+from .exceptions import GIPCClosed, GIPCError, GIPCLocked, GIPCTypeError, GIPCValueError
 
 # gipc 1.x code refers to the documented classes as gipc.gipc._GIPCReader etc.
 from . import gipc  # noqa: E402  (a submodule, bound as an attribute on purpose)
@@ -24,11 +24,15 @@ __all__ = [
     "GIPCClosed",
     "GIPCError",
     "GIPCLocked",
+    "GIPCTypeError",
+    "GIPCValueError",
     "ProcessPool",
     "RemoteTraceback",
     "UnpicklableOutcome",
     "__version__",
+    "get_default_codec",
     "pipe",
+    "set_default_codec",
     "start_process",
 ]
 

@@ -12,15 +12,18 @@ import collections
 import functools
 import os
 import pickle
+import sys
 import weakref
-from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import gevent
+from gevent._hub_local import get_hub_if_exists
 from gevent.lock import Semaphore
+from gevent.monkey import get_original
 
 from . import _core
 from ._hub import READ, WRITE, wait_for, yield_to_loop
-from .exceptions import GIPCClosed, GIPCError, GIPCLocked
+from .exceptions import GIPCClosed, GIPCError, GIPCLocked, GIPCTypeError, GIPCValueError
 
 DONE = _core.DONE
 WOULD_BLOCK = _core.WOULD_BLOCK
@@ -36,7 +39,10 @@ DEFAULT_MAX_MESSAGE_SIZE = 4 << 30
 #: default is whichever the benchmark shows faster. Overridable for comparisons.
 TRANSPORT = os.environ.get("GIPC_TRANSPORT", "hybrid")
 
-Encoder = Union[str, None, Callable[[Any], bytes]]
+#: What an encoder returns: ``bytes`` or any other object with a contiguous buffer
+#: (``bytearray``, ``memoryview``, ``array.array``, a NumPy array...), written as it is.
+BytesLike = Any
+Encoder = Union[str, None, Callable[[Any], BytesLike]]
 Decoder = Union[str, None, Callable[[bytes], Any]]
 
 _PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -51,6 +57,68 @@ _NOT_POLLED = object()
 #: Every open handle of this process, so a forked child can close those it was not given.
 _open_handles: "weakref.WeakSet[_GIPCHandle]" = weakref.WeakSet()
 
+# The real thread primitives, also under gevent.monkey (whose patched ones are per greenlet).
+_allocate_lock = get_original("_thread", "allocate_lock")
+_thread_ident = get_original("_thread", "get_ident")
+
+
+class _HandleLock:
+    """Who may do I/O on one handle: one greenlet at a time, of whichever OS thread.
+
+    gevent's semaphores belong to one thread's hub; sharing one between threads (each
+    waiting on its own hub) can deadlock. So the exclusion itself is a real lock that no one
+    ever blocks on, and waiting is split by kind: greenlets of one thread queue on that
+    thread's own semaphore (woken in order, through their hub), and the single greenlet a
+    thread lets through, if it finds another thread holding the lock, sleeps cooperatively
+    and looks again (from 1 ms, backing off to 5 ms). Only programs that share a handle
+    between threads ever take that path.
+    """
+
+    __slots__ = ("held", "_queues")
+
+    def __init__(self) -> None:
+        #: Locked while someone does I/O; handles read its ``locked()`` on their fast paths.
+        self.held = _allocate_lock()
+        self._queues: Dict[int, Semaphore] = {}
+
+    def locked(self) -> bool:
+        return self.held.locked()  # type: ignore[no-any-return]
+
+    def acquire(self) -> None:
+        ident = _thread_ident()
+        queue = self._queues.get(ident)
+        if queue is None:
+            queue = self._queues.setdefault(ident, Semaphore())
+        queue.acquire()
+        try:
+            delay = 0.001  # libuv's timer resolution
+            while not self.held.acquire(False):
+                gevent.sleep(delay)
+                delay = min(delay * 2, 0.005)
+        except BaseException:
+            queue.release()
+            raise
+
+    def release(self) -> None:
+        self.held.release()
+        self._queues[_thread_ident()].release()
+
+    def __enter__(self) -> None:
+        self.acquire()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.release()
+
+
+class _FailedMessage:
+    """Stands in a reader's backlog for a message that could not be received or decoded
+    after others had been (``get_many``): the caller gets those first, then this error."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
 
 class _GIPCHandle:
     """What read and write handles have in common: closing, context management and the
@@ -60,7 +128,9 @@ class _GIPCHandle:
 
     def __init__(self, core: Any) -> None:
         self._core = core
-        self._lock = Semaphore()
+        self._lock = _HandleLock()
+        #: ``self._lock.held``, looked up once: the fast paths ask it whether I/O is going on.
+        self._busy = self._lock.held
         self._watcher: Any = None
         self._watcher_hub: Any = None
         self._watcher_fd = -1
@@ -89,9 +159,12 @@ class _GIPCHandle:
         """Closes without the checks; for gipc's own bookkeeping."""
         self._closed = True
         _open_handles.discard(self)
-        if self._watcher is not None:
-            self._watcher.close()
-            self._watcher = None
+        watcher, hub = self._watcher, self._watcher_hub
+        self._watcher = self._watcher_hub = None
+        # A watcher belongs to its hub's thread and loop: closed from there only (another
+        # thread's is left to that thread's loop; a destroyed loop's is already gone).
+        if watcher is not None and hub is get_hub_if_exists() and hub.loop is not None:
+            watcher.close()
         self._core.close()
 
     def _after_fork_in_child(self, keep: bool) -> None:
@@ -101,7 +174,8 @@ class _GIPCHandle:
         self._watcher = None
         self._watcher_hub = None
         if keep:
-            self._lock = Semaphore()
+            self._lock = _HandleLock()
+            self._busy = self._lock.held
         else:
             self._release()
 
@@ -110,8 +184,18 @@ class _GIPCHandle:
         # A channel with a bulk lane waits on that descriptor while a large payload is on
         # its way, and on the frame lane otherwise.
         fd = self._core.wait_fileno()
-        if self._watcher_hub is not hub or self._watcher_fd != fd:
-            if self._watcher is not None and self._watcher_hub is hub:
+        home = self._watcher_hub
+        if home is not hub and home is not None and home.loop is not None:
+            # The cached watcher is another thread's (the handle is shared between
+            # threads): this thread waits on one of its own, made and closed here.
+            watcher = hub.loop.io(fd, self._EVENTS)
+            try:
+                wait_for(watcher)
+            finally:
+                watcher.close()
+            return
+        if home is not hub or self._watcher_fd != fd:
+            if self._watcher is not None and home is hub:
                 self._watcher.close()
             self._watcher = hub.loop.io(fd, self._EVENTS)
             self._watcher_hub = hub
@@ -177,9 +261,9 @@ class _GIPCReader(_GIPCHandle):
             gevent.Timeout: the timeout expired.
         """
         if timeout is None or isinstance(timeout, gevent.Timeout):
-            if not self._lock.locked():
+            if not self._busy.locked():
                 if self._backlog and not self._closed:
-                    return self._backlog.popleft()
+                    return self._next_from_backlog()
                 frame = self._core.try_recv()
                 if frame.__class__ is tuple:
                     if frame[0] == KIND_ENCODED and self._decoder is _pickle_loads:
@@ -205,12 +289,20 @@ class _GIPCReader(_GIPCHandle):
             backlog, core = self._backlog, self._core
             while len(items) < max_items:
                 if backlog:
+                    if backlog[0].__class__ is _FailedMessage:
+                        break  # raised by the next call, after these are delivered
                     items.append(backlog.popleft())
                     continue
-                frame = core.try_recv()
-                if frame.__class__ is not tuple:
+                try:
+                    frame = core.try_recv()
+                    if frame.__class__ is not tuple:
+                        break
+                    items.append(self._decode(frame))
+                except Exception as error:
+                    # The messages in hand are the caller's: return them, and the error
+                    # (a torn or undecodable message, the end of the stream) comes next.
+                    backlog.append(_FailedMessage(error))
                     break
-                items.append(self._decode(frame))
             return items
 
     def __iter__(self) -> Iterator[Any]:
@@ -228,7 +320,7 @@ class _GIPCReader(_GIPCHandle):
             if self._closed:
                 raise GIPCClosed(f"{self!r} is closed")
             if self._backlog:
-                return self._backlog.popleft()
+                return self._next_from_backlog()
             frame = self._core.try_recv()
         core = self._core
         while True:
@@ -239,6 +331,12 @@ class _GIPCReader(_GIPCHandle):
             else:
                 return self._decode(frame)
             frame = core.try_recv()
+
+    def _next_from_backlog(self) -> Any:
+        item = self._backlog.popleft()
+        if item.__class__ is _FailedMessage:
+            raise item.error
+        return item
 
     def _decode(self, frame: Tuple[int, bytes]) -> Any:
         kind, payload = frame
@@ -267,7 +365,6 @@ class _GIPCWriter(_GIPCHandle):
     ) -> None:
         super().__init__(core)
         self._encoder = encoder
-        self._checked_encoder = encoder is not None and encoder is not _pickle_dumps
         # Both ends use pickle: `bytes` can skip pickling and batches can be one pickle.
         self._default_codecs = default_codecs
 
@@ -275,9 +372,13 @@ class _GIPCWriter(_GIPCHandle):
         """Encode ``o`` and write it to the pipe, blocking gevent-cooperatively until all of
         it is written.
 
+        With ``encoder=None``, ``o`` is ``bytes`` or any object with a contiguous buffer
+        (``bytearray``, ``memoryview``, ``array.array``, a NumPy array...), written without
+        a copy: do not change it until ``put`` returns. The reader gets ``bytes``.
+
         Raises:
-            TypeError: the pipe has no encoder and ``o`` is not ``bytes``, or the encoder
-                did not return ``bytes``.
+            TypeError: the pipe has no encoder and ``o`` is not bytes-like, or the encoder
+                did not return a bytes-like object (both also ``GIPCError``).
             BrokenPipeError: no reader is left.
             GIPCClosed: the handle is closed.
         """
@@ -287,7 +388,7 @@ class _GIPCWriter(_GIPCHandle):
             kind, payload = KIND_BYTES, o
         else:
             kind, payload = KIND_ENCODED, _dumps(o, _PICKLE_PROTOCOL)
-        if self._lock.locked():
+        if self._busy.locked():
             with self._lock:
                 self._finish(self._core.try_send(kind, payload))
             return
@@ -313,19 +414,15 @@ class _GIPCWriter(_GIPCHandle):
                 )
             self._finish(status)
 
-    def _encode(self, o: Any) -> bytes:
+    def _encode(self, o: Any) -> BytesLike:
         encoder = self._encoder
         if encoder is None:
-            if not isinstance(o, bytes):
-                raise TypeError(
-                    f"this pipe has no encoder: put() takes bytes, not {type(o).__name__}"
-                )
+            if o.__class__ is not bytes:
+                _check_bytes_like(o, "this pipe has no encoder: put() takes")
             return o
         payload = encoder(o)
-        if self._checked_encoder and not isinstance(payload, bytes):
-            raise TypeError(
-                f"the encoder must return bytes, it returned {type(payload).__name__}"
-            )
+        if payload.__class__ is not bytes:
+            _check_bytes_like(payload, "the encoder must return")
         return payload
 
     def _finish(self, status: int) -> None:
@@ -362,17 +459,33 @@ class _GIPCDuplexHandle:
     def get_many(self, max_items: int = 1000) -> List[Any]:
         return self._reader.get_many(max_items)
 
+    def __iter__(self) -> Iterator[Any]:
+        """Yield messages until the peer closes its sending half."""
+        return iter(self._reader)
+
     def close(self) -> None:
-        """Close both directions. Raises ``GIPCLocked`` (closing nothing) if either is in use,
-        ``GIPCClosed`` if both are closed already."""
+        """Close both directions, the sending one first (so the peer sees the end of the
+        stream even while this end still reads).
+
+        A direction another greenlet is using (inside ``get`` or ``put``) stays open and
+        ``GIPCLocked`` is raised once every other part is closed, as gipc 1.x does; a later
+        ``close()`` closes what is left. ``GIPCClosed`` if both are closed already.
+        """
         if self.closed:
             raise GIPCClosed(f"{self!r} is closed already")
-        for handle in (self._reader, self._writer):
-            if handle._lock.locked():
-                raise GIPCLocked(f"cannot close {self!r}: another greenlet is using it")
-        for handle in (self._reader, self._writer):
-            if not handle.closed:
+        busy: List[_GIPCHandle] = []
+        for handle in (self._writer, self._reader):
+            if handle.closed:
+                continue
+            if handle._busy.locked():
+                busy.append(handle)
+            else:
                 handle._release()
+        if busy:
+            raise GIPCLocked(
+                f"cannot close {_describe_parts(busy)} of {self!r}: another greenlet is "
+                "using it (the rest is closed)"
+            )
 
     def _parts(self) -> Tuple[_GIPCReader, _GIPCWriter]:
         return self._reader, self._writer
@@ -393,17 +506,43 @@ AnyHandle = Union[_GIPCHandle, _GIPCDuplexHandle]
 
 
 def _close_on_exit(handles: Iterable[AnyHandle], exiting_on_error: bool) -> None:
-    """Closes what is still open when a ``with`` block ends. A handle already closed (by the
-    user, or because it was passed to a child) is skipped. When the block ended with an
-    exception, a failure to close must not replace it, so it is dropped."""
+    """Closes what is still open when a ``with`` block ends: every part that no greenlet is
+    using, whatever happens to the others. A handle already closed (by the user, or because
+    it was passed to a child) is skipped. Then the first failure (``GIPCLocked``) is raised,
+    unless the block ended with an exception: that one must not be replaced."""
+    failure: Optional[Exception] = None
     for handle in handles:
         if handle.closed:
             continue
         try:
             handle.close()
-        except Exception:
-            if not exiting_on_error:
-                raise
+        except Exception as error:
+            if failure is None:
+                failure = error
+    if failure is not None and not exiting_on_error:
+        raise failure
+
+
+def _describe_parts(parts: Iterable[_GIPCHandle]) -> str:
+    names = {_GIPCReader: "the reading half", _GIPCWriter: "the writing half"}
+    return " and ".join(names.get(type(part), repr(part)) for part in parts)
+
+
+def _check_bytes_like(payload: Any, what: str) -> None:
+    """Raises ``GIPCTypeError`` unless ``payload`` exposes one contiguous buffer, which the
+    core then writes as it is (``bytes`` never gets here: it is checked for first)."""
+    try:
+        view = memoryview(payload)
+    except TypeError:
+        raise GIPCTypeError(
+            f"{what} bytes or a bytes-like object, not {type(payload).__name__}"
+        ) from None
+    with view:
+        if not view.c_contiguous:
+            raise GIPCTypeError(
+                f"{what} bytes or a contiguous buffer; this {type(payload).__name__} is not "
+                "contiguous (copy it with bytes() first)"
+            )
 
 
 class _PairContext(Tuple[AnyHandle, AnyHandle]):
@@ -417,16 +556,56 @@ class _PairContext(Tuple[AnyHandle, AnyHandle]):
         _close_on_exit(self, exc_type is not None)
 
 
+def get_default_codec() -> Tuple[Callable[[Any], BytesLike], Callable[[bytes], Any]]:
+    """The ``(encoder, decoder)`` that ``'default'`` stands for in :func:`pipe` (and in
+    :class:`gipc.ProcessPool`): pickle, unless :func:`set_default_codec` said otherwise.
+
+    The pair lives where gipc 1.x kept it, as ``gipc.gipc._default_encoder`` and
+    ``_default_decoder``, and programs that assign those directly are honoured too.
+    """
+    legacy = sys.modules.get("gipc.gipc")
+    if legacy is None:  # only while the package itself is being imported
+        return _pickle_dumps, _pickle_loads
+    return legacy._default_encoder, legacy._default_decoder
+
+
+def set_default_codec(
+    encoder: Optional[Callable[[Any], BytesLike]] = None,
+    decoder: Optional[Callable[[bytes], Any]] = None,
+) -> None:
+    """Make ``encoder`` and ``decoder`` what ``'default'`` means, process-wide, for pipes
+    and pools created from now on (those that exist keep theirs; forked children inherit
+    the setting). ``None``, for either, restores pickle.
+
+    Typical use: a pickler that also serialises lambdas and local functions, e.g.
+    ``gipc.set_default_codec(cloudpickle.dumps, cloudpickle.loads)``. Both ends of a pipe
+    must agree, so set it before creating pipes that children share.
+
+    Raises:
+        GIPCTypeError: either is neither ``None`` nor callable.
+    """
+    for role, codec in (("encoder", encoder), ("decoder", decoder)):
+        if codec is not None and not callable(codec):
+            raise GIPCTypeError(f"the default {role} must be callable or None, not "
+                                f"{type(codec).__name__}")
+    from . import gipc as legacy
+
+    legacy._default_encoder = _pickle_dumps if encoder is None else encoder
+    legacy._default_decoder = _pickle_loads if decoder is None else decoder
+
+
 def _resolve(codec: Any, role: str, default: Callable[..., Any]) -> Any:
     if codec is None:
         return None
     if isinstance(codec, str):
         if codec == "default":
             return default
-        raise ValueError(f"unknown {role} {codec!r}: use 'default', None or a callable")
+        raise GIPCValueError(f"unknown {role} {codec!r}: use 'default', None or a callable")
     if callable(codec):
         return codec
-    raise TypeError(f"{role} must be 'default', None or a callable, not {type(codec).__name__}")
+    raise GIPCTypeError(
+        f"{role} must be 'default', None or a callable, not {type(codec).__name__}"
+    )
 
 
 def pipe(
@@ -442,19 +621,23 @@ def pipe(
     Args:
         duplex: ``False``: return ``(reader, writer)``. ``True``: return two
             :class:`_GIPCDuplexHandle` that both ``put`` and ``get``.
-        encoder: ``'default'`` (pickle, highest protocol), ``None`` (``put`` takes ``bytes``
-            only) or a callable returning ``bytes``.
-        decoder: ``'default'`` (pickle), ``None`` (``get`` returns ``bytes``) or a callable
-            taking ``bytes``.
+        encoder: ``'default'`` (pickle, highest protocol, or what
+            :func:`set_default_codec` set), ``None`` (``put`` takes bytes-like objects only)
+            or a callable returning a bytes-like object.
+        decoder: ``'default'`` (pickle, or what :func:`set_default_codec` set), ``None``
+            (``get`` returns ``bytes``) or a callable taking ``bytes``.
         max_message_size: the largest message a reader accepts (default 4 GiB); a larger
             one raises ``GIPCError`` before anything is allocated.
 
-    Bad arguments are rejected before any file descriptor is created.
+    Bad arguments are rejected before any file descriptor is created, with
+    ``GIPCTypeError`` or ``GIPCValueError`` (each is a ``GIPCError``, as gipc 1.x raised,
+    and a ``TypeError``/``ValueError``).
     """
-    enc = _resolve(encoder, "encoder", _pickle_dumps)
-    dec = _resolve(decoder, "decoder", _pickle_loads)
+    default_encoder, default_decoder = get_default_codec()
+    enc = _resolve(encoder, "encoder", default_encoder)
+    dec = _resolve(decoder, "decoder", default_decoder)
     if not isinstance(max_message_size, int) or max_message_size < 0:
-        raise ValueError("max_message_size must be a non-negative int")
+        raise GIPCValueError("max_message_size must be a non-negative int")
     default_codecs = enc is _pickle_dumps and dec is _pickle_loads
 
     def one_way() -> Tuple[_GIPCReader, _GIPCWriter]:

@@ -12,3 +12,14 @@ class GIPCClosed(GIPCError):
 class GIPCLocked(GIPCError):
     """Raised upon an attempt to close (or pass to a child) a handle that another greenlet
     is currently using for I/O."""
+
+
+class GIPCTypeError(GIPCError, TypeError):
+    """A gipc argument of the wrong type (e.g. ``pipe(encoder=1)``). gipc 1.x raised
+    ``GIPCError`` here, the rest of Python ``TypeError``: this is both, so code written for
+    either catches it."""
+
+
+class GIPCValueError(GIPCError, ValueError):
+    """A gipc argument with a wrong value (e.g. ``pipe(encoder='json')``): both
+    ``GIPCError``, as in gipc 1.x, and ``ValueError``."""
