@@ -1,7 +1,13 @@
 """Type stubs for gipc's Rust extension module. It never waits: methods report "would block"
 and the Python layer waits on gevent's hub."""
 
+import sys
 from typing import List, Optional, Tuple, Union, final
+
+if sys.version_info >= (3, 12):
+    from collections.abc import Buffer
+else:
+    from typing_extensions import Buffer
 
 __all__ = ["BULK_MIN", "DONE", "KIND_BATCH", "KIND_BYTES", "KIND_ENCODED", "MAX_PAYLOAD_LEN", "REPLY_SPIN_US", "Reader", "WOULD_BLOCK", "Writer", "YIELD", "__version__", "channel", "reset_signal_state"]
 
@@ -65,10 +71,13 @@ class Writer:
     @property
     def mid_frame(self) -> bool:
         """True when a frame is partly written: closing now would tear it."""
-    def try_send(self, kind: int, payload: bytes) -> int:
+    def try_send(self, kind: int, payload: Buffer) -> int:
         """Queues one frame and writes what the descriptor takes now: DONE, WOULD_BLOCK
-        (wait until writable, then try_flush) or YIELD (let the loop run, then try_flush)."""
-    def try_send_many(self, kind: int, payloads: List[bytes]) -> int: ...
+        (wait until writable, then try_flush) or YIELD (let the loop run, then try_flush).
+
+        ``payload`` is ``bytes`` or any object with a contiguous buffer, held (exported)
+        until written and written from where it lies; anything else raises TypeError."""
+    def try_send_many(self, kind: int, payloads: List[Buffer]) -> int: ...
     def try_flush(self) -> int: ...
     def fileno(self) -> int:
         """The frame lane's descriptor."""
