@@ -30,14 +30,14 @@ def crash() -> None:
     os._exit(9)
 
 
-def heartbeat(beats: list) -> None:
+def heartbeat(beats: "list[float]") -> None:
     while True:
         beats.append(time.monotonic())
         gevent.sleep(0.01)
 
 
 def main() -> None:
-    beats: list = []
+    beats: "list[float]" = []
     ticker = gevent.spawn(heartbeat, beats)
     with gipc.ProcessPool(max_workers=2, task_timeout=5) as pool:
         # map() keeps order; the waits below are cooperative, so `ticker` keeps beating.

@@ -10,25 +10,52 @@ The transport core is a Rust extension (``gipc._core``); everything that talks t
 hub is here, in Python.
 """
 
+from typing import TYPE_CHECKING, List
+
 from ._core import __version__
-from ._handles import get_default_codec, pipe, set_default_codec
+from ._handles import (
+    _GIPCDuplexHandle,
+    _GIPCHandle,
+    _GIPCReader,
+    _GIPCWriter,
+    get_default_codec,
+    pipe,
+    set_default_codec,
+)
 from ._outcome import ChildDied, RemoteTraceback, UnpicklableOutcome
-from ._process import start_process
+from ._process import _GProcess, start_process
 from .exceptions import GIPCClosed, GIPCError, GIPCLocked, GIPCTypeError, GIPCValueError
 
 # gipc 1.x code refers to the documented classes as gipc.gipc._GIPCReader etc.
 from . import gipc  # noqa: E402  (a submodule, bound as an attribute on purpose)
 
+if TYPE_CHECKING:
+    # Imported lazily at run time (see __getattr__); type checkers see it as it is.
+    from .pool import ProcessPool
+
+#: Public names of the documented gipc 1.x classes (which stay where 1.x had them, in
+#: ``gipc.gipc``), for annotations: ``def serve(reader: gipc.Reader) -> None``.
+Handle = _GIPCHandle
+Reader = _GIPCReader
+Writer = _GIPCWriter
+DuplexHandle = _GIPCDuplexHandle
+Process = _GProcess
+
 __all__ = [
     "ChildDied",
+    "DuplexHandle",
     "GIPCClosed",
     "GIPCError",
     "GIPCLocked",
     "GIPCTypeError",
     "GIPCValueError",
+    "Handle",
+    "Process",
     "ProcessPool",
+    "Reader",
     "RemoteTraceback",
     "UnpicklableOutcome",
+    "Writer",
     "__version__",
     "get_default_codec",
     "pipe",
@@ -46,3 +73,8 @@ def __getattr__(name: str) -> object:
 
         return ProcessPool
     raise AttributeError(f"module 'gipc' has no attribute {name!r}")
+
+
+def __dir__() -> List[str]:
+    # What the module offers, the lazily imported pool included.
+    return sorted(set(globals()) | set(__all__))

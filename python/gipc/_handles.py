@@ -14,7 +14,20 @@ import os
 import pickle
 import sys
 import weakref
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Literal,
+    Optional,
+    Tuple,
+    TypeVar,
+    Union,
+    overload,
+)
 
 import gevent
 from gevent._hub_local import get_hub_if_exists
@@ -120,6 +133,9 @@ class _FailedMessage:
         self.error = error
 
 
+_Handle = TypeVar("_Handle", bound="_GIPCHandle")
+
+
 class _GIPCHandle:
     """What read and write handles have in common: closing, context management and the
     cooperative wait on the descriptor."""
@@ -208,7 +224,7 @@ class _GIPCHandle:
         if self._lock.locked():
             raise GIPCLocked(f"cannot pass {self!r} to a child: a greenlet is using it")
 
-    def __enter__(self) -> "_GIPCHandle":
+    def __enter__(self: _Handle) -> _Handle:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -545,11 +561,16 @@ def _check_bytes_like(payload: Any, what: str) -> None:
             )
 
 
-class _PairContext(Tuple[AnyHandle, AnyHandle]):
-    """The pair returned by :func:`pipe`: a plain 2-tuple that is also a context manager
-    closing both handles on exit."""
+_First = TypeVar("_First", bound=AnyHandle)
+_Second = TypeVar("_Second", bound=AnyHandle)
 
-    def __enter__(self) -> "_PairContext":
+
+class _PairContext(Tuple[_First, _Second]):
+    """The pair returned by :func:`pipe`: a plain 2-tuple that is also a context manager
+    closing both handles on exit. Typed by what it holds: ``(reader, writer)`` or two duplex
+    handles."""
+
+    def __enter__(self) -> "_PairContext[_First, _Second]":
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -608,13 +629,47 @@ def _resolve(codec: Any, role: str, default: Callable[..., Any]) -> Any:
     )
 
 
+@overload
+def pipe(
+    duplex: Literal[False] = False,
+    encoder: Encoder = "default",
+    decoder: Decoder = "default",
+    *,
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+) -> _PairContext[_GIPCReader, _GIPCWriter]: ...
+
+
+@overload
+def pipe(
+    duplex: Literal[True],
+    encoder: Encoder = "default",
+    decoder: Decoder = "default",
+    *,
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+) -> _PairContext[_GIPCDuplexHandle, _GIPCDuplexHandle]: ...
+
+
+@overload
+def pipe(
+    duplex: bool,
+    encoder: Encoder = "default",
+    decoder: Decoder = "default",
+    *,
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+) -> Union[
+    _PairContext[_GIPCReader, _GIPCWriter], _PairContext[_GIPCDuplexHandle, _GIPCDuplexHandle]
+]: ...
+
+
 def pipe(
     duplex: bool = False,
     encoder: Encoder = "default",
     decoder: Decoder = "default",
     *,
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-) -> _PairContext:
+) -> Union[
+    _PairContext[_GIPCReader, _GIPCWriter], _PairContext[_GIPCDuplexHandle, _GIPCDuplexHandle]
+]:
     """Create a message channel between greenlets and/or processes started with
     :func:`gipc.start_process`, and return its two handles.
 

@@ -117,7 +117,7 @@ def outcome_pipe() -> Tuple[_GIPCReader, _GIPCWriter]:
     """A pipe that carries ``bytes`` as they are (no codec): for outcomes, pickled by this
     module, and for the pool's tasks."""
     reader, writer = pipe(encoder=None, decoder=None)
-    return reader, writer  # type: ignore[return-value]
+    return reader, writer
 
 
 # --- In the child -------------------------------------------------------------------------

@@ -1,0 +1,79 @@
+"""What a type checker must accept, infer and refuse in user code (not run by pytest: CI
+type-checks it with mypy --strict and pyright). A line that must fail carries an ignore
+comment for its error code; with unused ignores reported as errors, it fails CI if the
+checker stops flagging it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gevent
+from typing_extensions import assert_type
+
+import gipc
+from gipc.gipc import _GIPCDuplexHandle, _GIPCReader, _GIPCWriter, _GProcess
+
+
+def readchild(reader: gipc.Reader) -> None:
+    assert_type(reader.get(), Any)
+
+
+def simplex() -> None:
+    with gipc.pipe() as (reader, writer):
+        assert_type(reader, _GIPCReader)
+        assert_type(writer, _GIPCWriter)
+        writer.put(0)
+        writer.put_many([1, 2])
+        reader.get(timeout=1.0)
+        reader.get_many(10)
+        p = gipc.start_process(target=readchild, args=(reader,))
+        assert_type(p, _GProcess)
+        p.join()
+        reader.put(1)  # type: ignore[attr-defined]  # a reader does not put
+        writer.get()  # type: ignore[attr-defined]  # a writer does not get
+
+
+def duplex() -> None:
+    with gipc.pipe(duplex=True, encoder=None, decoder=None) as (a, b):
+        assert_type(a, _GIPCDuplexHandle)
+        a.put(bytearray(b"frame"))
+        b.get()
+        for _ in a:
+            break
+
+
+def handles_are_their_own_context() -> None:
+    reader, writer = gipc.pipe()
+    with reader as same:
+        assert_type(same, _GIPCReader)
+    with writer as w:
+        assert_type(w, _GIPCWriter)
+
+
+def public_names() -> None:
+    handle: gipc.Handle = gipc.pipe()[0]
+    duplex_handle: gipc.DuplexHandle = gipc.pipe(True)[0]
+    process: gipc.Process = gipc.start_process(print)
+    del handle, duplex_handle, process
+
+
+def bad_calls() -> None:
+    gipc.pipe(duplex="yes")  # type: ignore[call-overload]
+    gipc.start_process(target=1)  # type: ignore[arg-type]
+    gipc.set_default_codec(encoder="pickle")  # type: ignore[arg-type]
+
+
+def errors() -> None:
+    try:
+        gipc.pipe(encoder=1)  # type: ignore[call-overload]
+    except gipc.GIPCError:
+        pass
+    error: TypeError = gipc.GIPCTypeError("both")
+    del error
+
+
+def greenlets() -> None:
+    with gipc.pipe() as (reader, writer):
+        g = gevent.spawn(writer.put, 1)
+        reader.get()
+        g.join()
