@@ -214,7 +214,11 @@ class ChildStart:
 def restore_default_signals() -> None:
     """Every signal back to its default action and unblocked, except SIGPIPE, which keeps
     the inherited disposition (Python ignores it, so a vanished reader is a BrokenPipeError,
-    not death)."""
+    not death).
+
+    ``start_process`` forks with every signal blocked, and the core unblocks them only once
+    every disposition is the default: a signal that arrived since the fork is delivered
+    then, to its default action, not to a handler inherited from the parent."""
     # Every disposition at the C level, including handlers an event loop installed behind
     # Python's back (one system call per signal, in Rust)...
     for signum in _core.reset_signal_state():
