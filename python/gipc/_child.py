@@ -34,6 +34,31 @@ from typing import Any, Optional, Set
 from . import _core
 from ._hub import fresh_hub_after_fork
 
+#: Every bare descriptor gipc holds in this process for its own bookkeeping (the exit
+#: sentinels and pidfds that watch its children, and the extra ones opened while a greenlet
+#: waits for a child to end), so that a forked child closes each one: a child must hold no
+#: descriptor that watches its siblings. (Handles have their own registry, as some are
+#: handed over.) Whoever opens such a descriptor registers it at once, with no switch in
+#: between, and unregisters it as it closes it.
+parent_only_fds: Set[int] = set()
+
+
+def close_parent_only_fds() -> None:
+    """In a forked child: closes every descriptor of ``parent_only_fds``."""
+    for fd in parent_only_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    parent_only_fds.clear()
+
+
+def close_fd(fd: int) -> None:
+    """Closes a descriptor of ``parent_only_fds`` (in the process that opened it)."""
+    parent_only_fds.discard(fd)
+    os.close(fd)
+
+
 #: From 3.13, a fork child runs the atexit functions registered in it, multiprocessing's
 #: exit function among them (3.12 and older call that function from ``_bootstrap`` and run
 #: no atexit function in the child).
@@ -189,7 +214,11 @@ class ChildStart:
 def restore_default_signals() -> None:
     """Every signal back to its default action and unblocked, except SIGPIPE, which keeps
     the inherited disposition (Python ignores it, so a vanished reader is a BrokenPipeError,
-    not death)."""
+    not death).
+
+    ``start_process`` forks with every signal blocked, and the core unblocks them only once
+    every disposition is the default: a signal that arrived since the fork is delivered
+    then, to its default action, not to a handler inherited from the parent."""
     # Every disposition at the C level, including handlers an event loop installed behind
     # Python's back (one system call per signal, in Rust)...
     for signum in _core.reset_signal_state():

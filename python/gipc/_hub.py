@@ -9,6 +9,9 @@ from __future__ import annotations
 import inspect
 from typing import Any, Dict, List, Optional
 
+from _thread import get_ident
+
+import gevent.hub as _gevent_hub
 from gevent._hub_local import get_hub_class, get_hub_if_exists, get_loop, set_hub, set_loop
 from gevent.hub import get_hub
 
@@ -64,9 +67,10 @@ def fresh_hub_after_fork() -> None:
     Its threadpool and resolver threads do not exist in the child; they are dropped with it.
 
     libev: the inherited default loop is destroyed without being run (``ev_loop_destroy``
-    stops the watchers in memory and closes the loop's own descriptors; it makes no
+    frees the watcher lists and closes the loop's own descriptors; it makes no
     ``epoll_ctl`` call that could reach the parent's registrations), so that the next
-    default loop is a new one.
+    default loop is a new one, from which the count of the parent's active watchers is
+    then taken off (see ``_retire``).
     libuv: the inherited loop is left untouched, neither re-initialised nor closed. Walking
     its handles in a forked child aborted or crashed children (CPython 3.13, after long runs:
     a signal handle's close takes libuv's process-wide lock, and handles the parent was
@@ -76,6 +80,7 @@ def fresh_hub_after_fork() -> None:
     gevent's child watching (``gevent.subprocess``, ``gevent.os.waitpid``) is unavailable
     in gipc children on libuv. Plain ``subprocess`` and ``multiprocessing`` work.
     """
+    from_other_thread = _adopt_main_thread()
     hub = get_hub_if_exists()
     loop = get_loop()
     if hub is not None:
@@ -83,6 +88,9 @@ def fresh_hub_after_fork() -> None:
         if loop is None:
             loop = hub.loop
         set_hub(None)
+    if from_other_thread:
+        _fresh_hub_off_main_thread(loop)
+        return
     if loop is None:
         return
     set_loop(None)
@@ -90,8 +98,15 @@ def fresh_hub_after_fork() -> None:
     # The class the inherited hub's loop came from (reified when that hub was made).
     loop_class = None if _LOOP_SETTING is None else _LOOP_SETTING.value
     if loop_class is None or loop_class is _first_loop:
-        if _retire(loop):
+        stale = _retire(loop)
+        # No way to step in when the next loop is made: make it now, if it needs more
+        # than the default.
+        if stale is None:
             set_hub(get_hub_class()(default=False))
+        elif stale:
+            hub = get_hub_class()()
+            set_hub(hub)
+            _forget_stale_watchers(hub.loop, stale)
         return
     global _inherited_loop, _loop_class
     _inherited_loop = loop
@@ -106,20 +121,91 @@ def _first_loop(flags: object = None, default: Optional[bool] = None) -> object:
     assert _LOOP_SETTING is not None
     loop_class = _loop_class
     _LOOP_SETTING.value = loop_class  # once only: every later loop is an ordinary one
-    if _retire(_inherited_loop):
-        default = False
-    return loop_class(flags=flags, default=default)
+    stale = _retire(_inherited_loop)
+    if stale is None:
+        return loop_class(flags=flags, default=False)
+    loop = loop_class(flags=flags, default=default)
+    _forget_stale_watchers(loop, stale)
+    return loop
 
 
-def _retire(loop: Any) -> bool:
-    """Makes sure the next loop is not the inherited one; True on libuv, where that takes a
-    non-default loop (see ``fresh_hub_after_fork``)."""
+def _retire(loop: Any) -> Optional[int]:
+    """Makes sure the next loop is not the inherited one. Returns None on libuv, where that
+    takes a non-default loop (see ``fresh_hub_after_fork``); on libev, the number of the
+    parent's watchers that the next default loop will still count as active (below)."""
     if _is_libuv(loop):
         # Forget it without touching the native loop: gevent must not close it either.
         loop._ptr = None
-        return True
+        return None
+    # libev's default loop lives in one static structure, and neither ev_loop_destroy nor
+    # the ev_default_loop that re-initialises it resets its count of active watchers: the
+    # next default loop starts out counting every watcher the parent had running at fork
+    # time (a sleeping greenlet's timer, a server's io watcher). Such a loop never runs out
+    # of work, so `gevent.wait()` never returns and gevent never says that a wait would
+    # block for ever. (Every watcher gevent starts for itself is unreferenced, and
+    # destroying stops them: only the parent's own are left in the count.)
+    stale: int = getattr(loop, "activecnt", 0) if loop.default else 0
     loop.destroy()
-    return False
+    return stale
+
+
+def _forget_stale_watchers(loop: Any, stale: int) -> None:
+    """Takes the inherited count back off a new default libev loop (a loop made by
+    ``ev_loop_new`` starts from zero: nothing to take off)."""
+    if not getattr(loop, "default", False):
+        return
+    for _ in range(min(stale, getattr(loop, "activecnt", 0))):
+        loop.unref()
+
+
+def _fresh_hub_off_main_thread(loop: Any) -> None:
+    """``fresh_hub_after_fork`` for a child forked from a thread other than the parent's
+    main thread. The forking thread's loop (``loop``, if it had one) is not the only one
+    inherited: the main thread's is, too, and on libev that is the default loop, which the
+    child's hub, the main one now, would otherwise take over as it is, the parent's
+    descriptors, watchers and callbacks with it. No hub of this thread refers to it, so it
+    is found by asking for the default loop. Done at once (only such children pay for it).
+    """
+    if loop is not None:
+        set_loop(None)
+        _abandoned.append(loop)
+        _retire(loop)
+    loop_class: Any
+    if _LOOP_SETTING is not None and _LOOP_SETTING.value is _first_loop:
+        # This process is a child that had not made a loop yet: its parent's is pending.
+        loop_class = _LOOP_SETTING.value = _loop_class
+        _abandoned.append(_inherited_loop)
+        _retire(_inherited_loop)
+    else:
+        from gevent._config import config
+
+        loop_class = config.loop
+    if loop_class.__module__.startswith("gevent.libuv"):
+        # The main thread's default loop is left alone (see above); the hub gets a new one.
+        set_hub(get_hub_class()(default=False))
+        return
+    inherited = loop_class(default=True)  # the parent's default loop, or a new one
+    _abandoned.append(inherited)
+    stale = _retire(inherited) or 0
+    hub = get_hub_class()()
+    set_hub(hub)
+    _forget_stale_watchers(hub.loop, stale)
+
+
+def _adopt_main_thread() -> bool:
+    """True in a child forked from a thread other than the parent's main thread.
+
+    The thread that forked is the child's main thread (``threading`` says so too), but
+    gevent decides whether a hub is the main one, and so whether its loop is the default
+    loop (the only one with child watchers: ``gevent.subprocess``, ``gevent.os.waitpid``),
+    by comparing with the ident it recorded when ``gevent.hub`` was imported in the parent.
+    A child forked from any other thread would get a non-default loop, and a hub that
+    passes no ``KeyboardInterrupt`` or ``SystemExit`` to the main greenlet."""
+    ident = get_ident()
+    if _gevent_hub.MAIN_THREAD_IDENT == ident:
+        return False
+    _gevent_hub.MAIN_THREAD_IDENT = ident
+    return True
 
 
 def _find_loop_setting() -> Any:

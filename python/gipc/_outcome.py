@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import gevent
 from gevent.hub import get_hub
 
+from ._child import close_fd, parent_only_fds
 from ._handles import _GIPCReader, _GIPCWriter, pipe
 from ._hub import READ
 from .exceptions import GIPCError
@@ -263,18 +264,28 @@ class OutcomeReceiver:
 
 
 def await_outcome(
-    receiver: OutcomeReceiver, process: Any, timeout: Optional[float]
+    receiver: OutcomeReceiver,
+    process: Any,
+    timeout: Optional[float],
+    keep: Callable[[Outcome], None],
 ) -> Optional[Outcome]:
     """Waits cooperatively, at most ``timeout`` seconds, until the child ``process`` has
     reported an outcome or ended without one (then the outcome is a :class:`ChildDied`).
     Returns ``None`` when the time is up first.
+
+    An outcome read from the pipe is handed to ``keep`` by the greenlet that read it, the
+    moment it is complete: the read is left to a greenlet of its own, which this wait kills
+    when it gives up (or is itself killed), and such a kill lands only when that greenlet
+    next switches, which may be after the read has finished. What it read then would be
+    lost with its return value, and the stream left at its end. (Killed mid-read, the
+    reader keeps what it has, and the next call goes on from there.)
 
     The end of the child is watched separately from the pipe: a descendant that inherited
     the pipe's write end would otherwise hide it, and a child killed halfway through a
     message leaves nothing to read but that half.
     """
     deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
-    getter = gevent.spawn(_receive_or_error, receiver)
+    getter = gevent.spawn(_receive_or_error, receiver, keep)
     exited = gevent.spawn(wait_for_exit, process)
     try:
         gevent.wait([getter, exited], timeout=remaining(deadline), count=1)
@@ -303,12 +314,14 @@ def await_outcome(
         gevent.killall([getter, exited])
 
 
-def _receive_or_error(receiver: OutcomeReceiver) -> Any:
+def _receive_or_error(receiver: OutcomeReceiver, keep: Callable[[Outcome], None]) -> Any:
     # Returned, not raised: gevent would print an exception raised in a greenlet.
     try:
-        return receiver.receive()
+        outcome = receiver.receive()
     except Exception as exc:
         return exc
+    keep(outcome)  # before anything can switch away (see await_outcome)
+    return outcome
 
 
 def wait_for_exit(process: Any) -> int:
@@ -333,7 +346,7 @@ def wait_for_exit(process: Any) -> int:
             finally:
                 watcher.close()
         finally:
-            os.close(fd)
+            close_fd(fd)
     # The descriptor fires as the child ends, a moment before its exit status can be
     # collected.
     delay = 0.001
@@ -346,16 +359,23 @@ def wait_for_exit(process: Any) -> int:
 
 
 def _exit_fd(process: Any) -> Optional[int]:
+    """A new descriptor that becomes readable when ``process`` ends, registered in
+    ``parent_only_fds`` (a child started while a greenlet waits on it must not inherit it).
+    """
+    fd: Optional[int] = None
     pidfd_open = getattr(os, "pidfd_open", None)
     if pidfd_open is not None:
         try:
-            return pidfd_open(process.pid)  # type: ignore[no-any-return]
+            fd = pidfd_open(process.pid)
         except OSError:
             pass
-    try:
-        return os.dup(process.sentinel)
-    except (OSError, ValueError):
-        return None  # the loop in wait_for_exit polls instead
+    if fd is None:
+        try:
+            fd = os.dup(process.sentinel)
+        except (OSError, ValueError):
+            return None  # the loop in wait_for_exit polls instead
+    parent_only_fds.add(fd)
+    return fd
 
 
 def clamp_timeout(timeout: Optional[float]) -> Optional[float]:

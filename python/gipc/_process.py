@@ -37,6 +37,9 @@ from .exceptions import GIPCError
 #: What a child writes to its sentinel pipe just before it exits.
 _EXIT_CODE = struct.Struct("<i")
 
+#: What start_process blocks across the fork (the system ignores SIGKILL and SIGSTOP there).
+_ALL_SIGNALS = signal.valid_signals()
+
 #: Process monitors of this process's live children, so a forked child can close the
 #: descriptors that watch its siblings.
 _live_popens: "weakref.WeakSet[_CooperativePopen]" = weakref.WeakSet()
@@ -68,6 +71,7 @@ class _CooperativePopen:
         # when the child is gone (`sentinel`); the child's read end does the same when the
         # parent is gone (`multiprocessing.parent_process().sentinel`).
         start = _child.ChildStart(process_obj)
+        parent_pid = os.getpid()
         pipe_fds: List[int] = []
         try:
             parent_r, child_w = os.pipe()
@@ -75,10 +79,21 @@ class _CooperativePopen:
             child_r, parent_w = os.pipe()
             pipe_fds += (child_r, parent_w)
             start.ready(child_r)
-            # Looked up at call time: under gevent.monkey this is gevent's fork, which
-            # registers the child with gevent's own SIGCHLD handling, and os.waitpid is its
-            # matching wait.
-            pid = os.fork()
+            # Every signal stays blocked from before the fork (and the at-fork hooks) until
+            # the child has reset the dispositions it inherited: a signal that comes early,
+            # a Ctrl-C or a terminate() right after start_process returns, then meets the
+            # default action. Unblocked earlier, it would run the parent's Python handler
+            # in the child, in gipc's start-up code, which would swallow its exception and
+            # carry on.
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
+            try:
+                # Looked up at call time: under gevent.monkey this is gevent's fork, which
+                # registers the child with gevent's own SIGCHLD handling, and os.waitpid is
+                # its matching wait.
+                pid = os.fork()
+            finally:
+                if os.getpid() == parent_pid:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         except BaseException:
             start.forget()
             for fd in pipe_fds:
@@ -89,9 +104,13 @@ class _CooperativePopen:
             try:
                 os.close(parent_r)
                 os.close(parent_w)
-                if _handles._open_handles.data or _live_popens.data:  # type: ignore[attr-defined]
+                if (
+                    _handles._open_handles.data  # type: ignore[attr-defined]
+                    or _live_popens.data  # type: ignore[attr-defined]
+                    or _child.parent_only_fds
+                ):
                     _release_inherited(process_obj._gipc_handles)
-                code = start.run()
+                code = start.run()  # resets the signals, then unblocks them
             except BaseException:  # gipc's own start-up failed: say why before exiting
                 import traceback
 
@@ -110,6 +129,7 @@ class _CooperativePopen:
         os.close(child_r)
         self.sentinel = parent_r
         self._parent_fds = (parent_r, parent_w)
+        _child.parent_only_fds.update(self._parent_fds)
         self._exit_fd = _open_pidfd(pid)
         _live_popens.add(self)
 
@@ -212,8 +232,9 @@ class _CooperativePopen:
         return (code & 0xFF) << 8
 
     def _release(self, in_child: bool = False) -> None:
-        """Closes every descriptor the parent holds for this child, and its watchers (in a
-        forked child they belong to the parent's loop: dropped, never touched)."""
+        """Closes every descriptor the parent holds for this child, and its watchers. In a
+        forked child both are only forgotten: the watchers belong to the parent's loop, and
+        the descriptors are closed with every other of ``_child.parent_only_fds``."""
         _live_popens.discard(self)
         watchers = (self._exit_watcher, self._retry_timer)
         self._exit_watcher = self._retry_timer = None
@@ -225,9 +246,11 @@ class _CooperativePopen:
         if self._exit_fd is not None:
             fds += (self._exit_fd,)
             self._exit_fd = None
+        if in_child:
+            return
         for fd in fds:
             try:
-                os.close(fd)
+                _child.close_fd(fd)
             except OSError:
                 pass
 
@@ -240,6 +263,7 @@ def _open_pidfd(pid: int) -> Optional[int]:
         fd: int = pidfd_open(pid)
     except OSError:  # ENOSYS before Linux 5.3, or the child is already reaped
         return None
+    _child.parent_only_fds.add(fd)
     return fd
 
 
@@ -360,6 +384,7 @@ class _GProcess(multiprocessing.Process):
         ``timeout`` seconds; True once it is known. The read end is closed then."""
         lock = self._outcome_lock
         if self._outcome is not None or lock is None:
+            self._close_outcome_receiver()
             return self._outcome is not None
         started = time.monotonic()
         if not lock.acquire(timeout=_outcome.clamp_timeout(timeout)):
@@ -369,34 +394,54 @@ class _GProcess(multiprocessing.Process):
             if self._outcome is None and receiver is not None:
                 if timeout is not None:
                     timeout = max(timeout - (time.monotonic() - started), 0.0)
-                outcome = _outcome.await_outcome(receiver, self, timeout)
-                if outcome is None:
-                    return False
-                self._outcome = outcome
-                self._outcome_receiver = None
-                receiver.close()
+                outcome = _outcome.await_outcome(receiver, self, timeout, self._keep_outcome)
+                if outcome is not None:
+                    self._keep_outcome(outcome)
             return self._outcome is not None
         finally:
+            self._close_outcome_receiver()
             lock.release()
+
+    def _keep_outcome(self, outcome: Outcome) -> None:
+        """Called by whichever greenlet reads the outcome, as soon as it has it: kept here,
+        it survives a timeout or kill of the wait that asked for it."""
+        if self._outcome is None:
+            self._outcome = outcome
+
+    def _close_outcome_receiver(self) -> None:
+        """Once the outcome is known, the read end has nothing more to give."""
+        if self._outcome is not None:
+            receiver, self._outcome_receiver = self._outcome_receiver, None
+            if receiver is not None:
+                receiver.close()
 
     def __repr__(self) -> str:
         return "<_GProcess" + super().__repr__()[len("<_GProcess") :]
 
 
-def _collect_handles(obj: Any, found: Set[_GIPCHandle], depth: int = 0) -> None:
+def _collect_handles(obj: Any, found: Set[_GIPCHandle]) -> None:
     """Finds the handles passed to a child: directly in ``args``/``kwargs`` or inside
-    (nested) tuples, lists, sets and dict values."""
-    if isinstance(obj, _GIPCHandle):
-        found.add(obj)
-    elif isinstance(obj, _GIPCDuplexHandle):
-        found.update(obj._parts())
-    elif depth < 4:
-        if isinstance(obj, dict):
-            obj = obj.values()
-        elif not isinstance(obj, (tuple, list, set, frozenset)):
-            return
-        for item in obj:
-            _collect_handles(item, found, depth + 1)
+    tuples, lists, sets and dicts (keys and values) nested to any depth. Iterative, and
+    each container is looked into once: neither deep nesting nor a container that holds
+    itself can stop the search (a handle missed would be closed in the child and left
+    open in the parent, silently)."""
+    pending = [obj]
+    seen: Set[int] = set()
+    while pending:
+        obj = pending.pop()
+        if isinstance(obj, _GIPCHandle):
+            found.add(obj)
+        elif isinstance(obj, _GIPCDuplexHandle):
+            found.update(obj._parts())
+        elif isinstance(obj, (tuple, list, set, frozenset, dict)):
+            if id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            if isinstance(obj, dict):
+                pending.extend(obj.keys())
+                pending.extend(obj.values())
+            else:
+                pending.extend(obj)
 
 
 def _release_inherited(kept: Iterable[_GIPCHandle]) -> None:
@@ -410,6 +455,7 @@ def _release_inherited(kept: Iterable[_GIPCHandle]) -> None:
     for popen in list(_live_popens):
         # A sibling's monitor, inherited: it is the parent's to use.
         popen._release(in_child=True)
+    _child.close_parent_only_fds()
 
 
 def start_process(
