@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import logging
 import os
 import pickle
 import sys
@@ -66,6 +67,8 @@ _dumps = pickle.dumps
 
 #: Marks "no try_recv() made yet" (None and False are results of one).
 _NOT_POLLED = object()
+
+_log = logging.getLogger("gipc")
 
 #: Every open handle of this process, so a forked child can close those it was not given.
 _open_handles: "weakref.WeakSet[_GIPCHandle]" = weakref.WeakSet()
@@ -169,6 +172,8 @@ class _GIPCHandle:
             raise GIPCClosed(f"{self!r} is closed already")
         if self._lock.locked():
             raise GIPCLocked(f"cannot close {self!r}: another greenlet is using it")
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug("closing %r", self)
         self._release()
 
     def _release(self) -> None:
@@ -496,6 +501,8 @@ class _GIPCDuplexHandle:
             if handle._busy.locked():
                 busy.append(handle)
             else:
+                if _log.isEnabledFor(logging.DEBUG):
+                    _log.debug("closing %r of a duplex handle", handle)
                 handle._release()
         if busy:
             raise GIPCLocked(

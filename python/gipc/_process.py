@@ -10,6 +10,7 @@ process that is not its own and never touches multiprocessing's behaviour for an
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 
 # Registers multiprocessing's atexit hook, which terminates daemonic children and joins the
@@ -33,6 +34,9 @@ from ._handles import _GIPCDuplexHandle, _GIPCHandle, _GIPCWriter
 from ._hub import READ
 from ._outcome import Outcome, OutcomeReceiver
 from .exceptions import GIPCError
+
+#: gipc's lifecycle records (debug level; silent unless the program configures logging).
+_log = logging.getLogger("gipc")
 
 #: What a child writes to its sentinel pipe just before it exits.
 _EXIT_CODE = struct.Struct("<i")
@@ -132,6 +136,7 @@ class _CooperativePopen:
         _child.parent_only_fds.update(self._parent_fds)
         self._exit_fd = _open_pidfd(pid)
         _live_popens.add(self)
+        _log.debug("started child %s (pid %d)", process_obj.name, pid)
 
     def poll(self, flag: int = os.WNOHANG) -> Optional[int]:
         """Reaps the child if it has exited; never blocks, whatever ``flag`` says."""
@@ -146,6 +151,7 @@ class _CooperativePopen:
             if pid == 0:
                 return None
             self.returncode = os.waitstatus_to_exitcode(status)
+            _log.debug("child pid %d exited with code %d", self.pid, self.returncode)
             self._release()
             self._exited.set()  # whoever reaped it, every waiting join() returns
         return self.returncode
@@ -519,7 +525,13 @@ def start_process(
         process._outcome_lock = Semaphore()
     else:
         process.start()
+    if passed:
+        _log.debug("handed %s to child pid %d, closed here", _describe(passed), process.pid)
     for handle in passed:
         handle._release()
     process._gipc_handles = ()
     return process
+
+
+def _describe(handles: Iterable[_GIPCHandle]) -> str:
+    return ", ".join(sorted(repr(handle) for handle in handles))
