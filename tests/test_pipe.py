@@ -338,7 +338,7 @@ class TestContextManagers:
                 g = gevent.spawn(r.get)
                 gevent.sleep(0.01)  # r is now locked: closing it will fail
                 try:
-                    1 / 0
+                    raise ZeroDivisionError
                 finally:
                     w.put("release")  # lets g finish after the with block
         g.join()
@@ -565,8 +565,8 @@ def _echo(handle, count: int) -> None:
 
 class TestLanes:
     """By default a channel has two lanes: frames through a pipe, payloads of BULK_MIN bytes
-    or more through a socket pair beside it. Whatever lane a payload takes, messages arrive whole and
-    in order."""
+    or more through a socket pair beside it. Whatever lane a payload takes, messages arrive
+    whole and in order."""
 
     # Around the bulk threshold, tiny ones between large ones, and one far above a buffer.
     SIZES = [0, 1, _core.BULK_MIN - 1, _core.BULK_MIN, 5, _core.BULK_MIN + 1, 100, 3 << 20, 7,

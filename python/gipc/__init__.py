@@ -27,7 +27,7 @@ from ._process import _GProcess, start_process
 from .exceptions import GIPCClosed, GIPCError, GIPCLocked, GIPCTypeError, GIPCValueError
 
 # gipc 1.x code refers to the documented classes as gipc.gipc._GIPCReader etc.
-from . import gipc  # noqa: E402  (a submodule, bound as an attribute on purpose)
+from . import gipc as gipc  # a submodule, bound as an attribute on purpose
 
 if TYPE_CHECKING:
     # Imported lazily at run time (see __getattr__); type checkers see it as it is.

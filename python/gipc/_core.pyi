@@ -9,7 +9,22 @@ if sys.version_info >= (3, 12):
 else:
     from typing_extensions import Buffer
 
-__all__ = ["BULK_MIN", "DONE", "KIND_BATCH", "KIND_BYTES", "KIND_ENCODED", "MAX_PAYLOAD_LEN", "REPLY_SPIN_US", "Reader", "WOULD_BLOCK", "Writer", "YIELD", "__version__", "channel", "reset_signal_state"]
+__all__ = [
+    "BULK_MIN",
+    "DONE",
+    "KIND_BATCH",
+    "KIND_BYTES",
+    "KIND_ENCODED",
+    "MAX_PAYLOAD_LEN",
+    "REPLY_SPIN_US",
+    "Reader",
+    "WOULD_BLOCK",
+    "Writer",
+    "YIELD",
+    "__version__",
+    "channel",
+    "reset_signal_state",
+]
 
 __version__: str
 
