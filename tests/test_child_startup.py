@@ -274,9 +274,11 @@ def test_a_child_does_not_inherit_the_pidfd_of_a_siblings_result_wait() -> None:
     with gipc.pipe() as (release_r, release_w):
         sibling = gipc.start_process(_wait_for_eof, (release_r,), capture=True)
         waiter = gevent.spawn(sibling.result)
-        # Until result() has its own pidfd on the sibling (besides the process object's).
+        # Until result() waits on the sibling's exit (through its pidfd).
         deadline = time.monotonic() + 20
-        while _pidfds_of("self").count(str(sibling.pid)) < 2:
+        while sibling._popen._exit_watcher is None or str(sibling.pid) not in _pidfds_of(
+            "self"
+        ):
             assert time.monotonic() < deadline
             gevent.sleep(0.001)
         try:

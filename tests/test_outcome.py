@@ -453,3 +453,20 @@ def test_an_outcome_read_while_the_wait_gives_up_is_kept(poll, target):
         p.join()
         assert p.exitcode == 0
     assert lost == []
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), 1e17, 1e300])
+def test_a_huge_timeout_means_none(timeout):
+    # libuv cannot represent such a timer (OverflowError); no one means 30 years either.
+    p = gipc.start_process(sleep_then, (0.05, "late"), capture=True)
+    assert p.result(timeout) == "late"
+    p.join(timeout)
+    assert p.exitcode == 0
+
+
+def test_a_nan_timeout_is_refused():
+    p = gipc.start_process(add, (1,), capture=True)
+    with pytest.raises(ValueError, match="NaN"):
+        p.result(float("nan"))
+    assert p.result() == 1
+    p.join()

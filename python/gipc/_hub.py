@@ -7,6 +7,7 @@ a cooperative wait on the current thread's hub.
 from __future__ import annotations
 
 import inspect
+import time
 from typing import Any, Dict, List, Optional
 
 from _thread import get_ident
@@ -20,6 +21,30 @@ WRITE = 2
 
 #: libev watcher priority of the timer that yields (-2..2, default 0): below everything else.
 _YIELD_PRIORITY = -1
+
+
+#: Timeouts from this long on mean "no timeout": libuv cannot represent ~1e16 s and more
+#: (OverflowError), and nothing waits 30 years.
+_FOREVER = 1e9
+
+
+def clamp_timeout(timeout: Optional[float]) -> Optional[float]:
+    """A timeout fit for gevent: never negative, none shorter than a millisecond (libuv
+    timers cannot be, and gevent warns about every such timer), and none for a huge one."""
+    if timeout is None or timeout >= _FOREVER:
+        return None
+    if timeout != timeout:
+        raise ValueError("a timeout cannot be NaN")
+    if timeout <= 0:
+        return 0.0
+    return max(timeout, 0.001)
+
+
+def remaining(deadline: Optional[float]) -> Optional[float]:
+    """Seconds left until ``deadline`` (a ``time.monotonic()`` value), fit for gevent."""
+    if deadline is None:
+        return None
+    return clamp_timeout(deadline - time.monotonic())
 
 
 def wait_for(watcher: object) -> None:

@@ -25,11 +25,9 @@ import traceback
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import gevent
-from gevent.hub import get_hub
 
-from ._child import close_fd, parent_only_fds
 from ._handles import _GIPCReader, _GIPCWriter, pipe
-from ._hub import READ
+from ._hub import remaining
 from .exceptions import GIPCError
 
 VALUE = 0
@@ -326,73 +324,11 @@ def _receive_or_error(receiver: OutcomeReceiver, keep: Callable[[Outcome], None]
 
 def wait_for_exit(process: Any) -> int:
     """Waits cooperatively until ``process`` (a started ``_GProcess``) has ended and been
-    reaped; returns its exit code.
-
-    The wait is on a descriptor of our own (a pidfd, or a duplicate of the exit sentinel)
-    rather than on the process object's: whoever reaps the child (``multiprocessing``
-    polls every child of ours each time a process starts) closes the object's descriptors,
-    and a wait parked on a closed descriptor would never end.
-    """
-    code = process.exitcode
-    if code is not None:
-        return code  # type: ignore[no-any-return]
-    fd = _exit_fd(process)
-    if fd is not None:
-        try:
-            hub = get_hub()
-            watcher = hub.loop.io(fd, READ)
-            try:
-                hub.wait(watcher)
-            finally:
-                watcher.close()
-        finally:
-            close_fd(fd)
-    # The descriptor fires as the child ends, a moment before its exit status can be
-    # collected.
-    delay = 0.001
-    while True:
-        code = process.exitcode
-        if code is not None:
-            return code  # type: ignore[no-any-return]
-        gevent.sleep(delay)
-        delay = min(delay * 2, 0.05)
-
-
-def _exit_fd(process: Any) -> Optional[int]:
-    """A new descriptor that becomes readable when ``process`` ends, registered in
-    ``parent_only_fds`` (a child started while a greenlet waits on it must not inherit it).
-    """
-    fd: Optional[int] = None
-    pidfd_open = getattr(os, "pidfd_open", None)
-    if pidfd_open is not None:
-        try:
-            fd = pidfd_open(process.pid)
-        except OSError:
-            pass
-    if fd is None:
-        try:
-            fd = os.dup(process.sentinel)
-        except (OSError, ValueError):
-            return None  # the loop in wait_for_exit polls instead
-    parent_only_fds.add(fd)
-    return fd
-
-
-def clamp_timeout(timeout: Optional[float]) -> Optional[float]:
-    """A timeout fit for gevent: never negative, and none shorter than a millisecond (libuv
-    timers cannot be, and gevent warns about every such timer)."""
-    if timeout is None:
-        return None
-    if timeout <= 0:
-        return 0.0
-    return max(timeout, 0.001)
-
-
-def remaining(deadline: Optional[float]) -> Optional[float]:
-    """Seconds left until ``deadline`` (a ``time.monotonic()`` value), fit for gevent."""
-    if deadline is None:
-        return None
-    return clamp_timeout(deadline - time.monotonic())
+    reaped; returns its exit code. The process's own monitor does the waiting (one watcher
+    per child, however many wait); it wakes every waiter whoever reaps the child."""
+    popen = process._popen
+    popen.wait(None)
+    return popen.returncode  # type: ignore[no-any-return]
 
 
 def _type_name(obj: Any) -> str:

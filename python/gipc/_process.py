@@ -31,7 +31,7 @@ from gevent.lock import Semaphore
 
 from . import _child, _handles, _outcome
 from ._handles import _GIPCDuplexHandle, _GIPCHandle, _GIPCWriter
-from ._hub import READ
+from ._hub import READ, clamp_timeout
 from ._outcome import Outcome, OutcomeReceiver
 from .exceptions import GIPCError
 
@@ -164,7 +164,7 @@ class _CooperativePopen:
             return None
         if self._exit_watcher is None:
             self._watch_exit()
-        self._exited.wait(timeout)
+        self._exited.wait(clamp_timeout(timeout))
         return self.returncode
 
     # One io watcher on the exit descriptor per child, however many greenlets join it; its
@@ -365,7 +365,7 @@ class _GProcess(multiprocessing.Process):
             started = time.monotonic()
             self._collect_outcome(timeout)
             if timeout is not None:
-                timeout = _outcome.clamp_timeout(timeout - (time.monotonic() - started))
+                timeout = clamp_timeout(timeout - (time.monotonic() - started))
         super().join(timeout)
 
     def interrupt(self) -> None:
@@ -393,7 +393,7 @@ class _GProcess(multiprocessing.Process):
             self._close_outcome_receiver()
             return self._outcome is not None
         started = time.monotonic()
-        if not lock.acquire(timeout=_outcome.clamp_timeout(timeout)):
+        if not lock.acquire(timeout=clamp_timeout(timeout)):
             return False
         try:
             receiver = self._outcome_receiver

@@ -59,7 +59,8 @@ import gevent.queue
 from . import _outcome
 from ._handles import _GIPCReader, _GIPCWriter
 from ._hub import yield_to_loop
-from ._outcome import Outcome, OutcomeReceiver, clamp_timeout, describe_exit, remaining
+from ._hub import clamp_timeout, remaining
+from ._outcome import Outcome, OutcomeReceiver, describe_exit
 from ._process import _GProcess, start_process
 from .exceptions import GIPCError
 
