@@ -17,13 +17,19 @@ How the work moves:
   waits for what comes back: the outcome, the worker's end, or the task's deadline. Two
   helpers feed that wait: one reads outcomes off the pipe, one watches the process exit.
   Once a worker's tasks prove quick (under a millisecond), up to ``prefetch`` (8) more small
-  ones are sent ahead, so it never waits for the parent between two tasks; a task's deadline runs
-  from the moment the one before it finished. Sent-ahead tasks count as running (they
-  cannot be cancelled); if the worker dies, those behind the one it was running go to a
-  new worker.
-* A worker that dies fails only the task it was running (:class:`WorkerCrashed`); one that
-  runs past the task's timeout is killed and fails it with :class:`TaskTimeout`. Either
-  way, and after ``max_tasks_per_child`` tasks, the worker is replaced when there is work.
+  ones are sent ahead while no other worker is idle, so it never waits for the parent
+  between two tasks; a task's deadline runs from the moment the one before it finished.
+  Sent-ahead tasks count as running (they cannot be cancelled).
+* The worker claims each task before it runs it (see :class:`_Claims`). A worker about to
+  idle takes back the tasks others were sent ahead and have not claimed, so none waits
+  behind a long task while a worker is free; and when a worker dies the parent knows
+  which task it was running.
+* A worker that dies fails only the task it was running (:class:`WorkerCrashed`), once
+  the outcomes it had sent have completed theirs; one that runs past the task's timeout
+  is killed and fails it with :class:`TaskTimeout`. The tasks it never started go to
+  another worker. Either way, and after ``max_tasks_per_child`` tasks, the worker is
+  replaced when there is work; so is one that could not be started (a bounded number of
+  times in a row).
 """
 
 from __future__ import annotations
@@ -131,7 +137,7 @@ class _Event(gevent.event.Event):  # type: ignore[misc]
     be shorter than gevent accepts without a warning."""
 
     def wait(self, timeout: Optional[float] = None) -> bool:
-        return super().wait(clamp_timeout(timeout))  # type: ignore[no-any-return]
+        return super().wait(_wait_timeout(timeout))  # type: ignore[no-any-return]
 
 
 class _CooperativeWaiters(list):  # type: ignore[type-arg]
@@ -221,7 +227,7 @@ class Future(cf.Future):  # type: ignore[type-arg]
             return
         if self._done_event is None:
             self._done_event = gevent.event.Event()
-        self._done_event.wait(clamp_timeout(timeout))
+        self._done_event.wait(_wait_timeout(timeout))
 
 
 # --- Tasks on the wire ----------------------------------------------------------------------
@@ -302,7 +308,9 @@ class _Claims:
         if not self._lock.acquire(False):
             return None
         try:
-            self._words[1] = through
+            # Never lower: tasks revoked earlier may still be in the worker's pipe.
+            if through > self._words[1]:
+                self._words[1] = through
             return int(self._words[0])
         finally:
             self._lock.release()
@@ -593,11 +601,11 @@ class ProcessPool(cf.Executor):
             worker; a worker that exceeds it is killed and the task fails with
             :class:`TaskTimeout`. ``submit_with_timeout`` sets it per task.
         prefetch: how many small tasks (32 KiB in all) a worker whose tasks take under a
-            millisecond may be sent ahead of the one it runs (default 8). This more than
-            doubles the throughput of tiny tasks; the price is that a long task arriving
-            after quick ones can hold back up to this many tasks behind it while other
-            workers are free, and tasks sent ahead can no longer be cancelled. ``0`` sends
-            a worker one task at a time.
+            millisecond may be sent ahead of the one it runs (default 8), while no
+            other worker is idle. This more than doubles the throughput of tiny tasks.
+            Tasks sent ahead and not started are taken back for a worker that becomes
+            free; they can no longer be cancelled. ``0`` sends a worker one task at a
+            time.
 
     The pool is driven by greenlets of the hub of the thread that created it; use it from
     that thread.
@@ -673,7 +681,7 @@ class ProcessPool(cf.Executor):
         result is reached; leaving the iteration early cancels what has not started.
         """
         futures, chunked = self._submit_map(fn, iterables, chunksize)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = _deadline(timeout)
 
         def results() -> Iterator[Any]:
             try:
@@ -702,7 +710,7 @@ class ProcessPool(cf.Executor):
         """``map``, but each result is yielded as soon as it is ready, whatever its
         position. Same arguments and error handling as ``map``."""
         futures, chunked = self._submit_map(fn, iterables, chunksize)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = _deadline(timeout)
         finished: "gevent.queue.Queue[Future]" = gevent.queue.Queue()
         for future in futures:
             future.add_done_callback(finished.put_nowait)
@@ -1356,6 +1364,19 @@ class ProcessPool(cf.Executor):
             f"<ProcessPool {state} workers={len(self._workers)}/{self._max_workers} "
             f"pending={self._pending}>"
         )
+
+
+def _wait_timeout(timeout: Optional[float]) -> Optional[float]:
+    """A caller's timeout fit for gevent: ``None`` also for one too long for libuv."""
+    if timeout is not None and timeout >= _NO_TIMEOUT_FROM:
+        return None
+    return clamp_timeout(timeout)
+
+
+def _deadline(timeout: Optional[float]) -> Optional[float]:
+    if timeout is None or timeout >= _NO_TIMEOUT_FROM:
+        return None
+    return time.monotonic() + timeout
 
 
 def _check_timeout(timeout: Optional[float]) -> Optional[float]:
