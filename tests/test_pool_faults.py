@@ -243,6 +243,42 @@ def test_an_interrupt_while_an_outcome_is_received_does_not_wedge_the_pool(
     assert sorted(done) == sorted(set(done))  # none ran twice
 
 
+def test_an_interrupt_in_the_serving_greenlet_settles_what_was_sent(tmp_path, every_task_quick):
+    path = tmp_path / "runs"
+    pool = ProcessPool(1)
+    try:
+        assert pool.submit(square, 2).result(timeout=20) == 4
+        first = pool.submit(square, 3)
+        fired = []
+
+        def interrupt_once(_):  # runs in the greenlet that completed the future
+            if not fired:
+                fired.append(None)
+                raise KeyboardInterrupt
+
+        first.add_done_callback(interrupt_once)
+        behind = [pool.submit(record_run, path, i) for i in range(4)]
+        with pytest.raises(KeyboardInterrupt):
+            first.result(timeout=20)
+        assert first.result(timeout=20) == 9
+        failed = []
+        for i, future in enumerate(behind):
+            try:
+                assert future.result(timeout=20) == i
+            except BrokenProcessPool as exc:
+                # Only the one the worker was running when it was stopped.
+                assert "KeyboardInterrupt" in str(exc)
+                failed.append(i)
+        assert len(failed) <= 1
+        assert pool.submit(square, 5).result(timeout=20) == 25
+    finally:
+        with gevent.Timeout(60):
+            pool.shutdown()
+    done = runs(path)
+    assert len(done) == len(set(done))  # none ran twice
+    assert {0, 1, 2, 3} - set(failed) <= set(done)
+
+
 def test_an_interrupt_in_the_pool_does_not_keep_the_program_from_exiting():
     result = run_python(
         """
