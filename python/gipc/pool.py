@@ -49,7 +49,6 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import (
     Any,
     Callable,
-    Deque,
     Dict,
     Iterable,
     Iterator,
@@ -885,6 +884,7 @@ class ProcessPool(cf.Executor):
             interrupted = exc
             raise
         finally:
+            worker.ready = False  # nothing more to take back from it
             if interrupted is not None and worker.in_flight and not worker.lost:
                 # Settle what was sent, as if the worker had died: it is stopped, and only
                 # the tasks it never started go elsewhere.
@@ -921,8 +921,9 @@ class ProcessPool(cf.Executor):
                 return False
         tasks_r, tasks_w = _outcome.outcome_pipe()  # raw bytes, like the outcome pipe
         outcomes_r, outcomes_w = _outcome.outcome_pipe()
-        claims = _Claims()
+        claims: Optional[_Claims] = None
         try:
+            claims = _Claims()
             process = start_process(
                 _worker_main,
                 args=(tasks_r, outcomes_w, claims, self._initializer, self._initargs),
@@ -932,7 +933,8 @@ class ProcessPool(cf.Executor):
             for handle in (tasks_r, tasks_w, outcomes_r, outcomes_w):
                 if not handle.closed:
                     handle._release()
-            claims.close()
+            if claims is not None:
+                claims.close()
             if isinstance(exc, Exception):
                 self._start_failed(f"a worker process could not be started: {exc}", exc)
                 return False
