@@ -6,7 +6,11 @@ concurrent.futures.ProcessPoolExecutor and multiprocessing.Pool.
 
 Workloads, each after a warm-up that starts every worker:
   tiny   10,000 tasks returning x + 1, through map() (chunksize 1): tasks per second;
-  bulk   200 tasks that each take a 1 MiB bytes and return it: MB/s moved (in + out).
+  bulk   200 tasks that each take a 1 MiB bytes and return it: MB/s moved (in + out);
+  mixed  short and long tasks after a run of quick ones (map of 200 tiny tasks), in
+         seconds: four 0.3 s tasks at once (0.6 s on 2 workers when none waits behind
+         another while a worker is free), then 200 tasks of which 1 in 4 sleeps 20 ms
+         (0.5 s on 2 workers at best).
 For each, the longest gap of a greenlet ticking every 1 ms in the parent is recorded: the
 stdlib pools block the event loop while the main greenlet waits on them.
 
@@ -36,6 +40,17 @@ def tiny(x: int) -> int:
 
 def echo(payload: bytes) -> bytes:
     return payload
+
+
+def nap(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def mostly_tiny(x: int) -> int:
+    if x % 4 == 0:
+        time.sleep(0.02)
+    return x + 1
 
 
 def measure(impl: str, workload: str, workers: int) -> dict:
@@ -69,6 +84,21 @@ def measure(impl: str, workload: str, workers: int) -> dict:
         run_map = lambda fn, items: pool.map(fn, items, chunksize=1)  # noqa: E731
 
     run_map(tiny, range(4 * workers))  # every worker started and warm
+    if workload == "mixed":
+        out = {}
+        for key, fn, items in (("four_long_s", nap, [0.3] * 4),
+                               ("mixed_s", mostly_tiny, list(range(200)))):
+            run_map(tiny, range(200))  # tasks have proved quick
+            start = time.perf_counter()
+            results = run_map(fn, items)
+            out[key] = time.perf_counter() - start
+            assert len(results) == len(items)
+        if impl == "mp":
+            pool.close()
+            pool.join()
+        else:
+            pool.shutdown(wait=True)
+        return out
     if workload == "tiny":
         items, fn, moved = list(range(TINY_TASKS)), tiny, None
     else:
@@ -108,7 +138,7 @@ def main() -> None:
         return
     runs: dict = {}
     for run in range(args.runs):
-        for workload in ("tiny", "bulk"):
+        for workload in ("tiny", "bulk", "mixed"):
             for impl in IMPLS:
                 proc = subprocess.run(
                     [sys.executable, __file__, "--workers", str(args.workers), "--one", impl,
@@ -128,7 +158,9 @@ def main() -> None:
     rows = [("tiny", "tasks_per_s", "10,000 tiny tasks (tasks/s)"),
             ("tiny", "max_gap_ms", "  longest event-loop stall (ms)"),
             ("bulk", "mb_per_s", "200 x 1 MiB in and out (MB/s)"),
-            ("bulk", "max_gap_ms", "  longest event-loop stall (ms)")]
+            ("bulk", "max_gap_ms", "  longest event-loop stall (ms)"),
+            ("mixed", "four_long_s", "4 x 0.3 s after quick tasks (s)"),
+            ("mixed", "mixed_s", "200 tasks, 1 in 4 takes 20 ms (s)")]
     print(f"\nprocess pools from a gevent program: {args.workers} workers, median of "
           f"{args.runs} runs, {os.uname().sysname} {os.cpu_count()} cores, "
           f"Python {sys.version.split()[0]}")

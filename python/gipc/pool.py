@@ -17,21 +17,29 @@ How the work moves:
   waits for what comes back: the outcome, the worker's end, or the task's deadline. Two
   helpers feed that wait: one reads outcomes off the pipe, one watches the process exit.
   Once a worker's tasks prove quick (under a millisecond), up to ``prefetch`` (8) more small
-  ones are sent ahead, so it never waits for the parent between two tasks; a task's deadline runs
-  from the moment the one before it finished. Sent-ahead tasks count as running (they
-  cannot be cancelled); if the worker dies, those behind the one it was running go to a
-  new worker.
-* A worker that dies fails only the task it was running (:class:`WorkerCrashed`); one that
-  runs past the task's timeout is killed and fails it with :class:`TaskTimeout`. Either
-  way, and after ``max_tasks_per_child`` tasks, the worker is replaced when there is work.
+  ones are sent ahead while no other worker is idle, so it never waits for the parent
+  between two tasks; a task's deadline runs from the moment the one before it finished.
+  Sent-ahead tasks count as running (they cannot be cancelled).
+* The worker claims each task before it runs it (see :class:`_Claims`). A worker about to
+  idle takes back the tasks others were sent ahead and have not claimed, so none waits
+  behind a long task while a worker is free; and when a worker dies the parent knows
+  which task it was running.
+* A worker that dies fails only the task it was running (:class:`WorkerCrashed`), once
+  the outcomes it had sent have completed theirs; one that runs past the task's timeout
+  is killed and fails it with :class:`TaskTimeout`. The tasks it never started go to
+  another worker. Either way, and after ``max_tasks_per_child`` tasks, the worker is
+  replaced when there is work; so is one that could not be started (a bounded number of
+  times in a row).
 """
 
 from __future__ import annotations
 
+import _multiprocessing  # type: ignore[import-not-found]  # (no stubs)
 import atexit
 import collections
 import concurrent.futures as cf
 import itertools
+import mmap
 import os
 import pickle
 import threading
@@ -41,7 +49,6 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import (
     Any,
     Callable,
-    Deque,
     Dict,
     Iterable,
     Iterator,
@@ -54,6 +61,7 @@ from typing import (
 
 import gevent
 import gevent.event
+import gevent.lock
 import gevent.queue
 
 from . import _outcome
@@ -129,7 +137,7 @@ class _Event(gevent.event.Event):  # type: ignore[misc]
     be shorter than gevent accepts without a warning."""
 
     def wait(self, timeout: Optional[float] = None) -> bool:
-        return super().wait(clamp_timeout(timeout))  # type: ignore[no-any-return]
+        return super().wait(_wait_timeout(timeout))  # type: ignore[no-any-return]
 
 
 class _CooperativeWaiters(list):  # type: ignore[type-arg]
@@ -219,7 +227,7 @@ class Future(cf.Future):  # type: ignore[type-arg]
             return
         if self._done_event is None:
             self._done_event = gevent.event.Event()
-        self._done_event.wait(clamp_timeout(timeout))
+        self._done_event.wait(_wait_timeout(timeout))
 
 
 # --- Tasks on the wire ----------------------------------------------------------------------
@@ -255,13 +263,86 @@ def _is_raw(obj: Any) -> bool:
     return obj.__class__ is bytes and len(obj) >= _outcome.RAW_THRESHOLD
 
 
+#: Exceptions that interrupt the program rather than report a bug.
+_INTERRUPTS = (KeyboardInterrupt, SystemExit)
+#: How often to try to take back tasks from a worker that is claiming one just then.
+_REVOKE_ATTEMPTS = 20
+
 #: The message that tells a worker to exit.
 _STOP = b""
 
 
-def _receive_task(tasks: _GIPCReader) -> Union[None, Outcome, Tuple[Any, ...]]:
-    """In the worker: the next call ``(fn, args, kwargs)``, ``None`` when told to stop (or
-    the parent is gone), or an Outcome holding the error if the call cannot be unpickled."""
+class _Claims:
+    """Which of the tasks sent to one worker it may still start, shared by the parent and
+    the worker (memory and a lock made before the fork, inherited by it).
+
+    Tasks are numbered in the order they are sent (1, 2, ...). The worker *claims* each one
+    before running it; the parent may *revoke* every task it has sent that is not claimed
+    yet, to hand it to a worker that is free. Both happen under the lock, so a task is
+    either run by this worker or handed on, never both and never neither; and the parent
+    always knows which task the worker was running when it died.
+    """
+
+    def __init__(self) -> None:
+        self._lock = _new_lock()
+        self._memory = mmap.mmap(-1, 16)  # anonymous, shared with the forked worker
+        #: [0]: the last task the worker claimed; [1]: tasks up to this one are revoked.
+        self._words = memoryview(self._memory).cast("q")
+
+    def claim(self, number: int) -> bool:
+        """In the worker: whether it may run task ``number`` (False: it was revoked)."""
+        words = self._words
+        self._lock.acquire()
+        try:
+            if number <= words[1]:
+                return False
+            words[0] = number
+            return True
+        finally:
+            self._lock.release()
+
+    def try_revoke(self, through: int) -> Optional[int]:
+        """In the parent: revokes every task up to ``through`` that the worker has not
+        claimed, and returns the last one it did claim (those after it are revoked). None
+        if the worker holds the lock just now; never waits for it."""
+        if not self._lock.acquire(False):
+            return None
+        try:
+            # Never lower: tasks revoked earlier may still be in the worker's pipe.
+            if through > self._words[1]:
+                self._words[1] = through
+            return int(self._words[0])
+        finally:
+            self._lock.release()
+
+    def started(self) -> int:
+        """The last task the worker claimed (read once it is gone, or under the lock)."""
+        return int(self._words[0])
+
+    def close(self) -> None:
+        self._words.release()
+        self._memory.close()
+
+
+_lock_names = itertools.count()
+
+
+def _new_lock() -> Any:
+    """An unnamed POSIX semaphore used as a lock, shared with the children forked after it.
+    (multiprocessing's own Lock would also register a hook that every child then runs.)"""
+    while True:
+        name = f"/gipc-pool-{os.getpid()}-{next(_lock_names)}-{os.urandom(4).hex()}"
+        try:
+            # kind 1 is a semaphore; unlink=True removes the name at once: nothing to clean.
+            return _multiprocessing.SemLock(1, 1, 1, name, True)
+        except FileExistsError:
+            continue
+
+
+def _receive_task(tasks: _GIPCReader) -> Optional[Tuple[List[Union[int, str]], bytes, List[bytes]]]:
+    """In the worker: the next task's messages (which arguments travel on their own, the
+    pickled call, those arguments), or ``None`` when told to stop (or the parent is gone).
+    Nothing is unpickled yet: the task may turn out to be revoked."""
     try:
         head = tasks.get()
         if head == _STOP:
@@ -271,6 +352,12 @@ def _receive_task(tasks: _GIPCReader) -> Union[None, Outcome, Tuple[Any, ...]]:
         raws = [tasks.get() for _ in raw_slots]
     except EOFError:
         return None
+    return raw_slots, body, raws
+
+
+def _run_task(raw_slots: List[Union[int, str]], body: bytes, raws: List[bytes]) -> Outcome:
+    """In the worker: unpickles the call, puts the separately sent arguments in place, and
+    runs it."""
     try:
         fn, args, kwargs = pickle.loads(body)
     except Exception as exc:
@@ -282,17 +369,19 @@ def _receive_task(tasks: _GIPCReader) -> Union[None, Outcome, Tuple[Any, ...]]:
                 args[slot] = raw
             else:
                 kwargs[slot] = raw
-    return fn, tuple(args), kwargs
+    return _outcome.call(fn, tuple(args), kwargs)
 
 
 def _worker_main(
     tasks: _GIPCReader,
     outcomes: _GIPCWriter,
+    claims: _Claims,
     initializer: Optional[Callable[..., Any]],
     initargs: Tuple[Any, ...],
 ) -> None:
     """A worker's life: run the initializer and report how it went, then run tasks one at a
-    time and report each outcome, until told to stop or the parent is gone."""
+    time and report each outcome, until told to stop or the parent is gone. A task the
+    parent revoked (handed to another worker) is skipped, with no outcome."""
     if initializer is not None:
         ready = _outcome.call(initializer, initargs, {})
     else:
@@ -300,14 +389,15 @@ def _worker_main(
     if not _outcome.send(outcomes, ready) or ready.exception is not None:
         return
     del ready
+    number = 0
     while True:
         task = _receive_task(tasks)
         if task is None:
             return
-        if isinstance(task, Outcome):
-            outcome = task
-        else:
-            outcome = _outcome.call(*task)
+        number += 1
+        if not claims.claim(number):
+            continue
+        outcome = _run_task(*task)
         del task
         if not _outcome.send(outcomes, outcome):
             return
@@ -353,7 +443,8 @@ class _WorkItem:
         self.kwargs = kwargs
         self.timeout = timeout
         #: Sent to a worker once already (its future is running): a worker that died
-        #: before starting it hands it on, and it must not be marked running again.
+        #: before starting it, or one that handed it back, passes it on, and it must not be
+        #: marked running again.
         self.started = False
 
 
@@ -366,11 +457,13 @@ class _Gone:
         self.reason = reason
 
 
-#: In a worker's reply queue: the process has exited (an outcome may still follow).
+#: In a worker's reply queue: the process has exited (outcomes may still follow).
 _EXITED = object()
+#: In a worker's reply queue: every task it had been sent was handed to other workers.
+_REVOKED = object()
 #: `_await_reply`: the deadline passed.
 _TIMED_OUT = object()
-#: `_next_item`: nothing in the queue right now.
+#: `_TaskQueue.get_nowait`: nothing in the queue right now.
 _EMPTY = object()
 
 #: ProcessPool's default ``prefetch``: how many tasks a worker may have been sent beyond the
@@ -383,6 +476,45 @@ _QUICK_TASK = 0.001
 #: Tasks are sent ahead only while all in flight fit in this many bytes, far below a pipe's
 #: buffer, so sending ahead never blocks.
 _AHEAD_BYTES = 32 * 1024
+#: Workers that could not be started (fork failed, or the process died before it was
+#: ready) are replaced, after a pause that doubles each time from the first value up to the
+#: second; this many failures in a row break the pool.
+_START_RETRY_DELAY = 0.05
+_START_RETRY_MAX_DELAY = 1.0
+_MAX_START_FAILURES = 6
+#: Task timeouts from this many seconds on (about 31 years) mean no timeout: libuv's timers
+#: cannot represent much longer ones (nor infinity), and none will be reached anyway.
+_NO_TIMEOUT_FROM = 1e9
+
+
+class _TaskQueue:
+    """The pool's work items in submission order, with stop marks (``None``). Tasks handed
+    back by a worker, which were taken earlier, go back to the front."""
+
+    def __init__(self) -> None:
+        self._items: "collections.deque[Optional[_WorkItem]]" = collections.deque()
+        self._count = gevent.lock.Semaphore(0)  # len(self._items), to wait on
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, item: Optional[_WorkItem]) -> None:
+        self._items.append(item)
+        self._count.release()
+
+    def put_front(self, items: List[_WorkItem]) -> None:
+        self._items.extendleft(reversed(items))
+        for _ in items:
+            self._count.release()
+
+    def get(self) -> Optional[_WorkItem]:
+        self._count.acquire()
+        return self._items.popleft()
+
+    def get_nowait(self) -> Union[None, _WorkItem, object]:
+        if not self._count.acquire(blocking=False):
+            return _EMPTY
+        return self._items.popleft()
 
 
 class _Worker:
@@ -393,21 +525,33 @@ class _Worker:
         self.process: Optional[_GProcess] = None
         self.tasks: Optional[_GIPCWriter] = None
         self.receiver: Optional[OutcomeReceiver] = None
+        self.claims: Optional[_Claims] = None
         #: Outcomes, and news of the worker's end, in the order they were noticed.
         self.replies: "gevent.queue.Queue[Any]" = gevent.queue.Queue()
+        #: How many _REVOKED marks are in ``replies``.
+        self.revoked_marks = 0
         self.serving: Optional[gevent.Greenlet] = None
-        self.helpers: List[gevent.Greenlet] = []
+        self.reader: Optional[gevent.Greenlet] = None
         self.exit_watch: Optional[gevent.Greenlet] = None
-        #: Tasks sent and not answered yet, oldest (the one running) first, with the bytes
-        #: each took on the pipe.
-        self.in_flight: "collections.deque[Tuple[_WorkItem, int]]" = collections.deque()
+        #: Tasks sent and not answered yet, oldest (the one running) first: the item, the
+        #: bytes it took on the pipe, and its number (see _Claims).
+        self.in_flight: "collections.deque[Tuple[_WorkItem, int, int]]" = collections.deque()
         self.bytes_in_flight = 0
+        self.numbered = 0  # tasks numbered so far
+        #: Taken for this worker but not sent yet (too large to send ahead just now).
+        self.held: "collections.deque[_WorkItem]" = collections.deque()
+        #: Taken and being encoded, not yet in ``in_flight``.
+        self.sending: Optional[_WorkItem] = None
         #: When the oldest task in flight started running, as far as the parent can tell.
         self.head_since = 0.0
         #: Whether its last task took less than _QUICK_TASK: then tasks are sent ahead.
         self.quick = False
         self.tasks_sent = 0
-        #: Died or was killed while serving: what it held goes to a new worker.
+        #: Has sent the outcome of its initializer: tasks can be sent to it.
+        self.ready = False
+        #: The process has exited (seen by the exit watch).
+        self.exited = False
+        #: Died or was killed while serving: what it held goes to another worker.
         self.lost = False
 
     @property
@@ -416,7 +560,7 @@ class _Worker:
 
     def gone(self) -> bool:
         """Whether the worker has died (checked before sending it a task)."""
-        if not self.replies.empty():
+        if self.replies.qsize() > self.revoked_marks:
             return True
         return self.process is None or self.process.exitcode is not None
 
@@ -457,11 +601,11 @@ class ProcessPool(cf.Executor):
             worker; a worker that exceeds it is killed and the task fails with
             :class:`TaskTimeout`. ``submit_with_timeout`` sets it per task.
         prefetch: how many small tasks (32 KiB in all) a worker whose tasks take under a
-            millisecond may be sent ahead of the one it runs (default 8). This more than
-            doubles the throughput of tiny tasks; the price is that a long task arriving
-            after quick ones can hold back up to this many tasks behind it while other
-            workers are free, and tasks sent ahead can no longer be cancelled. ``0`` sends
-            a worker one task at a time.
+            millisecond may be sent ahead of the one it runs (default 8), while no
+            other worker is idle. This more than doubles the throughput of tiny tasks.
+            Tasks sent ahead and not started are taken back for a worker that becomes
+            free; they can no longer be cancelled. ``0`` sends a worker one task at a
+            time.
 
     The pool is driven by greenlets of the hub of the thread that created it; use it from
     that thread.
@@ -496,10 +640,11 @@ class ProcessPool(cf.Executor):
         self._max_tasks = max_tasks_per_child
         self._task_timeout = _check_timeout(task_timeout)
         # Work items in submission order; a None tells one worker to stop.
-        self._queue: "gevent.queue.Queue[Optional[_WorkItem]]" = gevent.queue.Queue()
+        self._queue = _TaskQueue()
         self._pending = 0  # work items in the queue
         self._idle = 0  # workers waiting on the queue
         self._starting = 0  # workers not yet ready for their first task
+        self._start_failures = 0  # workers in a row that could not be started
         self._workers: Set[_Worker] = set()
         self._numbers = itertools.count(1)
         self._shutdown = False
@@ -536,7 +681,7 @@ class ProcessPool(cf.Executor):
         result is reached; leaving the iteration early cancels what has not started.
         """
         futures, chunked = self._submit_map(fn, iterables, chunksize)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = _deadline(timeout)
 
         def results() -> Iterator[Any]:
             try:
@@ -565,7 +710,7 @@ class ProcessPool(cf.Executor):
         """``map``, but each result is yielded as soon as it is ready, whatever its
         position. Same arguments and error handling as ``map``."""
         futures, chunked = self._submit_map(fn, iterables, chunksize)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = _deadline(timeout)
         finished: "gevent.queue.Queue[Future]" = gevent.queue.Queue()
         for future in futures:
             future.add_done_callback(finished.put_nowait)
@@ -601,10 +746,10 @@ class ProcessPool(cf.Executor):
         if not self._shutdown:
             self._shutdown = True
             if cancel_futures:
-                for item in self._drain():
-                    item.future.cancel()
+                # Those handed back by a worker cannot be cancelled: they still run.
+                self._requeue([item for item in self._drain() if not item.future.cancel()])
             for _ in range(len(self._workers)):
-                self._queue.put_nowait(None)
+                self._queue.put(None)
         if wait:
             current = gevent.getcurrent()
             while True:
@@ -633,7 +778,7 @@ class ProcessPool(cf.Executor):
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
         future = Future()
-        self._queue.put_nowait(_WorkItem(future, fn, args, kwargs, timeout))
+        self._queue.put(_WorkItem(future, fn, args, kwargs, timeout))
         self._pending += 1
         self._adjust_workers()
         return future
@@ -656,65 +801,65 @@ class ProcessPool(cf.Executor):
 
     def _drain(self) -> List[_WorkItem]:
         """Takes every work item out of the queue (dropping stop marks)."""
-        items = []
+        items: List[_WorkItem] = []
         while True:
-            try:
-                item = self._queue.get_nowait()
-            except gevent.queue.Empty:
+            item = self._queue.get_nowait()
+            if item is _EMPTY:
                 break
-            if item is not None:
+            if isinstance(item, _WorkItem):
                 items.append(item)
         self._pending = 0
         return items
 
-    def _adjust_workers(self, handoff: Iterable[_WorkItem] = ()) -> None:
-        """Starts workers while there is work that no idle or starting worker will take.
-        ``handoff``: items a worker had taken but never started (it died first); they go
-        to a new worker of their own."""
-        handoff = list(handoff)
+    def _requeue(self, items: List[_WorkItem]) -> None:
+        """Puts back, ahead of everything else, tasks taken earlier that no worker started
+        (a worker handed them back, or died first)."""
+        if not items:
+            return
         if self._broken is not None:
-            for item in handoff:
+            for item in items:
                 self._fail(item, self._broken_error())
             return
-        if handoff:
-            self._add_worker(handoff)
+        self._queue.put_front(items)
+        self._pending += len(items)
+
+    def _adjust_workers(self) -> None:
+        """Starts workers while there is work that no idle or starting worker will take."""
+        if self._broken is not None:
+            return
         while (
             len(self._workers) < self._max_workers
             and self._pending > self._idle + self._starting
         ):
-            self._add_worker([])
+            self._add_worker()
 
-    def _add_worker(self, first_items: List[_WorkItem]) -> None:
+    def _add_worker(self) -> None:
         worker = _Worker(next(self._numbers))
         self._workers.add(worker)
         self._starting += 1
-        worker.serving = gevent.spawn(self._serve, worker, first_items)
+        worker.serving = gevent.spawn(self._serve, worker)
 
     def _next_item(self, wait: bool) -> Union[None, _WorkItem, object]:
         """The next work item from the queue; ``None`` for a stop mark; ``_EMPTY`` when
         ``wait`` is false and the queue is empty."""
         if not wait:
-            try:
-                item: Optional[_WorkItem] = self._queue.get_nowait()
-            except gevent.queue.Empty:
-                return _EMPTY
+            item = self._queue.get_nowait()
         else:
             self._idle += 1
             try:
                 item = self._queue.get()
             finally:
                 self._idle -= 1
-        if item is not None:
+        if item is not None and item is not _EMPTY:
             self._pending -= 1
         return item
 
-    def _serve(self, worker: _Worker, first_items: List[_WorkItem]) -> None:
+    def _serve(self, worker: _Worker) -> None:
         """The serving greenlet of one worker, from its start to its end: keeps the worker
         fed (one task, or several ahead once its tasks prove quick) and completes the
         futures from its outcomes, in order."""
         replace = True  # whether the pool may need a new worker when this one ends
-        held: Deque[_WorkItem] = collections.deque(first_items)  # taken, not sent yet
-        abnormal = False
+        interrupted: Optional[BaseException] = None
         stopping = False  # took a stop mark from the queue
         try:
             try:
@@ -724,11 +869,11 @@ class ProcessPool(cf.Executor):
             if not ready:
                 return
             while True:
-                stopping = self._feed(worker, held, take_new=not stopping) or stopping
+                stopping = self._feed(worker, take_new=not stopping) or stopping
                 if worker.lost:
                     return
                 if not worker.in_flight:
-                    if stopping and not held:
+                    if stopping and not worker.held:
                         replace = False
                         return
                     if self._max_tasks is not None and worker.tasks_sent >= self._max_tasks:
@@ -736,20 +881,22 @@ class ProcessPool(cf.Executor):
                     continue
                 if not self._finish_oldest(worker):
                     return
-        except BaseException:  # killed (GreenletExit) or a bug: nothing held can be served
-            abnormal = True
+        except BaseException as exc:  # Ctrl-C landed here, killed (GreenletExit), or a bug
+            interrupted = exc
             raise
         finally:
-            # Tasks sent to a worker that died or was killed never started if they were
-            # behind the one it ran: with those it had not sent, a new worker takes them.
-            handoff = [item for item, _ in worker.in_flight] + list(held)
-            if abnormal and worker.in_flight and worker.process is not None:
-                # Do not let it run tasks whose futures are failed below.
-                worker.process.kill()
-            worker.in_flight.clear()
+            worker.ready = False  # nothing more to take back from it
+            if interrupted is not None and worker.in_flight and not worker.lost:
+                # Settle what was sent, as if the worker had died: it is stopped, and only
+                # the tasks it never started go elsewhere.
+                self._end_worker(worker, None, interrupted)
+            handoff = [] if worker.sending is None else [worker.sending]
+            handoff += worker.held
+            worker.sending = None
+            worker.held.clear()
             self._retire(worker)
             self._workers.discard(worker)
-            if abnormal:
+            if interrupted is not None and not isinstance(interrupted, _INTERRUPTS):
                 for item in handoff:
                     self._fail(
                         item,
@@ -758,38 +905,52 @@ class ProcessPool(cf.Executor):
                         else BrokenProcessPool("the pool stopped serving this task unexpectedly"),
                     )
                 handoff = []
+            self._requeue(handoff)
             if replace:
                 if stopping:
                     # The stop mark this worker took was meant for whoever serves on.
-                    self._queue.put_nowait(None)
-                self._adjust_workers(handoff)
+                    self._queue.put(None)
+                self._adjust_workers()
 
     def _start(self, worker: _Worker) -> bool:
-        """Forks the worker and waits for its initializer; False if the pool is broken."""
+        """Forks the worker and waits for its initializer. False if it could not be
+        started: it is then replaced, unless that broke the pool."""
+        if self._start_failures:
+            delay = _START_RETRY_DELAY * 2 ** (self._start_failures - 1)
+            gevent.sleep(min(delay, _START_RETRY_MAX_DELAY))
+            if self._broken is not None:
+                return False
         tasks_r, tasks_w = _outcome.outcome_pipe()  # raw bytes, like the outcome pipe
         outcomes_r, outcomes_w = _outcome.outcome_pipe()
+        claims: Optional[_Claims] = None
         try:
+            claims = _Claims()
             process = start_process(
                 _worker_main,
-                args=(tasks_r, outcomes_w, self._initializer, self._initargs),
+                args=(tasks_r, outcomes_w, claims, self._initializer, self._initargs),
                 name=f"gipc-pool-worker-{worker.number}",
             )
         except BaseException as exc:
             for handle in (tasks_r, tasks_w, outcomes_r, outcomes_w):
                 if not handle.closed:
                     handle._release()
+            if claims is not None:
+                claims.close()
             if isinstance(exc, Exception):
-                self._set_broken(f"a worker process could not be started: {exc}", exc)
+                self._start_failed(f"a worker process could not be started: {exc}", exc)
                 return False
             raise
         worker.process = process
         worker.tasks = tasks_w
+        worker.claims = claims
         worker.receiver = OutcomeReceiver(outcomes_r)
         worker.exit_watch = gevent.spawn(self._watch_exit, worker)
-        worker.helpers = [gevent.spawn(self._read_outcomes, worker), worker.exit_watch]
+        worker.reader = gevent.spawn(self._read_outcomes, worker)
         reply = self._await_reply(worker, None)
         if isinstance(reply, Outcome):
             if reply.exception is None:
+                self._start_failures = 0
+                worker.ready = True
                 return True
             self._set_broken(
                 f"the initializer failed in worker process {process.pid}: "
@@ -797,26 +958,44 @@ class ProcessPool(cf.Executor):
                 reply.exception,
             )
             return False
+        if reply is _TIMED_OUT:  # cannot happen without a deadline; be safe
+            process.kill()
         code = self._reap(worker)
-        self._set_broken(
-            f"worker process {process.pid} {describe_exit(code)} while starting "
-            "(in the initializer)",
-            None,
+        where = " (in the initializer)" if self._initializer is not None else ""
+        self._start_failed(
+            f"worker process {process.pid} {describe_exit(code)} while starting{where}", None
         )
         return False
 
-    def _feed(self, worker: _Worker, held: Deque[_WorkItem], take_new: bool) -> bool:
+    def _start_failed(self, message: str, cause: Optional[BaseException]) -> None:
+        """A worker could not be started: it is replaced (after a pause), unless too many
+        failed in a row; then the pool is broken."""
+        self._start_failures += 1
+        if self._start_failures >= _MAX_START_FAILURES:
+            self._set_broken(
+                f"{self._start_failures} worker processes in a row could not be started; "
+                f"the last: {message}",
+                cause,
+            )
+
+    def _feed(self, worker: _Worker, take_new: bool) -> bool:
         """Sends the worker what it may take now: a task when it has none, more while its
-        tasks are quick and what is in flight stays small; from ``held`` first, then (if
-        ``take_new``) from the queue. Returns True when it took a stop mark. Sets
-        ``worker.lost`` if the worker turns out to be gone."""
+        tasks are quick, no other worker is idle, and what is in flight stays small; from
+        ``worker.held`` first, then (if ``take_new``) from the queue. Returns True when it
+        took a stop mark. Sets ``worker.lost`` if the worker turns out to be gone."""
+        held = worker.held
         while self._may_send_more(worker):
             if held:
                 item = held.popleft()
             elif not take_new:
                 break
             else:
-                got = self._next_item(wait=not worker.in_flight)
+                wait = not worker.in_flight
+                if wait and not len(self._queue):
+                    # About to idle: first take back what other workers were sent ahead
+                    # (or hold) and have not started, so nothing waits behind a long task.
+                    self._take_back_for(worker)
+                got = self._next_item(wait=wait)
                 if got is _EMPTY:
                     break
                 if got is None:
@@ -824,11 +1003,11 @@ class ProcessPool(cf.Executor):
                 item = got  # type: ignore[assignment]
             if not worker.in_flight and worker.gone():
                 # It died while idle: the item was never sent, so it is not the item's
-                # fault. A new worker takes it.
+                # fault. Another worker takes it.
                 held.appendleft(item)
                 worker.lost = True
                 break
-            if not self._send(worker, item, held):
+            if not self._send(worker, item):
                 break
         return False
 
@@ -838,31 +1017,49 @@ class ProcessPool(cf.Executor):
         if self._max_tasks is not None and worker.tasks_sent >= self._max_tasks:
             return False
         count = len(worker.in_flight)
-        return count == 0 or (worker.quick and count <= self._prefetch)
+        if count == 0:
+            return True
+        # Never ahead to a busy worker while another one (or one starting) could take it.
+        return (
+            worker.quick
+            and count <= self._prefetch
+            and not self._idle
+            and not self._starting
+        )
 
-    def _send(self, worker: _Worker, item: _WorkItem, held: Deque[_WorkItem]) -> bool:
-        """Sends one item; False when feeding must stop (the item went back to ``held``
-        to wait until nothing is in flight, or the worker is gone)."""
+    def _send(self, worker: _Worker, item: _WorkItem) -> bool:
+        """Sends one item; False when feeding must stop (the item went back to
+        ``worker.held`` to wait until nothing is in flight, or the worker is gone)."""
         future = item.future
         if not item.started:
             if future.cancelled() or not future.set_running_or_notify_cancel():
                 return True
         item.started = True
+        worker.sending = item
         try:
             messages = _encode_task(item.fn, item.args, item.kwargs)
         except Exception as exc:
+            worker.sending = None
             future.set_exception(exc)
             return True
         size = sum(len(m) for m in messages)
         if worker.in_flight and worker.bytes_in_flight + size > _AHEAD_BYTES:
             # Sending it now might block, and this greenlet must stay free to watch the
             # running task's deadline: it goes once the worker has caught up.
-            held.appendleft(item)
+            worker.sending = None
+            worker.held.appendleft(item)
             return False
         assert worker.tasks is not None
         first = not worker.in_flight
         if first:
             worker.head_since = time.monotonic()
+        # In flight (and numbered) before it is written: should the write be cut short,
+        # the worker's claims still tell whether it started the task.
+        worker.numbered += 1
+        worker.in_flight.append((item, size, worker.numbered))
+        worker.bytes_in_flight += size
+        worker.tasks_sent += 1
+        worker.sending = None
         timer = gevent.Timeout(clamp_timeout(item.timeout) if first else None)
         timer.start()
         try:
@@ -877,103 +1074,232 @@ class ProcessPool(cf.Executor):
         finally:
             timer.close()
         del messages
-        worker.in_flight.append((item, size))
-        worker.bytes_in_flight += size
-        worker.tasks_sent += 1
         if reply is not None:
-            self._end_oldest(worker, reply)
+            self._end_worker(worker, reply)
             return False
         return True
 
     def _finish_oldest(self, worker: _Worker) -> bool:
         """Waits for the outcome of the task the worker is running and completes its
         future; False if the worker is gone or was killed (it must be replaced)."""
-        item, _ = worker.in_flight[0]
+        item = worker.in_flight[0][0]
         deadline = None if item.timeout is None else worker.head_since + item.timeout
         reply = self._await_reply(worker, deadline)
+        if reply is _REVOKED:
+            return True  # what it was sent went to other workers: look again
         if not isinstance(reply, Outcome):
-            self._end_oldest(worker, reply)
+            self._end_worker(worker, reply)
             return False
-        _, size = worker.in_flight.popleft()
+        _, size, _ = worker.in_flight.popleft()
         worker.bytes_in_flight -= size
         now = time.monotonic()
         worker.quick = now - worker.head_since < _QUICK_TASK
         worker.head_since = now
-        if reply.exception is None:
-            item.future.set_result(reply.value)
-        else:
-            item.future.set_exception(reply.exception)
+        self._complete(item, reply)
         return True
 
-    def _end_oldest(self, worker: _Worker, reply: Any) -> None:
-        """The worker timed out or died running its oldest task in flight: fail that
-        task (after killing the worker, for a timeout), reap the worker, and mark it lost."""
-        worker.lost = True
-        item, _ = worker.in_flight.popleft()
-        name = _task_name(item.fn)
-        if reply is _TIMED_OUT:
-            assert item.timeout is not None
-            worker.process.kill()  # type: ignore[union-attr]
-            self._reap(worker)
-            item.future.set_exception(TaskTimeout(item.timeout, worker.pid, name))
+    @staticmethod
+    def _complete(item: _WorkItem, outcome: Outcome) -> None:
+        if outcome.exception is None:
+            item.future.set_result(outcome.value)
         else:
-            code = self._reap(worker, reply)
-            item.future.set_exception(WorkerCrashed(worker.pid, code, name))
+            item.future.set_exception(outcome.exception)
+
+    def _end_worker(
+        self, worker: _Worker, reply: Any, interrupted: Optional[BaseException] = None
+    ) -> None:
+        """The worker is gone (``reply``: a _Gone), its oldest task timed out
+        (``_TIMED_OUT``), or this greenlet was interrupted: stop and reap the worker, then
+        settle every task in flight. Those whose outcome it had sent complete with it; the
+        one it was running fails; those it never started stay in ``worker.held``, for
+        another worker."""
+        worker.lost = True
+        process, claims = worker.process, worker.claims
+        assert process is not None and claims is not None
+        timed_out = worker.in_flight[0][0] if reply is _TIMED_OUT else None
+        if isinstance(reply, _Gone) and isinstance(reply.reason, BaseException):
+            if not isinstance(reply.reason, Exception):
+                interrupted = reply.reason  # in the reader: the outcome it held is lost
+            elif not isinstance(reply.reason, EOFError):
+                # A torn message or a failed write: whatever the worker is doing, it is no
+                # longer talking to us.
+                process.kill()
+        if timed_out is not None or interrupted is not None:
+            process.kill()
+        code = self._reap(worker)
+        for outcome in self._outcomes_left(worker):
+            if not worker.in_flight:
+                break
+            item, size, _ = worker.in_flight.popleft()
+            worker.bytes_in_flight -= size
+            self._complete(item, outcome)
+        started = claims.started()
+        never_started = []
+        for item, _, number in worker.in_flight:
+            if number > started:
+                never_started.append(item)
+                continue
+            name = _task_name(item.fn)
+            error: BaseException
+            if item is timed_out:
+                assert item.timeout is not None
+                error = TaskTimeout(item.timeout, worker.pid, name)
+            elif interrupted is not None:
+                error = BrokenProcessPool(
+                    f"the outcome of {name} was lost: the pool was interrupted "
+                    f"({type(interrupted).__name__}) while waiting for it from worker "
+                    f"process {worker.pid}"
+                )
+                error.__cause__ = interrupted
+            else:
+                error = WorkerCrashed(worker.pid, code, name)
+            self._fail(item, error)
+        worker.in_flight.clear()
+        worker.bytes_in_flight = 0
+        worker.held.extendleft(reversed(never_started))
+
+    def _outcomes_left(self, worker: _Worker) -> Iterator[Outcome]:
+        """Once the worker has exited: the outcomes it sent that were not taken yet."""
+        while True:
+            reader = worker.reader
+            try:
+                if reader is None or reader.dead:
+                    reply = worker.replies.get_nowait()
+                else:
+                    # Its writes are complete; only a process it forked holding the pipe
+                    # open could keep the reader from reaching the end of them.
+                    reply = worker.replies.get(timeout=_outcome.EXIT_GRACE)
+            except gevent.queue.Empty:
+                return
+            if reply is _REVOKED:
+                worker.revoked_marks -= 1
+            elif isinstance(reply, Outcome):
+                yield reply
+            elif isinstance(reply, _Gone):
+                return
+
+    def _take_back_for(self, idle: _Worker) -> None:
+        """``idle`` is about to wait for work: every task other workers hold or were sent
+        ahead, and have not started, goes back to the front of the queue."""
+        for worker in list(self._workers):
+            if worker is idle or worker.lost or not worker.ready:
+                continue
+            if worker.held:
+                self._requeue(list(worker.held))
+                worker.held.clear()
+            if len(worker.in_flight) > 1:
+                self._revoke(worker)
+
+    def _revoke(self, worker: _Worker) -> None:
+        """Hands back the tasks sent to ``worker`` that it has not started."""
+        claims = worker.claims
+        assert claims is not None
+        for _ in range(_REVOKE_ATTEMPTS):
+            if worker.lost or len(worker.in_flight) < 2:
+                return
+            started = claims.try_revoke(worker.in_flight[-1][2])
+            if started is not None:
+                break
+            # The worker is claiming a task this very moment.
+            gevent.sleep(0.001)
+        else:
+            return
+        kept: List[Tuple[_WorkItem, int, int]] = []
+        taken: List[_WorkItem] = []
+        for entry in worker.in_flight:
+            if entry[2] <= started:
+                kept.append(entry)
+            else:
+                taken.append(entry[0])
+                worker.bytes_in_flight -= entry[1]
+                worker.tasks_sent -= 1
+        if not taken:
+            return
+        worker.in_flight.clear()
+        worker.in_flight.extend(kept)
+        if not kept:
+            # Its serving greenlet waits for an outcome that will not come.
+            worker.revoked_marks += 1
+            worker.replies.put_nowait(_REVOKED)
+        self._requeue(taken)
 
     def _await_reply(self, worker: _Worker, deadline: Optional[float]) -> Any:
-        """The worker's next outcome, ``_TIMED_OUT``, or a ``_Gone``."""
-        try:
-            reply = worker.replies.get(timeout=remaining(deadline))
-        except gevent.queue.Empty:
-            # Late by a hair? Use what has arrived rather than kill the worker for it.
+        """The worker's next outcome, ``_TIMED_OUT``, ``_REVOKED``, or a ``_Gone``."""
+        while True:
             try:
-                reply = worker.replies.get_nowait()
+                if worker.exited:
+                    # An outcome sent just before the end may still be on its way.
+                    reply = worker.replies.get(timeout=_outcome.EXIT_GRACE)
+                else:
+                    reply = worker.replies.get(timeout=remaining(deadline))
             except gevent.queue.Empty:
-                return _TIMED_OUT
-        if reply is _EXITED:
-            # An outcome sent just before the end may still be on its way.
-            try:
-                reply = worker.replies.get(timeout=_outcome.EXIT_GRACE)
-            except gevent.queue.Empty:
-                return _Gone(None)
+                if worker.exited:
+                    return _Gone(None)
+                # Late by a hair? Use what has arrived rather than kill the worker for it.
+                try:
+                    reply = worker.replies.get_nowait()
+                except gevent.queue.Empty:
+                    return _TIMED_OUT
             if reply is _EXITED:
-                return _Gone(None)
-        return reply
+                worker.exited = True
+                continue
+            if reply is _REVOKED:
+                worker.revoked_marks -= 1
+            return reply
 
     def _read_outcomes(self, worker: _Worker) -> None:
         """Helper greenlet: outcomes off the pipe into the reply queue, then news of EOF."""
         receiver = worker.receiver
         assert receiver is not None
-        while True:
-            try:
-                outcome = receiver.receive()
-            except Exception as exc:  # EOFError: the worker is gone; GIPCError: torn message
-                worker.replies.put_nowait(_Gone(exc))
-                return
-            worker.replies.put_nowait(outcome)
-            del outcome
+        try:
+            while True:
+                try:
+                    outcome = receiver.receive()
+                except Exception as exc:  # EOFError: the worker is gone; GIPCError: torn
+                    worker.replies.put_nowait(_Gone(exc))
+                    return
+                worker.replies.put_nowait(outcome)
+                del outcome
+        except gevent.GreenletExit:
+            raise
+        except BaseException as exc:
+            # Ctrl-C (or SystemExit) landed here, say while an outcome was unpickled: the
+            # serving greenlet must know, or it would wait for ever. The interrupt then
+            # goes on to the program (gevent passes it to the main greenlet).
+            worker.replies.put_nowait(_Gone(exc))
+            raise
 
     def _watch_exit(self, worker: _Worker) -> int:
         """Helper greenlet: tells the serving greenlet when the process has exited, and
         returns its exit code."""
-        code = _outcome.wait_for_exit(worker.process)
+        try:
+            code = _outcome.wait_for_exit(worker.process)
+        except gevent.GreenletExit:
+            raise
+        except BaseException:
+            # Ctrl-C (see _read_outcomes): another greenlet watches on, and the interrupt
+            # goes on to the program.
+            worker.exit_watch = gevent.spawn(self._watch_exit, worker)
+            raise
         worker.replies.put_nowait(_EXITED)
         return code
 
-    def _reap(self, worker: _Worker, gone: Optional[_Gone] = None) -> int:
-        """Waits for the worker to exit (killing it if it is not on its way out) and returns
-        its exit code."""
+    def _reap(self, worker: _Worker) -> int:
+        """Waits for the worker to exit (killing it if it takes longer than
+        ``_STOP_GRACE``) and returns its exit code."""
         process, watch = worker.process, worker.exit_watch
         assert process is not None and watch is not None
-        if gone is not None and not isinstance(gone.reason, (EOFError, type(None))):
-            # A corrupt message, or a failed write: whatever the worker is doing, it is no
-            # longer talking to us.
-            process.kill()
         watch.join(_STOP_GRACE)
         if not watch.ready():
             process.kill()
             watch.join()
-        return watch.value  # type: ignore[no-any-return]
+        if watch.successful():
+            return watch.value  # type: ignore[no-any-return]
+        # The watch was interrupted: wait here instead.
+        with gevent.Timeout(_STOP_GRACE, False):
+            return _outcome.wait_for_exit(process)
+        process.kill()
+        return _outcome.wait_for_exit(process)
 
     def _retire(self, worker: _Worker) -> None:
         """Stops the worker if it is still running, reaps it and closes everything the
@@ -994,9 +1320,11 @@ class ProcessPool(cf.Executor):
             except GIPCError:
                 tasks._release()
         self._reap(worker)
-        gevent.killall(worker.helpers)
+        gevent.killall([g for g in (worker.reader, worker.exit_watch) if g is not None])
         if worker.receiver is not None:
             worker.receiver.close()
+        if worker.claims is not None:
+            worker.claims.close()
         process.close()
 
     def _set_broken(self, message: str, cause: Optional[BaseException]) -> None:
@@ -1008,8 +1336,12 @@ class ProcessPool(cf.Executor):
         self._broken_cause = cause
         for item in self._drain():
             self._fail(item, self._broken_error())
+        for worker in self._workers:
+            for item in worker.held:
+                self._fail(item, self._broken_error())
+            worker.held.clear()
         for _ in range(len(self._workers)):
-            self._queue.put_nowait(None)
+            self._queue.put(None)
 
     @staticmethod
     def _fail(item: _WorkItem, error: BaseException) -> None:
@@ -1037,9 +1369,26 @@ class ProcessPool(cf.Executor):
         )
 
 
+def _wait_timeout(timeout: Optional[float]) -> Optional[float]:
+    """A caller's timeout fit for gevent: ``None`` also for one too long for libuv."""
+    if timeout is not None and timeout >= _NO_TIMEOUT_FROM:
+        return None
+    return clamp_timeout(timeout)
+
+
+def _deadline(timeout: Optional[float]) -> Optional[float]:
+    if timeout is None or timeout >= _NO_TIMEOUT_FROM:
+        return None
+    return time.monotonic() + timeout
+
+
 def _check_timeout(timeout: Optional[float]) -> Optional[float]:
-    if timeout is not None and not timeout > 0:
+    if timeout is None:
+        return None
+    if not timeout > 0:  # also NaN
         raise ValueError("a task timeout must be a positive number of seconds or None")
+    if timeout >= _NO_TIMEOUT_FROM:  # also infinity
+        return None
     return timeout
 
 
