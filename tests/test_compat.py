@@ -468,3 +468,33 @@ class TestInterrupt:
         multiprocessing.Process.interrupt(p)
         p.join(10)
         assert p.exitcode == -signal.SIGINT
+
+
+# --- 2b. the default codec and the pool ---------------------------------------------------
+
+
+@pytest.mark.usefixtures("restore_default_codec")
+class TestPoolCodec:
+    def test_pool_takes_its_own_codec(self):
+        with gipc.ProcessPool(1, encoder=dumps_functions) as pool:
+            assert pool.submit(lambda x: x + 1, 41).result(10) == 42
+            assert list(pool.map(lambda s: s * 2, ["a", "b"])) == ["aa", "bb"]
+
+    def test_pool_follows_the_process_default(self):
+        gipc.set_default_codec(dumps_functions, pickle.loads)
+        with gipc.ProcessPool(1) as pool:
+            gipc.set_default_codec()  # a pool keeps what was set when it was made
+            assert pool.submit(lambda: "shipped").result(10) == "shipped"
+
+    def test_without_it_a_lambda_fails_its_future_only(self):
+        with gipc.ProcessPool(1) as pool:
+            with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+                pool.submit(lambda: None).result(10)
+            assert pool.submit(abs, -3).result(10) == 3
+
+    @pytest.mark.parametrize(
+        "kwargs", [{"encoder": None}, {"decoder": 3}, {"encoder": "json"}]
+    )
+    def test_bad_codecs_are_refused(self, kwargs):
+        with pytest.raises(GIPCError):
+            gipc.ProcessPool(1, **kwargs)

@@ -48,3 +48,23 @@ def test_silent_by_default():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == "done\n" and result.stderr == ""
+
+
+def crash() -> None:
+    import os
+
+    os._exit(3)
+
+
+def test_pool_worker_start_loss_and_retirement_are_logged(caplog: pytest.LogCaptureFixture):
+    with caplog.at_level(logging.DEBUG, logger="gipc"):
+        with gipc.ProcessPool(1) as pool:
+            assert pool.submit(abs, -1).result(10) == 1
+            with pytest.raises(Exception):
+                pool.submit(crash).result(10)
+            assert pool.submit(abs, -2).result(10) == 2
+    messages = [record.getMessage() for record in caplog.records if record.name == "gipc"]
+    assert sum(m.startswith("pool worker 1 started") for m in messages) == 1, messages
+    assert any(m.startswith("pool worker 1 (pid") and "died, exit code 3" in m for m in messages)
+    assert any(m.startswith("pool worker 2 started") for m in messages), messages
+    assert any(m.startswith("retiring pool worker 2") for m in messages), messages

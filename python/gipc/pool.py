@@ -39,6 +39,7 @@ import atexit
 import collections
 import concurrent.futures as cf
 import itertools
+import logging
 import mmap
 import os
 import pickle
@@ -47,6 +48,8 @@ import time
 import weakref
 from concurrent.futures.process import BrokenProcessPool
 from typing import (
+    TYPE_CHECKING,
+    TypeVar,
     Any,
     Callable,
     Dict,
@@ -65,12 +68,32 @@ import gevent.lock
 import gevent.queue
 
 from . import _outcome
-from ._handles import _GIPCReader, _GIPCWriter
+from ._handles import (
+    Decoder,
+    Encoder,
+    _GIPCReader,
+    _GIPCWriter,
+    _pickle_dumps,
+    get_default_codec,
+)
+from ._handles import _resolve as _resolve_pipe_codec
 from ._hub import yield_to_loop
 from ._hub import clamp_timeout, remaining
 from ._outcome import Outcome, OutcomeReceiver, describe_exit
 from ._process import _GProcess, start_process
-from .exceptions import GIPCError
+from .exceptions import GIPCError, GIPCTypeError
+
+if TYPE_CHECKING:
+    # For the type checker only (annotations are not evaluated at run time here), so 3.9
+    # needs no typing_extensions at run time.
+    from typing_extensions import ParamSpec
+
+    _P = ParamSpec("_P")
+
+_T = TypeVar("_T")
+
+#: Worker start, loss and retirement, at debug level (see gipc's ``_process``).
+_log = logging.getLogger("gipc")
 
 __all__ = [
     "BrokenProcessPool",
@@ -166,7 +189,7 @@ class _CooperativeWaiters(list):  # type: ignore[type-arg]
 _SHARED_CONDITION = threading.Condition()
 
 
-class Future(cf.Future):  # type: ignore[type-arg]
+class Future(cf.Future[_T]):
     """A ``concurrent.futures.Future`` whose waits are cooperative: ``result()``,
     ``exception()``, and ``concurrent.futures.wait``/``as_completed`` let other greenlets
     run. Created by :class:`ProcessPool`; completed by the pool's greenlets.
@@ -185,13 +208,13 @@ class Future(cf.Future):  # type: ignore[type-arg]
         self._state = cf._base.PENDING
         self._result = None
         self._exception = None
-        self._waiters = _CooperativeWaiters()
+        self._waiters: List[Any] = _CooperativeWaiters()
         self._done_callbacks: List[Callable[["cf.Future[Any]"], object]] = []
         # Made by the first greenlet that has to wait: most futures of a busy pool are
         # done before anybody asks.
         self._done_event: Optional[gevent.event.Event] = None
 
-    def result(self, timeout: Optional[float] = None) -> Any:
+    def result(self, timeout: Optional[float] = None) -> _T:
         self._wait_done(timeout)
         return super().result(timeout=0)
 
@@ -234,10 +257,14 @@ class Future(cf.Future):  # type: ignore[type-arg]
 
 
 def _encode_task(
-    fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]
+    fn: Callable[..., Any],
+    args: Tuple[Any, ...],
+    kwargs: Dict[str, Any],
+    dumps: Optional[Callable[[Any], Any]] = None,
 ) -> List[bytes]:
-    """The messages of one task: which arguments travel on their own, the pickled call,
-    then those arguments (large ``bytes``, sent as they are). Raises what pickle raises."""
+    """The messages of one task: which arguments travel on their own, the encoded call
+    (pickled, or by the pool's ``dumps``), then those arguments (large ``bytes``, sent as
+    they are). Raises what the encoder raises."""
     raw_slots: List[Union[int, str]] = []
     raws: List[bytes] = []
     if any(_is_raw(a) for a in args):
@@ -255,7 +282,10 @@ def _encode_task(
                 raw_slots.append(key)
                 raws.append(v)
                 kwargs[key] = None
-    body = pickle.dumps((fn, args, kwargs), protocol=_HIGHEST)
+    if dumps is None:
+        body = pickle.dumps((fn, args, kwargs), protocol=_HIGHEST)
+    else:
+        body = dumps((fn, args, kwargs))
     return [pickle.dumps(tuple(raw_slots), protocol=_HIGHEST), body, *raws]
 
 
@@ -355,11 +385,16 @@ def _receive_task(tasks: _GIPCReader) -> Optional[Tuple[List[Union[int, str]], b
     return raw_slots, body, raws
 
 
-def _run_task(raw_slots: List[Union[int, str]], body: bytes, raws: List[bytes]) -> Outcome:
-    """In the worker: unpickles the call, puts the separately sent arguments in place, and
+def _run_task(
+    raw_slots: List[Union[int, str]],
+    body: bytes,
+    raws: List[bytes],
+    loads: Callable[[bytes], Any] = pickle.loads,
+) -> Outcome:
+    """In the worker: decodes the call, puts the separately sent arguments in place, and
     runs it."""
     try:
-        fn, args, kwargs = pickle.loads(body)
+        fn, args, kwargs = loads(body)
     except Exception as exc:
         return Outcome(exception=exc)
     if raw_slots:
@@ -378,6 +413,7 @@ def _worker_main(
     claims: _Claims,
     initializer: Optional[Callable[..., Any]],
     initargs: Tuple[Any, ...],
+    loads: Callable[[bytes], Any] = pickle.loads,
 ) -> None:
     """A worker's life: run the initializer and report how it went, then run tasks one at a
     time and report each outcome, until told to stop or the parent is gone. A task the
@@ -397,7 +433,7 @@ def _worker_main(
         number += 1
         if not claims.claim(number):
             continue
-        outcome = _run_task(*task)
+        outcome = _run_task(*task, loads)
         del task
         if not _outcome.send(outcomes, outcome):
             return
@@ -431,7 +467,7 @@ class _WorkItem:
 
     def __init__(
         self,
-        future: Future,
+        future: "Future[Any]",
         fn: Callable[..., Any],
         args: Tuple[Any, ...],
         kwargs: Dict[str, Any],
@@ -572,7 +608,7 @@ _live_pools: "weakref.WeakSet[ProcessPool]" = weakref.WeakSet()
 _SUBMIT_SLICE = 0.0005
 
 
-def _submit_all(submissions: Iterator[Future]) -> List[Future]:
+def _submit_all(submissions: Iterator["Future[Any]"]) -> List["Future[Any]"]:
     """Runs the submissions, giving the event loop a turn every half millisecond: queueing
     10,000 tasks takes tens of milliseconds, which other greenlets must not wait for."""
     futures = []
@@ -606,6 +642,11 @@ class ProcessPool(cf.Executor):
             Tasks sent ahead and not started are taken back for a worker that becomes
             free; they can no longer be cancelled. ``0`` sends a worker one task at a
             time.
+        encoder, decoder: how each call (the function and its arguments) travels to a
+            worker: ``'default'`` (pickle, or what :func:`gipc.set_default_codec` set when
+            the pool was made) or a callable, as for :func:`gipc.pipe`. E.g.
+            ``cloudpickle.dumps`` to send lambdas and local functions. Results come back
+            pickled. Bad values raise ``GIPCTypeError``/``GIPCValueError``.
 
     The pool is driven by greenlets of the hub of the thread that created it; use it from
     that thread.
@@ -620,6 +661,8 @@ class ProcessPool(cf.Executor):
         max_tasks_per_child: Optional[int] = None,
         task_timeout: Optional[float] = None,
         prefetch: int = DEFAULT_PREFETCH,
+        encoder: Encoder = "default",
+        decoder: Decoder = "default",
     ) -> None:
         if max_workers is None:
             max_workers = _usable_cpus()
@@ -633,6 +676,11 @@ class ProcessPool(cf.Executor):
             raise ValueError("max_tasks_per_child must be a positive int or None")
         if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
             raise ValueError("prefetch must be an int >= 0")
+        default_encoder, default_decoder = get_default_codec()
+        dumps = _resolve_codec(encoder, "encoder", default_encoder)
+        #: None: pickle, called directly (the common case, and the fastest).
+        self._dumps = None if dumps is _pickle_dumps else dumps
+        self._loads: Callable[[bytes], Any] = _resolve_codec(decoder, "decoder", default_decoder)
         self._prefetch = prefetch
         self._max_workers = max_workers
         self._initializer = initializer
@@ -654,24 +702,29 @@ class ProcessPool(cf.Executor):
 
     # -- The Executor API --
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
-        """Schedule ``fn(*args, **kwargs)`` and return its :class:`Future`. Never blocks."""
+    def submit(
+        self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs
+    ) -> "cf.Future[_T]":
+        """Schedule ``fn(*args, **kwargs)`` and return its :class:`Future`. Never blocks.
+
+        (Typed as the ``concurrent.futures.Future`` it is, as every executor's ``submit``:
+        code written for another executor type-checks unchanged.)"""
         return self._submit(fn, args, kwargs, self._task_timeout)
 
     def submit_with_timeout(
-        self, timeout: Optional[float], fn: Callable[..., Any], /, *args: Any, **kwargs: Any
-    ) -> Future:
+        self, timeout: Optional[float], fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs
+    ) -> "cf.Future[_T]":
         """``submit`` with this task's own time limit (seconds, or ``None`` for none),
         instead of the pool's ``task_timeout``."""
         return self._submit(fn, args, kwargs, _check_timeout(timeout))
 
     def map(
         self,
-        fn: Callable[..., Any],
+        fn: Callable[..., _T],
         *iterables: Iterable[Any],
         timeout: Optional[float] = None,
         chunksize: int = 1,
-    ) -> Iterator[Any]:
+    ) -> Iterator[_T]:
         """Like the builtin ``map``, running the calls in the pool; results come in order.
 
         All calls are submitted at once. ``timeout`` bounds the whole iteration, from this
@@ -702,16 +755,16 @@ class ProcessPool(cf.Executor):
 
     def map_unordered(
         self,
-        fn: Callable[..., Any],
+        fn: Callable[..., _T],
         *iterables: Iterable[Any],
         timeout: Optional[float] = None,
         chunksize: int = 1,
-    ) -> Iterator[Any]:
+    ) -> Iterator[_T]:
         """``map``, but each result is yielded as soon as it is ready, whatever its
         position. Same arguments and error handling as ``map``."""
         futures, chunked = self._submit_map(fn, iterables, chunksize)
         deadline = _deadline(timeout)
-        finished: "gevent.queue.Queue[Future]" = gevent.queue.Queue()
+        finished: "gevent.queue.Queue[Future[Any]]" = gevent.queue.Queue()
         for future in futures:
             future.add_done_callback(finished.put_nowait)
 
@@ -772,12 +825,12 @@ class ProcessPool(cf.Executor):
         args: Tuple[Any, ...],
         kwargs: Dict[str, Any],
         timeout: Optional[float],
-    ) -> Future:
+    ) -> "Future[Any]":
         if self._broken is not None:
             raise self._broken_error()
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        future = Future()
+        future: Future[Any] = Future()
         self._queue.put(_WorkItem(future, fn, args, kwargs, timeout))
         self._pending += 1
         self._adjust_workers()
@@ -785,14 +838,18 @@ class ProcessPool(cf.Executor):
 
     def _submit_map(
         self, fn: Callable[..., Any], iterables: Tuple[Iterable[Any], ...], chunksize: int
-    ) -> Tuple[List[Future], bool]:
+    ) -> Tuple[List["Future[Any]"], bool]:
         if not isinstance(chunksize, int) or chunksize < 1:
             raise ValueError("chunksize must be a positive int")
         calls = zip(*iterables)
         if chunksize == 1:
-            return _submit_all(self.submit(fn, *args) for args in calls), False
+            timeout = self._task_timeout
+            submissions = (self._submit(fn, args, {}, timeout) for args in calls)
+            return _submit_all(submissions), False
         chunks = _chunks(calls, chunksize)
-        return _submit_all(self.submit(_run_chunk, fn, chunk) for chunk in chunks), True
+        return _submit_all(
+            self._submit(_run_chunk, (fn, chunk), {}, self._task_timeout) for chunk in chunks
+        ), True
 
     def _broken_error(self) -> BrokenProcessPool:
         error = BrokenProcessPool(self._broken)
@@ -927,7 +984,14 @@ class ProcessPool(cf.Executor):
             claims = _Claims()
             process = start_process(
                 _worker_main,
-                args=(tasks_r, outcomes_w, claims, self._initializer, self._initargs),
+                args=(
+                    tasks_r,
+                    outcomes_w,
+                    claims,
+                    self._initializer,
+                    self._initargs,
+                    self._loads,
+                ),
                 name=f"gipc-pool-worker-{worker.number}",
             )
         except BaseException as exc:
@@ -951,6 +1015,7 @@ class ProcessPool(cf.Executor):
             if reply.exception is None:
                 self._start_failures = 0
                 worker.ready = True
+                _log.debug("pool worker %d started (pid %d)", worker.number, process.pid)
                 return True
             self._set_broken(
                 f"the initializer failed in worker process {process.pid}: "
@@ -971,6 +1036,7 @@ class ProcessPool(cf.Executor):
         """A worker could not be started: it is replaced (after a pause), unless too many
         failed in a row; then the pool is broken."""
         self._start_failures += 1
+        _log.debug("pool worker start failed (%d in a row): %s", self._start_failures, message)
         if self._start_failures >= _MAX_START_FAILURES:
             self._set_broken(
                 f"{self._start_failures} worker processes in a row could not be started; "
@@ -1037,7 +1103,7 @@ class ProcessPool(cf.Executor):
         item.started = True
         worker.sending = item
         try:
-            messages = _encode_task(item.fn, item.args, item.kwargs)
+            messages = _encode_task(item.fn, item.args, item.kwargs, self._dumps)
         except Exception as exc:
             worker.sending = None
             future.set_exception(exc)
@@ -1127,6 +1193,13 @@ class ProcessPool(cf.Executor):
         if timed_out is not None or interrupted is not None:
             process.kill()
         code = self._reap(worker)
+        _log.debug(
+            "pool worker %d (pid %d) lost: %s, exit code %s",
+            worker.number,
+            worker.pid,
+            "task timed out" if timed_out is not None else "interrupted" if interrupted else "died",
+            code,
+        )
         for outcome in self._outcomes_left(worker):
             if not worker.in_flight:
                 break
@@ -1307,6 +1380,7 @@ class ProcessPool(cf.Executor):
         process = worker.process
         if process is None:
             return
+        _log.debug("retiring pool worker %d (pid %d)", worker.number, process.pid)
         tasks = worker.tasks
         if tasks is not None and not tasks.closed:
             if process.exitcode is None:
@@ -1380,6 +1454,13 @@ def _deadline(timeout: Optional[float]) -> Optional[float]:
     if timeout is None or timeout >= _NO_TIMEOUT_FROM:
         return None
     return time.monotonic() + timeout
+
+
+def _resolve_codec(codec: Any, role: str, default: Callable[..., Any]) -> Any:
+    """A pool's codec is a pipe's, minus ``None``: calls and their arguments are objects."""
+    if codec is None:
+        raise GIPCTypeError(f"a pool's {role} must be 'default' or a callable, not None")
+    return _resolve_pipe_codec(codec, role, default)
 
 
 def _check_timeout(timeout: Optional[float]) -> Optional[float]:

@@ -5,7 +5,7 @@ checker stops flagging it."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, List
 
 import gevent
 from typing_extensions import assert_type
@@ -77,3 +77,17 @@ def greenlets() -> None:
         g = gevent.spawn(writer.put, 1)
         reader.get()
         g.join()
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def pool() -> None:
+    with gipc.ProcessPool(max_workers=2) as executor:
+        future = executor.submit(square, 3)
+        assert_type(future.result(), int)
+        assert_type(list(executor.map(square, [1, 2])), List[int])
+        executor.submit(square, "not an int")  # type: ignore[arg-type]
+        executor.submit(square)  # type: ignore[call-arg]
+        assert_type(executor.submit_with_timeout(5.0, square, 2).result(), int)
