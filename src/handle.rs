@@ -10,6 +10,7 @@ use gipc_wire::frame::{Kind, Lane};
 use gipc_wire::io::{channel_ends, FdReader, FdWriter, Transport, BULK_MIN};
 use gipc_wire::recv::{Event, Payload, PayloadBuf, Receiver};
 use gipc_wire::send::{Progress, Sender};
+use gipc_wire::sigpipe::without_sigpipe;
 use gipc_wire::spin::SpinPolicy;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -263,12 +264,19 @@ pub struct Writer {
 impl Writer {
     fn flush(&mut self) -> PyResult<u8> {
         let fd = self.fd.as_ref().ok_or_else(errors::closed)?;
-        let mut sink = FdWriter::new(fd.as_fd(), self.transport.frame_lane());
+        let frame_lane = self.transport.frame_lane();
+        let mut sink = FdWriter::new(fd.as_fd(), frame_lane);
         let mut bulk_sink = self
             .bulk
             .as_ref()
             .map(|bulk| FdWriter::new(bulk.as_fd(), Transport::Socket));
-        Ok(status(self.tx.flush_lanes(&mut sink, bulk_sink.as_mut())?))
+        let tx = &mut self.tx;
+        Ok(status(match frame_lane {
+            // A pipe write has no MSG_NOSIGNAL; one shield for the whole flush, however many
+            // writes it makes.
+            Transport::Pipe => without_sigpipe(|| tx.flush_lanes(&mut sink, bulk_sink.as_mut()))?,
+            _ => tx.flush_lanes(&mut sink, bulk_sink.as_mut())?,
+        }))
     }
 }
 

@@ -177,7 +177,8 @@ impl ReadSource for FdReader<'_> {
 }
 
 /// Writes to a descriptor, retrying on `EINTR`. On a socket it asks the kernel not to raise
-/// `SIGPIPE`, so a vanished reader is an `EPIPE` error whatever the signal disposition.
+/// `SIGPIPE`, so a vanished reader is an `EPIPE` error whatever the signal disposition; a
+/// pipe has no such option: write to one inside [`crate::sigpipe::without_sigpipe`].
 pub struct FdWriter<'a> {
     fd: BorrowedFd<'a>,
     transport: Transport,

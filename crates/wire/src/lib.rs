@@ -10,6 +10,7 @@ pub mod io;
 pub mod memory;
 pub mod recv;
 pub mod send;
+pub mod sigpipe;
 pub mod spin;
 
 #[cfg(test)]
