@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 
 import pytest
 
-from helpers import run_python
+from helpers import ROOT, run_python
 
 TRANSPORTS = ["hybrid", "pipe", "socket"]
 
@@ -90,3 +91,122 @@ def test_a_writer_under_default_sigpipe_gets_broken_pipe_error(transport: str) -
     assert results["handler_calls"] == 0
     assert results["masked"] == ["BrokenPipeError", {"blocked": True, "pending": False}]
     assert results["masked_pending"] == ["BrokenPipeError", {"blocked": True, "pending": True}]
+
+
+PIPE_BUDGET_SCENARIOS = r"""
+import fcntl, json, os
+import gevent, gipc
+
+F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
+MiB = 1 << 20
+
+def fresh_pipe():
+    # What any other program of this user would get now: a pipe's size, and whether it
+    # can still be grown to 1 MiB.
+    r, w = os.pipe()
+    try:
+        size = fcntl.fcntl(w, F_GETPIPE_SZ)
+        try:
+            grown = fcntl.fcntl(w, F_SETPIPE_SZ, MiB)
+        except OSError as exc:
+            grown = exc.strerror
+        return size, grown
+    finally:
+        os.close(r)
+        os.close(w)
+
+def growth(pairs):
+    # Bytes the channels' pipes hold beyond the default size, and the largest pipe.
+    sizes = []
+    for r, w in pairs:
+        try:
+            sizes.append(fcntl.fcntl(w._core.fileno(), F_GETPIPE_SZ))
+        except OSError:  # a socket
+            return None
+    return sum(size - (64 << 10) for size in sizes), max(sizes)
+
+def transfer(reader, writer, size):
+    getter = gevent.spawn(reader.get)
+    writer.put(b"x" * size)
+    return len(getter.get())
+
+results = {}
+pairs = [gipc.pipe() for _ in range(200)]
+results["idle"] = fresh_pipe()
+results["idle_growth"] = growth(pairs)
+results["moved"] = sum(transfer(r, w, MiB) for r, w in pairs)
+results["busy"] = fresh_pipe()
+results["busy_growth"] = growth(pairs)
+with open("/proc/sys/fs/pipe-user-pages-soft") as f:
+    results["budget"] = int(f.read()) * os.sysconf("SC_PAGE_SIZE")
+for r, w in pairs:
+    r.close()
+    w.close()
+
+# Another program used up the budget: a channel still works, at whatever size it has.
+hogs = []
+while True:
+    hogs.append(os.pipe())
+    try:
+        fcntl.fcntl(hogs[-1][1], F_SETPIPE_SZ, MiB)
+    except OSError:
+        break
+with gipc.pipe() as (r, w):
+    results["exhausted"] = transfer(r, w, 4 * MiB)
+for fds in hogs:
+    for fd in fds:
+        os.close(fd)
+print(json.dumps(results))
+"""
+
+
+def _setpriv_command(uid: int) -> "list[str]":
+    setpriv = shutil.which("setpriv")
+    if not sys.platform.startswith("linux") or setpriv is None or os.geteuid() != 0:
+        pytest.skip("needs Linux, root and setpriv to run as an unprivileged user")
+    with open("/proc/sys/fs/pipe-user-pages-soft") as f:
+        if int(f.read()) == 0:
+            pytest.skip("no per-user pipe budget on this system")
+    command = [setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", sys.executable]
+    probe = subprocess.run([*command, "-c", "import gipc"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot run this interpreter as uid {uid}: {probe.stderr.strip()}")
+    return command
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_channels_leave_the_users_pipe_budget_to_other_programs(transport: str) -> None:
+    """Linux counts pipe pages per user, across all of that user's programs; past the soft
+    limit every new pipe of the user is created at 8 KiB and cannot grow. Many open channels,
+    even busy ones, must not get there, and a channel still works when someone else did."""
+    # A user of its own, so that nothing else (another test run) shares its budget.
+    uid = 3_000_000 + os.getpid()
+    command = _setpriv_command(uid)
+    env = dict(os.environ, GIPC_TRANSPORT=transport)
+    done = subprocess.run(
+        [*command, "-c", PIPE_BUDGET_SCENARIOS],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr)
+    results = json.loads(done.stdout)
+    default = [64 << 10, 1 << 20]
+    assert results["idle"] == default
+    assert results["moved"] == 200 << 20
+    assert results["busy"] == default
+    assert results["exhausted"] == 4 << 20
+    if transport == "socket":
+        return
+    # Idle channels keep the default size: pages are taken only for bulk traffic.
+    assert results["idle_growth"] == [0, 64 << 10]
+    grown, largest = results["busy_growth"]
+    if transport == "hybrid":
+        # Bulk payloads take the socket lane: the pipe never needs to grow.
+        assert results["busy_growth"] == [0, 64 << 10]
+    else:
+        # Grown for bulk traffic, within a small share of the budget.
+        assert largest == 1 << 20
+        assert grown <= results["budget"] // 8

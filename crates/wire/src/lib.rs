@@ -6,6 +6,7 @@
 
 pub mod budget;
 pub mod frame;
+pub mod growth;
 pub mod io;
 pub mod memory;
 pub mod recv;
