@@ -79,10 +79,16 @@ print(json.dumps(results))
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_a_writer_under_default_sigpipe_gets_broken_pipe_error(transport: str) -> None:
+@pytest.mark.parametrize("kernel_flag", ["1", "0"], ids=["RWF_NOSIGNAL-if-any", "signal-mask"])
+def test_a_writer_under_default_sigpipe_gets_broken_pipe_error(
+    transport: str, kernel_flag: str
+) -> None:
     """Many command-line programs put SIGPIPE back to its default action; a put with no
-    reader left must still raise, not kill the process."""
-    done = run_python(SIGPIPE_SCENARIOS, env_extra={"GIPC_TRANSPORT": transport})
+    reader left must still raise, not kill the process. Pipe writes use the kernel's
+    RWF_NOSIGNAL where it exists (Linux 6.18+), else block the signal in their thread:
+    GIPC_PIPE_NOSIGNAL=0 tests the latter on any kernel."""
+    env = {"GIPC_TRANSPORT": transport, "GIPC_PIPE_NOSIGNAL": kernel_flag}
+    done = run_python(SIGPIPE_SCENARIOS, env_extra=env)
     assert done.returncode == 0, (done.returncode, done.stderr)
     results = json.loads(done.stdout)
     clean = {"blocked": False, "pending": False}

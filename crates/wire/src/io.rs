@@ -170,7 +170,7 @@ impl ReadSource for FdReader<'_> {
 
 /// Writes to a descriptor, retrying on `EINTR`. On a socket it asks the kernel not to raise
 /// `SIGPIPE`, so a vanished reader is an `EPIPE` error whatever the signal disposition; a
-/// pipe has no such option: write to one inside [`crate::sigpipe::without_sigpipe`].
+/// pipe may need more: write to one inside [`crate::sigpipe::without_sigpipe`].
 pub struct FdWriter<'a> {
     fd: BorrowedFd<'a>,
     transport: Transport,
@@ -186,7 +186,7 @@ impl WriteSink for FdWriter<'_> {
     fn write_some(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         loop {
             let result = match self.transport {
-                Transport::Pipe | Transport::Hybrid => rustix::io::writev(self.fd, bufs),
+                Transport::Pipe | Transport::Hybrid => crate::sigpipe::writev_pipe(self.fd, bufs),
                 Transport::Socket => send_no_sigpipe(self.fd, bufs),
             };
             match result {
