@@ -9,7 +9,7 @@
 //! reader: a program written for the default size may deadlock).
 //!
 //! So a pipe is grown only when a payload too large for it is being written, and the pipes
-//! this process has grown never hold more than [`BUDGET_SHARE`] of the user's limit.
+//! this process has grown never hold more than 1/[`BUDGET_SHARE`] of the user's limit.
 //! The kernel does not say how much of the budget the user's other processes hold, so this
 //! caps what this process adds; a refusal by the kernel (`EPERM`) keeps the default size,
 //! which works, only with more system calls per megabyte.

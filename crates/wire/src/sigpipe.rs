@@ -24,7 +24,6 @@ use std::sync::atomic::{AtomicU8, Ordering};
 static KERNEL_FLAG: AtomicU8 = AtomicU8::new(UNKNOWN);
 const UNKNOWN: u8 = 0;
 const SUPPORTED: u8 = 1;
-#[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
 const UNSUPPORTED: u8 = 2;
 
 /// `RWF_NOSIGNAL` (include/uapi/linux/fs.h); older kernels refuse the unknown
@@ -34,39 +33,51 @@ const RWF_NOSIGNAL: u32 = 0x100;
 
 /// `GIPC_PIPE_NOSIGNAL=0` keeps the kernel flag unused, so that the signal mask way can be
 /// tested (and compared) on a kernel that has the flag.
-#[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
 const DISABLE_VAR: &str = "GIPC_PIPE_NOSIGNAL";
 
 /// One gathering write to a pipe. With the kernel flag it raises no `SIGPIPE`; without it,
 /// call it inside [`without_sigpipe`].
+#[inline]
 pub fn writev_pipe(fd: BorrowedFd<'_>, bufs: &[IoSlice<'_>]) -> rustix::io::Result<usize> {
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    {
-        let known = KERNEL_FLAG.load(Ordering::Relaxed);
-        if known != UNSUPPORTED {
-            if known == UNKNOWN && std::env::var_os(DISABLE_VAR).is_some_and(|v| v == "0") {
-                KERNEL_FLAG.store(UNSUPPORTED, Ordering::Relaxed);
-            } else {
-                use rustix::io::{Errno, ReadWriteFlags};
-                let flags = ReadWriteFlags::from_bits_retain(RWF_NOSIGNAL);
-                // Offset -1: the "current position", which is what a pipe has.
-                match rustix::io::pwritev2(fd, bufs, u64::MAX, flags) {
-                    Err(Errno::OPNOTSUPP | Errno::NOSYS) => {
-                        KERNEL_FLAG.store(UNSUPPORTED, Ordering::Relaxed);
-                    }
-                    result => {
-                        // The flags are checked before anything else that could fail here.
-                        if known == UNKNOWN
-                            && matches!(result, Ok(_) | Err(Errno::AGAIN | Errno::PIPE))
-                        {
-                            KERNEL_FLAG.store(SUPPORTED, Ordering::Relaxed);
-                        }
-                        return result;
-                    }
+    match KERNEL_FLAG.load(Ordering::Relaxed) {
+        SUPPORTED => writev_nosignal(fd, bufs),
+        UNKNOWN => first_writev(fd, bufs),
+        _ => rustix::io::writev(fd, bufs),
+    }
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn writev_nosignal(fd: BorrowedFd<'_>, bufs: &[IoSlice<'_>]) -> rustix::io::Result<usize> {
+    let flags = rustix::io::ReadWriteFlags::from_bits_retain(RWF_NOSIGNAL);
+    // Offset -1: the "current position", which is what a pipe has.
+    rustix::io::pwritev2(fd, bufs, u64::MAX, flags)
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn writev_nosignal(fd: BorrowedFd<'_>, bufs: &[IoSlice<'_>]) -> rustix::io::Result<usize> {
+    rustix::io::writev(fd, bufs)
+}
+
+/// The first pipe write of the process, which learns whether the kernel has the flag.
+#[cold]
+#[inline(never)]
+fn first_writev(fd: BorrowedFd<'_>, bufs: &[IoSlice<'_>]) -> rustix::io::Result<usize> {
+    use rustix::io::Errno;
+    let wanted = cfg!(any(target_os = "linux", target_os = "android"))
+        && !matches!(std::env::var_os(DISABLE_VAR), Some(v) if v == "0");
+    if wanted {
+        match writev_nosignal(fd, bufs) {
+            Err(Errno::OPNOTSUPP | Errno::NOSYS) => {}
+            result => {
+                // The flags are checked before anything else that could fail here.
+                if matches!(result, Ok(_) | Err(Errno::AGAIN | Errno::PIPE)) {
+                    KERNEL_FLAG.store(SUPPORTED, Ordering::Relaxed);
                 }
+                return result;
             }
         }
     }
+    KERNEL_FLAG.store(UNSUPPORTED, Ordering::Relaxed);
     rustix::io::writev(fd, bufs)
 }
 
@@ -74,10 +85,15 @@ pub fn writev_pipe(fd: BorrowedFd<'_>, bufs: &[IoSlice<'_>]) -> rustix::io::Resu
 /// without readers fails with `EPIPE` and no `SIGPIPE` reaches the process. Only the calling
 /// thread's signal mask is touched, only while `write` runs, and only when the kernel cannot
 /// be asked not to raise the signal.
+#[inline]
 pub fn without_sigpipe<T>(write: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
     if KERNEL_FLAG.load(Ordering::Relaxed) == SUPPORTED {
         return write();
     }
+    shielded(write)
+}
+
+fn shielded<T>(write: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
     let shield = Shield::raise();
     let result = write();
     if let Err(err) = &result {
