@@ -285,8 +285,8 @@ impl Writer {
             .map(|bulk| FdWriter::new(bulk.as_fd(), Transport::Socket));
         let tx = &mut self.tx;
         Ok(match frame_lane {
-            // A pipe write has no MSG_NOSIGNAL; one shield for the whole flush, however many
-            // writes it makes.
+            // A pipe write has no MSG_NOSIGNAL (only RWF_NOSIGNAL on recent kernels): one
+            // shield for the whole flush, however many writes it makes.
             Transport::Pipe => without_sigpipe(|| tx.flush_lanes(&mut sink, bulk_sink.as_mut()))?,
             _ => tx.flush_lanes(&mut sink, bulk_sink.as_mut())?,
         })
