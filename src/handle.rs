@@ -7,9 +7,11 @@ use std::time::{Duration, Instant};
 
 use gipc_wire::budget::{Budget, DEFAULT_SLICE};
 use gipc_wire::frame::{Kind, Lane};
+use gipc_wire::growth::{grow_pipe, Grown};
 use gipc_wire::io::{channel_ends, FdReader, FdWriter, Transport, BULK_MIN};
 use gipc_wire::recv::{Event, Payload, PayloadBuf, Receiver};
 use gipc_wire::send::{Progress, Sender};
+use gipc_wire::sigpipe::without_sigpipe;
 use gipc_wire::spin::SpinPolicy;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -296,17 +298,50 @@ pub struct Writer {
     bulk: Option<OwnedFd>,
     transport: Transport,
     tx: Sender<HeldBytes>,
+    /// What growing the pipe took from this process's share (see `gipc_wire::growth`).
+    grown: Option<Grown>,
+    /// Growing was tried once: whatever came of it, it is not tried again.
+    grow_tried: bool,
 }
 
 impl Writer {
     fn flush(&mut self) -> PyResult<u8> {
+        let mut progress = self.flush_once()?;
+        if progress == Progress::WouldBlock && self.make_room()? {
+            progress = self.flush_once()?;
+        }
+        Ok(status(progress))
+    }
+
+    fn flush_once(&mut self) -> PyResult<Progress> {
         let fd = self.fd.as_ref().ok_or_else(errors::closed)?;
-        let mut sink = FdWriter::new(fd.as_fd(), self.transport.frame_lane());
+        let frame_lane = self.transport.frame_lane();
+        let mut sink = FdWriter::new(fd.as_fd(), frame_lane);
         let mut bulk_sink = self
             .bulk
             .as_ref()
             .map(|bulk| FdWriter::new(bulk.as_fd(), Transport::Socket));
-        Ok(status(self.tx.flush_lanes(&mut sink, bulk_sink.as_mut())?))
+        let tx = &mut self.tx;
+        Ok(match frame_lane {
+            // A pipe write has no MSG_NOSIGNAL (only RWF_NOSIGNAL on recent kernels): one
+            // shield for the whole flush, however many writes it makes.
+            Transport::Pipe => without_sigpipe(|| tx.flush_lanes(&mut sink, bulk_sink.as_mut()))?,
+            _ => tx.flush_lanes(&mut sink, bulk_sink.as_mut())?,
+        })
+    }
+
+    /// On a pipe-only channel, grows the pipe the first time a large payload finds it full;
+    /// true if the pipe has more room now. Small messages never grow it: a pipe's pages
+    /// count against a budget shared by all of the user's programs.
+    fn make_room(&mut self) -> PyResult<bool> {
+        let large = self.tx.front_payload_len().unwrap_or(0) >= BULK_MIN;
+        if self.transport != Transport::Pipe || self.grow_tried || !large {
+            return Ok(false);
+        }
+        self.grow_tried = true;
+        let fd = self.fd.as_ref().ok_or_else(errors::closed)?;
+        self.grown = grow_pipe(fd.as_fd());
+        Ok(self.grown.is_some())
     }
 }
 
@@ -379,6 +414,7 @@ impl Writer {
     /// already.
     fn close(&mut self) -> bool {
         self.tx.discard();
+        self.grown = None;
         self.bulk = None;
         self.fd.take().is_some()
     }
@@ -424,6 +460,8 @@ pub fn channel(
             bulk: write_end.bulk,
             transport,
             tx,
+            grown: None,
+            grow_tried: false,
         },
     ))
 }

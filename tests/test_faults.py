@@ -21,6 +21,7 @@ import time
 import tracemalloc
 
 import gevent
+import gevent.os
 import gevent.socket
 import pytest
 
@@ -52,7 +53,8 @@ def write_raw(writer, data: bytes) -> None:
     fd = writer._core.fileno()
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        # The descriptor is non-blocking and may be smaller than `data`: wait for room.
+        view = view[gevent.os.nb_write(fd, view):]
 
 
 @pytest.fixture(params=["hybrid", "socket", "pipe"])

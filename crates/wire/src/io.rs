@@ -23,7 +23,8 @@ pub trait WriteSink {
 /// What carries the bytes. The Python API is the same whichever is used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transport {
-    /// An anonymous pipe (on Linux grown to [`PIPE_CAPACITY`] when the system allows it).
+    /// An anonymous pipe, of the system's default size until a large payload needs more room
+    /// (see `growth`).
     Pipe,
     /// An `AF_UNIX` stream socket pair, used in one direction only.
     Socket,
@@ -99,8 +100,10 @@ pub fn channel_ends(transport: Transport) -> io::Result<(End, End)> {
 /// (64 MiB messages: 256 calls instead of 64, no throughput change in the benchmark).
 pub const MAX_IO_CHUNK: usize = 256 << 10;
 
-/// Pipe buffer asked for on Linux: 1 MiB is the default `pipe-max-size` for unprivileged
-/// processes, and it lets a bulk transfer move 16 times more per system call than 64 KiB.
+/// Pipe buffer asked for on Linux when a [`Transport::Pipe`] channel carries large payloads
+/// (see `growth`): 1 MiB is the default `pipe-max-size` for unprivileged processes, and it
+/// lets a bulk transfer move 16 times more per system call than 64 KiB. A hybrid channel's
+/// pipe is never grown: its large payloads take the socket lane.
 pub const PIPE_CAPACITY: usize = 1 << 20;
 
 /// Socket buffer asked for; the kernel caps it at `net.core.wmem_max`/`rmem_max`.
@@ -112,11 +115,9 @@ pub const SOCKET_BUFFER: usize = 1 << 20;
 /// a pipe; see [`channel_ends`] for both lanes.)
 pub fn channel(transport: Transport) -> io::Result<(OwnedFd, OwnedFd)> {
     let (read_end, write_end) = match transport {
-        Transport::Pipe | Transport::Hybrid => {
-            let (r, w) = rustix::pipe::pipe()?;
-            grow_pipe(&w);
-            (r, w)
-        }
+        // Not grown here: every page of a pipe counts against the user's budget, shared
+        // with every other program of that user (see `growth`).
+        Transport::Pipe | Transport::Hybrid => rustix::pipe::pipe()?,
         Transport::Socket => {
             use rustix::net::{socketpair, sockopt, AddressFamily, SocketFlags, SocketType};
             let (r, w) = socketpair(
@@ -145,15 +146,6 @@ pub fn channel(transport: Transport) -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((read_end, write_end))
 }
 
-#[cfg(target_os = "linux")]
-fn grow_pipe(fd: &OwnedFd) {
-    // Refused above the per-user limit; the default 64 KiB pipe still works, only slower.
-    let _ = rustix::pipe::fcntl_setpipe_size(fd, PIPE_CAPACITY);
-}
-
-#[cfg(not(target_os = "linux"))]
-fn grow_pipe(_fd: &OwnedFd) {}
-
 /// Portable (no `pipe2`/`SOCK_CLOEXEC` on macOS): two `fcntl`s at creation time only.
 pub fn set_nonblocking_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
     let flags = fcntl_getfl(fd)?;
@@ -177,7 +169,8 @@ impl ReadSource for FdReader<'_> {
 }
 
 /// Writes to a descriptor, retrying on `EINTR`. On a socket it asks the kernel not to raise
-/// `SIGPIPE`, so a vanished reader is an `EPIPE` error whatever the signal disposition.
+/// `SIGPIPE`, so a vanished reader is an `EPIPE` error whatever the signal disposition; a
+/// pipe may need more: write to one inside [`crate::sigpipe::without_sigpipe`].
 pub struct FdWriter<'a> {
     fd: BorrowedFd<'a>,
     transport: Transport,
@@ -193,7 +186,7 @@ impl WriteSink for FdWriter<'_> {
     fn write_some(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         loop {
             let result = match self.transport {
-                Transport::Pipe | Transport::Hybrid => rustix::io::writev(self.fd, bufs),
+                Transport::Pipe | Transport::Hybrid => crate::sigpipe::writev_pipe(self.fd, bufs),
                 Transport::Socket => send_no_sigpipe(self.fd, bufs),
             };
             match result {

@@ -6,10 +6,12 @@
 
 pub mod budget;
 pub mod frame;
+pub mod growth;
 pub mod io;
 pub mod memory;
 pub mod recv;
 pub mod send;
+pub mod sigpipe;
 pub mod spin;
 
 #[cfg(test)]

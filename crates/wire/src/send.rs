@@ -98,6 +98,11 @@ impl<P: AsRef<[u8]>> Sender<P> {
         }
     }
 
+    /// The length of the payload at the front of the queue, if any.
+    pub fn front_payload_len(&self) -> Option<usize> {
+        self.queue.front().map(|p| p.payload.as_ref().len())
+    }
+
     /// True while queued frames are not entirely written.
     pub fn has_pending(&self) -> bool {
         !self.queue.is_empty()
@@ -339,7 +344,10 @@ mod tests {
     #[test]
     fn mid_frame_is_known() {
         let mut tx = sender();
+        assert_eq!(tx.front_payload_len(), None);
         tx.push(Kind::Encoded, vec![0; 100]).unwrap();
+        tx.push(Kind::Encoded, vec![0; 7]).unwrap();
+        assert_eq!(tx.front_payload_len(), Some(100));
         assert!(!tx.is_mid_frame());
         let mut sink = ChokedSink::new(20);
         assert_eq!(tx.flush(&mut sink).unwrap(), Progress::WouldBlock);
