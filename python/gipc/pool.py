@@ -642,11 +642,12 @@ class ProcessPool(cf.Executor):
             Tasks sent ahead and not started are taken back for a worker that becomes
             free; they can no longer be cancelled. ``0`` sends a worker one task at a
             time.
-        encoder, decoder: how each call (the function and its arguments) travels to a
-            worker: ``'default'`` (pickle, or what :func:`gipc.set_default_codec` set when
-            the pool was made) or a callable, as for :func:`gipc.pipe`. E.g.
-            ``cloudpickle.dumps`` to send lambdas and local functions. Results come back
-            pickled. Bad values raise ``GIPCTypeError``/``GIPCValueError``.
+        encoder: how each call (the function and its arguments) is encoded for a worker:
+            ``'default'`` (pickle, or what :func:`gipc.set_default_codec` set when the pool
+            was made) or a callable, as for :func:`gipc.pipe`; e.g. ``cloudpickle.dumps``
+            to send lambdas and local functions. Results come back pickled. Bad values
+            raise ``GIPCTypeError``/``GIPCValueError``.
+        decoder: how a worker decodes each call: ``'default'`` or a callable.
 
     The pool is driven by greenlets of the hub of the thread that created it; use it from
     that thread.
