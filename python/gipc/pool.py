@@ -43,6 +43,7 @@ import logging
 import mmap
 import os
 import pickle
+import sys
 import threading
 import time
 import weakref
@@ -126,15 +127,18 @@ class WorkerCrashed(BrokenProcessPool):
         return type(self), (self.pid, self.exitcode, self.task)
 
 
-def _timeout_bases() -> Tuple[type, ...]:
-    # concurrent.futures.TimeoutError is the builtin from Python 3.11 on; before, it is its
-    # own class, and TaskTimeout should be caught by either spelling.
-    if cf.TimeoutError is TimeoutError:  # type: ignore[comparison-overlap]
-        return (TimeoutError,)
-    return (cf.TimeoutError, TimeoutError)
+# concurrent.futures.TimeoutError is the builtin from Python 3.11 on; before, it is its own
+# class, and TaskTimeout should be caught by either spelling. (A version test, so that type
+# checkers see the same bases.)
+if sys.version_info >= (3, 11):
+    _TimeoutBase = TimeoutError
+else:
+
+    class _TimeoutBase(cf.TimeoutError, TimeoutError):
+        pass
 
 
-class TaskTimeout(*_timeout_bases()):  # type: ignore[misc]
+class TaskTimeout(_TimeoutBase):
     """The task ran longer than its timeout; the worker running it was killed (and is
     replaced). Distinct from the ``TimeoutError`` that ``Future.result(timeout)`` raises when
     the *caller's* wait runs out, which leaves the task running."""
