@@ -469,15 +469,19 @@ class _GIPCDuplexHandle:
         return self._reader.closed and self._writer.closed
 
     def put(self, o: Any) -> None:
+        """Send ``o`` to the other end; see :meth:`_GIPCWriter.put`."""
         self._writer.put(o)
 
     def put_many(self, items: Iterable[Any]) -> None:
+        """Send several messages at once; see :meth:`_GIPCWriter.put_many`."""
         self._writer.put_many(items)
 
     def get(self, timeout: Union[None, float, gevent.Timeout] = None) -> Any:
+        """Receive the next message from the other end; see :meth:`_GIPCReader.get`."""
         return self._reader.get(timeout)
 
     def get_many(self, max_items: int = 1000) -> List[Any]:
+        """Receive the next messages; see :meth:`_GIPCReader.get_many`."""
         return self._reader.get_many(max_items)
 
     def __iter__(self) -> Iterator[Any]:

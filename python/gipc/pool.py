@@ -219,14 +219,18 @@ class Future(cf.Future[_T]):
         self._done_event: Optional[gevent.event.Event] = None
 
     def result(self, timeout: Optional[float] = None) -> _T:
+        """The call's return value (or its exception, raised), waiting cooperatively at most
+        ``timeout`` seconds (``TimeoutError``)."""
         self._wait_done(timeout)
         return super().result(timeout=0)
 
     def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
+        """The call's exception, or ``None``, waiting cooperatively like :meth:`result`."""
         self._wait_done(timeout)
         return super().exception(timeout=0)
 
     def cancel(self) -> bool:
+        """Cancel the call if it has not started; ``True`` if it is (now) cancelled."""
         if not super().cancel():
             return False
         with self._condition:
@@ -236,10 +240,12 @@ class Future(cf.Future[_T]):
         return True
 
     def set_result(self, result: Any) -> None:
+        """For the pool: complete the future with ``result`` and wake its waiters."""
         super().set_result(result)
         self._wake_waiters()
 
     def set_exception(self, exception: Optional[BaseException]) -> None:
+        """For the pool: fail the future with ``exception`` and wake its waiters."""
         super().set_exception(exception)
         self._wake_waiters()
 
