@@ -21,10 +21,10 @@ use pyo3::{ffi, IntoPyObjectExt};
 use crate::buffer::HeldView;
 use crate::errors;
 
-/// `Writer.try_send`/`try_flush` results, mirrored as `DONE`/`WOULD_BLOCK`/`YIELD` in Python.
-const DONE: u8 = 0;
-const WOULD_BLOCK: u8 = 1;
-const YIELD: u8 = 2;
+/// `Writer.try_send`/`try_flush` results, exported as `DONE`/`WOULD_BLOCK`/`YIELD`.
+pub const DONE: u8 = 0;
+pub const WOULD_BLOCK: u8 = 1;
+pub const YIELD: u8 = 2;
 
 fn status(progress: Progress) -> u8 {
     match progress {

@@ -14,9 +14,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<handle::Writer>()?;
     m.add_function(wrap_pyfunction!(handle::channel, m)?)?;
     m.add_function(wrap_pyfunction!(signals::reset_signal_state, m)?)?;
-    m.add("DONE", 0u8)?;
-    m.add("WOULD_BLOCK", 1u8)?;
-    m.add("YIELD", 2u8)?;
+    m.add("DONE", handle::DONE)?;
+    m.add("WOULD_BLOCK", handle::WOULD_BLOCK)?;
+    m.add("YIELD", handle::YIELD)?;
     m.add("KIND_ENCODED", gipc_wire::frame::Kind::Encoded as u8)?;
     m.add("KIND_BYTES", gipc_wire::frame::Kind::Bytes as u8)?;
     m.add("KIND_BATCH", gipc_wire::frame::Kind::Batch as u8)?;
