@@ -8,6 +8,7 @@ import logging
 import pytest
 
 import gipc
+from gipc.pool import WorkerCrashed
 
 from helpers import run_python
 
@@ -60,7 +61,7 @@ def test_pool_worker_start_loss_and_retirement_are_logged(caplog: pytest.LogCapt
     with caplog.at_level(logging.DEBUG, logger="gipc"):
         with gipc.ProcessPool(1) as pool:
             assert pool.submit(abs, -1).result(10) == 1
-            with pytest.raises(Exception):
+            with pytest.raises(WorkerCrashed):
                 pool.submit(crash).result(10)
             assert pool.submit(abs, -2).result(10) == 2
     messages = [record.getMessage() for record in caplog.records if record.name == "gipc"]
