@@ -18,6 +18,7 @@ import types
 from typing import Any, Dict, Iterator, List
 
 import gevent
+import gevent.lock
 import pytest
 
 import gipc
@@ -396,6 +397,24 @@ class TestThreads:
             gevent.joinall(greenlets, raise_error=True, timeout=60)
             writer.get(timeout=60)
         assert sorted(got) == list(range(total))
+
+    def test_a_reader_that_waited_for_the_lock_looks_again(self):
+        # get() found nothing to read and went for the lock; another consumer held it (as a
+        # greenlet queued ahead, or another thread, may), and meanwhile took the pipe's
+        # contents into the reader's buffer. The first get() must look at the buffer again,
+        # not wait for the descriptor, which nothing will make readable again.
+        with gipc.pipe() as (r, w):
+            queue = r._lock._queues.setdefault(threading.get_ident(), gevent.lock.Semaphore())
+            queue.acquire()  # the consumer ahead
+            g = gevent.spawn(r.get)
+            gevent.sleep(0.01)
+            assert not g.ready()
+            w.put("first")
+            w.put("second")
+            kind, payload = r._core.try_recv()  # that consumer reads; both are buffered now
+            assert pickle.loads(payload) == "first"
+            queue.release()
+            assert g.get(timeout=5) == "second"
 
     def test_close_from_another_thread_while_one_reads(self):
         r, w = gipc.pipe()

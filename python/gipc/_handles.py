@@ -100,20 +100,26 @@ class _HandleLock:
     def locked(self) -> bool:
         return self.held.locked()  # type: ignore[no-any-return]
 
-    def acquire(self) -> None:
+    def acquire(self) -> bool:
+        """Takes the lock; True if that meant waiting (other greenlets or threads ran
+        meanwhile, so what the caller saw of the channel before may be stale)."""
         ident = _thread_ident()
         queue = self._queues.get(ident)
         if queue is None:
             queue = self._queues.setdefault(ident, Semaphore())
-        queue.acquire()
+        waited = not queue.acquire(blocking=False)
+        if waited:
+            queue.acquire()
         try:
             delay = 0.001  # libuv's timer resolution
             while not self.held.acquire(False):
+                waited = True
                 gevent.sleep(delay)
                 delay = min(delay * 2, 0.005)
         except BaseException:
             queue.release()
             raise
+        return waited
 
     def release(self) -> None:
         self.held.release()
@@ -290,10 +296,15 @@ class _GIPCReader(_GIPCHandle):
                     if frame[0] == KIND_ENCODED and self._decoder is _pickle_loads:
                         return _pickle_loads(frame[1])  # the common case, inlined
                     return self._decode(frame)
-                # Must wait: nothing can have switched greenlets since the lock was seen
-                # free, so take it and carry on from this result.
-                with self._lock:
+                # Must wait. Unless taking the lock meant waiting too (another greenlet or
+                # thread got there first: that result may be stale, the message it waits
+                # for taken into the buffer since), carry on from this result.
+                if self._lock.acquire():
+                    frame = _NOT_POLLED
+                try:
                     return self._receive(frame)
+                finally:
+                    self._lock.release()
             with self._lock:
                 return self._receive()
         with gevent.Timeout(timeout):
@@ -415,8 +426,13 @@ class _GIPCWriter(_GIPCHandle):
             return
         status = self._core.try_send(kind, payload)
         if status != DONE:
-            with self._lock:
+            if self._lock.acquire():
+                # Others wrote meanwhile, and may have flushed this message with theirs.
+                status = self._core.try_flush()
+            try:
                 self._finish(status)
+            finally:
+                self._lock.release()
 
     def put_many(self, items: Iterable[Any]) -> None:
         """Write several messages at once; the reader gets them one by one, in order, from
