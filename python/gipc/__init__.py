@@ -11,6 +11,7 @@ hub is here, in Python.
 """
 
 from ._core import __version__
+from ._futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, as_completed, result, wait
 from ._handles import get_default_codec, pipe, set_default_codec
 from ._outcome import ChildDied, RemoteTraceback, UnpicklableOutcome
 from ._process import start_process
@@ -20,7 +21,10 @@ from .exceptions import GIPCClosed, GIPCError, GIPCLocked, GIPCTypeError, GIPCVa
 from . import gipc  # noqa: E402  (a submodule, bound as an attribute on purpose)
 
 __all__ = [
+    "ALL_COMPLETED",
     "ChildDied",
+    "FIRST_COMPLETED",
+    "FIRST_EXCEPTION",
     "GIPCClosed",
     "GIPCError",
     "GIPCLocked",
@@ -30,10 +34,13 @@ __all__ = [
     "RemoteTraceback",
     "UnpicklableOutcome",
     "__version__",
+    "as_completed",
     "get_default_codec",
     "pipe",
+    "result",
     "set_default_codec",
     "start_process",
+    "wait",
 ]
 
 
