@@ -12,7 +12,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import threading
 import time
-from typing import Any, Callable, Iterator, List, Sequence
+from typing import Any, Callable, Iterator, List
 
 import gevent
 import pytest
@@ -255,6 +255,18 @@ def test_result_timeout() -> None:
         gipc.result(f, timeout=0)
     f.set_result(1)
     assert gipc.result(f, timeout=0) == 1
+
+
+def test_a_gevent_timeout_around_a_wait_interrupts_it() -> None:
+    never: "cf.Future[Any]" = cf.Future()
+    with pytest.raises(gevent.Timeout):
+        with gevent.Timeout(0.02):
+            gipc.result(never)
+    with pytest.raises(gevent.Timeout):
+        with gevent.Timeout(0.02):
+            gipc.wait(iter([never]), timeout=PATIENCE)
+    never.set_result(1)
+    assert gipc.result(never) == 1
 
 
 # --- executors ----------------------------------------------------------------------------

@@ -111,7 +111,7 @@ def _own_future_type() -> Optional[type]:
     # gipc's pool imports concurrent.futures.process and more; if nothing imported it, no
     # future can be one of its futures.
     pool = sys.modules.get(__package__ + ".pool")
-    return None if pool is None else pool.Future  # type: ignore[no-any-return]
+    return None if pool is None else pool.Future
 
 
 def _failed(future: "cf.Future[Any]") -> bool:
