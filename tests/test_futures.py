@@ -181,6 +181,18 @@ def test_as_completed_yields_in_completion_order(ticker: Ticker) -> None:
     thread.join()
 
 
+def test_as_completed_gives_the_loop_turns_while_handing_out_finished_futures() -> None:
+    ticker = Ticker()
+    gevent.sleep(0.005)
+    fs = [done(i) for i in range(2000)]
+    ticks = ticker.ticks
+    for _ in gipc.as_completed(fs):
+        time.sleep(0.0001)  # the caller's work on each result, blocking as work does
+    # All were done: without its turns the loop would not have run once in 0.2 s or more.
+    assert ticker.ticks - ticks >= 10, ticker.ticks - ticks
+    ticker.stop()
+
+
 def test_as_completed_timeout_raises_after_yielding_what_finished() -> None:
     quick = done(1)
     never = futures(2)
