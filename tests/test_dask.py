@@ -19,7 +19,7 @@ import multiprocessing.resource_tracker
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator, List, NamedTuple
+from typing import Any, Dict, Iterator, List, NamedTuple
 
 import gevent
 import pytest
@@ -60,10 +60,6 @@ def gated(gate: str, value: int) -> int:
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    # The cluster spawns its workers with multiprocessing, which starts its resource
-    # tracker: one process for the rest of this process's life, like gevent's hub. Started
-    # here, before the snapshot, it is not taken for something the cluster left behind.
-    multiprocessing.resource_tracker.ensure_running()
     fds_before = open_fds()
     children_before = child_pids()
     cluster = distributed.LocalCluster(
@@ -84,7 +80,13 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     finally:
         client.close()
         cluster.close()
-        leftovers: dict = {}
+        # Spawning the workers started multiprocessing's resource tracker, a process meant
+        # to live as long as this one (and to clean up after it). Stopped now, it cleans up
+        # now, and leaves no child behind for the tests that follow.
+        tracker = multiprocessing.resource_tracker._resource_tracker
+        if getattr(tracker, "_pid", None) in child_pids() - children_before:
+            tracker._stop()
+        leftovers: Dict[str, Any] = {}
 
         def cluster_gone() -> bool:
             leftovers.clear()
