@@ -13,6 +13,7 @@ hub is here, in Python.
 from typing import TYPE_CHECKING, List
 
 from ._core import __version__
+from ._futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, as_completed, result, wait
 from ._handles import (
     _GIPCDuplexHandle,
     _GIPCHandle,
@@ -42,8 +43,11 @@ DuplexHandle = _GIPCDuplexHandle
 Process = _GProcess
 
 __all__ = [
+    "ALL_COMPLETED",
     "ChildDied",
     "DuplexHandle",
+    "FIRST_COMPLETED",
+    "FIRST_EXCEPTION",
     "GIPCClosed",
     "GIPCError",
     "GIPCLocked",
@@ -57,10 +61,13 @@ __all__ = [
     "UnpicklableOutcome",
     "Writer",
     "__version__",
+    "as_completed",
     "get_default_codec",
     "pipe",
+    "result",
     "set_default_codec",
     "start_process",
+    "wait",
 ]
 
 
