@@ -17,9 +17,9 @@ Waiters: gipc.as_completed (cooperative) and concurrent.futures.as_completed (bl
 thread, hence the hub). A greenlet ticks every 1 ms throughout; its longest gap is the
 loop's longest stall, shown for the collection ("stall ms") and, apart, for the submissions
 that come before it ("submit stall": the program's own work, 100 submit() calls between two
-turns of the loop, whatever the waiter). "us/future" is the wall time over the number of futures, from the
-first submission (for "thread": from the start of the completions) to the last future
-collected. For "thread" that is the per-future cost of the wait; for the executors it is
+turns of the loop, whatever the waiter). "us/future" is the wall time over the number of
+futures, from the first submission (for "thread": from the start of the completions) to the
+last future collected. For "thread" that is the per-future cost of the wait; for the executors it is
 dominated by their own throughput, on which the waiter has little say.
 """
 

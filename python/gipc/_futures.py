@@ -24,8 +24,7 @@ import gevent
 from gevent.hub import Hub, Waiter, get_hub
 from gevent.monkey import get_original
 
-from ._hub import yield_to_loop
-from ._outcome import clamp_timeout
+from ._hub import clamp_timeout, yield_to_loop
 
 __all__ = [
     "ALL_COMPLETED",
