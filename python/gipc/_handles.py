@@ -151,7 +151,7 @@ class _GIPCHandle:
 
     _EVENTS = 0
 
-    def __init__(self, core: Any) -> None:
+    def __init__(self, core: Union[_core.Reader, _core.Writer]) -> None:
         self._core = core
         self._lock = _HandleLock()
         #: ``self._lock.held``, looked up once: the fast paths ask it whether I/O is going on.
@@ -253,9 +253,10 @@ class _GIPCReader(_GIPCHandle):
     _EVENTS = READ
 
     def __init__(
-        self, core: Any, decoder: Optional[Callable[[bytes], Any]], default_codecs: bool
+        self, core: _core.Reader, decoder: Optional[Callable[[bytes], Any]], default_codecs: bool
     ) -> None:
         super().__init__(core)
+        self._core: _core.Reader = core
         self._decoder = decoder
         # Unpickled bytes and pickled batches are only accepted when this pipe uses pickle
         # anyway: the kind comes from the peer, and must not bypass a safe decoder.
@@ -266,7 +267,7 @@ class _GIPCReader(_GIPCHandle):
     @property
     def max_message_size(self) -> int:
         """The largest message this reader accepts; a larger one raises ``GIPCError``."""
-        return self._core.max_message_size  # type: ignore[no-any-return]
+        return self._core.max_message_size
 
     @max_message_size.setter
     def max_message_size(self, value: int) -> None:
@@ -299,10 +300,9 @@ class _GIPCReader(_GIPCHandle):
                 # Must wait. Unless taking the lock meant waiting too (another greenlet or
                 # thread got there first: that result may be stale, the message it waits
                 # for taken into the buffer since), carry on from this result.
-                if self._lock.acquire():
-                    frame = _NOT_POLLED
+                waited = self._lock.acquire()
                 try:
-                    return self._receive(frame)
+                    return self._receive() if waited else self._receive(frame)
                 finally:
                     self._lock.release()
             with self._lock:
@@ -393,9 +393,10 @@ class _GIPCWriter(_GIPCHandle):
     _EVENTS = WRITE
 
     def __init__(
-        self, core: Any, encoder: Optional[Callable[[Any], bytes]], default_codecs: bool
+        self, core: _core.Writer, encoder: Optional[Callable[[Any], bytes]], default_codecs: bool
     ) -> None:
         super().__init__(core)
+        self._core: _core.Writer = core
         self._encoder = encoder
         # Both ends use pickle: `bytes` can skip pickling and batches can be one pickle.
         self._default_codecs = default_codecs
