@@ -110,8 +110,11 @@ print("parent read:", first_line.strip(), "then:", sys.stdin.read().strip())
 '''
 
 
-@pytest.fixture(scope="module")
-def reports():
+@pytest.fixture(scope="module", params=["lean", "stock"])
+def reports(request):
+    # "stock": the fallback that a Python gipc's lean child start-up was not written from
+    # gets (multiprocessing's own _bootstrap); it must be just as faithful.
+    env = dict(os.environ, GIPC_CHILD_BOOTSTRAP=request.param)
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT],
         input="first line\nsecond line, for nobody but the parent\n",
@@ -119,6 +122,7 @@ def reports():
         text=True,
         timeout=120,
         cwd=ROOT,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
@@ -249,3 +253,11 @@ def test_hubs_made_later_in_children_and_grandchildren():
         p.join(timeout=30)
     assert p.exitcode == 0
     assert grandchild_pid not in (os.getpid(), p.pid)
+
+
+def test_the_lean_start_up_is_used_only_where_it_was_written_from():
+    from gipc import _child
+
+    if os.environ.get("GIPC_CHILD_BOOTSTRAP") == "stock":
+        pytest.skip("the stock start-up was asked for")
+    assert _child.STOCK_BOOTSTRAP is (not (3, 9) <= sys.version_info[:2] <= (3, 13))

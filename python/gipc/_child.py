@@ -64,6 +64,17 @@ def close_fd(fd: int) -> None:
 #: no atexit function in the child).
 _ATEXIT_IN_CHILD = sys.version_info >= (3, 13)
 
+#: The Pythons whose multiprocessing fork child the lean start-up below was written from, and
+#: is compared with (tests/test_child.py). On any other, whose multiprocessing may have
+#: changed, a child runs multiprocessing's own ``Process._bootstrap`` instead (after the fresh
+#: gevent state and the signal reset): a few hundred more copied pages, the same behaviour.
+#: ``GIPC_CHILD_BOOTSTRAP=stock`` forces that path (the tests run it on every version).
+_LEAN_PYTHONS = ((3, 9), (3, 13))
+STOCK_BOOTSTRAP = (
+    not _LEAN_PYTHONS[0] <= sys.version_info[:2] <= _LEAN_PYTHONS[1]
+    or os.environ.get("GIPC_CHILD_BOOTSTRAP") == "stock"
+)
+
 #: The encoding of the child's new stdin: multiprocessing names it from 3.10 on (the
 #: locale's before).
 _STDIN_ENCODING = "utf-8" if sys.version_info >= (3, 10) else None
@@ -87,6 +98,9 @@ class ChildStart:
         # (so the descriptor number is the same), it is inherited; the parent closes its copy.
         self.devnull_fd = -1
         self.stdin: Optional[io.TextIOWrapper] = None
+        self.parent_sentinel = -1
+        if STOCK_BOOTSTRAP:
+            return  # multiprocessing's _bootstrap makes all of it in the child
         try:
             self.devnull_fd = os.open(os.devnull, os.O_RDONLY)
             self.stdin = open(self.devnull_fd, encoding=_STDIN_ENCODING, closefd=False)
@@ -96,6 +110,7 @@ class ChildStart:
     def ready(self, parent_sentinel: int) -> None:
         """The child's ``multiprocessing.parent_process()``, watching ``parent_sentinel``."""
         process = self.process
+        self.parent_sentinel = parent_sentinel
         self.parent_process = mp_process._ParentProcess(  # type: ignore[attr-defined]
             process._parent_name, process._parent_pid, parent_sentinel
         )
@@ -112,16 +127,23 @@ class ChildStart:
         in multiprocessing's fork child. Returns the exit code."""
         fresh_hub_after_fork()
         restore_default_signals()
+        bootstrap = self._stock_bootstrap if STOCK_BOOTSTRAP else self._bootstrap
         if _ATEXIT_IN_CHILD:
             import atexit
 
             atexit._clear()
             atexit.register(mp_util._exit_function)  # type: ignore[attr-defined]
             try:
-                return self._bootstrap()
+                return bootstrap()
             finally:
                 atexit._run_exitfuncs()
-        return self._bootstrap()
+        return bootstrap()
+
+    def _stock_bootstrap(self) -> int:
+        """multiprocessing's own child start-up, for a Python the lean one was not written
+        from (see ``STOCK_BOOTSTRAP``)."""
+        code: int = self.process._bootstrap(parent_sentinel=self.parent_sentinel)
+        return code
 
     def _bootstrap(self) -> int:
         """``multiprocessing.process.BaseProcess._bootstrap``, step by step."""
