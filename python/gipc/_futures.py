@@ -18,7 +18,7 @@ import collections
 import concurrent.futures as cf
 import sys
 import time
-from typing import Any, Deque, Iterable, Iterator, List, Optional, Set
+from typing import Any, Deque, Iterable, Iterator, List, Optional, Set, TypeVar
 
 import gevent
 from gevent.hub import Hub, Waiter, get_hub
@@ -34,6 +34,8 @@ __all__ = [
     "result",
     "wait",
 ]
+
+_T = TypeVar("_T")
 
 FIRST_COMPLETED = cf.FIRST_COMPLETED
 FIRST_EXCEPTION = cf.FIRST_EXCEPTION
@@ -127,10 +129,10 @@ def _failed(future: "cf.Future[Any]") -> bool:
 
 
 def wait(
-    fs: Iterable["cf.Future[Any]"],
+    fs: Iterable["cf.Future[_T]"],
     timeout: Optional[float] = None,
     return_when: str = ALL_COMPLETED,
-) -> cf._base.DoneAndNotDoneFutures:  # type: ignore[type-arg]
+) -> "cf._base.DoneAndNotDoneFutures[_T]":
     """Wait for the futures ``fs`` (from any executors) to complete, letting other greenlets
     run; as :func:`concurrent.futures.wait`. Returns ``(done, not_done)`` sets.
 
@@ -175,8 +177,8 @@ def wait(
 
 
 def as_completed(
-    fs: Iterable["cf.Future[Any]"], timeout: Optional[float] = None
-) -> Iterator["cf.Future[Any]"]:
+    fs: Iterable["cf.Future[_T]"], timeout: Optional[float] = None
+) -> Iterator["cf.Future[_T]"]:
     """Yield the futures ``fs`` (from any executors) as they complete, those done already
     first; as :func:`concurrent.futures.as_completed`, but the waits between two futures let
     other greenlets run. Each future is yielded once, also when given twice.
@@ -219,7 +221,7 @@ def as_completed(
             completions.close()
 
 
-def result(future: "cf.Future[Any]", timeout: Optional[float] = None) -> Any:
+def result(future: "cf.Future[_T]", timeout: Optional[float] = None) -> _T:
     """``future.result(timeout)`` for a future from any executor, waiting cooperatively: its
     result, or the exception it raised, ``CancelledError`` if it was cancelled,
     ``TimeoutError`` if it is not done within ``timeout`` seconds."""

@@ -91,3 +91,15 @@ def pool() -> None:
         executor.submit(square, "not an int")  # type: ignore[arg-type]
         executor.submit(square)  # type: ignore[call-arg]
         assert_type(executor.submit_with_timeout(5.0, square, 2).result(), int)
+
+
+def waits_on_any_executor() -> None:
+    import concurrent.futures as cf
+
+    with cf.ThreadPoolExecutor(1) as threads:
+        future = threads.submit(square, 2)
+        assert_type(gipc.result(future), int)
+        done, not_done = gipc.wait([future], timeout=1.0, return_when=gipc.FIRST_COMPLETED)
+        for finished in gipc.as_completed(done):
+            assert_type(finished.result(), int)
+        gipc.result(square)  # type: ignore[arg-type]
