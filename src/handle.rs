@@ -1,14 +1,14 @@
 //! The objects Python drives: one reader and one writer per channel. Each call does what the
 //! descriptor allows right now and reports the rest; waiting is the Python layer's job.
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 use std::time::{Duration, Instant};
 
 use gipc_wire::budget::{Budget, DEFAULT_SLICE};
 use gipc_wire::frame::{Kind, Lane};
 use gipc_wire::growth::{grow_pipe, Grown};
-use gipc_wire::io::{channel_ends, FdReader, FdWriter, Transport, BULK_MIN};
+use gipc_wire::io::{adopt_end_fds, channel_ends, FdReader, FdWriter, Transport, BULK_MIN};
 use gipc_wire::recv::{Event, Payload, PayloadBuf, Receiver};
 use gipc_wire::send::{Progress, Sender};
 use gipc_wire::sigpipe::without_sigpipe;
@@ -157,6 +157,7 @@ pub struct Reader {
     fd: Option<OwnedFd>,
     /// The bulk lane's descriptor, on channels that have one (closed with `fd`).
     bulk: Option<OwnedFd>,
+    transport: Transport,
     rx: Receiver<FillingBytes>,
     spin: SpinPolicy,
 }
@@ -239,6 +240,24 @@ impl Reader {
     #[getter]
     fn buffered(&self) -> usize {
         self.rx.buffered()
+    }
+
+    /// What another process needs, beside `filenos()`, to continue reading this channel
+    /// (see `reader_from_fds`): the transport's name and the bytes received and not yet
+    /// returned. GIPCError while a large payload is partly received.
+    fn transfer_state<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> PyResult<(&'static str, Bound<'py, PyBytes>)> {
+        if self.fd.is_none() {
+            return Err(errors::closed());
+        }
+        let unread = self.rx.unread().ok_or_else(|| {
+            errors::GIPCError::new_err(
+                "cannot move this reader now: a message is partly received (read it first)",
+            )
+        })?;
+        Ok((self.transport.name(), PyBytes::new(py, unread)))
     }
 }
 
@@ -410,6 +429,20 @@ impl Writer {
         lane_fileno(&self.fd, &self.bulk, self.tx.waiting_lane())
     }
 
+    /// What another process needs, beside `filenos()`, to continue writing this channel
+    /// (see `writer_from_fds`): the transport's name. GIPCError while frames are queued.
+    fn transfer_state(&self) -> PyResult<&'static str> {
+        if self.fd.is_none() {
+            return Err(errors::closed());
+        }
+        if self.tx.has_pending() {
+            return Err(errors::GIPCError::new_err(
+                "cannot move this writer now: a message is not entirely written",
+            ));
+        }
+        Ok(self.transport.name())
+    }
+
     /// Forgets queued frames and closes the descriptors; returns False if they were closed
     /// already.
     fn close(&mut self) -> bool {
@@ -452,6 +485,7 @@ pub fn channel(
         Reader {
             fd: Some(read_end.frame),
             bulk: read_end.bulk,
+            transport,
             rx: Receiver::new(max_message_size, Budget::new(slice)),
             spin: SpinPolicy::new(None),
         },
@@ -464,4 +498,85 @@ pub fn channel(
             grow_tried: false,
         },
     ))
+}
+
+fn transport_named(name: &str) -> PyResult<Transport> {
+    Transport::from_name(name).ok_or_else(|| {
+        PyValueError::new_err(format!(
+            "unknown transport {name:?}: use 'hybrid', 'socket' or 'pipe'"
+        ))
+    })
+}
+
+/// Checks `fds` for one end of a `transport` channel and takes them over. On error the
+/// descriptors stay the caller's, untouched but for the flags.
+fn adopt_fds(transport: Transport, fds: &[RawFd]) -> PyResult<(OwnedFd, Option<OwnedFd>)> {
+    if fds.iter().any(|&fd| fd < 0) {
+        return Err(PyValueError::new_err(format!("not descriptors: {fds:?}")));
+    }
+    if fds.len() == 2 && fds[0] == fds[1] {
+        return Err(PyValueError::new_err("the two lanes need two descriptors"));
+    }
+    // SAFETY: the numbers are only borrowed for the checks below, which fail cleanly
+    // (EBADF) for a number that is not an open descriptor.
+    let borrowed: Vec<BorrowedFd<'_>> = fds
+        .iter()
+        .map(|&fd| unsafe { BorrowedFd::borrow_raw(fd) })
+        .collect();
+    adopt_end_fds(transport, &borrowed).map_err(PyValueError::new_err)?;
+    // SAFETY: each descriptor is open (checked above), distinct, and handed over by the
+    // caller, who must not use or close it any more (documented in `_core.pyi`).
+    let mut owned = fds.iter().map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) });
+    let frame = owned.next().expect("checked: at least one descriptor");
+    Ok((frame, owned.next()))
+}
+
+/// A reader on descriptors handed over from another process or handle (the frame lane's,
+/// then the bulk lane's): takes them over and returns `buffered` (the old reader's
+/// `transfer_state()` bytes) before anything it reads.
+#[pyfunction]
+#[pyo3(signature = (transport, fds, buffered = None, max_message_size = 1 << 32))]
+pub fn reader_from_fds(
+    transport: &str,
+    fds: Vec<RawFd>,
+    buffered: Option<&[u8]>,
+    max_message_size: u64,
+) -> PyResult<Reader> {
+    let transport = transport_named(transport)?;
+    let buffered = buffered.unwrap_or_default();
+    let mut rx = Receiver::new(max_message_size, Budget::new(Some(DEFAULT_SLICE)));
+    if !rx.preload(buffered) {
+        return Err(PyValueError::new_err(format!(
+            "{} buffered bytes are more than a reader holds",
+            buffered.len()
+        )));
+    }
+    let (frame, bulk) = adopt_fds(transport, &fds)?;
+    Ok(Reader {
+        fd: Some(frame),
+        bulk,
+        transport,
+        rx,
+        spin: SpinPolicy::new(None),
+    })
+}
+
+/// A writer on descriptors handed over from another process or handle (the frame lane's,
+/// then the bulk lane's); takes them over.
+#[pyfunction]
+pub fn writer_from_fds(transport: &str, fds: Vec<RawFd>) -> PyResult<Writer> {
+    let transport = transport_named(transport)?;
+    let (frame, bulk) = adopt_fds(transport, &fds)?;
+    let tx = match bulk {
+        Some(_) => Sender::with_bulk_lane(Budget::new(Some(DEFAULT_SLICE)), BULK_MIN),
+        None => Sender::new(Budget::new(Some(DEFAULT_SLICE))),
+    };
+    Ok(Writer {
+        fd: Some(frame),
+        bulk,
+        transport,
+        tx,
+        grown: None,
+        grow_tried: false,
+    })
 }

@@ -23,7 +23,9 @@ __all__ = [
     "YIELD",
     "__version__",
     "channel",
+    "reader_from_fds",
     "reset_signal_state",
+    "writer_from_fds",
 ]
 
 __version__: str
@@ -71,6 +73,10 @@ class Reader:
     def wait_fileno(self) -> int:
         """The descriptor to wait for (readable) after try_recv() returned None: the bulk
         lane's while a large payload is coming on it, else the frame lane's."""
+    def transfer_state(self) -> Tuple[str, bytes]:
+        """The transport's name and the bytes received but not yet returned: with
+        ``filenos()``, what ``reader_from_fds`` needs to continue this channel elsewhere.
+        GIPCError while a large payload is partly received."""
     def close(self) -> bool:
         """Closes the descriptors; False if they were closed already."""
 
@@ -100,6 +106,9 @@ class Writer:
         """Every descriptor of this end: the frame lane's, then the bulk lane's if any."""
     def wait_fileno(self) -> int:
         """The descriptor to wait for (writable) after WOULD_BLOCK."""
+    def transfer_state(self) -> str:
+        """The transport's name: with ``filenos()``, what ``writer_from_fds`` needs to
+        continue this channel elsewhere. GIPCError while frames are queued."""
     def close(self) -> bool:
         """Drops queued frames and closes the descriptors; False if they were closed
         already."""
@@ -112,6 +121,20 @@ def channel(
     """A one-way channel: ``transport`` is "hybrid" (frames through a pipe, payloads of
     BULK_MIN bytes or more through an AF_UNIX stream pair beside it), "socket" or "pipe";
     ``slice_us`` is how long a transfer may run before asking for a yield (0: never)."""
+
+def reader_from_fds(
+    transport: str,
+    fds: List[int],
+    buffered: Optional[bytes] = None,
+    max_message_size: int = ...,
+) -> Reader:
+    """A reader on one end's descriptors (frame lane, then bulk lane) handed over from
+    elsewhere, returning ``buffered`` first. Takes the descriptors over: the caller must not
+    use or close them any more, unless ValueError says they do not fit ``transport``."""
+
+def writer_from_fds(transport: str, fds: List[int]) -> Writer:
+    """A writer on one end's descriptors handed over from elsewhere; takes them over (see
+    ``reader_from_fds``)."""
 
 def reset_signal_state() -> List[int]:
     """Every signal's disposition to SIG_DFL at the C level, except SIGPIPE, SIGKILL and

@@ -235,6 +235,12 @@ class _GIPCHandle:
         if self._lock.locked():
             raise GIPCLocked(f"cannot pass {self!r} to a child: a greenlet is using it")
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise GIPCTypeError(
+            f"cannot pickle {self!r}: a handle travels to another process only when passed "
+            "to gipc.start_process (or a ProcessPool task)"
+        )
+
     def __enter__(self: _Handle) -> _Handle:
         return self
 
@@ -530,6 +536,9 @@ class _GIPCDuplexHandle:
                 f"cannot close {_describe_parts(busy)} of {self!r}: another greenlet is "
                 "using it (the rest is closed)"
             )
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return self._reader.__reduce_ex__(protocol)
 
     def _parts(self) -> Tuple[_GIPCReader, _GIPCWriter]:
         return self._reader, self._writer

@@ -47,6 +47,24 @@ impl Transport {
         }
     }
 
+    /// The name `from_name` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Pipe => "pipe",
+            Transport::Socket => "socket",
+            Transport::Hybrid => "hybrid",
+        }
+    }
+
+    /// What each descriptor of one end is made of: the frame lane's, then the bulk lane's.
+    pub fn lanes(self) -> &'static [Transport] {
+        match self {
+            Transport::Pipe => &[Transport::Pipe],
+            Transport::Socket => &[Transport::Socket],
+            Transport::Hybrid => &[Transport::Pipe, Transport::Socket],
+        }
+    }
+
     /// What the frame lane is made of.
     pub fn frame_lane(self) -> Transport {
         match self {
@@ -144,6 +162,42 @@ pub fn channel(transport: Transport) -> io::Result<(OwnedFd, OwnedFd)> {
         set_nonblocking_cloexec(fd.as_fd())?;
     }
     Ok((read_end, write_end))
+}
+
+/// Checks that `fds` (the frame lane's, then the bulk lane's) can be one end of a
+/// `transport` channel, handed over from another process or handle: as many descriptors as
+/// it has lanes, a pipe where a lane is a pipe and a socket where it is a socket. Then makes
+/// them non-blocking and close-on-exec, as [`channel`] makes its own. The error says what
+/// does not fit.
+pub fn adopt_end_fds(transport: Transport, fds: &[BorrowedFd<'_>]) -> Result<(), String> {
+    use rustix::fs::{fstat, FileType};
+    let lanes = transport.lanes();
+    if fds.len() != lanes.len() {
+        return Err(format!(
+            "a {} channel end has {} descriptor(s), not {}",
+            transport.name(),
+            lanes.len(),
+            fds.len()
+        ));
+    }
+    for (fd, lane) in fds.iter().zip(lanes) {
+        let stat = fstat(fd).map_err(|err| format!("descriptor {fd:?}: {err}"))?;
+        let found = FileType::from_raw_mode(stat.st_mode);
+        let expected = match lane {
+            Transport::Socket => FileType::Socket,
+            _ => FileType::Fifo,
+        };
+        if found != expected {
+            return Err(format!(
+                "descriptor {fd:?} is a {found:?}, where a {} channel has a {expected:?}",
+                transport.name()
+            ));
+        }
+    }
+    for fd in fds {
+        set_nonblocking_cloexec(*fd).map_err(|err| format!("descriptor {fd:?}: {err}"))?;
+    }
+    Ok(())
 }
 
 /// Portable (no `pipe2`/`SOCK_CLOEXEC` on macOS): two `fcntl`s at creation time only.

@@ -153,6 +153,29 @@ impl<B: PayloadBuf> Receiver<B> {
         self.end - self.start + self.large.as_ref().map_or(0, |l| l.filled)
     }
 
+    /// The bytes received and not yet handed out, when they are all of this receiver's
+    /// state (so a receiver made elsewhere with [`Receiver::preload`] continues the stream):
+    /// `None` while a large payload is partly received, or after the stream was corrupt.
+    pub fn unread(&self) -> Option<&[u8]> {
+        if self.large.is_some() || self.corrupt.is_some() {
+            return None;
+        }
+        Some(&self.buf[self.start..self.end])
+    }
+
+    /// Starts a fresh receiver with `data` (another receiver's [`Receiver::unread`]) in
+    /// front of what it reads. False, and nothing changed, if this one has received
+    /// anything already or `data` is longer than the read buffer.
+    pub fn preload(&mut self, data: &[u8]) -> bool {
+        if self.end != self.start || self.large.is_some() || data.len() > self.buf.len() {
+            return false;
+        }
+        self.buf[..data.len()].copy_from_slice(data);
+        self.start = 0;
+        self.end = data.len();
+        true
+    }
+
     /// Produces the next message, or says why there is none yet. `alloc` makes the buffer of a
     /// large payload; it is called only after the header passed every check.
     pub fn poll<S, A>(&mut self, src: &mut S, alloc: A) -> Result<Event<'_, B>, RecvError>
@@ -417,6 +440,54 @@ mod tests {
                 Err(err) => return (got, Err(err)),
             }
         }
+    }
+
+    /// Moves the receiver (its unread bytes into a fresh one) after each message, as a
+    /// handle that travels to another process does between two `get`s.
+    fn drain_moving(src: &mut ScriptedSource) -> Messages {
+        let mut rx = receiver();
+        let mut got = Vec::new();
+        loop {
+            match rx.poll(src, alloc) {
+                Ok(Event::Message { kind, payload }) => {
+                    got.push((kind, payload_vec(payload)));
+                    let unread = rx.unread().expect("between messages it can move").to_vec();
+                    rx = receiver();
+                    assert!(rx.preload(&unread));
+                }
+                Ok(Event::WouldBlock) if src.is_exhausted() => return got,
+                Ok(Event::WouldBlock) | Ok(Event::Yield) => continue,
+                Err(err) => panic!("{err}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_moved_receiver_continues_the_stream_at_every_split_point() {
+        let mut stream = frame(Kind::Bytes, b"first");
+        stream.extend(frame(Kind::Encoded, b"second"));
+        stream.extend(frame(Kind::Batch, &[7u8; 300]));
+        stream.extend(frame(Kind::Encoded, b"last"));
+        for cut in 0..stream.len() {
+            let mut src = ScriptedSource::split(&stream, &[cut]);
+            let got = drain_moving(&mut src);
+            assert_eq!(got.len(), 4, "cut at {cut}");
+            assert_eq!(got[3].1, b"last");
+        }
+    }
+
+    #[test]
+    fn a_receiver_mid_payload_cannot_move_and_a_used_one_takes_no_preload() {
+        let stream = frame(Kind::Bytes, &[1u8; 100_000]);
+        let mut src = ScriptedSource::whole(stream[..50_000].to_vec());
+        let mut rx = receiver();
+        while !matches!(rx.poll(&mut src, alloc), Ok(Event::WouldBlock)) {}
+        assert!(rx.unread().is_none(), "a large payload is half received");
+        assert!(!rx.preload(b"x"));
+        let mut fresh = receiver();
+        assert!(fresh.preload(&[0u8; 10]));
+        assert!(!fresh.preload(&[0u8; 10]), "only into an empty receiver");
+        assert!(!receiver().preload(&vec![0u8; READ_BUFFER + 1]));
     }
 
     #[test]
