@@ -1,5 +1,11 @@
 """Every test must leave no trace: no new open file descriptor, no child process (running
-or zombie) of this process. The autouse fixture below fails a test that leaks either."""
+or zombie) of this process. The autouse fixture below fails a test that leaks either.
+
+``GIPC_TEST_START_METHOD=forkserver`` (or ``spawn``) runs the suite with that start method
+as multiprocessing's default, which ``start_process`` and ``ProcessPool`` follow; a test
+about fork itself is marked ``fork_only`` and skipped then. gipc's fork server, once
+started, lives as long as the test process: it is not counted as a leak.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +15,27 @@ import sys
 import time
 from typing import Dict, Iterator, Set
 
+import multiprocessing
+
 import gevent
 import pytest
 
 LINUX = sys.platform.startswith("linux")
+
+#: The start method this run tests (see the module docstring).
+START_METHOD = os.environ.get("GIPC_TEST_START_METHOD", "fork")
+if START_METHOD != "fork":
+    multiprocessing.set_start_method(START_METHOD, force=True)
+
+
+def fork_server_traces() -> Dict[int, str]:
+    """The fork server's pid and the caller's control socket (if it runs)."""
+    from gipc import _forkserver
+
+    server = _forkserver._server
+    if _forkserver.server_pid() is None or server is None:
+        return {}
+    return {server.pid: "fork server", server.sock.fileno(): "fork server socket"}
 
 
 def open_fds() -> Dict[int, str]:
@@ -86,7 +109,7 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
 
     def no_new_children() -> bool:
         new_children.clear()
-        new_children.update(child_pids() - children_before)
+        new_children.update(child_pids() - children_before - set(fork_server_traces()))
         return not new_children
 
     assert _settle(no_new_children), f"test left child processes behind: {new_children}"
@@ -96,6 +119,8 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
         now = open_fds()
         leaked.clear()
         leaked.update({fd: what for fd, what in now.items() if fds_before.get(fd) != what})
+        for fd in fork_server_traces():
+            leaked.pop(fd, None)
         return not leaked
 
     assert _settle(no_new_fds, attempts=10), f"test leaked file descriptors: {leaked}"
@@ -105,3 +130,15 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "allow_leaks: the test deliberately keeps descriptors or children"
     )
+    config.addinivalue_line(
+        "markers", "fork_only: about forked children (skipped for the other start methods)"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
+    if START_METHOD == "fork":
+        return
+    skip = pytest.mark.skip(reason=f"about fork; this run tests {START_METHOD}")
+    for item in items:
+        if item.get_closest_marker("fork_only"):
+            item.add_marker(skip)

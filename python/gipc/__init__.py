@@ -13,6 +13,7 @@ hub is here, in Python.
 from typing import TYPE_CHECKING, List
 
 from ._core import __version__
+from ._forkserver import set_forkserver_preload
 from ._futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, as_completed, result, wait
 from ._handles import (
     _GIPCDuplexHandle,
@@ -66,6 +67,7 @@ __all__ = [
     "pipe",
     "result",
     "set_default_codec",
+    "set_forkserver_preload",
     "start_process",
     "wait",
 ]

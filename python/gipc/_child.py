@@ -29,7 +29,7 @@ import multiprocessing.util as mp_util
 import os
 import sys
 import threading
-from typing import Any, Optional, Set
+from typing import Any, Callable, Optional, Set
 
 from . import _core
 from ._hub import fresh_hub_after_fork
@@ -127,17 +127,7 @@ class ChildStart:
         in multiprocessing's fork child. Returns the exit code."""
         fresh_hub_after_fork()
         restore_default_signals()
-        bootstrap = self._stock_bootstrap if STOCK_BOOTSTRAP else self._bootstrap
-        if _ATEXIT_IN_CHILD:
-            import atexit
-
-            atexit._clear()
-            atexit.register(mp_util._exit_function)  # type: ignore[attr-defined]
-            try:
-                return bootstrap()
-            finally:
-                atexit._run_exitfuncs()
-        return bootstrap()
+        return run_forked(self._stock_bootstrap if STOCK_BOOTSTRAP else self._bootstrap)
 
     def _stock_bootstrap(self) -> int:
         """multiprocessing's own child start-up, for a Python the lean one was not written
@@ -231,6 +221,21 @@ class ChildStart:
     def _close_devnull(self) -> None:
         if self.devnull_fd >= 0:
             os.close(self.devnull_fd)
+
+
+def run_forked(bootstrap: Callable[[], int]) -> int:
+    """Runs ``bootstrap`` (a process's start-up and target) in a forked child, around the
+    atexit functions as multiprocessing's fork and forkserver children do on this Python."""
+    if _ATEXIT_IN_CHILD:
+        import atexit
+
+        atexit._clear()
+        atexit.register(mp_util._exit_function)  # type: ignore[attr-defined]
+        try:
+            return bootstrap()
+        finally:
+            atexit._run_exitfuncs()
+    return bootstrap()
 
 
 def restore_default_signals() -> None:

@@ -1,11 +1,10 @@
 """Child processes: start them with a fresh gevent state, and watch them cooperatively.
 
-The process object is a real ``multiprocessing.Process``; only how it forks and waits is
-gipc's own (``_CooperativePopen``), and how the child starts (``_child``: what
-multiprocessing's fork child does, with fewer copied pages). That keeps gipc independent of
-multiprocessing's start method setting (it always forks), and it watches each child on its
-own descriptor — a pidfd on Linux, the exit sentinel pipe elsewhere — so it never reaps a
-process that is not its own and never touches multiprocessing's behaviour for anybody else.
+The process object is a real ``multiprocessing.Process``; how its child is launched and
+waited for is gipc's own: a ``_popen.CooperativePopen`` per start method ("fork",
+"forkserver", "spawn"; see ``_popen``), chosen by ``start_process(start_method=...)``.
+Each child is watched on its own descriptor, so gipc never reaps a process that is not its
+own and never touches multiprocessing's behaviour for anybody else.
 """
 
 from __future__ import annotations
@@ -16,271 +15,69 @@ import multiprocessing
 # Registers multiprocessing's atexit hook, which terminates daemonic children and joins the
 # others when the parent exits normally; gipc's children take part like any other.
 import multiprocessing.util  # noqa: F401
-import os
-import signal
-import struct
 import sys
 import time
-import weakref
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Set, Tuple, Type
 
-import gevent
-import gevent.event
-from gevent.hub import get_hub
 from gevent.lock import Semaphore
 
-from . import _child, _handles, _outcome
+from . import _outcome
 from ._handles import _GIPCDuplexHandle, _GIPCHandle, _GIPCWriter
-from ._hub import READ, clamp_timeout
+from ._hub import clamp_timeout
+from ._popen import CooperativePopen, ForkPopen
 from ._outcome import Outcome, OutcomeReceiver
 from .exceptions import GIPCError
 
 #: gipc's lifecycle records (debug level; silent unless the program configures logging).
 _log = logging.getLogger("gipc")
 
-#: What a child writes to its sentinel pipe just before it exits.
-_EXIT_CODE = struct.Struct("<i")
-
-#: What start_process blocks across the fork (the system ignores SIGKILL and SIGSTOP there).
-_ALL_SIGNALS = signal.valid_signals()
-
-#: Process monitors of this process's live children, so a forked child can close the
-#: descriptors that watch its siblings.
-_live_popens: "weakref.WeakSet[_CooperativePopen]" = weakref.WeakSet()
+#: The start methods gipc offers (multiprocessing's names).
+START_METHODS = ("fork", "forkserver", "spawn")
 
 
-class _CooperativePopen:
-    """Forks the child and waits for it without blocking the event loop.
-
-    Implements the part of ``multiprocessing.popen_fork.Popen``'s interface that
-    ``multiprocessing.Process`` relies on: ``pid``, ``sentinel``, ``returncode``, ``poll``,
-    ``wait``, ``interrupt`` (3.14), ``terminate``, ``kill`` and ``close``.
+def resolve_start_method(start_method: Optional[str], mp_context: Any = None) -> str:
+    """The start method a child gets: ``start_method``, else that of ``mp_context`` (a
+    ``multiprocessing`` context), else the one the program set with
+    ``multiprocessing.set_start_method()``, else "fork" on Linux and "spawn" on macOS
+    (where forking breaks system libraries). Asking never fixes multiprocessing's setting.
     """
-
-    method = "fork"
-
-    def __init__(self, process_obj: "_GProcess") -> None:
-        self.returncode: Optional[int] = None
-        self._exit_fd: Optional[int] = None
-        self._parent_fds: Tuple[int, ...] = ()
-        self._exit_watcher: Any = None
-        self._retry_timer: Any = None
-        self._retry_delay = 0.001  # libuv timers have millisecond resolution
-        self._exited = gevent.event.Event()
-        _flush_std_streams()
-        self._launch(process_obj)
-
-    def _launch(self, process_obj: "_GProcess") -> None:
-        # Two pipes, as multiprocessing makes them: the parent's read end becomes readable
-        # when the child is gone (`sentinel`); the child's read end does the same when the
-        # parent is gone (`multiprocessing.parent_process().sentinel`).
-        start = _child.ChildStart(process_obj)
-        parent_pid = os.getpid()
-        pipe_fds: List[int] = []
-        try:
-            parent_r, child_w = os.pipe()
-            pipe_fds += (parent_r, child_w)
-            child_r, parent_w = os.pipe()
-            pipe_fds += (child_r, parent_w)
-            start.ready(child_r)
-            # Every signal stays blocked from before the fork (and the at-fork hooks) until
-            # the child has reset the dispositions it inherited: a signal that comes early,
-            # a Ctrl-C or a terminate() right after start_process returns, then meets the
-            # default action. Unblocked earlier, it would run the parent's Python handler
-            # in the child, in gipc's start-up code, which would swallow its exception and
-            # carry on.
-            mask = signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
-            try:
-                # Looked up at call time: under gevent.monkey this is gevent's fork, which
-                # registers the child with gevent's own SIGCHLD handling, and os.waitpid is
-                # its matching wait.
-                pid = os.fork()
-            finally:
-                if os.getpid() == parent_pid:
-                    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        except BaseException:
-            start.forget()
-            for fd in pipe_fds:
-                os.close(fd)
-            raise
-        if pid == 0:
-            code = 1
-            try:
-                os.close(parent_r)
-                os.close(parent_w)
-                if (
-                    _handles._open_handles.data  # type: ignore[attr-defined]
-                    or _live_popens.data  # type: ignore[attr-defined]
-                    or _child.parent_only_fds
-                ):
-                    _release_inherited(process_obj._gipc_handles)
-                code = start.run()  # resets the signals, then unblocks them
-            except BaseException:  # gipc's own start-up failed: say why before exiting
-                import traceback
-
-                traceback.print_exc()
-            finally:
-                # Also tell the parent through the sentinel: if someone else in the parent
-                # reaps us (gevent's SIGCHLD handling reaps every child once
-                # gevent.subprocess was used), the exit code is not lost.
-                try:
-                    os.write(child_w, _EXIT_CODE.pack(code))
-                finally:
-                    os._exit(code)
-        start.forget()
-        self.pid = pid
-        os.close(child_w)
-        os.close(child_r)
-        self.sentinel = parent_r
-        self._parent_fds = (parent_r, parent_w)
-        _child.parent_only_fds.update(self._parent_fds)
-        self._exit_fd = _open_pidfd(pid)
-        _live_popens.add(self)
-        _log.debug("started child %s (pid %d)", process_obj.name, pid)
-
-    def poll(self, flag: int = os.WNOHANG) -> Optional[int]:
-        """Reaps the child if it has exited; never blocks, whatever ``flag`` says."""
-        if self.returncode is None:
-            try:
-                pid, status = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:
-                # Reaped by somebody else (gevent's SIGCHLD handling, or a waitpid(-1)
-                # elsewhere in the program). The child wrote its exit code to the sentinel
-                # before exiting, unless a signal killed it: then 255 is all we can say.
-                pid, status = self.pid, self._reported_exit_status()
-            if pid == 0:
-                return None
-            self.returncode = os.waitstatus_to_exitcode(status)
-            _log.debug("child pid %d exited with code %d", self.pid, self.returncode)
-            self._release()
-            self._exited.set()  # whoever reaped it, every waiting join() returns
-        return self.returncode
-
-    def wait(self, timeout: Optional[float] = None) -> Optional[int]:
-        """Waits cooperatively for the child to exit, at most ``timeout`` seconds."""
-        if self.poll() is not None:
-            return self.returncode
-        if timeout is not None and timeout <= 0:
-            return None
-        if self._exit_watcher is None:
-            self._watch_exit()
-        self._exited.wait(clamp_timeout(timeout))
-        return self.returncode
-
-    # One io watcher on the exit descriptor per child, however many greenlets join it; its
-    # callbacks run in the hub and reap the child (no greenlet of its own: fewer switches,
-    # and fewer pages written in the parent while the child exits).
-
-    def _watch_exit(self) -> None:
-        fd = self._exit_fd if self._exit_fd is not None else self.sentinel
-        self._exit_watcher = get_hub().loop.io(fd, READ)
-        self._exit_watcher.start(self._on_exit_readable)
-
-    def _on_exit_readable(self) -> None:
-        # Reaping closes the descriptor and its watcher: not inside the watcher's callback.
-        self._exit_watcher.stop()
-        get_hub().loop.run_callback(self._reap_or_retry)
-
-    def _reap_or_retry(self) -> None:
-        if self.poll() is not None:
-            return
-        # The descriptor fired a moment before the exit status is ready (the sentinel closes
-        # before the child is a zombie; gevent's own SIGCHLD bookkeeping may lag the pidfd):
-        # look again shortly.
-        self._retry_timer = get_hub().loop.timer(self._retry_delay)
-        self._retry_delay = min(self._retry_delay * 2, 0.05)
-        self._retry_timer.start(self._on_retry_due)
-
-    def _on_retry_due(self) -> None:
-        get_hub().loop.run_callback(self._retry)
-
-    def _retry(self) -> None:
-        timer, self._retry_timer = self._retry_timer, None
-        if timer is not None:
-            timer.close()
-        if self.poll() is None and self._exit_watcher is not None:
-            self._exit_watcher.start(self._on_exit_readable)
-
-    def _send_signal(self, sig: int) -> None:
-        if self.poll() is None:
-            try:
-                os.kill(self.pid, sig)
-            except ProcessLookupError:
-                pass
-
-    def interrupt(self) -> None:
-        """SIGINT, for ``Process.interrupt()`` (new in Python 3.14, offered by gipc on every
-        version). The child starts with default dispositions, so unless it installs a
-        handler this ends it with ``exitcode == -SIGINT``."""
-        self._send_signal(signal.SIGINT)
-
-    def terminate(self) -> None:
-        self._send_signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        self._send_signal(signal.SIGKILL)
-
-    def close(self) -> None:
-        self._release()
-
-    def _reported_exit_status(self) -> int:
-        """The wait status matching the exit code the child wrote before ``_exit``."""
-        code = 255
-        if self._parent_fds:
-            try:
-                # Non-blocking: a grandchild may still hold the write end open.
-                os.set_blocking(self.sentinel, False)
-                data = os.read(self.sentinel, _EXIT_CODE.size)
-            except OSError:
-                data = b""
-            if len(data) == _EXIT_CODE.size:
-                (code,) = _EXIT_CODE.unpack(data)
-        return (code & 0xFF) << 8
-
-    def _release(self, in_child: bool = False) -> None:
-        """Closes every descriptor the parent holds for this child, and its watchers. In a
-        forked child both are only forgotten: the watchers belong to the parent's loop, and
-        the descriptors are closed with every other of ``_child.parent_only_fds``."""
-        _live_popens.discard(self)
-        watchers = (self._exit_watcher, self._retry_timer)
-        self._exit_watcher = self._retry_timer = None
-        if not in_child:
-            for watcher in watchers:
-                if watcher is not None:
-                    watcher.close()
-        fds, self._parent_fds = self._parent_fds, ()
-        if self._exit_fd is not None:
-            fds += (self._exit_fd,)
-            self._exit_fd = None
-        if in_child:
-            return
-        for fd in fds:
-            try:
-                _child.close_fd(fd)
-            except OSError:
-                pass
+    from_context = None
+    if mp_context is not None:
+        get = getattr(mp_context, "get_start_method", None)
+        if get is None:
+            raise TypeError(
+                "mp_context must be a multiprocessing context (multiprocessing."
+                f"get_context(...)), not {type(mp_context).__name__}"
+            )
+        from_context = get(allow_none=False)
+    if start_method is not None and from_context is not None and start_method != from_context:
+        raise ValueError(
+            f"start_method={start_method!r} contradicts mp_context's {from_context!r}"
+        )
+    method = start_method if start_method is not None else from_context
+    if method is None:
+        method = multiprocessing.get_start_method(allow_none=True)
+    if method is None:
+        method = "spawn" if sys.platform == "darwin" else "fork"
+    if method not in START_METHODS:
+        if isinstance(method, str):
+            raise ValueError(
+                f"unknown start method {method!r}: use one of {', '.join(START_METHODS)}"
+            )
+        raise TypeError(f"start_method must be a str, not {type(method).__name__}")
+    return method
 
 
-def _open_pidfd(pid: int) -> Optional[int]:
-    pidfd_open = getattr(os, "pidfd_open", None)
-    if pidfd_open is None:
-        return None
-    try:
-        fd: int = pidfd_open(pid)
-    except OSError:  # ENOSYS before Linux 5.3, or the child is already reaped
-        return None
-    _child.parent_only_fds.add(fd)
-    return fd
+def _popen_class(method: str) -> Type[CooperativePopen]:
+    if method == "fork":
+        return ForkPopen
+    if method == "spawn":
+        from ._popen_spawn import SpawnPopen
 
+        return SpawnPopen
+    from ._forkserver import ForkServerPopen
 
-def _flush_std_streams() -> None:
-    # Output buffered before the fork would otherwise be written twice.
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            if stream is not None:
-                stream.flush()
-        except (AttributeError, ValueError):
-            pass
+    return ForkServerPopen
 
 
 class _GProcess(multiprocessing.Process):
@@ -291,6 +88,8 @@ class _GProcess(multiprocessing.Process):
     """
 
     _gipc_handles: Tuple[_GIPCHandle, ...] = ()
+    #: How the child is launched (see ``resolve_start_method``).
+    _gipc_start_method = "fork"
 
     # Outcome capture (``start_process(..., capture=True)``). The class attributes are the
     # state of a process started without it.
@@ -306,8 +105,8 @@ class _GProcess(multiprocessing.Process):
     _outcome_lock: Optional[Semaphore] = None
 
     @staticmethod
-    def _Popen(process_obj: Any) -> _CooperativePopen:  # type: ignore[override]
-        return _CooperativePopen(process_obj)
+    def _Popen(process_obj: Any) -> CooperativePopen:  # type: ignore[override]
+        return _popen_class(process_obj._gipc_start_method)(process_obj)
 
     def run(self) -> None:
         """In the child: run the target (and report its outcome when the parent asked for
@@ -450,20 +249,6 @@ def _collect_handles(obj: Any, found: Set[_GIPCHandle]) -> None:
                 pending.extend(obj)
 
 
-def _release_inherited(kept: Iterable[_GIPCHandle]) -> None:
-    """Runs first thing in the child: only the gipc descriptors that were passed in stay
-    open. (Called only when a registry is not empty, checked on the WeakSets' underlying
-    sets: a WeakSet's own methods are Python code, and every object they touch is a page
-    copied into the child.)"""
-    kept = set(kept)
-    for handle in list(_handles._open_handles):
-        handle._after_fork_in_child(keep=handle in kept)
-    for popen in list(_live_popens):
-        # A sibling's monitor, inherited: it is the parent's to use.
-        popen._release(in_child=True)
-    _child.close_parent_only_fds()
-
-
 def start_process(
     target: Callable[..., Any],
     args: Tuple[Any, ...] = (),
@@ -472,6 +257,8 @@ def start_process(
     name: Optional[str] = None,
     *,
     capture: bool = False,
+    start_method: Optional[str] = None,
+    mp_context: Any = None,
 ) -> _GProcess:
     """Start a child process that runs ``target(*args, **kwargs)`` and return its
     :class:`_GProcess` (a ``multiprocessing.Process``), already started.
@@ -479,8 +266,17 @@ def start_process(
     gipc handles found in ``args``/``kwargs`` (also inside tuples, lists, sets and dict
     values) are usable in the child and closed in the parent; every other gipc handle is
     closed in the child. The child starts with a fresh gevent hub and event loop and with
-    default signal dispositions (SIGPIPE aside). The child is always forked, whatever
-    multiprocessing's start method is set to.
+    default signal dispositions (SIGPIPE aside).
+
+    ``start_method`` says how the child is launched: "fork" (a copy of the caller: quick,
+    nothing pickled, but the caller's event loop waits while its memory map is copied, and
+    forking a caller that runs threads is unsafe), "forkserver" (forked by gipc's fork
+    server: a start cost that does not grow with the caller) or "spawn" (a fresh
+    interpreter). For the last two, ``target``, ``args`` and ``kwargs`` must pickle (a
+    module-level function, not a lambda or closure), and the main module is imported in
+    the child under ``__mp_main__`` (so it needs ``if __name__ == "__main__":``). ``None``:
+    ``mp_context``'s method if given (a ``multiprocessing`` context), else the one set with
+    ``multiprocessing.set_start_method()``, else "fork" on Linux and "spawn" on macOS.
 
     With ``capture=True`` the child reports the target's outcome, its return value or the
     exception it raised, and ``process.result(timeout=None)`` returns or re-raises it in
@@ -491,7 +287,11 @@ def start_process(
 
     Raises:
         TypeError: ``target`` is not callable, ``args`` not a tuple or ``kwargs`` not a dict.
+        ValueError: an unknown ``start_method``, or one that contradicts ``mp_context``.
+        GIPCTypeError: "forkserver"/"spawn" and something passed cannot be pickled (the
+            message names it).
         GIPCClosed, GIPCLocked: a handle passed in is closed, or in use by a greenlet.
+        GIPCError: the fork server died before it started the child.
     """
     if kwargs is None:
         kwargs = {}
@@ -501,6 +301,7 @@ def start_process(
         raise TypeError(f"args must be a tuple, not {type(args).__name__}")
     if not isinstance(kwargs, dict):
         raise TypeError(f"kwargs must be a dict, not {type(kwargs).__name__}")
+    method = resolve_start_method(start_method, mp_context)
     passed: Set[_GIPCHandle] = set()
     _collect_handles(args, passed)
     _collect_handles(kwargs, passed)
@@ -508,6 +309,7 @@ def start_process(
         handle._check_passable()
     process = _GProcess(target=target, name=name, args=args, kwargs=kwargs, daemon=daemon)
     process._gipc_handles = tuple(passed)
+    process._gipc_start_method = method
     if capture:
         outcome_reader, outcome_writer = _outcome.outcome_pipe()
         process._gipc_handles += (outcome_writer,)

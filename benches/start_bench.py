@@ -1,0 +1,153 @@
+"""Start + join of a no-op child per start method, with the caller at several sizes.
+
+For each amount of extra touched memory in the caller (default 0, 1, 2 and 4 GiB), each
+start method starts and joins a no-op child ``--runs`` times (after one warm-up start, so a
+fork server is already up), and reports the median time and, for gipc, the caller's longest
+event-loop stall seen by a greenlet ticking every millisecond meanwhile. multiprocessing's
+own ``spawn`` and ``forkserver`` ``Process`` run beside them (their ``start()`` and
+``join()`` block the caller: their stall is the whole time, not shown).
+
+    python benches/start_bench.py [--sizes 0,1,2,4] [--runs 20] [--json out.json]
+
+Figures, not pass/fail: the targets (issue 12) are read off the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import statistics
+import time
+from typing import Callable, Dict, List, Optional
+
+
+def noop() -> None:
+    pass
+
+
+def _touched(gib: float) -> bytearray:
+    size = int(gib * (1 << 30))
+    buf = bytearray(size)
+    if size:
+        buf[::4096] = b"\x01" * len(range(0, size, 4096))  # every page written: resident
+    return buf
+
+
+def _gipc_case(method: str) -> Callable[[], None]:
+    import gipc
+
+    def run() -> None:
+        p = gipc.start_process(noop, start_method=method)
+        p.join()
+        if p.exitcode != 0:
+            raise RuntimeError(f"{method} child exited with {p.exitcode}")
+
+    return run
+
+
+def _mp_case(method: str) -> Callable[[], None]:
+    ctx = multiprocessing.get_context(method)
+
+    def run() -> None:
+        p = ctx.Process(target=noop)
+        p.start()
+        p.join()
+        if p.exitcode != 0:
+            raise RuntimeError(f"mp {method} child exited with {p.exitcode}")
+
+    return run
+
+
+class _StallMeter:
+    def __init__(self) -> None:
+        import gevent
+
+        self.worst = 0.0
+        self._running = True
+        self._greenlet = gevent.spawn(self._tick)
+
+    def _tick(self) -> None:
+        import gevent
+
+        last = time.perf_counter()
+        while self._running:
+            gevent.sleep(0.001)
+            now = time.perf_counter()
+            self.worst = max(self.worst, now - last)
+            last = now
+
+    def stop(self) -> float:
+        self._running = False
+        self._greenlet.join()
+        return self.worst
+
+
+def measure(run: Callable[[], None], runs: int, stall: bool) -> Dict[str, Optional[float]]:
+    import gevent
+
+    run()  # warm-up: imports, a fork server's start
+    times: List[float] = []
+    stalls: List[float] = []
+    for _ in range(runs):
+        meter = _StallMeter() if stall else None
+        gevent.sleep(0.005)  # the meter's first tick has happened
+        if meter is not None:
+            meter.worst = 0.0
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+        if meter is not None:
+            stalls.append(meter.stop())
+    return {
+        "ms": statistics.median(times) * 1e3,
+        "stall_ms": max(stalls) * 1e3 if stalls else None,
+    }
+
+
+CASES = {
+    "gipc fork": (lambda: _gipc_case("fork"), True),
+    "gipc forkserver": (lambda: _gipc_case("forkserver"), True),
+    "gipc spawn": (lambda: _gipc_case("spawn"), True),
+    "mp forkserver": (lambda: _mp_case("forkserver"), False),
+    "mp spawn": (lambda: _mp_case("spawn"), False),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="0,1,2,4", help="GiB of extra touched memory")
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--only", default="", help="comma-separated case names")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    sizes = [float(s) for s in args.sizes.split(",")]
+    names = [n.strip() for n in args.only.split(",") if n.strip()] or list(CASES)
+    cases = {name: (CASES[name][0](), CASES[name][1]) for name in names}
+    results: Dict[str, Dict[str, Dict[str, Optional[float]]]] = {}
+    for gib in sizes:
+        ballast = _touched(gib)
+        for name, (run, stall) in cases.items():
+            results.setdefault(name, {})[str(gib)] = measure(run, args.runs, stall)
+        del ballast
+    header = "| start + join (median ms; max stall ms) | " + " | ".join(
+        f"{g:g} GiB" for g in sizes
+    ) + " |"
+    print(header)
+    print("|" + "---|" * (len(sizes) + 1))
+    for name in names:
+        cells = []
+        for gib in sizes:
+            r = results[name][str(gib)]
+            cell = f"{r['ms']:.1f}"
+            if r["stall_ms"] is not None:
+                cell += f" ({r['stall_ms']:.1f})"
+            cells.append(cell)
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"sizes": sizes, "runs": args.runs, "results": results}, out, indent=1)
+
+
+if __name__ == "__main__":
+    main()

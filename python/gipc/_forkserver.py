@@ -1,0 +1,516 @@
+"""Start method "forkserver": children forked by a small server process of gipc's own.
+
+The server is a fresh interpreter (started like a spawned child, without blocking the
+caller's loop) that has imported gevent and gipc, and the modules named with
+``gipc.set_forkserver_preload()``, and runs no event loop. It forks each child from itself,
+so a start costs the same whatever the caller's size, and the caller's event loop only
+waits for a few messages.
+
+**Who may talk to it.** The server runs whatever it is sent, so it has no address: its only
+way in is one end of a socket pair whose other end the caller created and holds (close-on-
+exec, and closed in every child gipc forks). No filesystem path, no abstract name; a
+process that does not hold that descriptor cannot reach it. A caller that forks a child of
+its own gets a new server there on first use (the server belongs to the process id that
+started it).
+
+**Messages.** Caller → server, on the control socket: ``length (4 bytes) + pickle``, with
+descriptors attached (``SCM_RIGHTS``) to a start request: the start-up data pipe's read end,
+the child's parent sentinel, the child's status socket, then the passed handles'.
+Server → caller, per child, on that child's status socket: 8-byte records ``(tag, value)``:
+``PID`` (with the child's pidfd attached where the system has them), then ``EXITED`` (the
+child's own exit code, written by the child just before it ends) and ``REAPED`` (the wait
+status, written by the server when it reaps the child). The child is not the caller's own,
+so ``waitpid`` cannot tell the caller its exit: these records do. If the server dies, a
+child it started still reports ``EXITED`` (or, killed by a signal, just closes the
+socket: exit code 255), and starts in flight fail with a ``GIPCError``; the next start
+launches a new server.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import logging
+import os
+import pickle
+import selectors
+import signal
+import socket
+import struct
+import sys
+from multiprocessing import spawn as mp_spawn
+from multiprocessing import util as mp_util
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+
+import gevent
+import gevent.lock
+from gevent.socket import wait_read, wait_write
+
+from . import _child
+from ._popen import CooperativePopen
+from ._startup import Feeder, StartupData, preparation_data, run_child
+from .exceptions import GIPCError
+
+if TYPE_CHECKING:
+    from ._process import _GProcess
+
+_log = logging.getLogger("gipc")
+
+_FLAG = "--gipc-forkserver"
+_LENGTH = struct.Struct("<I")
+_RECORD = struct.Struct("<ii")
+PID, EXITED, REAPED = 1, 2, 3
+#: The most descriptors one message can carry (Linux's SCM_MAX_FD), less the three of
+#: every start request.
+MAX_HANDLE_FDS = 253 - 3
+
+#: What the next server imports before it forks anything; "__main__" by default, as in
+#: multiprocessing: the caller's main module, so a child need not import it again.
+_preload: List[str] = ["__main__"]
+
+
+def set_forkserver_preload(module_names: Sequence[str]) -> None:
+    """Modules the fork server imports once, when it starts, so that children forked from
+    it find them imported. ``"__main__"`` (the default) is the caller's main module,
+    imported as ``__mp_main__`` (as multiprocessing's forkserver does); without it, each
+    child imports the main module anew. Applies to the next server started; a running
+    server keeps what it has. A module that fails to import is skipped.
+    """
+    if isinstance(module_names, str) or not all(isinstance(m, str) for m in module_names):
+        raise TypeError("module_names must be a sequence of module names (str)")
+    _preload[:] = list(module_names)
+
+
+class _Server:
+    """The fork server as its caller sees it: the control socket and the server's pid."""
+
+    def __init__(self) -> None:
+        kind = socket.SOCK_STREAM
+        ours, theirs = socket.socketpair(socket.AF_UNIX, kind)
+        try:
+            args = [
+                mp_spawn.get_executable(),
+                *mp_util._args_from_interpreter_flags(),  # type: ignore[attr-defined]
+                "-c",
+                "from gipc._forkserver import serve; serve()",
+                _FLAG,
+                str(theirs.fileno()),
+            ]
+            self.pid: int = mp_util.spawnv_passfds(args[0], args, [theirs.fileno()])
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self.sock = ours
+        self.owner = os.getpid()
+        self.dead = False
+        self._send_lock = gevent.lock.Semaphore()
+        _child.parent_only_fds.add(ours.fileno())
+        # Queued in the socket: the server reads it once it has started.
+        prep = preparation_data("ForkServer")
+        init = {key: prep[key] for key in ("sys_path", "dir", "init_main_from_path") if key in prep}
+        self.send(("init", list(_preload), init), [])
+        _log.debug("started gipc's fork server (pid %d)", self.pid)
+
+    def send(self, message: Any, fds: Sequence[int]) -> None:
+        """One message, with ``fds`` attached; cooperative. GIPCError if the server is gone."""
+        body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        data = memoryview(_LENGTH.pack(len(body)) + body)
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        with self._send_lock:  # whole messages: a partial send is finished before the next
+            try:
+                while data:
+                    try:
+                        sent = self.sock.sendmsg([data], ancillary)
+                    except BlockingIOError:
+                        wait_write(self.sock.fileno())
+                        continue
+                    ancillary = []  # attached to the first bytes only
+                    data = data[sent:]
+            except OSError as exc:
+                self.close()
+                raise GIPCError(f"gipc's fork server (pid {self.pid}) is gone: {exc}") from exc
+
+    def close(self) -> None:
+        """Forgets the server: closing the control socket ends it (if it still runs)."""
+        if self.dead:
+            return
+        self.dead = True
+        if self.owner == os.getpid():
+            _child.parent_only_fds.discard(self.sock.fileno())
+        self.sock.close()
+        # It is our child: no zombie. It exits at once (its socket closed) or is gone.
+        if not _reaped(self.pid):
+            gevent.spawn(_reap_soon, self.pid)
+
+
+def _reaped(pid: int) -> bool:
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] == pid
+    except ChildProcessError:  # reaped by somebody else (gevent's SIGCHLD handling)
+        return True
+
+
+def _reap_soon(pid: int) -> None:
+    for _ in range(100):
+        gevent.sleep(0.01)
+        if _reaped(pid):
+            return
+    _log.debug("gipc's fork server (pid %d) did not end when asked to", pid)
+
+
+_server: Optional[_Server] = None
+
+
+def _current_server() -> _Server:
+    """This process's fork server, started on first use (again if it died)."""
+    global _server
+    server = _server
+    if server is None or server.dead:
+        server = _server = _Server()
+    return server
+
+
+def _forget_server_after_fork() -> None:
+    """In any forked child (gipc's or a plain ``os.fork()``): the parent's server is the
+    parent's. Our copy of its socket goes; a start here gets a server of our own."""
+    global _server
+    server, _server = _server, None
+    if server is not None and not server.dead:
+        _child.parent_only_fds.discard(server.sock.fileno())
+        try:
+            server.sock.close()
+        except OSError:
+            pass
+
+
+os.register_at_fork(after_in_child=_forget_server_after_fork)
+
+
+def server_pid() -> Optional[int]:
+    """The pid of this process's running fork server, if any (for tests and tools)."""
+    server = _server
+    if server is None or server.dead or server.owner != os.getpid():
+        return None
+    return server.pid
+
+
+class ForkServerPopen(CooperativePopen):
+    """A child forked by gipc's fork server: a start cost independent of the caller's
+    size, no fork of the caller's threads, the target, arguments and handles pickled."""
+
+    method = "forkserver"
+
+    _pidfd: Optional[int] = None
+    _status_fd = -1
+
+    def _launch(self, process_obj: "_GProcess") -> None:
+        startup = StartupData(process_obj, self, self.method)
+        if len(startup.handle_fds) > MAX_HANDLE_FDS:
+            raise GIPCError(
+                f"a fork server child can be passed at most {MAX_HANDLE_FDS} descriptors "
+                f"of handles, not {len(startup.handle_fds)}"
+            )
+        self._records = bytearray()
+        self._child_code: Optional[int] = None
+        self._status: Optional[int] = None
+        self._ended = False
+        opened: List[int] = []
+        status: Optional[socket.socket] = None
+        try:
+            status, child_status = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            opened.append(child_status.detach())
+            child_r, parent_w = os.pipe()  # the child's parent_process().sentinel
+            opened += (child_r, parent_w)
+            data_r, data_w = os.pipe()
+            opened += (data_r, data_w)
+            fds = [data_r, child_r, opened[0], *startup.handle_fds]
+            self._server = _send_start_request(fds)
+        except BaseException:
+            for fd in opened:
+                os.close(fd)
+            if status is not None:
+                status.close()
+            raise
+        for fd in (opened[0], child_r, data_r):
+            os.close(fd)
+        status.setblocking(False)
+        self._status_fd = status.detach()
+        self._adopt(-1, self._status_fd, (self._status_fd, parent_w))
+        # Fed at once, but for the last byte: the child reads while its pid is on its way
+        # to us, and runs nothing before we know it exists.
+        feeder = Feeder(data_w, startup.payload, hold_back=1)
+        feeder.start()
+        try:
+            self.pid = self._await_pid()
+        except BaseException:
+            # No child (the server died), or the start was interrupted: a child that was
+            # forked reads a torn start-up pickle and exits.
+            feeder.cancel()
+            self._release()
+            raise
+        feeder.release()
+        _log.debug("started child %s (pid %d, forkserver)", process_obj.name, self.pid)
+
+    def _await_pid(self) -> int:
+        while True:
+            self._read_records()
+            if len(self._records) >= _RECORD.size:
+                tag, value = _RECORD.unpack_from(self._records)
+                del self._records[: _RECORD.size]
+                if tag != PID:
+                    raise GIPCError(f"gipc's fork server sent record {tag} before a pid")
+                pid: int = value
+                return pid
+            if self._ended:
+                self._server.close()
+                raise GIPCError(
+                    "gipc's fork server died before starting the child; "
+                    "a new one is started on next use"
+                )
+            wait_read(self._status_fd)
+
+    def _read_records(self) -> None:
+        """Everything the status socket has now; notes its end."""
+        while not self._ended:
+            try:
+                data, fds = _receive_records(self._status_fd)
+            except BlockingIOError:
+                return
+            except OSError:
+                data, fds = b"", []
+            for fd in fds:
+                if self._pidfd is None:
+                    self._pidfd = fd
+                    _child.parent_only_fds.add(fd)
+                    self._parent_fds += (fd,)
+                else:
+                    os.close(fd)
+            if not data:
+                self._ended = True
+                return
+            self._records += data
+
+    def _try_reap(self) -> Optional[int]:
+        self._read_records()
+        while len(self._records) >= _RECORD.size:
+            tag, value = _RECORD.unpack_from(self._records)
+            del self._records[: _RECORD.size]
+            if tag == EXITED:
+                self._child_code = value
+            elif tag == REAPED:
+                self._status = value
+        if self._status is not None:
+            return os.waitstatus_to_exitcode(self._status)
+        if self._ended:  # the server died: the child's own word, if it had its say
+            return self._child_code if self._child_code is not None else 255
+        return None
+
+    def _reap_or_retry(self) -> None:
+        # The socket stays the whole story: the server's REAPED record, or its end, makes
+        # it readable again (no timer: the exit status is not late, only not yet sent).
+        if self.poll() is None and self._exit_watcher is not None:
+            self._exit_watcher.start(self._on_exit_readable)
+
+    def _send_signal(self, sig: int) -> None:
+        if self.poll() is not None:
+            return
+        try:
+            if self._pidfd is not None:
+                # Exactly our child, even if its pid was reused since.
+                signal.pidfd_send_signal(self._pidfd, sig)
+            else:
+                os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+
+def _receive_records(fd: int) -> Tuple[bytes, List[int]]:
+    """What the status socket ``fd`` has now (BlockingIOError if nothing), and the
+    descriptors that came with it."""
+    sock = socket.socket(fileno=fd)
+    try:
+        data, fds, _flags, _addr = socket.recv_fds(sock, 4096, 1)
+    finally:
+        sock.detach()
+    return data, fds
+
+
+def _send_start_request(fds: Sequence[int]) -> _Server:
+    server = _current_server()
+    try:
+        server.send(("start",), fds)
+    except GIPCError:
+        # It died since the last start: nothing of this start reached it; one new server.
+        server = _current_server()
+        server.send(("start",), fds)
+    return server
+
+
+# ---------------------------------------------------------------------------------------
+# The server process
+
+
+def serve() -> None:
+    """The server's main loop (its interpreter's entry point)."""
+    flag, fd = sys.argv[1:3]
+    if flag != _FLAG:
+        raise SystemExit(f"gipc: not started as a fork server ({sys.argv!r})")
+    del sys.argv[1:3]
+    control = socket.socket(fileno=int(fd))
+    control.setblocking(True)
+    # Ctrl-C in a terminal reaches the whole process group: the server outlives it (its
+    # callers decide), as multiprocessing's does.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    children: Dict[int, int] = {}  # pid -> the server's end of its status socket
+    selector = selectors.DefaultSelector()
+    selector.register(control, selectors.EVENT_READ)
+    selector.register(wake_r, selectors.EVENT_READ)
+    own_fds = [control.fileno(), wake_r, wake_w, selector.fileno()]
+    while True:
+        for key, _ in selector.select():
+            if key.fileobj is control:
+                message = _receive(control)
+                if message is None:  # the caller is gone
+                    os._exit(0)
+                body, fds = message
+                if body[0] == "init":
+                    _init(body[1], body[2])
+                elif body[0] == "start":
+                    _fork_child(fds, children, own_fds)
+                else:
+                    for received in fds:
+                        os.close(received)
+            else:
+                try:
+                    while os.read(wake_r, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+                _reap(children)
+
+
+def _receive(control: socket.socket) -> Optional[Tuple[Any, List[int]]]:
+    header, fds, flags, _ = socket.recv_fds(control, _LENGTH.size, MAX_HANDLE_FDS + 3)
+    if not header:
+        return None
+    while len(header) < _LENGTH.size:
+        more = control.recv(_LENGTH.size - len(header))
+        if not more:
+            return None
+        header += more
+    (length,) = _LENGTH.unpack(header)
+    body = bytearray()
+    while len(body) < length:
+        chunk = control.recv(length - len(body))
+        if not chunk:
+            return None
+        body += chunk
+    if flags & getattr(socket, "MSG_CTRUNC", 0):
+        for fd in fds:
+            os.close(fd)
+        return ("dropped",), []
+    return pickle.loads(body), fds
+
+
+def _init(preload: List[str], prep: Dict[str, Any]) -> None:
+    """sys.path and the working directory as the caller's; then the preloads."""
+    if "sys_path" in prep:
+        sys.path = prep["sys_path"]
+    if "dir" in prep:
+        try:
+            os.chdir(prep["dir"])
+        except OSError:
+            pass
+    for name in preload:
+        try:
+            if name == "__main__":
+                main_path = prep.get("init_main_from_path")
+                if main_path is not None:
+                    mp_spawn.import_main_path(main_path)
+            else:
+                __import__(name)
+        except Exception:  # noqa: BLE001 - a preload is an optimisation, not a must
+            pass
+
+
+def _fork_child(fds: List[int], children: Dict[int, int], own_fds: List[int]) -> None:
+    if len(fds) < 3:
+        for fd in fds:
+            os.close(fd)
+        return
+    data_r, parent_sentinel, status_w, *handle_fds = fds
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            signal.set_wakeup_fd(-1)
+            for fd in [*own_fds, *children.values()]:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            _child.restore_default_signals()
+            _child.parent_only_fds.add(status_w)  # no grandchild of ours holds it
+            code = run_child(data_r, handle_fds, parent_sentinel, forked=True)
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            try:
+                os.write(status_w, _RECORD.pack(EXITED, code))
+            finally:
+                os._exit(code)
+    for fd in [data_r, parent_sentinel, *handle_fds]:
+        os.close(fd)
+    os.set_blocking(status_w, False)
+    children[pid] = status_w
+    pidfd = None
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        pass
+    try:
+        with socket.socket(fileno=os.dup(status_w)) as status:
+            ancillary = (
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [pidfd]))]
+                if pidfd is not None
+                else []
+            )
+            status.sendmsg([_RECORD.pack(PID, pid)], ancillary)
+    except OSError:
+        pass  # the caller gave up on this start; the child finds no start-up data
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _reap(children: Dict[int, int]) -> None:
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        except OSError as exc:
+            if exc.errno == errno.EINTR:
+                continue
+            return
+        if pid == 0:
+            return
+        status_w = children.pop(pid, None)
+        if status_w is None:
+            continue
+        try:
+            os.write(status_w, _RECORD.pack(REAPED, status))
+        except OSError:
+            pass
+        os.close(status_w)

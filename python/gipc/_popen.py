@@ -1,0 +1,331 @@
+"""Watching a child cooperatively, and the fork launcher.
+
+``multiprocessing.Process.start()`` asks its ``_Popen`` for an object that starts the child
+and then answers ``poll``/``wait``/``terminate``/``kill``/``close`` for it. gipc's
+``CooperativePopen`` is that object with every wait turned into a wait on gevent's hub; the
+subclasses differ only in how the child is launched (``_launch``) and, for a child that is
+not this process's own, how its end is learned (``_try_reap``):
+
+* ``ForkPopen`` (here): ``fork()`` of the caller; ``_child`` runs in the copy;
+* ``SpawnPopen`` (``_popen_spawn``): a fresh interpreter, inheriting only its descriptors;
+* ``ForkServerPopen`` (``_forkserver``): forked by gipc's fork server.
+
+Each child is watched on one descriptor (a pidfd on Linux, else its exit sentinel), by one
+io watcher whose callbacks run in the hub, however many greenlets join it; a child that is
+not ours is never reaped here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import struct
+import sys
+import weakref
+from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Tuple
+
+import gevent.event
+from gevent.hub import get_hub
+
+from . import _child, _handles
+from ._hub import READ, clamp_timeout
+
+if TYPE_CHECKING:
+    from ._handles import _GIPCHandle
+    from ._process import _GProcess
+
+#: gipc's lifecycle records (debug level; silent unless the program configures logging).
+_log = logging.getLogger("gipc")
+
+#: What a child writes to its sentinel pipe just before it exits.
+EXIT_CODE = struct.Struct("<i")
+
+#: What ForkPopen blocks across the fork (the system ignores SIGKILL and SIGSTOP there).
+_ALL_SIGNALS = signal.valid_signals()
+
+#: Process monitors of this process's live children, so a forked child can close the
+#: descriptors that watch its siblings.
+live_popens: "weakref.WeakSet[CooperativePopen]" = weakref.WeakSet()
+
+
+class CooperativePopen:
+    """Starts a child (``_launch``, per start method) and waits for it without blocking
+    the event loop.
+
+    Implements the part of ``multiprocessing.popen_fork.Popen``'s interface that
+    ``multiprocessing.Process`` relies on: ``pid``, ``sentinel``, ``returncode``, ``poll``,
+    ``wait``, ``interrupt`` (3.14), ``terminate``, ``kill`` and ``close``.
+    """
+
+    method = ""
+    pid: int
+    sentinel: int
+
+    def __init__(self, process_obj: "_GProcess") -> None:
+        self.returncode: Optional[int] = None
+        #: The descriptor that becomes readable when the child is gone: a pidfd, or None
+        #: to watch ``sentinel``.
+        self._exit_fd: Optional[int] = None
+        #: Descriptors closed by ``_release`` (registered in ``_child.parent_only_fds``).
+        self._parent_fds: Tuple[int, ...] = ()
+        self._exit_watcher: Any = None
+        self._retry_timer: Any = None
+        self._retry_delay = 0.001  # libuv timers have millisecond resolution
+        self._exited = gevent.event.Event()
+        flush_std_streams()
+        self._launch(process_obj)
+
+    def _launch(self, process_obj: "_GProcess") -> None:
+        raise NotImplementedError
+
+    def _adopt(self, pid: int, sentinel: int, parent_fds: Tuple[int, ...]) -> None:
+        """Once the child runs: its pid, the descriptor that is readable once it is gone,
+        and every descriptor the parent keeps for it (registered at once: no switch
+        between opening and registering)."""
+        self.pid = pid
+        self.sentinel = sentinel
+        self._parent_fds = parent_fds
+        _child.parent_only_fds.update(parent_fds)
+        live_popens.add(self)
+
+    def poll(self, flag: int = os.WNOHANG) -> Optional[int]:
+        """Reaps the child if it has exited; never blocks, whatever ``flag`` says."""
+        if self.returncode is None:
+            code = self._try_reap()
+            if code is None:
+                return None
+            self.returncode = code
+            _log.debug("child pid %d exited with code %d", self.pid, code)
+            self._release()
+            self._exited.set()  # whoever reaped it, every waiting join() returns
+        return self.returncode
+
+    def _try_reap(self) -> Optional[int]:
+        """The child's exit code if it has ended, else None; never blocks."""
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            # Reaped by somebody else (gevent's SIGCHLD handling, or a waitpid(-1)
+            # elsewhere in the program). The child wrote its exit code to the sentinel
+            # before exiting, unless a signal killed it: then 255 is all we can say.
+            pid, status = self.pid, self._reported_exit_status()
+        if pid == 0:
+            return None
+        return os.waitstatus_to_exitcode(status)
+
+    def wait(self, timeout: Optional[float] = None) -> Optional[int]:
+        """Waits cooperatively for the child to exit, at most ``timeout`` seconds."""
+        if self.poll() is not None:
+            return self.returncode
+        if timeout is not None and timeout <= 0:
+            return None
+        if self._exit_watcher is None:
+            self._watch_exit()
+        self._exited.wait(clamp_timeout(timeout))
+        return self.returncode
+
+    # One io watcher on the exit descriptor per child, however many greenlets join it; its
+    # callbacks run in the hub and reap the child (no greenlet of its own: fewer switches,
+    # and fewer pages written in the parent while the child exits).
+
+    def _watch_exit(self) -> None:
+        fd = self._exit_fd if self._exit_fd is not None else self.sentinel
+        self._exit_watcher = get_hub().loop.io(fd, READ)
+        self._exit_watcher.start(self._on_exit_readable)
+
+    def _on_exit_readable(self) -> None:
+        # Reaping closes the descriptor and its watcher: not inside the watcher's callback.
+        self._exit_watcher.stop()
+        get_hub().loop.run_callback(self._reap_or_retry)
+
+    def _reap_or_retry(self) -> None:
+        if self.poll() is not None:
+            return
+        # The descriptor fired a moment before the exit status is ready (the sentinel closes
+        # before the child is a zombie; gevent's own SIGCHLD bookkeeping may lag the pidfd):
+        # look again shortly.
+        self._retry_timer = get_hub().loop.timer(self._retry_delay)
+        self._retry_delay = min(self._retry_delay * 2, 0.05)
+        self._retry_timer.start(self._on_retry_due)
+
+    def _on_retry_due(self) -> None:
+        get_hub().loop.run_callback(self._retry)
+
+    def _retry(self) -> None:
+        timer, self._retry_timer = self._retry_timer, None
+        if timer is not None:
+            timer.close()
+        if self.poll() is None and self._exit_watcher is not None:
+            self._exit_watcher.start(self._on_exit_readable)
+
+    def _send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def interrupt(self) -> None:
+        """SIGINT, for ``Process.interrupt()`` (new in Python 3.14, offered by gipc on every
+        version). The child starts with default dispositions, so unless it installs a
+        handler this ends it with ``exitcode == -SIGINT``."""
+        self._send_signal(signal.SIGINT)
+
+    def terminate(self) -> None:
+        self._send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._send_signal(signal.SIGKILL)
+
+    def close(self) -> None:
+        self._release()
+
+    def _reported_exit_status(self) -> int:
+        """The wait status matching the exit code the child wrote before ``_exit``."""
+        code = 255
+        if self._parent_fds:
+            try:
+                # Non-blocking: a grandchild may still hold the write end open.
+                os.set_blocking(self.sentinel, False)
+                data = os.read(self.sentinel, EXIT_CODE.size)
+            except OSError:
+                data = b""
+            if len(data) == EXIT_CODE.size:
+                (code,) = EXIT_CODE.unpack(data)
+        return (code & 0xFF) << 8
+
+    def _release(self, in_child: bool = False) -> None:
+        """Closes every descriptor the parent holds for this child, and its watchers. In a
+        forked child both are only forgotten: the watchers belong to the parent's loop, and
+        the descriptors are closed with every other of ``_child.parent_only_fds``."""
+        live_popens.discard(self)
+        watchers = (self._exit_watcher, self._retry_timer)
+        self._exit_watcher = self._retry_timer = None
+        if not in_child:
+            for watcher in watchers:
+                if watcher is not None:
+                    watcher.close()
+        fds, self._parent_fds = self._parent_fds, ()
+        if self._exit_fd is not None:
+            fds += (self._exit_fd,)
+            self._exit_fd = None
+        if in_child:
+            return
+        for fd in fds:
+            try:
+                _child.close_fd(fd)
+            except OSError:
+                pass
+
+
+class ForkPopen(CooperativePopen):
+    """A child forked from the caller: quick while the caller is small, no pickling, and
+    every object of the caller at hand; but the caller's event loop waits while its page
+    tables are copied (~37 ms per GiB), and forking a process that runs threads is unsafe."""
+
+    method = "fork"
+
+    def _launch(self, process_obj: "_GProcess") -> None:
+        # Two pipes, as multiprocessing makes them: the parent's read end becomes readable
+        # when the child is gone (`sentinel`); the child's read end does the same when the
+        # parent is gone (`multiprocessing.parent_process().sentinel`).
+        start = _child.ChildStart(process_obj)
+        parent_pid = os.getpid()
+        pipe_fds: List[int] = []
+        try:
+            parent_r, child_w = os.pipe()
+            pipe_fds += (parent_r, child_w)
+            child_r, parent_w = os.pipe()
+            pipe_fds += (child_r, parent_w)
+            start.ready(child_r)
+            # Every signal stays blocked from before the fork (and the at-fork hooks) until
+            # the child has reset the dispositions it inherited: a signal that comes early,
+            # a Ctrl-C or a terminate() right after start_process returns, then meets the
+            # default action. Unblocked earlier, it would run the parent's Python handler
+            # in the child, in gipc's start-up code, which would swallow its exception and
+            # carry on.
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
+            try:
+                # Looked up at call time: under gevent.monkey this is gevent's fork, which
+                # registers the child with gevent's own SIGCHLD handling, and os.waitpid is
+                # its matching wait.
+                pid = os.fork()
+            finally:
+                if os.getpid() == parent_pid:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        except BaseException:
+            start.forget()
+            for fd in pipe_fds:
+                os.close(fd)
+            raise
+        if pid == 0:
+            code = 1
+            try:
+                os.close(parent_r)
+                os.close(parent_w)
+                if (
+                    _handles._open_handles.data  # type: ignore[attr-defined]
+                    or live_popens.data  # type: ignore[attr-defined]
+                    or _child.parent_only_fds
+                ):
+                    release_inherited(process_obj._gipc_handles)
+                # Our own exit report is no grandchild's to hold: one that outlived us
+                # would keep the sentinel from telling our parent that we are gone.
+                _child.parent_only_fds.add(child_w)
+                code = start.run()  # resets the signals, then unblocks them
+            except BaseException:  # gipc's own start-up failed: say why before exiting
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                # Also tell the parent through the sentinel: if someone else in the parent
+                # reaps us (gevent's SIGCHLD handling reaps every child once
+                # gevent.subprocess was used), the exit code is not lost.
+                try:
+                    os.write(child_w, EXIT_CODE.pack(code))
+                finally:
+                    os._exit(code)
+        start.forget()
+        os.close(child_w)
+        os.close(child_r)
+        self._adopt(pid, parent_r, (parent_r, parent_w))
+        self._exit_fd = open_pidfd(pid)
+        _log.debug("started child %s (pid %d, fork)", process_obj.name, pid)
+
+
+def open_pidfd(pid: int) -> Optional[int]:
+    """A pidfd for ``pid`` (registered as parent-only), or None where there is none."""
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is None:
+        return None
+    try:
+        fd: int = pidfd_open(pid)
+    except OSError:  # ENOSYS before Linux 5.3, or the child is already reaped
+        return None
+    _child.parent_only_fds.add(fd)
+    return fd
+
+
+def flush_std_streams() -> None:
+    # Output buffered before the fork would otherwise be written twice.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (AttributeError, ValueError):
+            pass
+
+
+def release_inherited(kept: Iterable["_GIPCHandle"]) -> None:
+    """Runs first thing in a forked child: only the gipc descriptors that were passed in
+    stay open. (Called only when a registry is not empty, checked on the WeakSets'
+    underlying sets: a WeakSet's own methods are Python code, and every object they touch
+    is a page copied into the child.)"""
+    kept = set(kept)
+    for handle in list(_handles._open_handles):
+        handle._after_fork_in_child(keep=handle in kept)
+    for popen in list(live_popens):
+        # A sibling's monitor, inherited: it is the parent's to use.
+        popen._release(in_child=True)
+    _child.close_parent_only_fds()

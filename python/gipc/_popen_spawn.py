@@ -1,0 +1,98 @@
+"""Start method "spawn": the child is a fresh interpreter.
+
+Launched as ``multiprocessing``'s spawn launches one (``util.spawnv_passfds``: vfork and
+exec where the Python supports it, every descriptor closed in the child except those named),
+so it costs the same whatever the caller's size, never forks a threaded caller's state, and
+inherits exactly: the start-up data pipe, its two sentinels, and the descriptors of the
+handles it was passed. The start-up data (``_startup``) is then written from the hub while
+the new interpreter imports its way up to reading it.
+
+The child's command line::
+
+    python [interpreter flags] -c 'from gipc._popen_spawn import spawn_main; spawn_main()'
+        --gipc-spawn DATA_FD PARENT_SENTINEL EXIT_FD HANDLE_FDS
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from multiprocessing import spawn as mp_spawn
+from multiprocessing import util as mp_util
+from typing import TYPE_CHECKING, List
+
+from ._popen import EXIT_CODE, CooperativePopen, open_pidfd
+from ._startup import Feeder, StartupData, format_fds, parse_fds, run_child
+
+if TYPE_CHECKING:
+    from ._process import _GProcess
+
+_log = logging.getLogger("gipc")
+
+_FLAG = "--gipc-spawn"
+
+
+class SpawnPopen(CooperativePopen):
+    """A child that is a fresh interpreter: no fork of the caller's memory or threads, a
+    start cost of its own (an interpreter start and the imports of the main module), and
+    the target, arguments and handles pickled."""
+
+    method = "spawn"
+
+    def _launch(self, process_obj: "_GProcess") -> None:
+        startup = StartupData(process_obj, self, self.method)
+        opened: List[int] = []
+        try:
+            parent_r, child_w = os.pipe()  # the caller's sentinel; the child's exit code
+            opened += (parent_r, child_w)
+            child_r, parent_w = os.pipe()  # the child's parent_process().sentinel
+            opened += (child_r, parent_w)
+            data_r, data_w = os.pipe()
+            opened += (data_r, data_w)
+            passed = [data_r, child_r, child_w, *startup.handle_fds]
+            args = [
+                mp_spawn.get_executable(),
+                *mp_util._args_from_interpreter_flags(),  # type: ignore[attr-defined]
+                "-c",
+                "from gipc._popen_spawn import spawn_main; spawn_main()",
+                _FLAG,
+                str(data_r),
+                str(child_r),
+                str(child_w),
+                format_fds(startup.handle_fds),
+            ]
+            pid = mp_util.spawnv_passfds(args[0], args, passed)
+        except BaseException:
+            for fd in opened:
+                os.close(fd)
+            raise
+        for fd in (data_r, child_r, child_w):
+            os.close(fd)
+        self._adopt(pid, parent_r, (parent_r, parent_w))
+        self._exit_fd = open_pidfd(pid)
+        Feeder(data_w, startup.payload).start()  # owns data_w from here on
+        _log.debug("started child %s (pid %d, spawn)", process_obj.name, pid)
+
+
+def spawn_main() -> None:
+    """The spawned interpreter's entry point: default signals, then the process."""
+    flag, data_fd, parent_sentinel, exit_fd, handle_fds = sys.argv[1:6]
+    if flag != _FLAG:
+        raise SystemExit(f"gipc: not started as a spawned child ({sys.argv!r})")
+    del sys.argv[1:6]
+    from ._child import restore_default_signals
+
+    restore_default_signals()
+    from ._child import parent_only_fds
+
+    parent_only_fds.add(int(exit_fd))  # no grandchild of ours holds our exit report
+    code = 1
+    try:
+        code = run_child(int(data_fd), parse_fds(handle_fds), int(parent_sentinel), forked=False)
+    finally:
+        try:
+            os.write(int(exit_fd), EXIT_CODE.pack(code))
+        except OSError:
+            pass
+    sys.exit(code)

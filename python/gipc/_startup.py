@@ -1,0 +1,225 @@
+"""What a child that is not a fork of its caller (start methods "spawn" and "forkserver")
+is sent, and what it does with it.
+
+In the caller: ``StartupData`` pickles what ``multiprocessing.spawn`` calls the preparation
+data (``sys.path``, working directory, the main module to import as ``__mp_main__``...)
+and then the process object itself, whose gipc handles become references to descriptors
+that travel beside the data (``_transfer.HandlePickler``). Whatever cannot be pickled is
+refused here, in the caller, with an error that names it. ``Feeder`` then writes the bytes
+into a pipe from gevent's hub, as the child reads them: the caller's event loop never waits
+for a child to read its start-up data.
+
+In the child: ``run_child`` reads both pickles, prepares the interpreter as
+``multiprocessing``'s spawn does, rebuilds the handles on the descriptors it was given,
+and runs ``Process._bootstrap``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import sys
+from multiprocessing import context as mp_context
+from multiprocessing import process as mp_process
+from multiprocessing import spawn as mp_spawn
+from multiprocessing import util as mp_util
+from typing import TYPE_CHECKING, Any, Dict, List, Sequence, Set
+
+from gevent.hub import get_hub
+
+from . import _child
+from ._hub import WRITE
+from ._transfer import HandlePickler, HandleUnpickler
+from .exceptions import GIPCTypeError
+
+if TYPE_CHECKING:
+    from ._process import _GProcess
+
+
+def preparation_data(name: str) -> Dict[str, Any]:
+    """``multiprocessing.spawn.get_preparation_data``, less one side effect: it asks
+    ``get_start_method()``, which fixes multiprocessing's start method for the rest of the
+    program (a later ``set_start_method()`` then fails). Here the method is sent only if
+    the program chose one."""
+    # Inside a child that is importing its main module: the classic missing
+    # `if __name__ == "__main__":`, explained by multiprocessing's own error.
+    mp_spawn._check_not_importing_main()  # type: ignore[attr-defined]
+    data: Dict[str, Any] = dict(
+        log_to_stderr=mp_util._log_to_stderr,  # type: ignore[attr-defined]
+        authkey=mp_process.current_process().authkey,
+        name=name,
+        sys_path=[mp_process.ORIGINAL_DIR if p == "" else p for p in sys.path],  # type: ignore[attr-defined]
+        sys_argv=sys.argv,
+        orig_dir=mp_process.ORIGINAL_DIR,  # type: ignore[attr-defined]
+        dir=os.getcwd(),
+    )
+    if mp_util._logger is not None:  # type: ignore[attr-defined]
+        data["log_level"] = mp_util._logger.getEffectiveLevel()  # type: ignore[attr-defined]
+    method = mp_context._default_context.get_start_method(allow_none=True)
+    if method is not None:
+        data["start_method"] = method
+    main_module = sys.modules["__main__"]
+    main_name = getattr(getattr(main_module, "__spec__", None), "name", None)
+    if main_name is not None:
+        data["init_main_from_name"] = main_name
+    else:
+        main_path = getattr(main_module, "__file__", None)
+        if main_path is not None:
+            if not os.path.isabs(main_path) and mp_process.ORIGINAL_DIR is not None:  # type: ignore[attr-defined]
+                main_path = os.path.join(mp_process.ORIGINAL_DIR, main_path)  # type: ignore[attr-defined]
+            data["init_main_from_path"] = os.path.normpath(main_path)
+    return data
+
+
+class StartupData:
+    """The bytes a new child reads first, and the descriptors that go with them (the
+    passed handles', in the order the pickle refers to them)."""
+
+    def __init__(self, process: "_GProcess", popen: Any, method: str) -> None:
+        buffer = io.BytesIO()
+        pickler = HandlePickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
+        # multiprocessing pickles an authentication key (in the preparation data, and the
+        # process's own in its `_config`) only for a child being started: it asks who is
+        # starting one.
+        mp_context.set_spawning_popen(popen)
+        try:
+            pickle.dump(preparation_data(process.name), buffer, protocol=pickle.HIGHEST_PROTOCOL)
+            pickler.dump(process)
+        except Exception as exc:
+            raise GIPCTypeError(
+                f"cannot start a child with start method {method!r}: "
+                f"{_culprit(process, method)} must be picklable, and is not ({exc})"
+            ) from exc
+        finally:
+            mp_context.set_spawning_popen(None)
+        self.payload = buffer.getvalue()
+        self.handle_fds: List[int] = list(pickler.fds)
+
+
+def _culprit(process: "_GProcess", method: str) -> str:
+    """Names what could not be pickled: the target, an argument, or a keyword argument."""
+    target = process._target  # type: ignore[attr-defined]
+    candidates = [(f"the target {target!r}", target)]
+    candidates += [(f"argument {i} ({a!r:.60})", a) for i, a in enumerate(process._args)]  # type: ignore[attr-defined]
+    candidates += [
+        (f"keyword argument {k!r} ({v!r:.60})", v)
+        for k, v in process._kwargs.items()  # type: ignore[attr-defined]
+    ]
+    for what, obj in candidates:
+        try:
+            HandlePickler(io.BytesIO(), protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+        except Exception:
+            return what
+    return "the process object"
+
+
+#: Feeders still writing: kept alive until done (nothing else refers to them).
+_feeding: Set["Feeder"] = set()
+
+
+class Feeder:
+    """Writes ``data`` into the non-blocking descriptor ``fd`` from gevent's hub, as fast
+    as the reader takes it, then closes ``fd``. No greenlet: an io watcher whose callback
+    writes. A reader that goes away (the child died) ends it quietly: the child's exit
+    code tells that story.
+
+    ``hold_back`` bytes at the end wait for ``release()``: the child can read (and
+    unpickle) all but the last of its start-up data before the caller knows it exists,
+    and cannot run anything until then; ``cancel()`` instead leaves it a torn pickle."""
+
+    def __init__(self, fd: int, data: bytes, hold_back: int = 0) -> None:
+        self.fd = fd
+        self.view = memoryview(data)
+        self.held = hold_back
+        self.watcher: Any = None
+        _child.parent_only_fds.add(fd)
+        os.set_blocking(fd, False)
+
+    def start(self) -> None:
+        if self._write():
+            return
+        if self.watcher is None:
+            self.watcher = get_hub().loop.io(self.fd, WRITE)
+            _feeding.add(self)
+        if len(self.view) > self.held:
+            self.watcher.start(self._on_writable)
+
+    def release(self) -> None:
+        """Lets the held-back bytes go."""
+        self.held = 0
+        if self.fd >= 0:
+            self.start()
+
+    def cancel(self) -> None:
+        """Stops writing and closes the descriptor."""
+        self.view = memoryview(b"")
+        self._close()
+
+    def _write(self) -> bool:
+        """Writes what the pipe takes; True once finished (all written, or the reader is
+        gone), with the descriptor closed."""
+        try:
+            while len(self.view) > self.held:
+                written = os.write(self.fd, self.view[: len(self.view) - self.held])
+                self.view = self.view[written:]
+        except BlockingIOError:
+            return False
+        except OSError:  # EPIPE: the child is gone
+            self.view = memoryview(b"")
+        if self.view:
+            return False  # only the held-back bytes are left
+        self._close()
+        return True
+
+    def _on_writable(self) -> None:
+        if not self._write() and len(self.view) <= self.held:
+            self.watcher.stop()  # until release()
+
+    def _close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            _child.close_fd(fd)
+        watcher, self.watcher = self.watcher, None
+        if watcher is not None:
+            watcher.stop()
+            # Closing a watcher inside its own callback is not safe on every loop.
+            get_hub().loop.run_callback(watcher.close)
+        _feeding.discard(self)
+
+
+def run_child(
+    data_fd: int, handle_fds: Sequence[int], parent_sentinel: int, forked: bool
+) -> int:
+    """In the child: reads the start-up data from ``data_fd``, gets the interpreter ready
+    as multiprocessing's spawn does (the main module imported as ``__mp_main__``), rebuilds
+    the handles on ``handle_fds``, and runs the process. Returns its exit code. ``forked``:
+    a fork server's child, which ends with ``os._exit`` (its atexit functions are run here,
+    as multiprocessing's forkserver does), not a fresh interpreter that exits normally."""
+    current = mp_process.current_process()
+    with os.fdopen(data_fd, "rb", closefd=True) as stream:
+        current._inheriting = True  # type: ignore[attr-defined]
+        try:
+            mp_spawn.prepare(pickle.load(stream))
+            process = HandleUnpickler(stream, handle_fds).load()
+        except EOFError:
+            # Torn: the caller gave up on this start (interrupted while it waited for the
+            # fork server to say the child's pid). Nothing to run, nothing to say.
+            return 1
+        finally:
+            del current._inheriting  # type: ignore[attr-defined]
+    def bootstrap() -> int:
+        code: int = process._bootstrap(parent_sentinel=parent_sentinel)
+        return code
+
+    return _child.run_forked(bootstrap) if forked else bootstrap()
+
+
+def parse_fds(text: str) -> List[int]:
+    """The descriptor list of a child's command line ("3,4,5"; "" for none)."""
+    return [int(fd) for fd in text.split(",") if fd]
+
+
+def format_fds(fds: Sequence[int]) -> str:
+    return ",".join(str(fd) for fd in fds)
+

@@ -1,0 +1,347 @@
+"""Start methods: choosing one, and what holds for "spawn" and "forkserver" children beyond
+what the rest of the suite checks for every method (run it with
+GIPC_TEST_START_METHOD=spawn or forkserver): refusals in the caller, the fork server's
+life, and who may talk to it."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+
+import gevent
+import pytest
+
+import gipc
+from gipc import GIPCError, _forkserver
+from gipc._process import resolve_start_method
+
+from conftest import LINUX, child_pids
+from helpers import run_python
+
+NON_FORK = ["spawn", "forkserver"]
+
+
+def noop() -> None:
+    pass
+
+
+def exit_with(code: int) -> None:
+    sys.exit(code)
+
+
+def sleep_for(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def sleep_when_ready(path: str, seconds: float) -> None:
+    with open(path, "w"):
+        pass
+    time.sleep(seconds)
+
+
+def report_state(writer: "gipc.gipc._GIPCHandle") -> None:
+    """What the child sees: its names, its parent, its signals and its descriptors."""
+    import gevent.hub
+
+    handlers = {
+        name: signal.getsignal(getattr(signal, name)) for name in ("SIGINT", "SIGTERM", "SIGCHLD")
+    }
+    writer.put(
+        {
+            "name": multiprocessing.current_process().name,
+            "parent_pid": multiprocessing.parent_process().pid,
+            "main": sys.modules["__main__"].__name__,
+            "handlers": {k: (v == signal.SIG_DFL) for k, v in handlers.items()},
+            "blocked": sorted(signal.pthread_sigmask(signal.SIG_BLOCK, [])),
+            "fds": _descriptors(),
+            "own": sorted(writer._core.filenos()),
+            "hub": gevent.hub._get_hub() is None,
+        }
+    )
+
+
+def _descriptors() -> dict:
+    """Descriptor -> what it is (Linux)."""
+    found = {}
+    if LINUX:
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                found[int(fd)] = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:  # the listing's own descriptor
+                pass
+    return found
+
+
+class TestChoosing:
+    def test_default_is_fork_on_linux_and_spawn_on_macos(self, monkeypatch):
+        monkeypatch.setattr(multiprocessing, "get_start_method", lambda allow_none=False: None)
+        expected = "spawn" if sys.platform == "darwin" else "fork"
+        assert resolve_start_method(None) == expected
+
+    def test_follows_the_program_s_multiprocessing_setting(self, monkeypatch):
+        monkeypatch.setattr(
+            multiprocessing, "get_start_method", lambda allow_none=False: "forkserver"
+        )
+        assert resolve_start_method(None) == "forkserver"
+        assert resolve_start_method("spawn") == "spawn"  # an explicit choice wins
+
+    def test_asking_does_not_fix_multiprocessing_s_setting(self):
+        result = run_python(
+            """
+            import multiprocessing, gipc
+            p = gipc.start_process(print, args=())
+            p.join()
+            multiprocessing.set_start_method("spawn")  # raises if the default got fixed
+            print(multiprocessing.get_start_method())
+            """
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split()[-1] == "spawn"
+
+    def test_mp_context(self):
+        assert resolve_start_method(None, multiprocessing.get_context("spawn")) == "spawn"
+        assert resolve_start_method("spawn", multiprocessing.get_context("spawn")) == "spawn"
+        with pytest.raises(ValueError, match="contradicts"):
+            resolve_start_method("fork", multiprocessing.get_context("spawn"))
+        with pytest.raises(TypeError, match="mp_context"):
+            resolve_start_method(None, "spawn")
+
+    @pytest.mark.parametrize("bad", ["thread", "", "FORK"])
+    def test_unknown_method_is_refused(self, bad):
+        with pytest.raises(ValueError, match="unknown start method"):
+            gipc.start_process(noop, start_method=bad)
+
+    def test_non_string_method_is_refused(self):
+        with pytest.raises(TypeError, match="start_method must be a str"):
+            gipc.start_process(noop, start_method=1)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("method", NON_FORK)
+class TestNonForkChildren:
+    def test_exit_codes(self, method):
+        p = gipc.start_process(exit_with, args=(7,), start_method=method)
+        p.join()
+        assert p.exitcode == 7
+        p = gipc.start_process(noop, start_method=method)
+        p.join()
+        assert p.exitcode == 0 and not p.is_alive()
+
+    @pytest.mark.parametrize(
+        "stop, expected",
+        [("terminate", -signal.SIGTERM), ("kill", -signal.SIGKILL), ("interrupt", -signal.SIGINT)],
+    )
+    def test_signals_reach_the_child(self, method, stop, expected, tmp_path):
+        ready = tmp_path / "ready"
+        p = gipc.start_process(sleep_when_ready, args=(str(ready), 30), start_method=method)
+        while not ready.exists():  # past the child's start-up, where dispositions are reset
+            gevent.sleep(0.01)
+        getattr(p, stop)()
+        p.join(10)
+        assert p.exitcode == expected
+
+    def test_join_is_cooperative_and_times_out(self, method):
+        p = gipc.start_process(sleep_for, args=(0.5,), start_method=method)
+        ticks = []
+        ticker = gevent.spawn(lambda: [ticks.append(gevent.sleep(0.01)) for _ in range(20)])
+        p.join(0.1)
+        assert p.is_alive() and p.exitcode is None
+        p.join()
+        ticker.join()
+        assert len(ticks) == 20 and p.exitcode == 0
+
+    def test_unpicklable_target_is_refused_in_the_caller_by_name(self, method):
+        with pytest.raises(gipc.GIPCTypeError, match="the target .*lambda"):
+            gipc.start_process(lambda: None, start_method=method)
+        with pytest.raises(TypeError, match="keyword argument 'lock'"):
+            gipc.start_process(noop, kwargs={"lock": threading.Lock()}, start_method=method)
+        assert not child_pids() - set(_forkserver_pid())
+
+    def test_the_child_starts_clean(self, method):
+        with gipc.pipe() as (r, w):
+            p = gipc.start_process(report_state, args=(w,), name="kid", start_method=method)
+            state = r.get()
+            p.join()
+        assert p.exitcode == 0
+        assert state["name"] == "kid" and state["parent_pid"] == os.getpid()
+        assert state["main"] == "__mp_main__" or state["main"] == "__main__"
+        assert all(state["handlers"].values()), state["handlers"]
+        assert state["blocked"] == []
+        if LINUX:
+            # Beside stdin/stdout/stderr, /dev/null (the new stdin) and the handle's: the
+            # parent sentinel and the exit report, and nothing else of the caller's.
+            channels = {
+                fd: what
+                for fd, what in state["fds"].items()
+                if fd not in state["own"] and what.startswith(("pipe:", "socket:", "anon_inode:"))
+            }
+            assert len(channels) == 2, state["fds"]
+
+
+def _forkserver_pid():
+    pid = _forkserver.server_pid()
+    return [pid] if pid is not None else []
+
+
+@pytest.mark.skipif(not LINUX, reason="reads /proc")
+class TestForkServer:
+    def test_one_server_serves_every_start(self):
+        gipc.start_process(noop, start_method="forkserver").join()
+        first = _forkserver.server_pid()
+        gipc.start_process(noop, start_method="forkserver").join()
+        assert first is not None and _forkserver.server_pid() == first
+
+    def test_a_dead_server_is_replaced_on_next_use(self):
+        gipc.start_process(noop, start_method="forkserver").join()
+        old = _forkserver.server_pid()
+        assert old is not None
+        os.kill(old, signal.SIGKILL)
+        _wait_gone(old)  # dead for a while, not dying as the next start reaches it
+        p = gipc.start_process(exit_with, args=(3,), start_method="forkserver")
+        p.join()
+        assert p.exitcode == 3
+        assert _forkserver.server_pid() not in (None, old)
+
+    def test_a_start_in_flight_fails_clearly_when_the_server_dies(self):
+        gipc.start_process(noop, start_method="forkserver").join()
+        server = _forkserver.server_pid()
+        assert server is not None
+        os.kill(server, signal.SIGSTOP)  # it cannot answer: the start below waits for it
+        try:
+            starting = gevent.spawn(gipc.start_process, noop, start_method="forkserver")
+            gevent.sleep(0.2)
+            assert not starting.ready()
+            os.kill(server, signal.SIGKILL)
+            with pytest.raises(GIPCError, match="fork server died"):
+                starting.get(timeout=10)
+        finally:
+            try:
+                os.kill(server, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        p = gipc.start_process(noop, start_method="forkserver")  # a new one
+        p.join()
+        assert p.exitcode == 0
+        _wait_gone(server)
+
+    def test_a_child_outlives_its_server_and_still_reports_its_exit(self):
+        p = gipc.start_process(exit_with_after, args=(5, 0.5), start_method="forkserver")
+        server = _forkserver.server_pid()
+        assert server is not None
+        os.kill(server, signal.SIGKILL)
+        p.join(10)
+        assert p.exitcode == 5
+        _wait_gone(server)
+
+    def test_the_server_ends_with_its_caller(self):
+        result = run_python(
+            """
+            import gipc
+            from gipc import _forkserver
+            gipc.start_process(print, start_method="forkserver").join()
+            print(_forkserver.server_pid(), flush=True)
+            """
+        )
+        assert result.returncode == 0, result.stderr
+        _wait_gone(int(result.stdout.split()[-1]))
+
+    def test_a_forked_child_does_not_share_its_parent_s_server(self):
+        gipc.start_process(noop, start_method="forkserver").join()
+        fd = _forkserver._server.sock.fileno()
+        PARENT_SERVER_SOCKET[fd] = os.readlink(f"/proc/self/fd/{fd}")
+        with gipc.pipe() as (r, w):
+            p = gipc.start_process(start_via_server_and_report, args=(w,), start_method="fork")
+            theirs, inherited_open = r.get()
+            p.join()
+        assert p.exitcode == 0
+        assert theirs not in (None, _forkserver.server_pid())
+        assert not inherited_open
+
+    def test_nobody_else_can_reach_the_server(self):
+        """It has no address: none of its descriptors is a listening socket or a socket
+        with a name (path or abstract) that another process could connect to, and its
+        only socket's other end is this process's."""
+        gipc.start_process(noop, start_method="forkserver").join()
+        server = _forkserver.server_pid()
+        assert server is not None
+        inodes = set()
+        for fd in os.listdir(f"/proc/{server}/fd"):
+            target = os.readlink(f"/proc/{server}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+        assert inodes, "the server holds its control socket"
+        with open("/proc/net/unix") as table:
+            next(table)
+            for line in table:
+                fields = line.split()
+                if fields[6] in inodes:
+                    flags, path = int(fields[3], 16), fields[7:]
+                    assert not flags & 0x10000, "a listening socket"  # __SO_ACCEPTCON
+                    assert path == [], f"a named socket: {path}"
+
+
+def exit_with_after(code: int, seconds: float) -> None:
+    time.sleep(seconds)
+    sys.exit(code)
+
+
+def start_via_server_and_report(writer: "gipc.gipc._GIPCHandle") -> None:
+    """In a forked child: the parent's server socket is not ours, and a start here gets a
+    server of our own."""
+    from gipc import _forkserver as fs
+
+    assert fs._server is None  # forgotten at the fork
+    inherited_open = any(
+        os.readlink(f"/proc/self/fd/{fd}") == link for fd, link in PARENT_SERVER_SOCKET.items()
+        if os.path.exists(f"/proc/self/fd/{fd}")
+    )
+    gipc.start_process(noop, start_method="forkserver").join()
+    writer.put((fs.server_pid(), inherited_open))
+
+
+#: Set by the test before it forks: the caller's control socket (descriptor -> inode).
+PARENT_SERVER_SOCKET: dict = {}
+
+
+def _wait_gone(pid: int) -> None:
+    for _ in range(200):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        if pid in child_pids():
+            try:  # a zombie of ours: reap it
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    return
+            except ChildProcessError:
+                return
+        time.sleep(0.05)
+    pytest.fail(f"process {pid} is still there")
+
+
+def start_grandchild_then_die(seconds: float) -> None:
+    """Starts a forked grandchild that outlives us, then dies by a signal (no exit report
+    written)."""
+    gipc.start_process(time.sleep, args=(seconds,), start_method="fork")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.parametrize("method", ["fork", *NON_FORK])
+def test_join_does_not_wait_for_a_grandchild_without_pidfd(method, monkeypatch):
+    """Without a pidfd (macOS, old Linux) a child is watched on its sentinel: a grandchild
+    must not hold the child's exit report open, or join() waits for the grandchild too."""
+    from gipc import _popen
+
+    monkeypatch.setattr(_popen, "open_pidfd", lambda pid: None)
+    if method == "spawn":
+        from gipc import _popen_spawn
+
+        monkeypatch.setattr(_popen_spawn, "open_pidfd", lambda pid: None)
+    started = time.monotonic()
+    p = gipc.start_process(start_grandchild_then_die, args=(3,), start_method=method)
+    p.join(10)
+    assert p.exitcode == -signal.SIGKILL
+    assert time.monotonic() - started < 2.5
