@@ -10,7 +10,7 @@ import pytest
 
 import gipc
 from gipc import GIPCError, _core
-from gipc._transfer import dumps_with_handles, loads_with_handles
+from gipc._transfer import DescriptorCarrier, dumps_with_handles, loads_with_handles
 
 
 def moved(obj):
@@ -149,3 +149,34 @@ class TestCore:
             r.transfer_state()
         r.close()
         w.close()
+
+
+class Carrier(DescriptorCarrier):
+    """A test object that travels with a descriptor of its own."""
+
+    def __init__(self, fd: int, label: str) -> None:
+        self.fd, self.label = fd, label
+
+    def _export(self):
+        return self.label, [self.fd]
+
+    @classmethod
+    def _rebuild(cls, state, fds):
+        return cls(fds[0], state)
+
+
+def test_gipc_objects_can_carry_descriptors_of_their_own():
+    r, w = os.pipe()
+    with gipc.pipe() as (hr, hw):
+        carrier = Carrier(w, "claims")
+        data, handles, fds = dumps_with_handles({"c": carrier, "again": carrier, "h": hw})
+        assert handles == [hw] and w in fds and len(fds) == 3
+        copies = [os.dup(fd) for fd in fds]
+        got = loads_with_handles(data, copies)
+        assert got["c"] is got["again"] and got["c"].label == "claims"
+        os.write(got["c"].fd, b"!")
+        assert os.read(r, 1) == b"!"
+        os.close(got["c"].fd)
+        got["h"].close()
+    os.close(r)
+    os.close(w)

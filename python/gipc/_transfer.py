@@ -52,6 +52,20 @@ def _portable_codec(handle: _GIPCHandle, codec: Any, default: Any) -> Any:
     return codec
 
 
+class DescriptorCarrier:
+    """Base of gipc's own objects that travel with descriptors (as handles do), e.g. the
+    memory a pool shares with a worker. ``_export`` says what goes (a picklable state and
+    the descriptors, which stay the sender's); the class's ``_rebuild`` makes it again from
+    the state and the receiver's descriptors (taking them over)."""
+
+    def _export(self) -> Tuple[Any, List[int]]:
+        raise NotImplementedError
+
+    @classmethod
+    def _rebuild(cls, state: Any, fds: List[int]) -> Any:
+        raise NotImplementedError
+
+
 class HandlePickler(pickle.Pickler):
     """A pickler that turns every gipc handle into a reference to descriptors.
 
@@ -69,12 +83,24 @@ class HandlePickler(pickle.Pickler):
     def persistent_id(self, obj: Any) -> Optional[Tuple[Any, ...]]:
         cls = obj.__class__
         if cls is not _GIPCReader and cls is not _GIPCWriter and cls is not _GIPCDuplexHandle:
+            if isinstance(obj, DescriptorCarrier):
+                return self._carried(obj)
             return None
         reference = self._references.get(id(obj))
         if reference is None:
             reference = self._reference(obj)
             self._references[id(obj)] = reference
             self.handles.append(obj)
+        return reference
+
+    def _carried(self, obj: DescriptorCarrier) -> Tuple[Any, ...]:
+        reference = self._references.get(id(obj))
+        if reference is None:
+            state, fds = obj._export()
+            positions = list(range(len(self.fds), len(self.fds) + len(fds)))
+            reference = ("carried", -1 - len(self._references), type(obj), state, positions)
+            self.fds.extend(fds)
+            self._references[id(obj)] = reference
         return reference
 
     def _reference(self, obj: AnyHandle) -> Tuple[Any, ...]:
@@ -139,6 +165,14 @@ class HandleUnpickler(pickle.Unpickler):
         return [self.fds[p] for p in positions]
 
     def _rebuild(self, kind: str, reference: Tuple[Any, ...]) -> AnyHandle:
+        if kind == "carried":
+            _, _, cls, state, positions = reference
+            if not (isinstance(cls, type) and issubclass(cls, DescriptorCarrier)):
+                raise pickle.UnpicklingError(f"{cls!r} does not travel with descriptors")
+            fds = self._take(positions)
+            carried = cls._rebuild(state, fds)
+            self.used.update(positions)
+            return carried  # type: ignore[no-any-return]
         if kind == "duplex":
             _, _, reader, writer = reference
             return _GIPCDuplexHandle(reader, writer)
