@@ -40,11 +40,34 @@ def clamp_timeout(timeout: Optional[float]) -> Optional[float]:
     return max(timeout, 0.001)
 
 
+def deadline_after(timeout: Optional[float]) -> Optional[float]:
+    """The ``time.monotonic()`` value ``timeout`` seconds from now (None: no deadline)."""
+    if timeout is None:
+        return None
+    return time.monotonic() + max(timeout, 0.0)
+
+
 def remaining(deadline: Optional[float]) -> Optional[float]:
     """Seconds left until ``deadline`` (a ``time.monotonic()`` value), fit for gevent."""
     if deadline is None:
         return None
     return clamp_timeout(deadline - time.monotonic())
+
+
+def io_watcher(fd: int, events: int) -> Any:
+    """An io watcher on the current thread's loop (``READ``/``WRITE``), not started."""
+    return get_hub().loop.io(fd, events)
+
+
+def timer_watcher(seconds: float) -> Any:
+    """A one-shot timer on the current thread's loop, not started."""
+    return get_hub().loop.timer(seconds)
+
+
+def run_soon(callback: Any, *args: Any) -> None:
+    """Runs ``callback(*args)`` in the hub at its next turn (not inside the caller, e.g. a
+    watcher's own callback, where closing that watcher is unsafe)."""
+    get_hub().loop.run_callback(callback, *args)
 
 
 def wait_for(watcher: object) -> None:

@@ -26,10 +26,8 @@ import weakref
 from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Tuple
 
 import gevent.event
-from gevent.hub import get_hub
-
 from . import _child, _handles
-from ._hub import READ, clamp_timeout
+from ._hub import READ, clamp_timeout, io_watcher, run_soon, timer_watcher
 
 if TYPE_CHECKING:
     from ._handles import _GIPCHandle
@@ -131,13 +129,13 @@ class CooperativePopen:
 
     def _watch_exit(self) -> None:
         fd = self._exit_fd if self._exit_fd is not None else self.sentinel
-        self._exit_watcher = get_hub().loop.io(fd, READ)
+        self._exit_watcher = io_watcher(fd, READ)
         self._exit_watcher.start(self._on_exit_readable)
 
     def _on_exit_readable(self) -> None:
         # Reaping closes the descriptor and its watcher: not inside the watcher's callback.
         self._exit_watcher.stop()
-        get_hub().loop.run_callback(self._reap_or_retry)
+        run_soon(self._reap_or_retry)
 
     def _reap_or_retry(self) -> None:
         if self.poll() is not None:
@@ -145,12 +143,12 @@ class CooperativePopen:
         # The descriptor fired a moment before the exit status is ready (the sentinel closes
         # before the child is a zombie; gevent's own SIGCHLD bookkeeping may lag the pidfd):
         # look again shortly.
-        self._retry_timer = get_hub().loop.timer(self._retry_delay)
+        self._retry_timer = timer_watcher(self._retry_delay)
         self._retry_delay = min(self._retry_delay * 2, 0.05)
         self._retry_timer.start(self._on_retry_due)
 
     def _on_retry_due(self) -> None:
-        get_hub().loop.run_callback(self._retry)
+        run_soon(self._retry)
 
     def _retry(self) -> None:
         timer, self._retry_timer = self._retry_timer, None

@@ -16,14 +16,13 @@ import multiprocessing
 # others when the parent exits normally; gipc's children take part like any other.
 import multiprocessing.util  # noqa: F401
 import sys
-import time
 from typing import Any, Callable, Dict, Iterable, Optional, Set, Tuple, Type
 
 from gevent.lock import Semaphore
 
 from . import _outcome
 from ._handles import _GIPCDuplexHandle, _GIPCHandle, _GIPCWriter
-from ._hub import clamp_timeout
+from ._hub import clamp_timeout, deadline_after, remaining
 from ._popen import CooperativePopen, ForkPopen
 from ._outcome import Outcome, OutcomeReceiver
 from .exceptions import GIPCError
@@ -161,10 +160,9 @@ class _GProcess(multiprocessing.Process):
         """
         if self._outcome_receiver is not None and self._outcome is None:
             self._check_closed()  # type: ignore[attr-defined]
-            started = time.monotonic()
+            deadline = deadline_after(timeout)
             self._collect_outcome(timeout)
-            if timeout is not None:
-                timeout = clamp_timeout(timeout - (time.monotonic() - started))
+            timeout = remaining(deadline)
         super().join(timeout)
 
     def interrupt(self) -> None:
@@ -191,15 +189,15 @@ class _GProcess(multiprocessing.Process):
         if self._outcome is not None or lock is None:
             self._close_outcome_receiver()
             return self._outcome is not None
-        started = time.monotonic()
+        deadline = deadline_after(timeout)
         if not lock.acquire(timeout=clamp_timeout(timeout)):
             return False
         try:
             receiver = self._outcome_receiver
             if self._outcome is None and receiver is not None:
-                if timeout is not None:
-                    timeout = max(timeout - (time.monotonic() - started), 0.0)
-                outcome = _outcome.await_outcome(receiver, self, timeout, self._keep_outcome)
+                outcome = _outcome.await_outcome(
+                    receiver, self, remaining(deadline), self._keep_outcome
+                )
                 if outcome is not None:
                     self._keep_outcome(outcome)
             return self._outcome is not None

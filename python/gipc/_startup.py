@@ -26,10 +26,8 @@ from multiprocessing import spawn as mp_spawn
 from multiprocessing import util as mp_util
 from typing import TYPE_CHECKING, Any, Dict, List, Sequence, Set
 
-from gevent.hub import get_hub
-
 from . import _child
-from ._hub import WRITE
+from ._hub import WRITE, io_watcher, run_soon
 from ._transfer import HandlePickler, HandleUnpickler
 from .exceptions import GIPCTypeError
 
@@ -140,7 +138,7 @@ class Feeder:
         if self._write():
             return
         if self.watcher is None:
-            self.watcher = get_hub().loop.io(self.fd, WRITE)
+            self.watcher = io_watcher(self.fd, WRITE)
             _feeding.add(self)
         if len(self.view) > self.held:
             self.watcher.start(self._on_writable)
@@ -184,7 +182,7 @@ class Feeder:
         if watcher is not None:
             watcher.stop()
             # Closing a watcher inside its own callback is not safe on every loop.
-            get_hub().loop.run_callback(watcher.close)
+            run_soon(watcher.close)
         _feeding.discard(self)
 
 
