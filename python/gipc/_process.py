@@ -90,18 +90,10 @@ class _GProcess(multiprocessing.Process):
     #: How the child is launched (see ``resolve_start_method``).
     _gipc_start_method = "fork"
 
-    # Outcome capture (``start_process(..., capture=True)``). The class attributes are the
-    # state of a process started without it.
-    #: Whether the child reports its outcome.
-    _capture = False
-    #: In the child only: where the outcome goes.
+    #: In the child only, with ``capture=True``: where the outcome goes.
     _outcome_writer: Optional[_GIPCWriter] = None
-    #: In the parent, until the outcome has arrived: where it comes from.
-    _outcome_receiver: Optional[OutcomeReceiver] = None
-    #: In the parent, once it has arrived (or the child died without one).
-    _outcome: Optional[Outcome] = None
-    #: One greenlet at a time reads the outcome; others wait for what it finds.
-    _outcome_lock: Optional[Semaphore] = None
+    #: In the parent, with ``capture=True``: the outcome, until and after it arrives.
+    _captured: Optional["_CapturedOutcome"] = None
 
     @staticmethod
     def _Popen(process_obj: Any) -> CooperativePopen:  # type: ignore[override]
@@ -139,17 +131,18 @@ class _GProcess(multiprocessing.Process):
             GIPCError: the process was started without ``capture=True``.
             ValueError: the process object was closed before the outcome was collected.
         """
-        if self._outcome is None:
-            if not self._capture:
-                raise GIPCError(
-                    f"{self!r} was started without capture=True: it reports no outcome "
-                    "(use start_process(..., capture=True) to get one)"
-                )
+        captured = self._captured
+        if captured is None:
+            raise GIPCError(
+                f"{self!r} was started without capture=True: it reports no outcome "
+                "(use start_process(..., capture=True) to get one)"
+            )
+        if captured.outcome is None:
             self._check_closed()  # type: ignore[attr-defined]
-            if not self._collect_outcome(timeout):
+            if not captured.collect(self, timeout):
                 raise TimeoutError(f"{self!r} reported no outcome within {timeout} s")
-        assert self._outcome is not None
-        return self._outcome.unwrap()
+        assert captured.outcome is not None
+        return captured.outcome.unwrap()
 
     def join(self, timeout: Optional[float] = None) -> None:
         """Wait cooperatively for the child to exit, at most ``timeout`` seconds.
@@ -158,10 +151,11 @@ class _GProcess(multiprocessing.Process):
         a child whose outcome is larger than the pipe's buffer cannot exit before someone
         reads it, so a plain join would wait for ever.
         """
-        if self._outcome_receiver is not None and self._outcome is None:
+        captured = self._captured
+        if captured is not None and captured.receiver is not None:
             self._check_closed()  # type: ignore[attr-defined]
             deadline = deadline_after(timeout)
-            self._collect_outcome(timeout)
+            captured.collect(self, timeout)
             timeout = remaining(deadline)
         super().join(timeout)
 
@@ -178,48 +172,58 @@ class _GProcess(multiprocessing.Process):
         """Release the resources of an exited process (``multiprocessing.Process.close``),
         including the outcome pipe. An outcome not collected by then is lost."""
         super().close()
-        receiver, self._outcome_receiver = self._outcome_receiver, None
-        if receiver is not None:
-            receiver.close()
-
-    def _collect_outcome(self, timeout: Optional[float]) -> bool:
-        """Reads the outcome (or finds that the child died without one), at most
-        ``timeout`` seconds; True once it is known. The read end is closed then."""
-        lock = self._outcome_lock
-        if self._outcome is not None or lock is None:
-            self._close_outcome_receiver()
-            return self._outcome is not None
-        deadline = deadline_after(timeout)
-        if not lock.acquire(timeout=clamp_timeout(timeout)):
-            return False
-        try:
-            receiver = self._outcome_receiver
-            if self._outcome is None and receiver is not None:
-                outcome = _outcome.await_outcome(
-                    receiver, self, remaining(deadline), self._keep_outcome
-                )
-                if outcome is not None:
-                    self._keep_outcome(outcome)
-            return self._outcome is not None
-        finally:
-            self._close_outcome_receiver()
-            lock.release()
-
-    def _keep_outcome(self, outcome: Outcome) -> None:
-        """Called by whichever greenlet reads the outcome, as soon as it has it: kept here,
-        it survives a timeout or kill of the wait that asked for it."""
-        if self._outcome is None:
-            self._outcome = outcome
-
-    def _close_outcome_receiver(self) -> None:
-        """Once the outcome is known, the read end has nothing more to give."""
-        if self._outcome is not None:
-            receiver, self._outcome_receiver = self._outcome_receiver, None
-            if receiver is not None:
-                receiver.close()
+        if self._captured is not None:
+            self._captured.close_receiver()
 
     def __repr__(self) -> str:
         return "<_GProcess" + super().__repr__()[len("<_GProcess") :]
+
+
+class _CapturedOutcome:
+    """A ``capture=True`` child's outcome as its parent sees it: coming (``receiver`` is
+    the pipe's read end), then known (``outcome``), whoever asked first. One greenlet at a
+    time reads; the others wait for what it finds. Once it is known (or the process is
+    closed), the read end is closed: it has nothing more to give."""
+
+    def __init__(self, receiver: OutcomeReceiver) -> None:
+        self.receiver: Optional[OutcomeReceiver] = receiver
+        self.outcome: Optional[Outcome] = None
+        self._lock = Semaphore()
+
+    def collect(self, process: _GProcess, timeout: Optional[float]) -> bool:
+        """Reads the outcome (or finds that the child died without one), at most
+        ``timeout`` seconds; True once it is known."""
+        if self.outcome is not None or self.receiver is None:
+            self._known()
+            return self.outcome is not None
+        deadline = deadline_after(timeout)
+        if not self._lock.acquire(timeout=clamp_timeout(timeout)):
+            return False
+        try:
+            receiver = self.receiver
+            if self.outcome is None and receiver is not None:
+                outcome = _outcome.await_outcome(receiver, process, remaining(deadline), self.keep)
+                if outcome is not None:
+                    self.keep(outcome)
+            return self.outcome is not None
+        finally:
+            self._known()
+            self._lock.release()
+
+    def keep(self, outcome: Outcome) -> None:
+        """Called by whichever greenlet reads the outcome, as soon as it has it: kept here,
+        it survives a timeout or kill of the wait that asked for it."""
+        if self.outcome is None:
+            self.outcome = outcome
+
+    def _known(self) -> None:
+        if self.outcome is not None:
+            self.close_receiver()
+
+    def close_receiver(self) -> None:
+        receiver, self.receiver = self.receiver, None
+        if receiver is not None:
+            receiver.close()
 
 
 def _collect_handles(obj: Any, found: Set[_GIPCHandle]) -> None:
@@ -320,9 +324,7 @@ def start_process(
             raise
         outcome_writer._release()
         process._outcome_writer = None
-        process._capture = True
-        process._outcome_receiver = OutcomeReceiver(outcome_reader)
-        process._outcome_lock = Semaphore()
+        process._captured = _CapturedOutcome(OutcomeReceiver(outcome_reader))
     else:
         process.start()
     if passed:
