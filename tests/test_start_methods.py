@@ -345,3 +345,62 @@ def test_join_does_not_wait_for_a_grandchild_without_pidfd(method, monkeypatch):
     p.join(10)
     assert p.exitcode == -signal.SIGKILL
     assert time.monotonic() - started < 2.5
+
+
+MAIN_MODULE = """
+import os, sys, gipc
+
+def work(writer):
+    writer.put((__name__, os.getpid()))
+
+if __name__ == "__main__":
+    with gipc.pipe() as (r, w):
+        p = gipc.start_process(work, args=(w,), start_method=sys.argv[1])
+        print(*r.get())
+        p.join()
+    sys.exit(p.exitcode)
+"""
+
+
+def _run_main(tmp_path, method, how):
+    import subprocess
+
+    package = tmp_path / "app"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "main.py").write_text(MAIN_MODULE)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    if how == "module":
+        command = [sys.executable, "-m", "app.main", method]
+    else:
+        command = [sys.executable, str(package / "main.py"), method]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, env=env,
+                          cwd=tmp_path)
+
+
+@pytest.mark.parametrize("how", ["script", "module"])
+@pytest.mark.parametrize("method", NON_FORK)
+def test_the_main_module_is_imported_in_the_child_as_mp_main(tmp_path, method, how):
+    result = _run_main(tmp_path, method, how)
+    assert result.returncode == 0, result.stderr
+    name, pid = result.stdout.split()
+    assert name == "__mp_main__"
+
+
+@pytest.mark.parametrize("method", NON_FORK)
+def test_a_main_module_without_the_guard_gets_multiprocessing_s_explanation(tmp_path, method):
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import gipc, time\n"
+        "def work():\n    pass\n"
+        f"p = gipc.start_process(work, start_method={method!r})\n"
+        "p.join()\n"
+        "print('exit', p.exitcode)\n"
+    )
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            timeout=60, env=env, cwd=tmp_path)
+    assert "if __name__ == '__main__':" in result.stderr
+    assert "exit 1" in result.stdout

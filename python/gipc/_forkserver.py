@@ -38,6 +38,7 @@ import signal
 import socket
 import struct
 import sys
+from multiprocessing import process as mp_process
 from multiprocessing import spawn as mp_spawn
 from multiprocessing import util as mp_util
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
@@ -110,7 +111,8 @@ class _Server:
         _child.parent_only_fds.add(ours.fileno())
         # Queued in the socket: the server reads it once it has started.
         prep = preparation_data("ForkServer")
-        init = {key: prep[key] for key in ("sys_path", "dir", "init_main_from_path") if key in prep}
+        keys = ("sys_path", "dir", "init_main_from_path", "init_main_from_name")
+        init = {key: prep[key] for key in keys if key in prep}
         self.send(("init", list(_preload), init), [])
         _log.debug("started gipc's fork server (pid %d)", self.pid)
 
@@ -430,12 +432,27 @@ def _init(preload: List[str], prep: Dict[str, Any]) -> None:
             os.chdir(prep["dir"])
         except OSError:
             pass
+    # A main module without `if __name__ == "__main__":` would start children while the
+    # server imports it: marked as inheriting, that raises multiprocessing's explanation
+    # (then the module is not preloaded, and each child shows the error).
+    current = mp_process.current_process()
+    current._inheriting = True  # type: ignore[attr-defined]
+    try:
+        _preload_modules(preload, prep)
+    finally:
+        del current._inheriting  # type: ignore[attr-defined]
+
+
+def _preload_modules(preload: List[str], prep: Dict[str, Any]) -> None:
     for name in preload:
         try:
             if name == "__main__":
-                main_path = prep.get("init_main_from_path")
-                if main_path is not None:
-                    mp_spawn.import_main_path(main_path)
+                if "init_main_from_name" in prep:  # python -m package.module
+                    mp_spawn._fixup_main_from_name(  # type: ignore[attr-defined]
+                        prep["init_main_from_name"]
+                    )
+                elif "init_main_from_path" in prep:
+                    mp_spawn.import_main_path(prep["init_main_from_path"])
             else:
                 __import__(name)
         except Exception:  # noqa: BLE001 - a preload is an optimisation, not a must
