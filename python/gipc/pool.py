@@ -68,7 +68,7 @@ import gevent.event
 import gevent.lock
 import gevent.queue
 
-from . import _outcome
+from . import _large_payload, _outcome
 from ._handles import (
     Decoder,
     Encoder,
@@ -275,32 +275,12 @@ def _encode_task(
     """The messages of one task: which arguments travel on their own, the encoded call
     (pickled, or by the pool's ``dumps``), then those arguments (large ``bytes``, sent as
     they are). Raises what the encoder raises."""
-    raw_slots: List[Union[int, str]] = []
-    raws: List[bytes] = []
-    if any(_is_raw(a) for a in args):
-        listed = list(args)
-        for i, a in enumerate(listed):
-            if _is_raw(a):
-                raw_slots.append(i)
-                raws.append(a)
-                listed[i] = None
-        args = tuple(listed)
-    if any(_is_raw(v) for v in kwargs.values()):
-        kwargs = dict(kwargs)
-        for key, v in kwargs.items():
-            if _is_raw(v):
-                raw_slots.append(key)
-                raws.append(v)
-                kwargs[key] = None
+    raw_slots, args, kwargs, raws = _large_payload.take_out(args, kwargs)
     if dumps is None:
         body = pickle.dumps((fn, args, kwargs), protocol=_HIGHEST)
     else:
         body = dumps((fn, args, kwargs))
     return [pickle.dumps(tuple(raw_slots), protocol=_HIGHEST), body, *raws]
-
-
-def _is_raw(obj: Any) -> bool:
-    return obj.__class__ is bytes and len(obj) >= _outcome.RAW_THRESHOLD
 
 
 #: Exceptions that interrupt the program rather than report a bug.
@@ -389,7 +369,7 @@ def _receive_task(tasks: _GIPCReader) -> Optional[Tuple[List[Union[int, str]], b
             return None
         raw_slots = pickle.loads(head)
         body = tasks.get()
-        raws = [tasks.get() for _ in raw_slots]
+        raws = _large_payload.receive_larges(tasks, len(raw_slots))
     except EOFError:
         return None
     return raw_slots, body, raws
@@ -407,14 +387,8 @@ def _run_task(
         fn, args, kwargs = loads(body)
     except Exception as exc:
         return Outcome(exception=exc)
-    if raw_slots:
-        args = list(args)
-        for slot, raw in zip(raw_slots, raws):
-            if isinstance(slot, int):
-                args[slot] = raw
-            else:
-                kwargs[slot] = raw
-    return _outcome.call(fn, tuple(args), kwargs)
+    args, kwargs = _large_payload.put_back(raw_slots, raws, args, kwargs)
+    return _outcome.call(fn, args, kwargs)
 
 
 def _worker_main(
@@ -988,8 +962,8 @@ class ProcessPool(cf.Executor):
             gevent.sleep(min(delay, _START_RETRY_MAX_DELAY))
             if self._broken is not None:
                 return False
-        tasks_r, tasks_w = _outcome.outcome_pipe()  # raw bytes, like the outcome pipe
-        outcomes_r, outcomes_w = _outcome.outcome_pipe()
+        tasks_r, tasks_w = _large_payload.bytes_pipe()
+        outcomes_r, outcomes_w = _large_payload.bytes_pipe()
         claims: Optional[_Claims] = None
         try:
             claims = _Claims()
