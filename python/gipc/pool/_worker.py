@@ -167,11 +167,12 @@ class _InFlight(collections.deque[Tuple[WorkItem, int, int]]):
 class Worker:
     """The parent's side of one worker process, from its start to its retirement.
 
-    What it asks of its pool: the next work item (``_next_item``), whether anything is
-    queued or another worker idle or starting, to take back for it what other workers have
-    not started (``_take_back_for``), to put tasks back at the front of the queue
-    (``_requeue``), to pace and judge its start (``_start_worker``), and to be told when it
-    has ended (``_worker_ended``).
+    What it asks of its pool, and nothing more: to pace and judge its start
+    (``_start_worker``), the next work item (``_next_item``), whether anything is queued
+    (``_has_queued``) or another worker is idle or starting (``_others_may_take``), to take
+    back for it what the other workers have not started (``_take_back_for``), to put tasks
+    back at the front of the queue (``_requeue``), and to be told when it has ended
+    (``_worker_ended``).
     """
 
     def __init__(self, pool: "ProcessPool", settings: WorkerSettings, number: int) -> None:
