@@ -271,11 +271,7 @@ class ProcessPool(cf.Executor):
         if wait:
             current = gevent.getcurrent()
             while True:
-                serving = [
-                    w.serving
-                    for w in self._workers
-                    if w.serving is not None and w.serving is not current
-                ]
+                serving = [w.serving for w in self._workers if w.serving is not current]
                 if not serving:
                     break
                 gevent.joinall(serving)

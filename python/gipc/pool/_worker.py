@@ -190,7 +190,8 @@ class Worker:
         self._reader: Optional[gevent.Greenlet] = None
         self._exit_watch: Optional[gevent.Greenlet] = None
         self._in_flight = _InFlight()
-        #: Taken for this worker but not sent yet (too large to send ahead just now).
+        #: Taken for this worker and not sent yet (too large to send ahead just now), or
+        #: sent and never started by it once it is lost: for another worker.
         self._held: "collections.deque[WorkItem]" = collections.deque()
         #: Taken and being encoded, not yet in ``_in_flight``.
         self._sending: Optional[WorkItem] = None
