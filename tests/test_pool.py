@@ -624,9 +624,9 @@ def _runs(path):
 def every_task_quick(monkeypatch):
     """Every task counts as quick, so sending ahead starts after the first one whatever
     the machine's load (the real threshold is a millisecond)."""
-    import gipc.pool
+    import gipc.pool._worker
 
-    monkeypatch.setattr(gipc.pool, "_QUICK_TASK", 1e9)
+    monkeypatch.setattr(gipc.pool._worker, "_QUICK_TASK", 1e9)
 
 
 def test_prefetch_argument():

@@ -16,6 +16,8 @@ import time
 
 import gevent
 import gipc.pool
+import gipc.pool._pool
+import gipc.pool._worker
 import pytest
 from gipc.pool import BrokenProcessPool, ProcessPool, WorkerCrashed
 from helpers import run_python
@@ -106,7 +108,7 @@ def process_state(pid):
 @pytest.fixture
 def every_task_quick(monkeypatch):
     """Every task counts as quick, so tasks are sent ahead whatever the machine's load."""
-    monkeypatch.setattr(gipc.pool, "_QUICK_TASK", 1e9)
+    monkeypatch.setattr(gipc.pool._worker, "_QUICK_TASK", 1e9)
 
 
 # --- 1. A worker lost while tasks were sent ahead to it -----------------------------------
@@ -356,7 +358,7 @@ def test_a_worker_killed_while_starting_is_replaced():
 
 
 def test_too_many_start_failures_in_a_row_break_the_pool(monkeypatch):
-    monkeypatch.setattr(gipc.pool, "_START_RETRY_DELAY", 0.001)
+    monkeypatch.setattr(gipc.pool._pool, "_START_RETRY_DELAY", 0.001)
 
     def fork_failing():
         raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))

@@ -11,7 +11,7 @@ One outcome on the wire is one of:
 
 * ``dumps((VALUE, value))``: a return value, pickled inline;
 * ``dumps((VALUE_RAW,))`` followed by the value itself as a second message: a large ``bytes``
-  return value, which takes the transport's fast path and is never copied into a pickle;
+  return value, which travels apart from the pickle (see :mod:`gipc._large_payload`);
 * ``dumps((ERROR, exception, traceback_text, pid))``: the code raised.
 """
 
@@ -26,17 +26,14 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import gevent
 
-from ._handles import _GIPCReader, _GIPCWriter, pipe
+from . import _large_payload
+from ._handles import _GIPCReader, _GIPCWriter
 from ._hub import remaining
 from .exceptions import GIPCError
 
 VALUE = 0
 VALUE_RAW = 1
 ERROR = 2
-
-#: ``bytes`` at least this long travel as their own message (the transport sends ``bytes``
-#: as they are) instead of being copied into a pickle. Below it, one message is cheaper.
-RAW_THRESHOLD = 32 * 1024
 
 #: After a child is seen to exit, how long to keep reading for an outcome it sent just
 #: before. Everything it wrote is in the kernel by then, so this is only ever waited out in
@@ -113,10 +110,8 @@ def describe_exit(exitcode: int) -> str:
 
 
 def outcome_pipe() -> Tuple[_GIPCReader, _GIPCWriter]:
-    """A pipe that carries ``bytes`` as they are (no codec): for outcomes, pickled by this
-    module, and for the pool's tasks."""
-    reader, writer = pipe(encoder=None, decoder=None)
-    return reader, writer
+    """The pipe an outcome travels on: ``bytes`` as they are, the pickling done here."""
+    return _large_payload.bytes_pipe()
 
 
 # --- In the child -------------------------------------------------------------------------
@@ -143,7 +138,7 @@ def encode(outcome: Outcome, pid: int) -> List[bytes]:
     exc = outcome.exception
     if exc is None:
         value = outcome.value
-        if value.__class__ is bytes and len(value) >= RAW_THRESHOLD:
+        if _large_payload.is_large(value):
             return [_RAW_HEADER, value]
         try:
             return [pickle.dumps((VALUE, value), protocol=_HIGHEST)]
@@ -247,7 +242,7 @@ class OutcomeReceiver:
                 exc.__suppress_context__ = True
                 return Outcome(exception=exc)
             self._raw_pending = True
-        value = self._reader.get()
+        (value,) = _large_payload.receive_larges(self._reader, 1)
         self._raw_pending = False
         return Outcome(value=value)
 
