@@ -222,6 +222,7 @@ def test_initializer():
         assert set(pool.map(get_initialized, range(4))) == {"ready"}
 
 
+@pytest.mark.fork_only  # a promise of the fork start method only (documented)
 def test_initializer_need_not_be_picklable():
     # It reaches the workers by fork, not through a pipe.
     with ProcessPool(1, initializer=lambda: set_initialized("from a lambda")) as pool:

@@ -310,6 +310,30 @@ def test_an_interrupt_in_the_pool_does_not_keep_the_program_from_exiting():
 # --- 4. Workers lost while starting -------------------------------------------------------
 
 
+def _failing_launcher(monkeypatch, failures):
+    """Makes the next ``failures`` child starts (any start method) fail as a fork that
+    hit its process limit does; returns the list of attempts."""
+    from gipc import _process
+
+    real = _process._popen_class
+    attempts = []
+
+    def launcher(method):
+        cls = real(method)
+
+        def launch(process_obj):
+            attempts.append(method)
+            if len(attempts) <= failures:
+                raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+            return cls(process_obj)
+
+        return launch
+
+    monkeypatch.setattr(_process, "_popen_class", launcher)
+    return attempts
+
+
+@pytest.mark.fork_only  # the fork launcher's own clean-up when fork() itself fails
 def test_a_failed_fork_is_retried(monkeypatch):
     real_fork = os.fork
     calls = []
@@ -327,6 +351,14 @@ def test_a_failed_fork_is_retried(monkeypatch):
     assert len(calls) == 2
 
 
+def test_a_failed_start_is_retried(monkeypatch):
+    attempts = _failing_launcher(monkeypatch, 1)
+    with ProcessPool(1) as pool:
+        assert pool.submit(square, 3).result(timeout=20) == 9
+        assert pool.submit(square, 4).result(timeout=20) == 16
+    assert len(attempts) == 2
+
+
 _kill_next_child = False
 _hook_installed = False
 
@@ -341,6 +373,7 @@ def _after_fork_in_parent():
     _kill_next_child = False  # only the first child after the test asked
 
 
+@pytest.mark.fork_only  # the window is opened by an at-fork hook in the caller
 def test_a_worker_killed_while_starting_is_replaced():
     global _kill_next_child, _hook_installed
     if not _hook_installed:  # at-fork hooks cannot be removed: install one, switched
@@ -359,11 +392,7 @@ def test_a_worker_killed_while_starting_is_replaced():
 
 def test_too_many_start_failures_in_a_row_break_the_pool(monkeypatch):
     monkeypatch.setattr(gipc.pool._pool, "_START_RETRY_DELAY", 0.001)
-
-    def fork_failing():
-        raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
-
-    monkeypatch.setattr(os, "fork", fork_failing)
+    _failing_launcher(monkeypatch, 1_000)
     pool = ProcessPool(2)
     try:
         future = pool.submit(square, 2)

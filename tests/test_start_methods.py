@@ -404,3 +404,38 @@ def test_a_main_module_without_the_guard_gets_multiprocessing_s_explanation(tmp_
                             timeout=60, env=env, cwd=tmp_path)
     assert "if __name__ == '__main__':" in result.stderr
     assert "exit 1" in result.stdout
+
+
+#: Set by the test in this process only: a forked worker sees it, a spawned or fork-server
+#: worker (which imported this module afresh) does not.
+MARKS: list = []
+
+
+def where_am_i(_: int) -> tuple:
+    return len(MARKS), os.getppid()
+
+
+@pytest.mark.parametrize("method", ["fork", *NON_FORK])
+def test_a_pool_starts_its_workers_with_its_start_method(method):
+    MARKS.append(method)
+    try:
+        with gipc.ProcessPool(2, start_method=method) as pool:
+            seen = set(pool.map(where_am_i, range(20)))
+            assert sum(pool.map(abs, range(-100, 0))) == 5050
+    finally:
+        MARKS.clear()
+    marks = {mark for mark, _ in seen}
+    parents = {parent for _, parent in seen}
+    assert marks == ({1} if method == "fork" else {0}), seen
+    expected_parent = _forkserver.server_pid() if method == "forkserver" else os.getpid()
+    assert parents == {expected_parent}, seen
+
+
+@pytest.mark.parametrize("method", NON_FORK)
+def test_a_pool_refuses_what_its_workers_could_not_receive(method):
+    with pytest.raises(gipc.GIPCTypeError, match="initializer must be picklable"):
+        gipc.ProcessPool(1, initializer=lambda: None, start_method=method)
+    with pytest.raises(gipc.GIPCTypeError, match="decoder must be picklable"):
+        gipc.ProcessPool(1, decoder=lambda b: b, start_method=method)
+    with pytest.raises(ValueError, match="contradicts"):
+        gipc.ProcessPool(1, start_method="fork", mp_context=multiprocessing.get_context("spawn"))

@@ -8,6 +8,7 @@ import concurrent.futures as cf
 import itertools
 import logging
 import os
+import pickle
 import time
 import weakref
 from concurrent.futures.process import BrokenProcessPool
@@ -32,6 +33,7 @@ import gevent.queue
 from .._handles import Decoder, Encoder, _pickle_dumps, get_default_codec
 from .._handles import _resolve as _resolve_pipe_codec
 from .._hub import remaining, yield_to_loop
+from .._process import resolve_start_method
 from ..exceptions import GIPCTypeError
 from ._future import NO_TIMEOUT_FROM, Future
 from ._queue import EMPTY, TaskQueue
@@ -83,6 +85,23 @@ def _submit_all(submissions: Iterator["Future[Any]"]) -> List["Future[Any]"]:
     return futures
 
 
+def _check_picklable(settings: WorkerSettings) -> None:
+    """What a worker that is not forked receives must pickle: refused when the pool is
+    made, by name, not when its first worker fails to start."""
+    for what, obj in (
+        ("initializer", settings.initializer),
+        ("initargs", settings.initargs),
+        ("decoder", settings.loads),
+    ):
+        try:
+            pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            raise GIPCTypeError(
+                f"with start method {settings.start_method!r}, the pool's {what} must be "
+                f"picklable, and {obj!r:.80} is not ({exc})"
+            ) from exc
+
+
 class ProcessPool(cf.Executor):
     """A ``concurrent.futures.Executor`` running calls in up to ``max_workers`` gipc child
     processes, every wait cooperative with gevent.
@@ -92,8 +111,9 @@ class ProcessPool(cf.Executor):
             Workers start when there is work for them and are reused across tasks.
         initializer: called as ``initializer(*initargs)`` in each new worker before its
             first task. If it raises, the pool is broken: pending and later tasks fail with
-            ``BrokenProcessPool``. (It and ``initargs`` reach the worker by ``fork``, so
-            they need not be picklable; tasks, their arguments and results must be.)
+            ``BrokenProcessPool``. (With the fork start method it and ``initargs`` reach
+            the worker by ``fork`` and need not be picklable; tasks, their arguments and
+            results must be.)
         max_tasks_per_child: replace a worker after it has run this many tasks.
         task_timeout: default time limit, in seconds, for a task once it is sent to a
             worker; a worker that exceeds it is killed and the task fails with
@@ -104,6 +124,11 @@ class ProcessPool(cf.Executor):
             Tasks sent ahead and not started are taken back for a worker that becomes
             free; they can no longer be cancelled. ``0`` sends a worker one task at a
             time.
+        start_method, mp_context: how workers are started, as for
+            :func:`gipc.start_process` ("fork", "forkserver" or "spawn"; ``None``: the
+            program's ``multiprocessing`` start method if it set one, else fork on Linux),
+            fixed when the pool is made. With "forkserver" and "spawn", ``initializer``,
+            ``initargs`` and a custom ``decoder`` must pickle.
         encoder: how each call (the function and its arguments) is encoded for a worker:
             ``'default'`` (pickle, or what :func:`gipc.set_default_codec` set when the pool
             was made) or a callable, as for :func:`gipc.pipe`; e.g. ``cloudpickle.dumps``
@@ -126,6 +151,8 @@ class ProcessPool(cf.Executor):
         prefetch: int = DEFAULT_PREFETCH,
         encoder: Encoder = "default",
         decoder: Decoder = "default",
+        start_method: Optional[str] = None,
+        mp_context: Any = None,
     ) -> None:
         if max_workers is None:
             max_workers = _usable_cpus()
@@ -149,7 +176,10 @@ class ProcessPool(cf.Executor):
             loads=_resolve_codec(decoder, "decoder", default_decoder),
             prefetch=prefetch,
             max_tasks=max_tasks_per_child,
+            start_method=resolve_start_method(start_method, mp_context),
         )
+        if self._settings.start_method != "fork":
+            _check_picklable(self._settings)
         self._max_workers = max_workers
         self._task_timeout = _check_timeout(task_timeout)
         # Work items in submission order; a None tells one worker to stop.

@@ -91,6 +91,8 @@ class WorkerSettings(NamedTuple):
     loads: Callable[[bytes], Any]
     prefetch: int
     max_tasks: Optional[int]
+    #: How worker processes are started (see ``gipc.start_process``).
+    start_method: str = "fork"
 
 
 class StartFailure(NamedTuple):
@@ -262,7 +264,7 @@ class Worker:
         outcomes_r, outcomes_w = _large_payload.bytes_pipe()
         claims: Optional[TaskClaims] = None
         try:
-            claims = TaskClaims()
+            claims = TaskClaims.for_start_method(settings.start_method)
             # The one place a worker process is started.
             process = start_process(
                 worker_main,
@@ -275,6 +277,7 @@ class Worker:
                     settings.loads,
                 ),
                 name=f"gipc-pool-worker-{self.number}",
+                start_method=settings.start_method,
             )
         except BaseException as exc:
             for handle in (tasks_r, tasks_w, outcomes_r, outcomes_w):
