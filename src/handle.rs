@@ -1,14 +1,16 @@
 //! The objects Python drives: one reader and one writer per channel. Each call does what the
 //! descriptor allows right now and reports the rest; waiting is the Python layer's job.
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::time::{Duration, Instant};
 
 use gipc_wire::budget::{Budget, DEFAULT_SLICE};
 use gipc_wire::frame::{Kind, Lane};
 use gipc_wire::growth::{grow_pipe, Grown};
-use gipc_wire::io::{channel_ends, FdReader, FdWriter, Transport, BULK_MIN};
+use gipc_wire::io::{
+    channel_ends, check_end, set_nonblocking_cloexec, FdReader, FdWriter, Transport, BULK_MIN,
+};
 use gipc_wire::recv::{Event, Payload, PayloadBuf, Receiver};
 use gipc_wire::send::{Progress, Sender};
 use gipc_wire::sigpipe::without_sigpipe;
@@ -157,6 +159,7 @@ pub struct Reader {
     fd: Option<OwnedFd>,
     /// The bulk lane's descriptor, on channels that have one (closed with `fd`).
     bulk: Option<OwnedFd>,
+    transport: Transport,
     rx: Receiver<FillingBytes>,
     spin: SpinPolicy,
 }
@@ -240,6 +243,20 @@ impl Reader {
     fn buffered(&self) -> usize {
         self.rx.buffered()
     }
+
+    /// What another process needs, besides `filenos()`, to go on reading this channel with
+    /// `reader_from_fds`: the transport's name and the bytes received but not yet returned
+    /// as messages. Changes nothing; `GIPCError` when the end cannot move now.
+    fn transfer_state<'py>(
+        &mut self,
+        py: Python<'py>,
+    ) -> PyResult<(&'static str, Bound<'py, PyBytes>)> {
+        if self.fd.is_none() {
+            return Err(errors::closed());
+        }
+        let unread = self.rx.unread().map_err(errors::cannot_transfer)?;
+        Ok((self.transport.name(), PyBytes::new(py, &unread)))
+    }
 }
 
 impl Reader {
@@ -305,6 +322,26 @@ pub struct Writer {
 }
 
 impl Writer {
+    fn new(
+        transport: Transport,
+        fd: OwnedFd,
+        bulk: Option<OwnedFd>,
+        slice: Option<Duration>,
+    ) -> Self {
+        let tx = match bulk {
+            Some(_) => Sender::with_bulk_lane(Budget::new(slice), BULK_MIN),
+            None => Sender::new(Budget::new(slice)),
+        };
+        Writer {
+            fd: Some(fd),
+            bulk,
+            transport,
+            tx,
+            grown: None,
+            grow_tried: false,
+        }
+    }
+
     fn flush(&mut self) -> PyResult<u8> {
         let mut progress = self.flush_once()?;
         if progress == Progress::WouldBlock && self.make_room()? {
@@ -322,12 +359,13 @@ impl Writer {
             .as_ref()
             .map(|bulk| FdWriter::new(bulk.as_fd(), Transport::Socket));
         let tx = &mut self.tx;
-        Ok(match frame_lane {
+        let result = match frame_lane {
             // A pipe write has no MSG_NOSIGNAL (only RWF_NOSIGNAL on recent kernels): one
             // shield for the whole flush, however many writes it makes.
-            Transport::Pipe => without_sigpipe(|| tx.flush_lanes(&mut sink, bulk_sink.as_mut()))?,
-            _ => tx.flush_lanes(&mut sink, bulk_sink.as_mut())?,
-        })
+            Transport::Pipe => without_sigpipe(|| tx.flush_lanes(&mut sink, bulk_sink.as_mut())),
+            _ => tx.flush_lanes(&mut sink, bulk_sink.as_mut()),
+        };
+        result.map_err(errors::os_error)
     }
 
     /// On a pipe-only channel, grows the pipe the first time a large payload finds it full;
@@ -423,6 +461,86 @@ impl Writer {
     fn closed(&self) -> bool {
         self.fd.is_none()
     }
+
+    /// The transport's name, for `writer_from_fds` in another process; `GIPCError` while
+    /// queued frames are not entirely written (they would stay behind).
+    fn transfer_state(&self) -> PyResult<&'static str> {
+        if self.fd.is_none() {
+            return Err(errors::closed());
+        }
+        if self.tx.has_pending() {
+            return Err(errors::cannot_transfer(
+                "queued messages are not entirely written",
+            ));
+        }
+        Ok(self.transport.name())
+    }
+}
+
+fn parse_transport(name: &str) -> PyResult<Transport> {
+    Transport::from_name(name).ok_or_else(|| {
+        PyValueError::new_err(format!(
+            "unknown transport {name:?}: use 'hybrid', 'socket' or 'pipe'"
+        ))
+    })
+}
+
+/// Takes `fds` (frame lane first) as one end of a `transport` channel, once they are checked
+/// and made non-blocking and close-on-exec. On any error the caller still owns them.
+fn adopt(transport: Transport, fds: &[i32], reading: bool) -> PyResult<(OwnedFd, Option<OwnedFd>)> {
+    for &fd in fds {
+        // SAFETY: F_GETFD only reads the descriptor table; any integer is a valid argument.
+        if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+            return Err(errors::os_error(std::io::Error::from_raw_os_error(
+                libc::EBADF,
+            )));
+        }
+    }
+    // SAFETY: each descriptor was just seen open, and stays open while these borrows live:
+    // they end within this call, during which we hold the GIL and close nothing.
+    let borrowed: Vec<BorrowedFd<'_>> = fds
+        .iter()
+        .map(|&fd| unsafe { BorrowedFd::borrow_raw(fd) })
+        .collect();
+    check_end(transport, &borrowed, reading).map_err(errors::end_error)?;
+    for &fd in &borrowed {
+        set_nonblocking_cloexec(fd).map_err(errors::os_error)?;
+    }
+    // SAFETY: the caller hands these descriptors over (documented in the .pyi); they are
+    // open and distinct (checked above), so each gets exactly one owner, which closes it.
+    let mut owned = fds.iter().map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) });
+    let frame = owned.next().expect("check_end counted at least one");
+    Ok((frame, owned.next()))
+}
+
+/// Rebuilds a channel's read end from descriptors another process had (see
+/// `Reader.transfer_state`): `buffered` are the bytes that reader had received and not
+/// returned, returned first here.
+#[pyfunction]
+#[pyo3(signature = (transport, fds, buffered = &[][..], max_message_size = 1 << 32))]
+pub fn reader_from_fds(
+    transport: &str,
+    fds: Vec<i32>,
+    buffered: &[u8],
+    max_message_size: u64,
+) -> PyResult<Reader> {
+    let transport = parse_transport(transport)?;
+    let (fd, bulk) = adopt(transport, &fds, true)?;
+    Ok(Reader {
+        fd: Some(fd),
+        bulk,
+        transport,
+        rx: Receiver::resume(max_message_size, Budget::new(Some(DEFAULT_SLICE)), buffered),
+        spin: SpinPolicy::new(None),
+    })
+}
+
+/// Rebuilds a channel's write end from descriptors another process had.
+#[pyfunction]
+pub fn writer_from_fds(transport: &str, fds: Vec<i32>) -> PyResult<Writer> {
+    let transport = parse_transport(transport)?;
+    let (fd, bulk) = adopt(transport, &fds, false)?;
+    Ok(Writer::new(transport, fd, bulk, Some(DEFAULT_SLICE)))
 }
 
 /// Creates a one-way channel and returns its `(Reader, Writer)`.
@@ -433,35 +551,21 @@ pub fn channel(
     max_message_size: u64,
     slice_us: Option<u64>,
 ) -> PyResult<(Reader, Writer)> {
-    let transport = Transport::from_name(transport).ok_or_else(|| {
-        PyValueError::new_err(format!(
-            "unknown transport {transport:?}: use 'hybrid', 'socket' or 'pipe'"
-        ))
-    })?;
+    let transport = parse_transport(transport)?;
     let slice = match slice_us {
         None => Some(DEFAULT_SLICE),
         Some(0) => None,
         Some(us) => Some(std::time::Duration::from_micros(us)),
     };
-    let (read_end, write_end) = channel_ends(transport)?;
-    let tx = match write_end.bulk {
-        Some(_) => Sender::with_bulk_lane(Budget::new(slice), BULK_MIN),
-        None => Sender::new(Budget::new(slice)),
-    };
+    let (read_end, write_end) = channel_ends(transport).map_err(errors::os_error)?;
     Ok((
         Reader {
             fd: Some(read_end.frame),
             bulk: read_end.bulk,
+            transport,
             rx: Receiver::new(max_message_size, Budget::new(slice)),
             spin: SpinPolicy::new(None),
         },
-        Writer {
-            fd: Some(write_end.frame),
-            bulk: write_end.bulk,
-            transport,
-            tx,
-            grown: None,
-            grow_tried: false,
-        },
+        Writer::new(transport, write_end.frame, write_end.bulk, slice),
     ))
 }

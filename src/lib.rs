@@ -13,6 +13,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<handle::Reader>()?;
     m.add_class::<handle::Writer>()?;
     m.add_function(wrap_pyfunction!(handle::channel, m)?)?;
+    m.add_function(wrap_pyfunction!(handle::reader_from_fds, m)?)?;
+    m.add_function(wrap_pyfunction!(handle::writer_from_fds, m)?)?;
     m.add_function(wrap_pyfunction!(signals::reset_signal_state, m)?)?;
     m.add("DONE", handle::DONE)?;
     m.add("WOULD_BLOCK", handle::WOULD_BLOCK)?;

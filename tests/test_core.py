@@ -3,6 +3,7 @@ what the Python layer relies on, call by call. It never waits: every call answer
 
 from __future__ import annotations
 
+import errno
 import os
 
 import pytest
@@ -129,3 +130,183 @@ def test_reset_signal_state_is_listed():
     # Resetting dispositions is for a forked child; here only its presence is checked (the
     # child tests run it).
     assert callable(_core.reset_signal_state)
+
+
+def _receive(reader):
+    """The next message, polling (the channel is local: whatever is sent is there)."""
+    for _ in range(100_000):
+        got = reader.try_recv()
+        if got is not None and got is not False:
+            return got
+    raise AssertionError("no message")
+
+
+def _moved_reader(reader, **kwargs):
+    """``reader`` rebuilt from copies of its descriptors, as another process would; the
+    original is closed."""
+    transport, buffered = reader.transfer_state()
+    copies = [os.dup(fd) for fd in reader.filenos()]
+    reader.close()
+    return _core.reader_from_fds(transport, copies, buffered, **kwargs)
+
+
+def _moved_writer(writer):
+    transport = writer.transfer_state()
+    copies = [os.dup(fd) for fd in writer.filenos()]
+    writer.close()
+    return _core.writer_from_fds(transport, copies)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_an_end_moved_to_new_descriptors_loses_no_message(transport):
+    reader, writer = _core.channel(transport)
+    big = bytes(range(256)) * 4096  # 1 MiB: the bulk lane of a hybrid channel
+    for payload in (b"first", b"second", big, b"last"):
+        assert writer.try_send(_core.KIND_BYTES, payload) in (_core.DONE, _core.WOULD_BLOCK)
+    writer = _moved_writer(writer) if not writer.pending else writer
+    assert _receive(reader) == (_core.KIND_BYTES, b"first")
+    # "second" (and maybe more) is in the reader's buffer now, not in the pipe.
+    assert reader.buffered > 0
+    assert reader.transfer_state()[0] == transport
+    reader = _moved_reader(reader, max_message_size=2 << 20)
+    assert reader.max_message_size == 2 << 20
+    got = [_receive(reader)]
+    while len(got) < 3:
+        writer.try_flush()
+        got.append(_receive(reader))
+    assert got == [(_core.KIND_BYTES, p) for p in (b"second", big, b"last")]
+    writer = _moved_writer(writer)
+    writer.try_send(_core.KIND_ENCODED, b"after")
+    assert _receive(reader) == (_core.KIND_ENCODED, b"after")
+    writer.close()
+    with pytest.raises(EOFError):
+        _receive(reader)
+    reader.close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("cut", [3, 8, 11])
+def test_a_frame_split_across_the_hand_over_arrives_whole(transport, cut):
+    # The frame's bytes as they travel: sent on a pipe-only channel and read raw.
+    raw_reader, raw_writer = _core.channel("pipe")
+    raw_writer.try_send(_core.KIND_ENCODED, b"split-me")
+    frame = os.read(raw_reader.fileno(), 100)
+    raw_reader.close()
+    raw_writer.close()
+    assert len(frame) == 16
+    reader, writer = _core.channel(transport)
+    os.write(writer.fileno(), frame[:cut])
+    assert reader.try_recv() is None
+    assert reader.buffered == cut
+    reader = _moved_reader(reader)
+    os.write(writer.fileno(), frame[cut:])
+    assert _receive(reader) == (_core.KIND_ENCODED, b"split-me")
+    reader.close()
+    writer.close()
+
+
+def test_a_reader_mid_bulk_payload_cannot_move_and_keeps_working():
+    reader, writer = _core.channel("hybrid")
+    payload = bytes(8 << 20)
+    status = writer.try_send(_core.KIND_BYTES, payload)
+    for _ in range(20):
+        if reader.try_recv() is None and reader.buffered > 0:
+            break
+        status = writer.try_flush()
+    assert reader.wait_fileno() == reader.filenos()[1] and reader.buffered > 0
+    with pytest.raises(GIPCError, match="bulk lane"):
+        reader.transfer_state()
+    assert not reader.closed
+    received = None
+    while received is None or received is False:
+        if status != _core.DONE:
+            status = writer.try_flush()
+        received = reader.try_recv()
+    assert received == (_core.KIND_BYTES, payload)
+    reader.close()
+    writer.close()
+
+
+def test_a_writer_with_queued_frames_cannot_move(channel):
+    reader, writer = channel
+    status = writer.try_send(_core.KIND_ENCODED, bytes(8 << 20))
+    while status == _core.YIELD:
+        status = writer.try_flush()
+    assert writer.pending
+    with pytest.raises(GIPCError, match="not entirely written"):
+        writer.transfer_state()
+    assert not writer.closed
+
+
+def test_closed_ends_have_no_state(channel):
+    reader, writer = channel
+    reader.close()
+    writer.close()
+    with pytest.raises(GIPCClosed):
+        reader.transfer_state()
+    with pytest.raises(GIPCClosed):
+        writer.transfer_state()
+
+
+def test_adopted_descriptors_are_nonblocking_cloexec_and_closed_by_close():
+    r, w = os.pipe()
+    os.set_inheritable(r, True)
+    reader = _core.reader_from_fds("pipe", [r])
+    writer = _core.writer_from_fds("pipe", [w])
+    for fd in (r, w):
+        assert os.get_blocking(fd) is False and os.get_inheritable(fd) is False
+    assert reader.filenos() == [r] and writer.filenos() == [w]
+    writer.try_send(_core.KIND_BYTES, b"x")
+    assert _receive(reader) == (_core.KIND_BYTES, b"x")
+    reader.close()
+    writer.close()
+    for fd in (r, w):
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
+def _still_open(fds):
+    for fd in fds:
+        os.fstat(fd)
+        assert os.get_blocking(fd) is True  # untouched
+        os.close(fd)
+
+
+def test_descriptors_that_do_not_fit_are_refused_and_left_open():
+    import socket
+
+    from gipc.exceptions import GIPCValueError
+
+    r, w = os.pipe()
+    with pytest.raises(GIPCValueError, match="read end"):
+        _core.reader_from_fds("pipe", [w])
+    with pytest.raises(GIPCValueError, match="write end"):
+        _core.writer_from_fds("pipe", [r])
+    with pytest.raises(GIPCValueError, match="2 descriptor"):
+        _core.reader_from_fds("hybrid", [r])
+    with pytest.raises(GIPCValueError, match="AF_UNIX"):
+        _core.reader_from_fds("socket", [r])
+    with pytest.raises(GIPCValueError, match="AF_UNIX"):
+        _core.reader_from_fds("hybrid", [r, w])
+    with pytest.raises(GIPCValueError, match="same"):
+        _core.reader_from_fds("hybrid", [r, r])
+    with pytest.raises(ValueError, match="transport"):
+        _core.reader_from_fds("carrier-pigeon", [r])
+    inet = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with inet, a, b:
+        for fd in (inet.fileno(), a.fileno()):
+            with pytest.raises(GIPCValueError, match="AF_UNIX stream"):
+                _core.reader_from_fds("socket", [fd])
+        with pytest.raises(GIPCValueError, match="a pipe"):
+            _core.reader_from_fds("pipe", [a.fileno()])
+    # A descriptor that is not open: EBADF, and the open one beside it is not taken.
+    s1, s2 = socket.socketpair()
+    bad = os.dup(w)
+    os.close(bad)
+    with pytest.raises(OSError) as info:
+        _core.reader_from_fds("hybrid", [r, bad])
+    assert info.value.errno == errno.EBADF
+    s1.close()
+    s2.close()
+    _still_open([r, w])

@@ -23,7 +23,9 @@ __all__ = [
     "YIELD",
     "__version__",
     "channel",
+    "reader_from_fds",
     "reset_signal_state",
+    "writer_from_fds",
 ]
 
 __version__: str
@@ -73,6 +75,12 @@ class Reader:
         lane's while a large payload is coming on it, else the frame lane's."""
     def close(self) -> bool:
         """Closes the descriptors; False if they were closed already."""
+    def transfer_state(self) -> Tuple[str, bytes]:
+        """What another process needs, besides ``filenos()``, to go on reading this channel
+        with :func:`reader_from_fds`: the transport's name and the bytes received but not
+        yet returned as messages (a partly received frame included). Changes and closes
+        nothing. GIPCError when the end cannot move now (a large payload partly received on
+        the bulk lane, a corrupt stream); GIPCClosed once closed."""
 
 @final
 class Writer:
@@ -103,6 +111,10 @@ class Writer:
     def close(self) -> bool:
         """Drops queued frames and closes the descriptors; False if they were closed
         already."""
+    def transfer_state(self) -> str:
+        """The transport's name, for :func:`writer_from_fds` in another process. GIPCError
+        while queued frames are not entirely written (``pending``); GIPCClosed once
+        closed."""
 
 def channel(
     transport: str = "hybrid",
@@ -112,6 +124,24 @@ def channel(
     """A one-way channel: ``transport`` is "hybrid" (frames through a pipe, payloads of
     BULK_MIN bytes or more through an AF_UNIX stream pair beside it), "socket" or "pipe";
     ``slice_us`` is how long a transfer may run before asking for a yield (0: never)."""
+
+def reader_from_fds(
+    transport: str,
+    fds: List[int],
+    buffered: bytes = ...,
+    max_message_size: int = ...,
+) -> Reader:
+    """A channel's read end rebuilt from the descriptors of one made elsewhere
+    (``Reader.filenos()`` and ``transfer_state()`` there): the messages in ``buffered`` come
+    first. Takes ownership of ``fds`` (``close()`` closes them) and makes them non-blocking
+    and close-on-exec, once they are checked: as many as the transport has lanes, a pipe
+    lane a pipe's read end, a socket lane an AF_UNIX stream socket. GIPCValueError
+    otherwise, or OSError (EBADF) for one that is not open; on any error the caller still
+    owns the descriptors, unchanged. ``spin_us`` starts at 0."""
+
+def writer_from_fds(transport: str, fds: List[int]) -> Writer:
+    """A channel's write end rebuilt from descriptors, checked as by :func:`reader_from_fds`
+    (a pipe lane must be a pipe's write end)."""
 
 def reset_signal_state() -> List[int]:
     """Every signal's disposition to SIG_DFL at the C level, except SIGPIPE, SIGKILL and

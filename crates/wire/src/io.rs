@@ -47,6 +47,14 @@ impl Transport {
         }
     }
 
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Pipe => "pipe",
+            Transport::Socket => "socket",
+            Transport::Hybrid => "hybrid",
+        }
+    }
+
     /// What the frame lane is made of.
     pub fn frame_lane(self) -> Transport {
         match self {
@@ -89,6 +97,104 @@ pub fn channel_ends(transport: Transport) -> io::Result<(End, End)> {
             bulk: write_bulk,
         },
     ))
+}
+
+/// Why descriptors handed in from elsewhere cannot be one end of a channel ([`check_end`]).
+#[derive(Debug)]
+pub enum EndError {
+    /// Not as many descriptors as the transport has lanes.
+    Count { expected: usize, got: usize },
+    /// A descriptor is not what its lane is made of.
+    Lane { fd: i32, expected: &'static str },
+    /// `fstat`/`fcntl`/`getsockopt` failed (a descriptor that is not open: `EBADF`).
+    Io(io::Error),
+}
+
+impl std::fmt::Display for EndError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EndError::Count { expected, got } => write!(
+                f,
+                "this transport has {expected} descriptor(s) per end, got {got}"
+            ),
+            EndError::Lane { fd, expected } => write!(f, "descriptor {fd} is not {expected}"),
+            EndError::Io(err) => err.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for EndError {}
+
+impl From<rustix::io::Errno> for EndError {
+    fn from(err: rustix::io::Errno) -> Self {
+        EndError::Io(err.into())
+    }
+}
+
+/// Checks that `fds` (frame lane first, then the bulk lane) can be the read end (`reading`)
+/// or the write end of a `transport` channel: one descriptor per lane, each distinct, a pipe
+/// lane a FIFO open in the right direction, a socket lane an `AF_UNIX` stream socket.
+/// Changes nothing: a caller that is refused still owns its descriptors as they were.
+pub fn check_end(
+    transport: Transport,
+    fds: &[BorrowedFd<'_>],
+    reading: bool,
+) -> Result<(), EndError> {
+    let lanes: &[Transport] = match transport {
+        Transport::Hybrid => &[Transport::Pipe, Transport::Socket],
+        Transport::Pipe => &[Transport::Pipe],
+        Transport::Socket => &[Transport::Socket],
+    };
+    if fds.len() != lanes.len() {
+        return Err(EndError::Count {
+            expected: lanes.len(),
+            got: fds.len(),
+        });
+    }
+    use std::os::fd::AsRawFd;
+    if fds.len() == 2 && fds[0].as_raw_fd() == fds[1].as_raw_fd() {
+        return Err(EndError::Lane {
+            fd: fds[1].as_raw_fd(),
+            expected: "a second descriptor (both lanes name the same one)",
+        });
+    }
+    for (&fd, lane) in fds.iter().zip(lanes) {
+        let refuse = |expected| EndError::Lane {
+            fd: fd.as_raw_fd(),
+            expected,
+        };
+        match lane {
+            Transport::Socket => {
+                use rustix::net::{getsockname, sockopt::socket_type, AddressFamily, SocketType};
+                let stream = matches!(socket_type(fd), Ok(t) if t == SocketType::STREAM);
+                // getsockname rather than SO_DOMAIN, which macOS lacks.
+                let unix = matches!(getsockname(fd), Ok(addr) if addr.address_family() == AddressFamily::UNIX);
+                if !(stream && unix) {
+                    return Err(refuse("an AF_UNIX stream socket"));
+                }
+            }
+            _ => {
+                let stat = rustix::fs::fstat(fd)?;
+                if !rustix::fs::FileType::from_raw_mode(stat.st_mode).is_fifo() {
+                    return Err(refuse("a pipe"));
+                }
+                let mode = fcntl_getfl(fd)? & OFlags::RWMODE;
+                let wanted = if reading {
+                    OFlags::RDONLY
+                } else {
+                    OFlags::WRONLY
+                };
+                if mode != wanted && mode != OFlags::RDWR {
+                    return Err(refuse(if reading {
+                        "a pipe's read end"
+                    } else {
+                        "a pipe's write end"
+                    }));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The most bytes one read or write system call may move. The kernel will copy tens of
@@ -285,11 +391,56 @@ mod tests {
         }
     }
 
+    fn borrow(fds: &[OwnedFd]) -> Vec<BorrowedFd<'_>> {
+        fds.iter().map(|fd| fd.as_fd()).collect()
+    }
+
+    #[test]
+    fn check_end_accepts_each_transports_own_ends_and_refuses_others() {
+        for transport in [Transport::Pipe, Transport::Socket, Transport::Hybrid] {
+            let (r, w) = channel_ends(transport).unwrap();
+            let fds = |end: &End| -> Vec<OwnedFd> {
+                std::iter::once(&end.frame)
+                    .chain(&end.bulk)
+                    .map(|fd| fd.try_clone().unwrap())
+                    .collect()
+            };
+            let (rfds, wfds) = (fds(&r), fds(&w));
+            let (rfds, wfds) = (borrow(&rfds), borrow(&wfds));
+            check_end(transport, &rfds, true).unwrap();
+            check_end(transport, &wfds, false).unwrap();
+            assert!(matches!(
+                check_end(transport, &rfds[..1.min(rfds.len() - 1)], true),
+                Err(EndError::Count { .. })
+            ));
+        }
+        let (pr, pw) = channel(Transport::Pipe).unwrap();
+        let (sr, _sw) = channel(Transport::Socket).unwrap();
+        // A pipe's write end is not a read end, and the lanes must be what they are.
+        let err = check_end(Transport::Pipe, &[pw.as_fd()], true).unwrap_err();
+        assert!(err.to_string().contains("read end"), "{err}");
+        assert!(check_end(Transport::Pipe, &[pr.as_fd()], false).is_err());
+        let err = check_end(Transport::Socket, &[pr.as_fd()], true).unwrap_err();
+        assert!(err.to_string().contains("AF_UNIX"), "{err}");
+        let err = check_end(Transport::Pipe, &[sr.as_fd()], true).unwrap_err();
+        assert!(err.to_string().contains("a pipe"), "{err}");
+        let err = check_end(Transport::Hybrid, &[pr.as_fd(), pr.as_fd()], true).unwrap_err();
+        assert!(err.to_string().contains("same"), "{err}");
+        let err = check_end(Transport::Hybrid, &[pr.as_fd(), pw.as_fd()], true).unwrap_err();
+        assert!(err.to_string().contains("AF_UNIX"), "{err}");
+        // An AF_INET stream socket is not an AF_UNIX one.
+        let inet = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(check_end(Transport::Socket, &[inet.as_fd()], true).is_err());
+    }
+
     #[test]
     fn transport_names() {
         assert_eq!(Transport::from_name("pipe"), Some(Transport::Pipe));
         assert_eq!(Transport::from_name("socket"), Some(Transport::Socket));
         assert_eq!(Transport::from_name("hybrid"), Some(Transport::Hybrid));
         assert_eq!(Transport::from_name("carrier-pigeon"), None);
+        for transport in [Transport::Pipe, Transport::Socket, Transport::Hybrid] {
+            assert_eq!(Transport::from_name(transport.name()), Some(transport));
+        }
     }
 }

@@ -9,7 +9,7 @@ use std::io;
 use std::ops::Range;
 
 use crate::budget::{Budget, BUFFERED_WEIGHT, SYSCALL_WEIGHT};
-use crate::frame::{decode_header, FrameError, Kind, Lane, HEADER_LEN};
+use crate::frame::{decode_header, encode_lane_header, FrameError, Kind, Lane, HEADER_LEN};
 use crate::io::{ReadSource, MAX_IO_CHUNK};
 
 /// Size of the read buffer that small frames are served from.
@@ -151,6 +151,43 @@ impl<B: PayloadBuf> Receiver<B> {
     /// Bytes received but not yet handed out (a partial frame, or whole frames not yet polled).
     pub fn buffered(&self) -> usize {
         self.end - self.start + self.large.as_ref().map_or(0, |l| l.filled)
+    }
+
+    /// A receiver that starts from `unread`, the bytes another receiver had received and not
+    /// handed out ([`Receiver::unread`]): their messages come first, then the lanes' bytes.
+    /// The read buffer grows to hold them if they are more than it holds.
+    pub fn resume(max_len: u64, budget: Budget, unread: &[u8]) -> Self {
+        let mut rx = Receiver::new(max_len, budget);
+        if unread.len() > rx.buf.len() {
+            rx.buf = vec![0; unread.len()].into_boxed_slice();
+        }
+        rx.buf[..unread.len()].copy_from_slice(unread);
+        rx.end = unread.len();
+        rx
+    }
+
+    /// The bytes received and not yet handed out, as the frame lane's stream from the next
+    /// unread header on: what [`Receiver::resume`] takes to go on elsewhere, with the same
+    /// descriptors, without losing a message. A header already consumed is written again.
+    /// Nothing changes here. Fails while a payload is partly read from the bulk lane (its
+    /// first bytes are no longer on that lane) or after a corrupt header.
+    pub fn unread(&mut self) -> Result<Vec<u8>, &'static str> {
+        if self.corrupt.is_some() {
+            return Err("the stream is corrupt");
+        }
+        let mut out = Vec::new();
+        if let Some(large) = &mut self.large {
+            if large.lane == Lane::Bulk && large.filled > 0 {
+                return Err("a large message is partly received on the bulk lane");
+            }
+            let header = encode_lane_header(large.kind, large.len as u64, large.lane)
+                .expect("the length came from a valid header");
+            out.reserve(HEADER_LEN + large.filled + (self.end - self.start));
+            out.extend_from_slice(&header);
+            out.extend_from_slice(&large.payload.as_mut_slice()[..large.filled]);
+        }
+        out.extend_from_slice(&self.buf[self.start..self.end]);
+        Ok(out)
     }
 
     /// Produces the next message, or says why there is none yet. `alloc` makes the buffer of a
@@ -376,7 +413,7 @@ impl<B: PayloadBuf> Receiver<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::{encode_header, encode_lane_header};
+    use crate::frame::encode_header;
     use crate::testing::ScriptedSource;
     use proptest::prelude::*;
 
@@ -703,7 +740,88 @@ mod tests {
         assert!(yields > 100, "only {yields} yields");
     }
 
+    #[test]
+    fn a_bulk_payload_not_yet_started_can_be_handed_over_a_started_one_cannot() {
+        let mut frames = encode_lane_header(Kind::Bytes, 6, Lane::Bulk)
+            .unwrap()
+            .to_vec();
+        frames.extend(frame(Kind::Encoded, b"next"));
+        let mut src = ScriptedSource::whole(frames);
+        let mut idle = ScriptedSource::split(b"", &[]);
+        let mut rx = receiver();
+        // The header is read; its payload has not come yet.
+        assert!(matches!(
+            rx.poll_lanes(&mut src, Some(&mut idle), alloc),
+            Ok(Event::WouldBlock)
+        ));
+        assert_eq!(rx.waiting_lane(), Lane::Bulk);
+        let unread = rx.unread().unwrap();
+        let mut moved: Receiver<Vec<u8>> = Receiver::resume(u64::MAX, Budget::new(None), &unread);
+        let mut empty = ScriptedSource::split(b"", &[]);
+        let mut bulk = ScriptedSource::whole(b"abcdef".to_vec());
+        let mut got = Vec::new();
+        for _ in 0..10 {
+            if let Event::Message { kind, payload } = moved
+                .poll_lanes(&mut empty, Some(&mut bulk), alloc)
+                .unwrap()
+            {
+                got.push((kind, payload_vec(payload)));
+            }
+        }
+        assert_eq!(
+            got,
+            [
+                (Kind::Bytes, b"abcdef".to_vec()),
+                (Kind::Encoded, b"next".to_vec())
+            ]
+        );
+
+        // Part of a payload taken from the bulk lane cannot be put back there.
+        let mut src = ScriptedSource::whole(
+            encode_lane_header(Kind::Bytes, 6, Lane::Bulk)
+                .unwrap()
+                .to_vec(),
+        );
+        let mut bulk = ScriptedSource::whole(b"abc".to_vec());
+        let mut rx = receiver();
+        for _ in 0..3 {
+            let _ = rx.poll_lanes(&mut src, Some(&mut bulk), alloc).unwrap();
+        }
+        assert!(rx.unread().unwrap_err().contains("bulk lane"));
+    }
+
     proptest! {
+        #[test]
+        fn a_receiver_handed_over_at_any_point_loses_no_message(
+            payloads in proptest::collection::vec(
+                proptest::collection::vec(any::<u8>(), 0..70_000), 1..6),
+            chunk in 1usize..100_000,
+            polls_before in 0usize..12,
+        ) {
+            let mut stream = Vec::new();
+            for p in &payloads {
+                stream.extend(frame(Kind::Encoded, p));
+            }
+            let mut src = ScriptedSource::chunks(&stream, chunk).then_eof();
+            let mut first = receiver();
+            let mut got = Vec::new();
+            for _ in 0..polls_before {
+                match first.poll(&mut src, alloc) {
+                    Ok(Event::Message { payload, .. }) => got.push(payload_vec(payload)),
+                    Ok(_) => {}
+                    Err(err) => prop_assert!(matches!(err, RecvError::Eof)),
+                }
+            }
+            let unread = first.unread().unwrap();
+            prop_assert_eq!(unread.len() >= first.buffered(), true);
+            let mut second: Receiver<Vec<u8>> =
+                Receiver::resume(u64::MAX, Budget::new(None), &unread);
+            let (rest, end) = drain(&mut second, &mut src);
+            prop_assert!(matches!(end, Err(RecvError::Eof)));
+            got.extend(rest.into_iter().map(|m| m.1));
+            prop_assert_eq!(got, payloads);
+        }
+
         #[test]
         fn frames_survive_any_chunking(
             payloads in proptest::collection::vec(
