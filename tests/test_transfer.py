@@ -1,0 +1,313 @@
+"""Handles that move to another process as descriptors: pickled with ``HandlePickler``
+(``dumps_with_handles``), rebuilt from the descriptors that came beside the pickle
+(``loads_with_handles``), whatever numbers they have there. What spawn and fork-server
+children, and handles put on a pipe, are built on."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import gevent
+import pytest
+
+import gipc
+from gipc import GIPCClosed, GIPCError, GIPCLocked
+from gipc._handles import (
+    HandlePickler,
+    _GIPCDuplexHandle,
+    _GIPCReader,
+    _GIPCWriter,
+    dumps_with_handles,
+    loads_with_handles,
+)
+
+PYTHON_DIR = os.path.dirname(os.path.dirname(os.path.abspath(gipc.__file__)))
+BIG = bytes(range(256)) * (12 << 12)  # 12 MiB: the bulk lane on a hybrid channel
+
+
+def encode_upper(obj):
+    return str(obj).upper().encode()
+
+
+def decode_tagged(data):
+    return ("decoded", data)
+
+
+def is_open(fd):
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def moved(obj):
+    """``obj`` as another process would get it: pickled, its handles rebuilt from copies
+    of their descriptors (new numbers), the originals closed as a sender closes them."""
+    data, handles, fds = dumps_with_handles(obj)
+    copies = [os.dup(fd) for fd in fds]
+    for handle in handles:
+        handle.close()
+    return loads_with_handles(data, copies)
+
+
+class TestWithinOneProcess:
+    def test_messages_flow_both_ways_and_none_is_lost(self):
+        r, w = gipc.pipe()
+        w.put("read here")
+        w.put("buffered, not yet read")
+        w.put_many(["batch 1", "batch 2", "batch 3"])
+        assert r.get() == "read here"
+        assert r.get() == "buffered, not yet read"
+        assert r.get() == "batch 1"  # the rest of the batch waits in the reader's backlog
+        state = moved({"reader": r, "writer": w, "other": [1, 2]})
+        r2, w2 = state["reader"], state["writer"]
+        assert r.closed and w.closed and state["other"] == [1, 2]
+        assert type(r2) is _GIPCReader and type(w2) is _GIPCWriter
+        assert [r2.get(), r2.get()] == ["batch 2", "batch 3"]
+
+        def send_big():
+            w2.put(BIG)
+            w2.put("after")
+
+        g = gevent.spawn(send_big)
+        assert r2.get() == BIG
+        assert r2.get() == "after"
+        g.get()
+        w2.close()
+        with pytest.raises(EOFError):
+            r2.get()
+        r2.close()
+
+    def test_a_message_read_halfway_is_completed_by_the_new_reader(self):
+        r, w = gipc.pipe(encoder=None, decoder=None)
+        w.put(b"whole")
+        # Half a frame: the header and part of the payload; the reader has taken it in.
+        header = (0x6770 << 48 | gipc._core.KIND_ENCODED << 40 | 5).to_bytes(8, "little")
+        frame = header + b"hal"
+        os.write(w._core.fileno(), frame)
+        assert r.get() == b"whole"
+        with gevent.Timeout(0.05, False):
+            r.get()
+        assert r._core.buffered == len(frame)
+        r2 = moved(r)
+        os.write(w._core.fileno(), b"f!")
+        assert r2.get() == b"half!"
+        r2.close()
+        w.close()
+
+    def test_the_same_duplex_handle_twice_is_one_handle_there(self):
+        a, b = gipc.pipe(duplex=True)
+        got = moved([a, {"again": a}, (a,)])
+        assert isinstance(got[0], _GIPCDuplexHandle)
+        assert got[0] is got[1]["again"] is got[2][0]
+        # The reply spin of a duplex reader moved with it.
+        assert got[0]._reader._core.spin_us == b._reader._core.spin_us > 0
+        b.put("to a")
+        assert got[0].get() == "to a"
+        g = gevent.spawn(got[0].put, BIG)
+        assert b.get() == BIG
+        g.get()
+        got[0].close()
+        b.close()
+
+    def test_the_pickler_lists_handles_once_and_their_descriptors_in_order(self):
+        (r, w), (a, b) = gipc.pipe(), gipc.pipe(duplex=True)
+        with r, w, a, b:
+            pickler = HandlePickler(io.BytesIO())
+            pickler.dump([w, a, w, {"a": a}, r])
+            assert pickler.handles == [w, a, r]
+            expected = (
+                w._core.filenos()
+                + a._reader._core.filenos()
+                + a._writer._core.filenos()
+                + r._core.filenos()
+            )
+            assert pickler.fds == expected
+
+    def test_codecs_and_limits_travel_with_the_handle(self):
+        r, w = gipc.pipe(encoder=encode_upper, decoder=decode_tagged, max_message_size=1000)
+        got = moved((r, w))
+        r2, w2 = got
+        assert r2.max_message_size == 1000
+        w2.put("abc")
+        assert r2.get() == ("decoded", b"ABC")
+        r2.close()
+        w2.close()
+
+    def test_default_codecs_keep_their_fast_paths(self):
+        r, w = gipc.pipe()
+        r2, w2 = moved((r, w))
+        assert r2._default_codecs and w2._default_codecs
+        w2.put(b"raw bytes")  # sent unpickled: only the default codecs accept that
+        w2.put_many([1, 2])
+        assert [r2.get(), r2.get(), r2.get()] == [b"raw bytes", 1, 2]
+        r2.close()
+        w2.close()
+
+    def test_raw_pipes_travel(self):
+        r, w = gipc.pipe(encoder=None, decoder=None)
+        r2, w2 = moved((r, w))
+        w2.put(bytearray(b"xyz"))
+        assert r2.get() == b"xyz"
+        r2.close()
+        w2.close()
+
+
+class TestRefusals:
+    def test_plain_pickle_refuses_a_handle_and_says_how_it_travels(self):
+        (r, w), (a, b) = gipc.pipe(), gipc.pipe(duplex=True)
+        with r, w, a, b:
+            for handle in (r, w, a, [{"deep": b}]):
+                with pytest.raises(TypeError, match="start_process") as info:
+                    pickle.dumps(handle)
+                assert isinstance(info.value, GIPCError)
+
+    def test_an_unpicklable_codec_is_named(self):
+        r, w = gipc.pipe(encoder=lambda o: b"x", decoder=decode_tagged)
+        with r, w:
+            with pytest.raises(GIPCError, match=r"encoder <function .*<lambda>"):
+                dumps_with_handles(w)
+            assert repr(w) in str(pytest.raises(GIPCError, dumps_with_handles, w).value)
+            assert not w.closed
+
+    def test_closed_and_busy_handles_refuse(self):
+        with gipc.pipe() as (r, w):
+            r.close()
+            with pytest.raises(GIPCClosed):
+                dumps_with_handles([r])
+        with gipc.pipe() as (r, w):
+            g = gevent.spawn(w.put, BIG)
+            gevent.sleep(0.01)  # now inside put(), holding the lock
+            with pytest.raises(GIPCLocked):
+                dumps_with_handles({"w": w})
+            g.kill()
+
+    def test_a_writer_with_unwritten_messages_refuses(self):
+        r, w = gipc.pipe()
+        with r, w:
+            # More than the channel holds: the rest stays queued until someone reads.
+            g = gevent.spawn(w.put, BIG)
+            gevent.sleep(0.01)
+            g.kill()
+            assert w._core.pending
+            with pytest.raises(GIPCError, match="not entirely written"):
+                dumps_with_handles(w)
+
+    def test_unused_descriptors_are_closed(self):
+        r, w = gipc.pipe()
+        data, handles, fds = dumps_with_handles(r)
+        extra = os.dup(0)
+        copies = [os.dup(fd) for fd in fds] + [extra]
+        r2 = loads_with_handles(data, copies)
+        assert not is_open(extra)
+        assert all(is_open(fd) for fd in copies[:-1])
+        for handle in (r, w, r2):
+            handle.close()
+
+    def test_a_failed_load_closes_every_descriptor(self):
+        (r, w), (a, b) = gipc.pipe(), gipc.pipe(duplex=True)
+        data, handles, fds = dumps_with_handles([r, a])
+        # The duplex handle's descriptors are swapped: its reader is built, its writer not.
+        copies = [os.dup(fd) for fd in fds]
+        n = len(r._core.filenos())
+        half = len(a._reader._core.filenos())
+        copies[n:] = copies[n + half :] + copies[n : n + half]
+        with pytest.raises(GIPCError):
+            loads_with_handles(data, copies)
+        assert not any(is_open(fd) for fd in copies)
+        # Corrupt data: nothing taken, everything closed.
+        copies = [os.dup(fd) for fd in fds]
+        with pytest.raises(pickle.UnpicklingError):
+            loads_with_handles(data[:-3] + b"xx.", copies)
+        assert not any(is_open(fd) for fd in copies)
+        for handle in (r, w, a, b):
+            handle.close()
+
+
+CHILD = textwrap.dedent(
+    """
+    import os, sys
+    from gipc._handles import loads_with_handles
+    data = bytes.fromhex(sys.argv[1])
+    fds = [int(fd) for fd in sys.argv[2].split(",")]
+    handles = loads_with_handles(data, fds)
+    reader, writer = handles["to_child"], handles["from_child"]
+    taken = reader._core.filenos() + writer._core.filenos()
+    for message in reader:
+        writer.put(("echo", message))
+    reader.close()
+    writer.put(("took", taken))
+    writer.close()
+    still_open = []
+    for fd in taken:
+        try:
+            os.fstat(fd)
+            still_open.append(fd)
+        except OSError:
+            pass
+    sys.exit(len(still_open))
+    """
+)
+
+
+def _child_env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [PYTHON_DIR, env.get("PYTHONPATH")]))
+    return env
+
+
+@pytest.mark.parametrize("launch", ["subprocess", "posix_spawn"])
+def test_handles_work_in_a_fresh_interpreter(launch):
+    to_child_r, to_child_w = gipc.pipe()
+    from_child_r, from_child_w = gipc.pipe()
+    to_child_w.put("buffered by the parent")
+    to_child_w.put("read by the parent")
+    to_child_w.put("left in the parent's buffer")
+    assert to_child_r.get() == "buffered by the parent"
+    assert to_child_r.get() == "read by the parent"
+    data, handles, fds = dumps_with_handles({"to_child": to_child_r, "from_child": from_child_w})
+    if launch == "subprocess":
+        # Same numbers in the child.
+        child_fds = fds
+        proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD, data.hex(), ",".join(map(str, fds))],
+            pass_fds=fds,
+            env=_child_env(),
+        )
+        wait = proc.wait
+    else:
+        # New numbers in the child, as SCM_RIGHTS gives them.
+        child_fds = [100 + i for i in range(len(fds))]
+        actions = [(os.POSIX_SPAWN_DUP2, fd, new) for fd, new in zip(fds, child_fds)]
+        pid = os.posix_spawn(
+            sys.executable,
+            [sys.executable, "-c", CHILD, data.hex(), ",".join(map(str, child_fds))],
+            _child_env(),
+            file_actions=actions,
+        )
+
+        def wait():
+            return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+    for handle in handles:
+        handle.close()
+    try:
+        assert from_child_r.get() == ("echo", "left in the parent's buffer")
+        to_child_w.put(BIG)
+        assert from_child_r.get() == ("echo", BIG)
+        to_child_w.close()
+        assert from_child_r.get() == ("took", child_fds)
+        with pytest.raises(EOFError):
+            from_child_r.get()
+    finally:
+        code = wait()
+        for handle in (to_child_w, from_child_r):
+            if not handle.closed:
+                handle.close()
+    assert code == 0, f"{code} descriptors were left open in the child"
