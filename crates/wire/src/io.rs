@@ -4,10 +4,12 @@
 //! caller (gevent, through the Python layer) decides how to wait.
 
 use std::io::{self, IoSlice};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use rustix::fs::{fcntl_getfl, fcntl_setfl, OFlags};
 use rustix::io::{fcntl_setfd, FdFlags};
+
+use crate::frame::Lane;
 
 /// Where frames come from: one `read` that may return fewer bytes than asked.
 pub trait ReadSource {
@@ -75,6 +77,24 @@ pub const BULK_MIN: usize = 16 << 10;
 pub struct End {
     pub frame: OwnedFd,
     pub bulk: Option<OwnedFd>,
+}
+
+impl End {
+    /// The descriptor of `lane`: the bulk lane's if this end has one, else the frame lane's.
+    pub fn lane(&self, lane: Lane) -> BorrowedFd<'_> {
+        match (lane, &self.bulk) {
+            (Lane::Bulk, Some(bulk)) => bulk.as_fd(),
+            _ => self.frame.as_fd(),
+        }
+    }
+
+    /// Every descriptor of this end: the frame lane's, then the bulk lane's if any.
+    pub fn raw_fds(&self) -> Vec<RawFd> {
+        std::iter::once(&self.frame)
+            .chain(&self.bulk)
+            .map(|fd| fd.as_raw_fd())
+            .collect()
+    }
 }
 
 /// Creates a one-way channel of any transport and returns its `(read end, write end)`.
@@ -151,7 +171,6 @@ pub fn check_end(
             got: fds.len(),
         });
     }
-    use std::os::fd::AsRawFd;
     if fds.len() == 2 && fds[0].as_raw_fd() == fds[1].as_raw_fd() {
         return Err(EndError::Lane {
             fd: fds[1].as_raw_fd(),

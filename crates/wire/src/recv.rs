@@ -30,7 +30,7 @@ impl PayloadBuf for Vec<u8> {
     }
 }
 
-/// What one call to [`Receiver::poll`] produced.
+/// What one call to [`Receiver::poll_lanes`] produced.
 #[derive(Debug)]
 pub enum Event<'a, B> {
     /// A whole message.
@@ -190,18 +190,10 @@ impl<B: PayloadBuf> Receiver<B> {
         Ok(out)
     }
 
-    /// Produces the next message, or says why there is none yet. `alloc` makes the buffer of a
-    /// large payload; it is called only after the header passed every check.
-    pub fn poll<S, A>(&mut self, src: &mut S, alloc: A) -> Result<Event<'_, B>, RecvError>
-    where
-        S: ReadSource,
-        A: FnMut(usize) -> Option<B>,
-    {
-        self.poll_lanes::<S, S, A>(src, None, alloc)
-    }
-
-    /// [`Receiver::poll`] for a channel whose large payloads may come on a bulk lane (when
-    /// `bulk` is given). After `WouldBlock`, [`Receiver::waiting_lane`] says which
+    /// Produces the next message, or says why there is none yet. `src` is the frame lane;
+    /// `bulk` the bulk lane, on a channel that has one (large payloads may come on it).
+    /// `alloc` makes the buffer of a large payload; it is called only after the header
+    /// passed every check. After `WouldBlock`, [`Receiver::waiting_lane`] says which
     /// descriptor to wait for.
     pub fn poll_lanes<S, T, A>(
         &mut self,
@@ -413,15 +405,19 @@ impl<B: PayloadBuf> Receiver<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::encode_header;
     use crate::testing::ScriptedSource;
     use proptest::prelude::*;
 
     fn frame(kind: Kind, payload: &[u8]) -> Vec<u8> {
-        let mut out = encode_header(kind, payload.len() as u64).unwrap().to_vec();
+        let mut out = encode_lane_header(kind, payload.len() as u64, Lane::Frame)
+            .unwrap()
+            .to_vec();
         out.extend_from_slice(payload);
         out
     }
+
+    /// The bulk lane of a channel that has none.
+    const NO_BULK: Option<&mut ScriptedSource> = None;
 
     fn receiver() -> Receiver<Vec<u8>> {
         Receiver::new(u64::MAX, Budget::new(None))
@@ -447,7 +443,7 @@ mod tests {
     ) -> (Messages, Result<(), RecvError>) {
         let mut got = Vec::new();
         loop {
-            match rx.poll(src, alloc) {
+            match rx.poll_lanes(src, NO_BULK, alloc) {
                 Ok(Event::Message { kind, payload }) => got.push((kind, payload_vec(payload))),
                 Ok(Event::WouldBlock) if src.is_exhausted() => return (got, Ok(())),
                 Ok(Event::WouldBlock) | Ok(Event::Yield) => continue,
@@ -503,7 +499,7 @@ mod tests {
         let mut rx = receiver();
         let mut allocations = Vec::new();
         let received = loop {
-            match rx.poll(&mut src, |len| {
+            match rx.poll_lanes(&mut src, NO_BULK, |len| {
                 allocations.push(len);
                 Some(vec![0; len])
             }) {
@@ -526,7 +522,10 @@ mod tests {
         let (got, end) = drain(&mut rx, &mut src);
         assert_eq!(got.len(), 1);
         assert!(matches!(end, Err(RecvError::Eof)));
-        assert!(matches!(rx.poll(&mut src, alloc), Err(RecvError::Eof)));
+        assert!(matches!(
+            rx.poll_lanes(&mut src, NO_BULK, alloc),
+            Err(RecvError::Eof)
+        ));
     }
 
     #[test]
@@ -644,7 +643,7 @@ mod tests {
             .to_vec();
         let mut src = ScriptedSource::whole(header);
         let err = receiver()
-            .poll(&mut src, |_| panic!("must not allocate"))
+            .poll_lanes(&mut src, NO_BULK, |_| panic!("must not allocate"))
             .unwrap_err();
         assert!(matches!(
             err,
@@ -659,7 +658,7 @@ mod tests {
         let mut asked = 0;
         for _ in 0..3 {
             let err = rx
-                .poll(&mut src, |len| {
+                .poll_lanes(&mut src, NO_BULK, |len| {
                     asked += 1;
                     alloc(len)
                 })
@@ -671,11 +670,11 @@ mod tests {
 
     #[test]
     fn announced_length_above_the_maximum_allocates_nothing() {
-        let header = encode_header(Kind::Encoded, 1 << 39).unwrap();
+        let header = encode_lane_header(Kind::Encoded, 1 << 39, Lane::Frame).unwrap();
         let mut src = ScriptedSource::whole(header.to_vec());
         let mut rx: Receiver<Vec<u8>> = Receiver::new(1 << 20, Budget::new(None));
         let err = rx
-            .poll(&mut src, |_| panic!("must not allocate"))
+            .poll_lanes(&mut src, NO_BULK, |_| panic!("must not allocate"))
             .unwrap_err();
         assert!(matches!(
             err,
@@ -689,14 +688,16 @@ mod tests {
     #[test]
     fn failed_allocation_is_an_error_not_a_crash() {
         let mut src = ScriptedSource::whole(frame(Kind::Bytes, &vec![0u8; 50_000]));
-        let err = receiver().poll(&mut src, |_| None).unwrap_err();
+        let err = receiver()
+            .poll_lanes(&mut src, NO_BULK, |_| None)
+            .unwrap_err();
         assert!(matches!(err, RecvError::Alloc { len: 50_000 }));
     }
 
     #[test]
     fn io_errors_pass_through() {
         let mut src = ScriptedSource::failing(io::ErrorKind::PermissionDenied);
-        let err = receiver().poll(&mut src, alloc).unwrap_err();
+        let err = receiver().poll_lanes(&mut src, NO_BULK, alloc).unwrap_err();
         assert!(matches!(err, RecvError::Io(e) if e.kind() == io::ErrorKind::PermissionDenied));
     }
 
@@ -723,7 +724,7 @@ mod tests {
         let mut rx = Receiver::new(u64::MAX, Budget::new(Some(slice)));
         let (mut yields, mut next) = (0, 0u32);
         loop {
-            match rx.poll(&mut src, alloc).unwrap() {
+            match rx.poll_lanes(&mut src, NO_BULK, alloc).unwrap() {
                 Event::Message {
                     payload: Payload::Buffered(b),
                     ..
@@ -806,7 +807,7 @@ mod tests {
             let mut first = receiver();
             let mut got = Vec::new();
             for _ in 0..polls_before {
-                match first.poll(&mut src, alloc) {
+                match first.poll_lanes(&mut src, NO_BULK, alloc) {
                     Ok(Event::Message { payload, .. }) => got.push(payload_vec(payload)),
                     Ok(_) => {}
                     Err(err) => prop_assert!(matches!(err, RecvError::Eof)),
@@ -855,7 +856,7 @@ mod tests {
             let mut rx: Receiver<Vec<u8>> = Receiver::new(max, Budget::new(None));
             let mut src = ScriptedSource::chunks(&stream, chunk).then_eof();
             for _ in 0..10_000 {
-                match rx.poll(&mut src, |len| {
+                match rx.poll_lanes(&mut src, NO_BULK, |len| {
                     assert!(len as u64 <= max);
                     Some(vec![0; len])
                 }) {

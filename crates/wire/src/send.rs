@@ -12,16 +12,19 @@ use crate::io::{WriteSink, MAX_IO_CHUNK};
 /// allow 1024).
 pub const MAX_IOVECS: usize = 256;
 
-/// How far one call to [`Sender::flush`] got.
+/// How far one call to [`Sender::flush_lanes`] got. The discriminants are the extension's
+/// `DONE`, `WOULD_BLOCK` and `YIELD`, defined here only; a receive that has no message
+/// answers with the last two as well.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 pub enum Progress {
     /// Everything queued is written.
-    Done,
+    Done = 0,
     /// The descriptor is full: wait until it is writable, then flush again.
-    WouldBlock,
+    WouldBlock = 1,
     /// The time slice is used up while the descriptor still takes data: give the event loop
     /// a turn, then flush again.
-    Yield,
+    Yield = 2,
 }
 
 struct Pending<P> {
@@ -72,7 +75,7 @@ impl<P: AsRef<[u8]>> Sender<P> {
         }
     }
 
-    /// Queues one frame. Its bytes go out with the next [`Sender::flush`].
+    /// Queues one frame. Its bytes go out with the next [`Sender::flush_lanes`].
     pub fn push(&mut self, kind: Kind, payload: P) -> Result<(), FrameError> {
         let len = payload.as_ref().len();
         let lane = match self.bulk_min {
@@ -118,12 +121,8 @@ impl<P: AsRef<[u8]>> Sender<P> {
         self.queue.clear();
     }
 
-    /// Writes as much of the queue as the descriptor takes now.
-    pub fn flush<W: WriteSink>(&mut self, sink: &mut W) -> io::Result<Progress> {
-        self.flush_lanes::<W, W>(sink, None)
-    }
-
-    /// [`Sender::flush`] for a channel with a bulk lane (`bulk`). After `WouldBlock`,
+    /// Writes as much of the queue as the descriptors take now: `sink` is the frame lane,
+    /// `bulk` the bulk lane on a channel that has one. After `WouldBlock`,
     /// [`Sender::waiting_lane`] says which descriptor to wait for.
     pub fn flush_lanes<W: WriteSink, V: WriteSink>(
         &mut self,
@@ -267,13 +266,16 @@ mod tests {
     use crate::testing::{ChokedSink, ScriptedSource};
     use proptest::prelude::*;
 
+    /// The bulk lane of a channel that has none.
+    const NO_BULK: Option<&mut ChokedSink> = None;
+
     fn sender() -> Sender<Vec<u8>> {
         Sender::new(Budget::new(None))
     }
 
     fn flush_all(tx: &mut Sender<Vec<u8>>, sink: &mut ChokedSink) {
         for _ in 0..1_000_000 {
-            match tx.flush(sink).unwrap() {
+            match tx.flush_lanes(sink, NO_BULK).unwrap() {
                 Progress::Done => return,
                 Progress::WouldBlock | Progress::Yield => continue,
             }
@@ -285,8 +287,9 @@ mod tests {
         let mut rx: Receiver<Vec<u8>> = Receiver::new(u64::MAX, Budget::new(None));
         let mut src = ScriptedSource::whole(bytes);
         let mut out = Vec::new();
-        while let Event::Message { kind, payload } =
-            rx.poll(&mut src, |n| Some(vec![0; n])).unwrap()
+        while let Event::Message { kind, payload } = rx
+            .poll_lanes(&mut src, None::<&mut ScriptedSource>, |n| Some(vec![0; n]))
+            .unwrap()
         {
             out.push((
                 kind,
@@ -324,7 +327,7 @@ mod tests {
             tx.push(Kind::Encoded, vec![i; 10]).unwrap();
         }
         let mut sink = ChokedSink::new(usize::MAX);
-        assert_eq!(tx.flush(&mut sink).unwrap(), Progress::Done);
+        assert_eq!(tx.flush_lanes(&mut sink, NO_BULK).unwrap(), Progress::Done);
         assert_eq!(sink.calls, 1);
         assert_eq!(decode_all(sink.taken).len(), 100);
     }
@@ -350,7 +353,10 @@ mod tests {
         assert_eq!(tx.front_payload_len(), Some(100));
         assert!(!tx.is_mid_frame());
         let mut sink = ChokedSink::new(20);
-        assert_eq!(tx.flush(&mut sink).unwrap(), Progress::WouldBlock);
+        assert_eq!(
+            tx.flush_lanes(&mut sink, NO_BULK).unwrap(),
+            Progress::WouldBlock
+        );
         assert!(tx.is_mid_frame());
         tx.discard();
         assert!(!tx.has_pending());
@@ -362,7 +368,7 @@ mod tests {
         tx.push(Kind::Encoded, b"x".to_vec()).unwrap();
         let mut sink = ChokedSink::new(100);
         sink.fail = Some(io::ErrorKind::BrokenPipe);
-        let err = tx.flush(&mut sink).unwrap_err();
+        let err = tx.flush_lanes(&mut sink, NO_BULK).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
         assert!(tx.has_pending());
     }
@@ -393,7 +399,7 @@ mod tests {
         let mut sink = ChokedSink::new(1024);
         let mut yields = 0;
         loop {
-            match tx.flush(&mut sink).unwrap() {
+            match tx.flush_lanes(&mut sink, NO_BULK).unwrap() {
                 Progress::Done => break,
                 Progress::Yield => yields += 1,
                 Progress::WouldBlock => {}
@@ -500,7 +506,7 @@ mod tests {
         let mut tx = Sender::with_bulk_lane(Budget::new(None), 1);
         tx.push(Kind::Bytes, vec![1; 10]).unwrap();
         let mut sink = ChokedSink::new(usize::MAX);
-        assert!(tx.flush(&mut sink).is_err());
+        assert!(tx.flush_lanes(&mut sink, NO_BULK).is_err());
     }
 
     proptest! {
