@@ -3,13 +3,13 @@
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use gipc_wire::budget::{Budget, DEFAULT_SLICE};
-use gipc_wire::frame::{Kind, Lane};
+use gipc_wire::frame::Kind;
 use gipc_wire::growth::{grow_pipe, Grown};
 use gipc_wire::io::{
-    channel_ends, check_end, set_nonblocking_cloexec, FdReader, FdWriter, Transport, BULK_MIN,
+    channel_ends, check_end, set_nonblocking_cloexec, End, FdReader, FdWriter, Transport, BULK_MIN,
 };
 use gipc_wire::recv::{Event, Payload, PayloadBuf, Receiver};
 use gipc_wire::send::{Progress, Sender};
@@ -17,24 +17,11 @@ use gipc_wire::sigpipe::without_sigpipe;
 use gipc_wire::spin::SpinPolicy;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyBytes, PyList};
+use pyo3::types::{PyBytes, PyList};
 use pyo3::{ffi, IntoPyObjectExt};
 
 use crate::buffer::HeldView;
 use crate::errors;
-
-/// `Writer.try_send`/`try_flush` results, exported as `DONE`/`WOULD_BLOCK`/`YIELD`.
-pub const DONE: u8 = 0;
-pub const WOULD_BLOCK: u8 = 1;
-pub const YIELD: u8 = 2;
-
-fn status(progress: Progress) -> u8 {
-    match progress {
-        Progress::Done => DONE,
-        Progress::WouldBlock => WOULD_BLOCK,
-        Progress::Yield => YIELD,
-    }
-}
 
 fn kind_from(value: u8) -> PyResult<Kind> {
     Kind::from_u8(value).ok_or_else(|| PyValueError::new_err(format!("unknown kind {value}")))
@@ -153,12 +140,16 @@ impl PayloadBuf for FillingBytes {
     }
 }
 
+/// A `Progress` (the result of a send, or of a receive that has no message) for Python.
+fn status(py: Python<'_>, progress: Progress) -> PyResult<Py<PyAny>> {
+    (progress as u8).into_py_any(py)
+}
+
 /// The read end of a channel.
 #[pyclass(module = "gipc._core")]
 pub struct Reader {
-    fd: Option<OwnedFd>,
-    /// The bulk lane's descriptor, on channels that have one (closed with `fd`).
-    bulk: Option<OwnedFd>,
+    /// The descriptors; `None` once closed.
+    end: Option<End>,
     transport: Transport,
     rx: Receiver<FillingBytes>,
     spin: SpinPolicy,
@@ -166,29 +157,18 @@ pub struct Reader {
 
 #[pymethods]
 impl Reader {
-    /// The next message as `(kind, payload)`, `None` when the caller must wait until the
-    /// descriptor is readable, or `False` when it must let the event loop run first.
+    /// The next message as `(kind, payload)`, else `WOULD_BLOCK` (wait until the descriptor
+    /// is readable) or `YIELD` (let the event loop run first).
     ///
-    /// Before answering `None`, looks again for up to `spin_us` microseconds while that
-    /// keeps paying off (see `gipc_wire::spin`): a reply that is on its way is then taken
-    /// without a trip through the event loop.
+    /// Before answering `WOULD_BLOCK`, looks again for up to `spin_us` microseconds while
+    /// that keeps paying off (see `gipc_wire::spin`): a reply that is on its way is then
+    /// taken without a trip through the event loop.
     fn try_recv(&mut self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        if let Some(answer) = self.poll_once(py)? {
-            return Ok(answer);
-        }
-        let Some(deadline) = self.spin.start(Instant::now()) else {
-            return Ok(py.None());
-        };
-        loop {
-            std::hint::spin_loop();
-            if let Some(answer) = self.poll_once(py)? {
-                self.spin.finish(true);
-                return Ok(answer);
-            }
-            if Instant::now() >= deadline {
-                self.spin.finish(false);
-                return Ok(py.None());
-            }
+        let end = self.end.as_ref().ok_or_else(errors::closed)?;
+        let rx = &mut self.rx;
+        match self.spin.attempt(|| receive_once(py, rx, end))? {
+            Some(answer) => Ok(answer),
+            None => status(py, Progress::WouldBlock),
         }
     }
 
@@ -204,28 +184,29 @@ impl Reader {
     }
 
     fn fileno(&self) -> PyResult<i32> {
-        Ok(self.fd.as_ref().ok_or_else(errors::closed)?.as_raw_fd())
+        Ok(open_end(&self.end)?.frame.as_raw_fd())
     }
 
     /// Every descriptor of this end: the frame lane's, then the bulk lane's if any.
     fn filenos(&self) -> PyResult<Vec<i32>> {
-        all_filenos(&self.fd, &self.bulk)
+        Ok(open_end(&self.end)?.raw_fds())
     }
 
-    /// The descriptor to wait for (readable) after `try_recv` returned `None`.
+    /// The descriptor to wait for (readable) after `try_recv` answered `WOULD_BLOCK`.
     fn wait_fileno(&self) -> PyResult<i32> {
-        lane_fileno(&self.fd, &self.bulk, self.rx.waiting_lane())
+        Ok(open_end(&self.end)?
+            .lane(self.rx.waiting_lane())
+            .as_raw_fd())
     }
 
     /// Closes the descriptors; returns False if they were closed already.
     fn close(&mut self) -> bool {
-        self.bulk = None;
-        self.fd.take().is_some()
+        self.end.take().is_some()
     }
 
     #[getter]
     fn closed(&self) -> bool {
-        self.fd.is_none()
+        self.end.is_none()
     }
 
     #[getter]
@@ -251,56 +232,41 @@ impl Reader {
         &mut self,
         py: Python<'py>,
     ) -> PyResult<(&'static str, Bound<'py, PyBytes>)> {
-        if self.fd.is_none() {
-            return Err(errors::closed());
-        }
+        open_end(&self.end)?;
         let unread = self.rx.unread().map_err(errors::cannot_transfer)?;
         Ok((self.transport.name(), PyBytes::new(py, &unread)))
     }
 }
 
-impl Reader {
-    /// One attempt: `Some(message or False)`, or `None` when the descriptor has nothing.
-    fn poll_once(&mut self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
-        let fd = self.fd.as_ref().ok_or_else(errors::closed)?;
-        let mut source = FdReader(fd.as_fd());
-        let mut bulk_source = self.bulk.as_ref().map(|bulk| FdReader(bulk.as_fd()));
-        let event = self
-            .rx
-            .poll_lanes(&mut source, bulk_source.as_mut(), |len| {
-                FillingBytes::allocate(py, len)
-            })
-            .map_err(errors::recv_error)?;
-        match event {
-            Event::Message { kind, payload } => {
-                let bytes = match payload {
-                    Payload::Buffered(data) => PyBytes::new(py, data).unbind(),
-                    Payload::Owned(filled) => filled.owner,
-                };
-                Ok(Some((kind as u8, bytes).into_py_any(py)?))
-            }
-            Event::WouldBlock => Ok(None),
-            Event::Yield => Ok(Some(PyBool::new(py, false).to_owned().into_any().unbind())),
+/// One look at the descriptors: `Some(message or YIELD)`, or `None` when there is nothing.
+fn receive_once(
+    py: Python<'_>,
+    rx: &mut Receiver<FillingBytes>,
+    end: &End,
+) -> PyResult<Option<Py<PyAny>>> {
+    let mut source = FdReader(end.frame.as_fd());
+    let mut bulk_source = end.bulk.as_ref().map(|bulk| FdReader(bulk.as_fd()));
+    let event = rx
+        .poll_lanes(&mut source, bulk_source.as_mut(), |len| {
+            FillingBytes::allocate(py, len)
+        })
+        .map_err(errors::recv_error)?;
+    match event {
+        Event::Message { kind, payload } => {
+            let bytes = match payload {
+                Payload::Buffered(data) => PyBytes::new(py, data).unbind(),
+                Payload::Owned(filled) => filled.owner,
+            };
+            Ok(Some((kind as u8, bytes).into_py_any(py)?))
         }
+        Event::WouldBlock => Ok(None),
+        Event::Yield => Ok(Some(status(py, Progress::Yield)?)),
     }
 }
 
-/// The descriptor of `lane`: the bulk lane's if the channel has one, else the frame lane's.
-fn lane_fileno(frame: &Option<OwnedFd>, bulk: &Option<OwnedFd>, lane: Lane) -> PyResult<i32> {
-    let frame = frame.as_ref().ok_or_else(errors::closed)?;
-    Ok(match (lane, bulk) {
-        (Lane::Bulk, Some(bulk)) => bulk.as_raw_fd(),
-        _ => frame.as_raw_fd(),
-    })
-}
-
-/// The frame lane's descriptor, then the bulk lane's if the channel has one.
-fn all_filenos(frame: &Option<OwnedFd>, bulk: &Option<OwnedFd>) -> PyResult<Vec<i32>> {
-    let frame = frame.as_ref().ok_or_else(errors::closed)?;
-    Ok(std::iter::once(frame)
-        .chain(bulk)
-        .map(|fd| fd.as_raw_fd())
-        .collect())
+/// The descriptors of an end that is open, else `GIPCClosed`.
+fn open_end(end: &Option<End>) -> PyResult<&End> {
+    end.as_ref().ok_or_else(errors::closed)
 }
 
 fn spin_limit(us: u64) -> Option<Duration> {
@@ -310,9 +276,8 @@ fn spin_limit(us: u64) -> Option<Duration> {
 /// The write end of a channel.
 #[pyclass(module = "gipc._core")]
 pub struct Writer {
-    fd: Option<OwnedFd>,
-    /// The bulk lane's descriptor, on channels that have one (closed with `fd`).
-    bulk: Option<OwnedFd>,
+    /// The descriptors; `None` once closed.
+    end: Option<End>,
     transport: Transport,
     tx: Sender<HeldBytes>,
     /// What growing the pipe took from this process's share (see `gipc_wire::growth`).
@@ -322,19 +287,14 @@ pub struct Writer {
 }
 
 impl Writer {
-    fn new(
-        transport: Transport,
-        fd: OwnedFd,
-        bulk: Option<OwnedFd>,
-        slice: Option<Duration>,
-    ) -> Self {
-        let tx = match bulk {
-            Some(_) => Sender::with_bulk_lane(Budget::new(slice), BULK_MIN),
-            None => Sender::new(Budget::new(slice)),
+    fn new(transport: Transport, end: End) -> Self {
+        let budget = Budget::new(Some(DEFAULT_SLICE));
+        let tx = match end.bulk {
+            Some(_) => Sender::with_bulk_lane(budget, BULK_MIN),
+            None => Sender::new(budget),
         };
         Writer {
-            fd: Some(fd),
-            bulk,
+            end: Some(end),
             transport,
             tx,
             grown: None,
@@ -342,19 +302,19 @@ impl Writer {
         }
     }
 
-    fn flush(&mut self) -> PyResult<u8> {
+    fn flush(&mut self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         let mut progress = self.flush_once()?;
         if progress == Progress::WouldBlock && self.make_room()? {
             progress = self.flush_once()?;
         }
-        Ok(status(progress))
+        status(py, progress)
     }
 
     fn flush_once(&mut self) -> PyResult<Progress> {
-        let fd = self.fd.as_ref().ok_or_else(errors::closed)?;
+        let end = open_end(&self.end)?;
         let frame_lane = self.transport.frame_lane();
-        let mut sink = FdWriter::new(fd.as_fd(), frame_lane);
-        let mut bulk_sink = self
+        let mut sink = FdWriter::new(end.frame.as_fd(), frame_lane);
+        let mut bulk_sink = end
             .bulk
             .as_ref()
             .map(|bulk| FdWriter::new(bulk.as_fd(), Transport::Socket));
@@ -377,8 +337,8 @@ impl Writer {
             return Ok(false);
         }
         self.grow_tried = true;
-        let fd = self.fd.as_ref().ok_or_else(errors::closed)?;
-        self.grown = grow_pipe(fd.as_fd());
+        let end = open_end(&self.end)?;
+        self.grown = grow_pipe(end.frame.as_fd());
         Ok(self.grown.is_some())
     }
 }
@@ -388,23 +348,29 @@ impl Writer {
     /// Queues one frame and writes what the descriptor takes now. Returns `DONE`,
     /// `WOULD_BLOCK` (wait until writable, then `try_flush`) or `YIELD` (let the loop run,
     /// then `try_flush`).
-    fn try_send(&mut self, kind: u8, payload: &Bound<'_, PyAny>) -> PyResult<u8> {
-        if self.fd.is_none() {
-            return Err(errors::closed());
-        }
+    fn try_send(
+        &mut self,
+        py: Python<'_>,
+        kind: u8,
+        payload: &Bound<'_, PyAny>,
+    ) -> PyResult<Py<PyAny>> {
+        open_end(&self.end)?;
         let held = HeldBytes::from_object(payload)?;
         self.tx
             .push(kind_from(kind)?, held)
             .map_err(errors::frame_error)?;
-        self.flush()
+        self.flush(py)
     }
 
     /// Like `try_send` for a list of payloads, all written with as few system calls as the
     /// descriptor allows.
-    fn try_send_many(&mut self, kind: u8, payloads: &Bound<'_, PyList>) -> PyResult<u8> {
-        if self.fd.is_none() {
-            return Err(errors::closed());
-        }
+    fn try_send_many(
+        &mut self,
+        py: Python<'_>,
+        kind: u8,
+        payloads: &Bound<'_, PyList>,
+    ) -> PyResult<Py<PyAny>> {
+        open_end(&self.end)?;
         let kind = kind_from(kind)?;
         // Check every item first so a bad one queues nothing.
         let items: Vec<HeldBytes> = payloads
@@ -414,18 +380,12 @@ impl Writer {
         for item in items {
             self.tx.push(kind, item).map_err(errors::frame_error)?;
         }
-        self.flush()
+        self.flush(py)
     }
 
     /// Continues writing what is queued.
-    fn try_flush(&mut self) -> PyResult<u8> {
-        self.flush()
-    }
-
-    /// True while queued frames are not entirely written.
-    #[getter]
-    fn pending(&self) -> bool {
-        self.tx.has_pending()
+    fn try_flush(&mut self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        self.flush(py)
     }
 
     /// True when a frame is partly written: closing now would tear it for the reader.
@@ -435,17 +395,19 @@ impl Writer {
     }
 
     fn fileno(&self) -> PyResult<i32> {
-        Ok(self.fd.as_ref().ok_or_else(errors::closed)?.as_raw_fd())
+        Ok(open_end(&self.end)?.frame.as_raw_fd())
     }
 
     /// Every descriptor of this end: the frame lane's, then the bulk lane's if any.
     fn filenos(&self) -> PyResult<Vec<i32>> {
-        all_filenos(&self.fd, &self.bulk)
+        Ok(open_end(&self.end)?.raw_fds())
     }
 
     /// The descriptor to wait for (writable) after `WOULD_BLOCK`.
     fn wait_fileno(&self) -> PyResult<i32> {
-        lane_fileno(&self.fd, &self.bulk, self.tx.waiting_lane())
+        Ok(open_end(&self.end)?
+            .lane(self.tx.waiting_lane())
+            .as_raw_fd())
     }
 
     /// Forgets queued frames and closes the descriptors; returns False if they were closed
@@ -453,21 +415,18 @@ impl Writer {
     fn close(&mut self) -> bool {
         self.tx.discard();
         self.grown = None;
-        self.bulk = None;
-        self.fd.take().is_some()
+        self.end.take().is_some()
     }
 
     #[getter]
     fn closed(&self) -> bool {
-        self.fd.is_none()
+        self.end.is_none()
     }
 
     /// The transport's name, for `writer_from_fds` in another process; `GIPCError` while
     /// queued frames are not entirely written (they would stay behind).
     fn transfer_state(&self) -> PyResult<&'static str> {
-        if self.fd.is_none() {
-            return Err(errors::closed());
-        }
+        open_end(&self.end)?;
         if self.tx.has_pending() {
             return Err(errors::cannot_transfer(
                 "queued messages are not entirely written",
@@ -487,7 +446,7 @@ fn parse_transport(name: &str) -> PyResult<Transport> {
 
 /// Takes `fds` (frame lane first) as one end of a `transport` channel, once they are checked
 /// and made non-blocking and close-on-exec. On any error the caller still owns them.
-fn adopt(transport: Transport, fds: &[i32], reading: bool) -> PyResult<(OwnedFd, Option<OwnedFd>)> {
+fn adopt(transport: Transport, fds: &[i32], reading: bool) -> PyResult<End> {
     for &fd in fds {
         // SAFETY: F_GETFD only reads the descriptor table; any integer is a valid argument.
         if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
@@ -509,8 +468,10 @@ fn adopt(transport: Transport, fds: &[i32], reading: bool) -> PyResult<(OwnedFd,
     // SAFETY: the caller hands these descriptors over (documented in the .pyi); they are
     // open and distinct (checked above), so each gets exactly one owner, which closes it.
     let mut owned = fds.iter().map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) });
-    let frame = owned.next().expect("check_end counted at least one");
-    Ok((frame, owned.next()))
+    Ok(End {
+        frame: owned.next().expect("check_end counted at least one"),
+        bulk: owned.next(),
+    })
 }
 
 /// Rebuilds a channel's read end from descriptors another process had (see
@@ -525,12 +486,12 @@ pub fn reader_from_fds(
     max_message_size: u64,
 ) -> PyResult<Reader> {
     let transport = parse_transport(transport)?;
-    let (fd, bulk) = adopt(transport, &fds, true)?;
+    let end = adopt(transport, &fds, true)?;
+    let budget = Budget::new(Some(DEFAULT_SLICE));
     Ok(Reader {
-        fd: Some(fd),
-        bulk,
+        end: Some(end),
         transport,
-        rx: Receiver::resume(max_message_size, Budget::new(Some(DEFAULT_SLICE)), buffered),
+        rx: Receiver::resume(max_message_size, budget, buffered),
         spin: SpinPolicy::new(None),
     })
 }
@@ -539,33 +500,23 @@ pub fn reader_from_fds(
 #[pyfunction]
 pub fn writer_from_fds(transport: &str, fds: Vec<i32>) -> PyResult<Writer> {
     let transport = parse_transport(transport)?;
-    let (fd, bulk) = adopt(transport, &fds, false)?;
-    Ok(Writer::new(transport, fd, bulk, Some(DEFAULT_SLICE)))
+    let end = adopt(transport, &fds, false)?;
+    Ok(Writer::new(transport, end))
 }
 
 /// Creates a one-way channel and returns its `(Reader, Writer)`.
 #[pyfunction]
-#[pyo3(signature = (transport = "hybrid", max_message_size = 1 << 32, slice_us = None))]
-pub fn channel(
-    transport: &str,
-    max_message_size: u64,
-    slice_us: Option<u64>,
-) -> PyResult<(Reader, Writer)> {
+#[pyo3(signature = (transport = "hybrid", max_message_size = 1 << 32))]
+pub fn channel(transport: &str, max_message_size: u64) -> PyResult<(Reader, Writer)> {
     let transport = parse_transport(transport)?;
-    let slice = match slice_us {
-        None => Some(DEFAULT_SLICE),
-        Some(0) => None,
-        Some(us) => Some(std::time::Duration::from_micros(us)),
-    };
     let (read_end, write_end) = channel_ends(transport).map_err(errors::os_error)?;
     Ok((
         Reader {
-            fd: Some(read_end.frame),
-            bulk: read_end.bulk,
+            end: Some(read_end),
             transport,
-            rx: Receiver::new(max_message_size, Budget::new(slice)),
+            rx: Receiver::new(max_message_size, Budget::new(Some(DEFAULT_SLICE))),
             spin: SpinPolicy::new(None),
         },
-        Writer::new(transport, write_end.frame, write_end.bulk, slice),
+        Writer::new(transport, write_end),
     ))
 }

@@ -2,7 +2,7 @@
 and the Python layer waits on gevent's hub."""
 
 import sys
-from typing import List, Optional, Tuple, Union, final
+from typing import List, Tuple, Union, final
 
 if sys.version_info >= (3, 12):
     from collections.abc import Buffer
@@ -15,7 +15,6 @@ __all__ = [
     "KIND_BATCH",
     "KIND_BYTES",
     "KIND_ENCODED",
-    "MAX_PAYLOAD_LEN",
     "REPLY_SPIN_US",
     "Reader",
     "WOULD_BLOCK",
@@ -30,7 +29,12 @@ __all__ = [
 
 __version__: str
 
-#: Results of Writer.try_send / try_send_many / try_flush.
+#: What a call that never waits answers, on both ends alike. Writer.try_send, try_send_many
+#: and try_flush: DONE (all written), WOULD_BLOCK (wait until wait_fileno() is writable,
+#: then try_flush) or YIELD (let the event loop run a turn, then try_flush).
+#: Reader.try_recv: the message itself in place of DONE, else WOULD_BLOCK (wait until
+#: wait_fileno() is readable) or YIELD. A message is a tuple, the others are ints: test
+#: ``result.__class__ is tuple`` first.
 DONE: int
 WOULD_BLOCK: int
 YIELD: int
@@ -40,8 +44,6 @@ KIND_ENCODED: int
 KIND_BYTES: int
 KIND_BATCH: int
 
-#: The largest payload the frame header can describe (1 TiB - 1).
-MAX_PAYLOAD_LEN: int
 #: On a "hybrid" channel, payloads at least this long (bytes) go through its socket lane.
 BULK_MIN: int
 #: How long a duplex handle's reader looks again for a reply before waiting, in microseconds.
@@ -52,7 +54,7 @@ class Reader:
     """The read end of a channel."""
 
     max_message_size: int
-    #: How long try_recv() looks again, while that pays off, before answering None
+    #: How long try_recv() looks again, while that pays off, before answering WOULD_BLOCK
     #: (microseconds; 0, the default, never).
     spin_us: int
     @property
@@ -60,8 +62,9 @@ class Reader:
     @property
     def buffered(self) -> int:
         """Bytes received and not yet returned as messages."""
-    def try_recv(self) -> Union[Tuple[int, bytes], None, bool]:
-        """``(kind, payload)``; ``None``: wait until readable; ``False``: yield to the loop.
+    def try_recv(self) -> Union[Tuple[int, bytes], int]:
+        """``(kind, payload)``, else WOULD_BLOCK (wait until readable) or YIELD (let the
+        loop run first).
 
         Raises EOFError at a clean end of stream, GIPCError for a torn, corrupt or oversized
         frame, MemoryError if the payload cannot be allocated, OSError for I/O errors, and
@@ -71,8 +74,8 @@ class Reader:
     def filenos(self) -> List[int]:
         """Every descriptor of this end: the frame lane's, then the bulk lane's if any."""
     def wait_fileno(self) -> int:
-        """The descriptor to wait for (readable) after try_recv() returned None: the bulk
-        lane's while a large payload is coming on it, else the frame lane's."""
+        """The descriptor to wait for (readable) after try_recv() answered WOULD_BLOCK: the
+        bulk lane's while a large payload is coming on it, else the frame lane's."""
     def close(self) -> bool:
         """Closes the descriptors; False if they were closed already."""
     def transfer_state(self) -> Tuple[str, bytes]:
@@ -88,9 +91,6 @@ class Writer:
 
     @property
     def closed(self) -> bool: ...
-    @property
-    def pending(self) -> bool:
-        """True while queued frames are not entirely written."""
     @property
     def mid_frame(self) -> bool:
         """True when a frame is partly written: closing now would tear it."""
@@ -116,14 +116,10 @@ class Writer:
         while queued frames are not entirely written (``pending``); GIPCClosed once
         closed."""
 
-def channel(
-    transport: str = "hybrid",
-    max_message_size: int = ...,
-    slice_us: Optional[int] = None,
-) -> Tuple[Reader, Writer]:
+def channel(transport: str = "hybrid", max_message_size: int = ...) -> Tuple[Reader, Writer]:
     """A one-way channel: ``transport`` is "hybrid" (frames through a pipe, payloads of
-    BULK_MIN bytes or more through an AF_UNIX stream pair beside it), "socket" or "pipe";
-    ``slice_us`` is how long a transfer may run before asking for a yield (0: never)."""
+    BULK_MIN bytes or more through an AF_UNIX stream pair beside it), "socket" or "pipe".
+    A transfer that runs longer than a time slice (0.5 ms) asks for a YIELD."""
 
 def reader_from_fds(
     transport: str,

@@ -44,6 +44,7 @@ from .exceptions import GIPCClosed, GIPCError, GIPCLocked, GIPCTypeError, GIPCVa
 
 DONE = _core.DONE
 WOULD_BLOCK = _core.WOULD_BLOCK
+YIELD = _core.YIELD
 KIND_ENCODED = _core.KIND_ENCODED
 KIND_BYTES = _core.KIND_BYTES
 KIND_BATCH = _core.KIND_BATCH
@@ -68,7 +69,7 @@ _pickle_loads = pickle.loads
 #: Called directly on the hot path: a partial and a method call cost ~0.15 us per message.
 _dumps = pickle.dumps
 
-#: Marks "no try_recv() made yet" (None and False are results of one).
+#: Marks "no try_recv() made yet" (WOULD_BLOCK and YIELD are results of one).
 _NOT_POLLED = object()
 
 _log = logging.getLogger("gipc")
@@ -375,12 +376,12 @@ class _GIPCReader(_GIPCHandle):
             frame = self._core.try_recv()
         core = self._core
         while True:
-            if frame is None:
-                self._wait()
-            elif frame is False:
-                yield_to_loop()
-            else:
+            if frame.__class__ is tuple:
                 return self._decode(frame)
+            if frame == WOULD_BLOCK:
+                self._wait()
+            else:
+                yield_to_loop()
             frame = core.try_recv()
 
     def _next_from_backlog(self) -> Any:
