@@ -1,7 +1,8 @@
 //! The objects Python drives: one reader and one writer per channel. Each call does what the
 //! descriptor allows right now and reports the rest; waiting is the Python layer's job.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::time::Duration;
 
@@ -9,7 +10,8 @@ use gipc_wire::budget::{Budget, DEFAULT_SLICE};
 use gipc_wire::frame::Kind;
 use gipc_wire::growth::{grow_pipe, Grown};
 use gipc_wire::io::{
-    channel_ends, check_end, set_nonblocking_cloexec, End, FdReader, FdWriter, Transport, BULK_MIN,
+    channel_ends, check_end, set_nonblocking_cloexec, End, FdReader, FdWriter, SocketReader,
+    Transport, BULK_MIN, MAX_FDS,
 };
 use gipc_wire::recv::{Event, Payload, PayloadBuf, Receiver};
 use gipc_wire::send::{Progress, Sender};
@@ -153,6 +155,9 @@ pub struct Reader {
     transport: Transport,
     rx: Receiver<FillingBytes>,
     spin: SpinPolicy,
+    /// Descriptors received on a socket lane and not yet handed out with their message
+    /// (see `Kind::Handles`); closed with the reader.
+    fds: VecDeque<OwnedFd>,
 }
 
 #[pymethods]
@@ -165,8 +170,11 @@ impl Reader {
     /// taken without a trip through the event loop.
     fn try_recv(&mut self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         let end = self.end.as_ref().ok_or_else(errors::closed)?;
-        let rx = &mut self.rx;
-        match self.spin.attempt(|| receive_once(py, rx, end))? {
+        let (rx, fds, transport) = (&mut self.rx, &mut self.fds, self.transport);
+        match self
+            .spin
+            .attempt(|| receive_once(py, rx, end, transport, fds))?
+        {
             Some(answer) => Ok(answer),
             None => status(py, Progress::WouldBlock),
         }
@@ -201,12 +209,19 @@ impl Reader {
 
     /// Closes the descriptors; returns False if they were closed already.
     fn close(&mut self) -> bool {
+        self.fds.clear();
         self.end.take().is_some()
     }
 
     #[getter]
     fn closed(&self) -> bool {
         self.end.is_none()
+    }
+
+    /// "hybrid", "socket" or "pipe".
+    #[getter]
+    fn transport(&self) -> &'static str {
+        self.transport.name()
     }
 
     #[getter]
@@ -233,34 +248,84 @@ impl Reader {
         py: Python<'py>,
     ) -> PyResult<(&'static str, Bound<'py, PyBytes>)> {
         open_end(&self.end)?;
+        if !self.fds.is_empty() {
+            return Err(errors::cannot_transfer(
+                "descriptors received with a message are not yet returned",
+            ));
+        }
         let unread = self.rx.unread().map_err(errors::cannot_transfer)?;
         Ok((self.transport.name(), PyBytes::new(py, &unread)))
     }
 }
 
 /// One look at the descriptors: `Some(message or YIELD)`, or `None` when there is nothing.
+/// A socket lane is read with `recvmsg`, keeping the descriptors that come (into `fds`).
 fn receive_once(
     py: Python<'_>,
     rx: &mut Receiver<FillingBytes>,
     end: &End,
+    transport: Transport,
+    fds: &mut VecDeque<OwnedFd>,
 ) -> PyResult<Option<Py<PyAny>>> {
-    let mut source = FdReader(end.frame.as_fd());
-    let mut bulk_source = end.bulk.as_ref().map(|bulk| FdReader(bulk.as_fd()));
-    let event = rx
-        .poll_lanes(&mut source, bulk_source.as_mut(), |len| {
-            FillingBytes::allocate(py, len)
-        })
-        .map_err(errors::recv_error)?;
+    let alloc = |len| FillingBytes::allocate(py, len);
+    let event = match (transport, &end.bulk) {
+        (Transport::Socket, _) => {
+            let mut source = SocketReader {
+                fd: end.frame.as_fd(),
+                received: fds,
+            };
+            rx.poll_lanes(&mut source, None::<&mut FdReader<'_>>, alloc)
+        }
+        (_, Some(bulk)) => {
+            let mut bulk_source = SocketReader {
+                fd: bulk.as_fd(),
+                received: fds,
+            };
+            let mut source = FdReader(end.frame.as_fd());
+            rx.poll_lanes(&mut source, Some(&mut bulk_source), alloc)
+        }
+        (_, None) => {
+            let mut source = FdReader(end.frame.as_fd());
+            rx.poll_lanes(&mut source, None::<&mut FdReader<'_>>, alloc)
+        }
+    }
+    .map_err(errors::recv_error)?;
     match event {
         Event::Message { kind, payload } => {
             let bytes = match payload {
                 Payload::Buffered(data) => PyBytes::new(py, data).unbind(),
                 Payload::Owned(filled) => filled.owner,
             };
+            if kind == Kind::Handles {
+                let taken = take_fds(bytes.bind(py).as_bytes(), fds)?;
+                return Ok(Some((kind as u8, bytes, taken).into_py_any(py)?));
+            }
             Ok(Some((kind as u8, bytes).into_py_any(py)?))
         }
         Event::WouldBlock => Ok(None),
         Event::Yield => Ok(Some(status(py, Progress::Yield)?)),
+    }
+}
+
+/// The descriptors of a `Kind::Handles` message, whose payload starts with their count, as
+/// numbers the caller now owns; `GIPCError` when they did not all come (then those that did
+/// are closed: the stream's descriptors are out of step for good).
+fn take_fds(payload: &[u8], fds: &mut VecDeque<OwnedFd>) -> PyResult<Vec<i32>> {
+    let count = payload
+        .get(..4)
+        .map(|raw| u32::from_le_bytes(raw.try_into().expect("four bytes")) as usize);
+    match count {
+        Some(count) if count <= fds.len() => {
+            Ok(fds.drain(..count).map(IntoRawFd::into_raw_fd).collect())
+        }
+        _ => {
+            let came = fds.len();
+            fds.clear();
+            Err(errors::GIPCError::new_err(format!(
+                "a message that carries descriptors came without them ({came} came): is the \
+                 writer a pipe-only channel, or not gipc?"
+            )))
+        }
     }
 }
 
@@ -383,9 +448,66 @@ impl Writer {
         self.flush(py)
     }
 
+    /// Like `try_send` for a message that carries descriptors: copies of `fds` travel with
+    /// it (`SCM_RIGHTS`) on the channel's socket lane, and the reader's `try_recv` answers
+    /// `(kind, payload, fds)`. `kind` must be `KIND_HANDLES` and `payload` start with the
+    /// count of `fds`, a little-endian u32. `GIPCError` on a "pipe" channel, which has no
+    /// socket lane; nothing is queued then.
+    fn try_send_fds(
+        &mut self,
+        py: Python<'_>,
+        kind: u8,
+        payload: &Bound<'_, PyAny>,
+        fds: Vec<i32>,
+    ) -> PyResult<Py<PyAny>> {
+        open_end(&self.end)?;
+        if self.transport == Transport::Pipe {
+            return Err(errors::GIPCError::new_err(
+                "a 'pipe' channel cannot carry descriptors: it has no socket lane",
+            ));
+        }
+        let kind = kind_from(kind)?;
+        let held = HeldBytes::from_object(payload)?;
+        let count = held
+            .as_ref()
+            .get(..4)
+            .map(|raw| u32::from_le_bytes(raw.try_into().expect("four bytes")) as usize);
+        if kind != Kind::Handles || count != Some(fds.len()) || fds.len() > MAX_FDS {
+            return Err(PyValueError::new_err(format!(
+                "descriptors go in a KIND_HANDLES frame whose payload starts with their count, \
+                 at most {MAX_FDS}"
+            )));
+        }
+        let copies = fds
+            .iter()
+            .map(|&fd| {
+                // SAFETY: F_GETFD only reads the descriptor table; any integer is valid.
+                if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+                    return Err(errors::os_error(std::io::Error::from_raw_os_error(
+                        libc::EBADF,
+                    )));
+                }
+                // SAFETY: open (checked just above, and nothing runs in between that could
+                // close it: we hold the GIL); borrowed only to make our own copy.
+                let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+                fd.try_clone_to_owned().map_err(errors::os_error)
+            })
+            .collect::<PyResult<Vec<OwnedFd>>>()?;
+        self.tx
+            .push_with_fds(kind, held, copies)
+            .map_err(errors::frame_error)?;
+        self.flush(py)
+    }
+
     /// Continues writing what is queued.
     fn try_flush(&mut self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         self.flush(py)
+    }
+
+    /// "hybrid", "socket" or "pipe".
+    #[getter]
+    fn transport(&self) -> &'static str {
+        self.transport.name()
     }
 
     /// True when a frame is partly written: closing now would tear it for the reader.
@@ -493,6 +615,7 @@ pub fn reader_from_fds(
         transport,
         rx: Receiver::resume(max_message_size, budget, buffered),
         spin: SpinPolicy::new(None),
+        fds: VecDeque::new(),
     })
 }
 
@@ -516,6 +639,7 @@ pub fn channel(transport: &str, max_message_size: u64) -> PyResult<(Reader, Writ
             transport,
             rx: Receiver::new(max_message_size, Budget::new(Some(DEFAULT_SLICE))),
             spin: SpinPolicy::new(None),
+            fds: VecDeque::new(),
         },
         Writer::new(transport, write_end),
     ))

@@ -23,6 +23,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("KIND_ENCODED", gipc_wire::frame::Kind::Encoded as u8)?;
     m.add("KIND_BYTES", gipc_wire::frame::Kind::Bytes as u8)?;
     m.add("KIND_BATCH", gipc_wire::frame::Kind::Batch as u8)?;
+    m.add("KIND_HANDLES", gipc_wire::frame::Kind::Handles as u8)?;
     m.add(
         "REPLY_SPIN_US",
         gipc_wire::spin::REPLY_SPIN.as_micros() as u64,

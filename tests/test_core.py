@@ -23,7 +23,7 @@ def channel(request):
 
 def test_constants():
     assert {_core.DONE, _core.WOULD_BLOCK, _core.YIELD} == {0, 1, 2}
-    assert len({_core.KIND_ENCODED, _core.KIND_BYTES, _core.KIND_BATCH}) == 3
+    assert len({_core.KIND_ENCODED, _core.KIND_BYTES, _core.KIND_BATCH, _core.KIND_HANDLES}) == 4
     assert _core.BULK_MIN == 16 << 10
     assert _core.REPLY_SPIN_US > 0
     assert isinstance(_core.__version__, str)
@@ -327,3 +327,48 @@ def test_descriptors_that_do_not_fit_are_refused_and_left_open():
     s1.close()
     s2.close()
     _still_open([r, w])
+
+
+@pytest.mark.parametrize("transport", ["hybrid", "socket"])
+def test_descriptors_travel_with_a_handles_frame(transport):
+    reader, writer = _core.channel(transport)
+    assert reader.transport == writer.transport == transport
+    r, w = os.pipe()
+    payload = (2).to_bytes(4, "little") + b"rest"
+    assert writer.try_send_fds(_core.KIND_HANDLES, payload, [r, w]) == _core.DONE
+    os.close(r)  # the frame took copies: the originals are the caller's to close
+    os.close(w)
+    kind, data, fds = _receive(reader)
+    assert (kind, data, len(fds)) == (_core.KIND_HANDLES, payload, 2)
+    os.write(fds[1], b"!")
+    assert os.read(fds[0], 1) == b"!"
+    assert all(os.get_inheritable(fd) is False for fd in fds)
+    for fd in fds:
+        os.close(fd)
+    # Received and never returned: closed with the reader.
+    channel_fds = len(reader.filenos()) + len(writer.filenos())
+    before = len(os.listdir("/proc/self/fd"))
+    writer.try_send(_core.KIND_ENCODED, b"first")
+    writer.try_send_fds(_core.KIND_HANDLES, (1).to_bytes(4, "little"), [0])
+    if transport == "socket":
+        # One read takes in both frames, and the descriptor with them.
+        assert _receive(reader) == (_core.KIND_ENCODED, b"first")
+        assert len(os.listdir("/proc/self/fd")) == before + 1
+        with pytest.raises(GIPCError, match="not yet returned"):
+            reader.transfer_state()
+    reader.close()
+    writer.close()
+    assert len(os.listdir("/proc/self/fd")) == before - channel_fds
+
+
+def test_a_handles_frame_must_announce_its_descriptors_and_needs_a_socket(channel):
+    reader, writer = channel
+    if writer.transport == "pipe":
+        with pytest.raises(GIPCError, match="'pipe' channel"):
+            writer.try_send_fds(_core.KIND_HANDLES, (1).to_bytes(4, "little"), [0])
+    else:
+        with pytest.raises(ValueError, match="count"):
+            writer.try_send_fds(_core.KIND_HANDLES, (2).to_bytes(4, "little"), [0])
+        with pytest.raises(ValueError):
+            writer.try_send_fds(_core.KIND_ENCODED, (1).to_bytes(4, "little"), [0])
+    assert reader.try_recv() == _core.WOULD_BLOCK

@@ -16,6 +16,7 @@ import gevent
 import pytest
 
 import gipc
+from gipc import _handles
 from gipc import GIPCClosed, GIPCError, GIPCLocked
 from gipc._handles import (
     HandlePickler,
@@ -310,3 +311,153 @@ def test_handles_work_in_a_fresh_interpreter(launch):
             if not handle.closed:
                 handle.close()
     assert code == 0, f"{code} descriptors were left open in the child"
+
+
+# Handles put on a pipe: their descriptors travel with the message (SCM_RIGHTS).
+
+
+@pytest.fixture(params=["hybrid", "socket"])
+def transport(request, monkeypatch):
+    """Pipes made in the test use this transport (both can carry descriptors)."""
+    monkeypatch.setattr(_handles, "TRANSPORT", request.param)
+    return request.param
+
+
+def open_fd_count():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _serve_handed_pipes(control):
+    """In a child: take a duplex handle and a writer from ``control``, both created by the
+    parent after this child started, and use them."""
+    duplex = control.get()
+    duplex.put(("pong", duplex.get()))
+    duplex.put(duplex.get())  # a large message back
+    writer = control.get()["writer"]
+    writer.put("from the child, on a pipe it was handed")
+    writer.close()
+    duplex.close()
+    control.put("done")
+
+
+class TestHandlesInMessages:
+    def test_a_pipe_made_after_the_child_started_is_handed_over_and_used_both_ways(
+        self, transport
+    ):
+        with gipc.pipe(duplex=True) as (control, control_child):
+            p = gipc.start_process(_serve_handed_pipes, args=(control_child,))
+            a, b = gipc.pipe(duplex=True)
+            control.put(b)
+            assert b.closed  # the sender's copy closes once sent, as start_process does
+            a.put("ping")
+            assert a.get() == ("pong", "ping")
+            a.put(BIG)
+            assert a.get() == BIG
+            r, w = gipc.pipe()
+            control.put({"writer": w})
+            assert w.closed
+            assert r.get() == "from the child, on a pipe it was handed"
+            with pytest.raises(EOFError):
+                r.get()
+            assert control.get() == "done"
+            p.join()
+            assert p.exitcode == 0
+            r.close()
+            a.close()
+
+    def test_handles_nested_in_a_message_arrive_working(self, transport):
+        with gipc.pipe() as (r, w):
+            x_r, x_w = gipc.pipe()
+            x_w.put("already buffered")
+            w.put(["text", {"reader": x_r, "writer": x_w}, 3])
+            text, handles, three = r.get()
+            assert (text, three) == ("text", 3)
+            assert x_r.closed and x_w.closed
+            assert handles["reader"].get() == "already buffered"
+            handles["writer"].put("again")
+            assert handles["reader"].get() == "again"
+            handles["reader"].close()
+            handles["writer"].close()
+
+    def test_messages_without_handles_around_one_with_them_keep_their_order(self, transport):
+        with gipc.pipe() as (r, w):
+            x_r, x_w = gipc.pipe()
+            w.put("before")
+            w.put(x_w)
+            w.put(b"after")
+            assert r.get() == "before"
+            moved_writer = r.get()
+            assert r.get() == b"after"
+            moved_writer.put(1)
+            assert x_r.get() == 1
+            moved_writer.close()
+            x_r.close()
+
+    def test_descriptors_of_a_message_never_read_are_closed_with_the_reader(self, transport):
+        before = open_fd_count()
+        r, w = gipc.pipe()
+        x_r, x_w = gipc.pipe()
+        w.put("first")
+        w.put((x_r, x_w))
+        assert r.get() == "first"  # the next message may be taken in, its descriptors too
+        r.close()
+        w.close()
+        assert open_fd_count() == before
+
+    def test_descriptors_of_a_message_that_cannot_be_decoded_are_closed(self, transport):
+        with gipc.pipe() as (r, w):
+            before = open_fd_count()
+            x_r, x_w = gipc.pipe()
+            w.put([x_r, FailsToLoad(), x_w])
+            with pytest.raises(RuntimeError, match="cannot load"):
+                r.get()
+            assert open_fd_count() == before  # the senders' copies closed too
+            w.put("the pipe goes on")
+            assert r.get() == "the pipe goes on"
+
+    def test_a_reader_with_other_codecs_refuses_handles_and_closes_them(self, transport):
+        with gipc.pipe(encoder=None, decoder=None) as (raw_r, raw_w):
+            before = open_fd_count()
+            x_r, x_w = gipc.pipe()
+            # What a default-codec writer would send, on a raw pipe: refused at the reader.
+            data, handles, fds = dumps_with_handles(x_r)
+            payload = len(fds).to_bytes(4, "little") + data
+            raw_w._core.try_send_fds(gipc._core.KIND_HANDLES, payload, fds)
+            x_r.close()
+            x_w.close()
+            with pytest.raises(GIPCError, match="default pickle codecs"):
+                raw_r.get()
+            assert open_fd_count() == before
+
+    def test_a_pipe_only_channel_refuses_at_put_and_sends_nothing(self, monkeypatch):
+        monkeypatch.setattr(_handles, "TRANSPORT", "pipe")
+        with gipc.pipe() as (r, w), gipc.pipe() as (x_r, x_w):
+            with pytest.raises(GIPCError, match="'pipe' channel"):
+                w.put({"h": x_w})
+            assert not x_w.closed
+            with pytest.raises(gevent.Timeout):
+                r.get(timeout=0.05)
+            w.put("still usable")
+            assert r.get() == "still usable"
+
+    def test_a_writer_cannot_travel_on_itself(self, transport):
+        with gipc.pipe() as (r, w):
+            with pytest.raises(GIPCLocked):
+                w.put(w)
+            assert not w.closed
+            w.put("fine")
+            assert r.get() == "fine"
+
+    def test_custom_codecs_say_handles_do_not_travel_there(self, transport):
+        with gipc.pipe(encoder=pickle.dumps, decoder=pickle.loads) as (r, w):
+            with pytest.raises(TypeError, match="start_process"):
+                w.put(r)
+
+
+def _fail_to_load():
+    raise RuntimeError("cannot load this")
+
+
+class FailsToLoad:
+    def __reduce__(self):
+        return (_fail_to_load, ())

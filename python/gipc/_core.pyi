@@ -15,6 +15,7 @@ __all__ = [
     "KIND_BATCH",
     "KIND_BYTES",
     "KIND_ENCODED",
+    "KIND_HANDLES",
     "REPLY_SPIN_US",
     "Reader",
     "WOULD_BLOCK",
@@ -43,6 +44,8 @@ YIELD: int
 KIND_ENCODED: int
 KIND_BYTES: int
 KIND_BATCH: int
+#: A message with descriptors (Writer.try_send_fds): its payload starts with their count.
+KIND_HANDLES: int
 
 #: On a "hybrid" channel, payloads at least this long (bytes) go through its socket lane.
 BULK_MIN: int
@@ -60,11 +63,16 @@ class Reader:
     @property
     def closed(self) -> bool: ...
     @property
+    def transport(self) -> str:
+        """"hybrid", "socket" or "pipe"."""
+    @property
     def buffered(self) -> int:
         """Bytes received and not yet returned as messages."""
-    def try_recv(self) -> Union[Tuple[int, bytes], int]:
+    def try_recv(self) -> Union[Tuple[int, bytes], Tuple[int, bytes, List[int]], int]:
         """``(kind, payload)``, else WOULD_BLOCK (wait until readable) or YIELD (let the
-        loop run first).
+        loop run first). A KIND_HANDLES message is ``(kind, payload, fds)``: the
+        descriptors that came with it, which the caller now owns and must close. Those
+        received and not yet returned are closed with the reader.
 
         Raises EOFError at a clean end of stream, GIPCError for a torn, corrupt or oversized
         frame, MemoryError if the payload cannot be allocated, OSError for I/O errors, and
@@ -92,6 +100,9 @@ class Writer:
     @property
     def closed(self) -> bool: ...
     @property
+    def transport(self) -> str:
+        """"hybrid", "socket" or "pipe"."""
+    @property
     def mid_frame(self) -> bool:
         """True when a frame is partly written: closing now would tear it."""
     def try_send(self, kind: int, payload: Buffer) -> int:
@@ -101,6 +112,11 @@ class Writer:
         ``payload`` is ``bytes`` or any object with a contiguous buffer, held (exported)
         until written and written from where it lies; anything else raises TypeError."""
     def try_send_many(self, kind: int, payloads: List[Buffer]) -> int: ...
+    def try_send_fds(self, kind: int, payload: Buffer, fds: List[int]) -> int:
+        """Like try_send for a KIND_HANDLES message whose payload starts with the count of
+        ``fds`` (a little-endian u32): copies of ``fds`` go with it (SCM_RIGHTS) on the
+        channel's socket lane. GIPCError on a "pipe" channel, ValueError for a payload that
+        does not announce ``fds``; nothing is queued then."""
     def try_flush(self) -> int: ...
     def fileno(self) -> int:
         """The frame lane's descriptor."""

@@ -14,6 +14,7 @@ import io
 import logging
 import os
 import pickle
+import struct
 import sys
 import weakref
 from typing import (
@@ -48,6 +49,7 @@ YIELD = _core.YIELD
 KIND_ENCODED = _core.KIND_ENCODED
 KIND_BYTES = _core.KIND_BYTES
 KIND_BATCH = _core.KIND_BATCH
+KIND_HANDLES = _core.KIND_HANDLES
 
 #: Largest message a reader accepts unless told otherwise (``pipe(max_message_size=...)``).
 DEFAULT_MAX_MESSAGE_SIZE = 4 << 30
@@ -390,11 +392,14 @@ class _GIPCReader(_GIPCHandle):
             raise item.error
         return item
 
-    def _decode(self, frame: Tuple[int, bytes]) -> Any:
-        kind, payload = frame
+    def _decode(self, frame: Tuple[Any, ...]) -> Any:
+        kind = frame[0]
+        payload = frame[1]
         if kind == KIND_ENCODED:
             decoder = self._decoder
             return payload if decoder is None else decoder(payload)
+        if kind == KIND_HANDLES:
+            return self._decode_handles(payload, frame[2])
         if not self._default_codecs:
             raise GIPCError(
                 f"refused a frame of kind {kind}: only pipes with the default pickle codecs "
@@ -405,6 +410,19 @@ class _GIPCReader(_GIPCHandle):
         items = _pickle_loads(payload)  # KIND_BATCH
         self._backlog.extend(items[1:])
         return items[0]
+
+
+    def _decode_handles(self, payload: bytes, fds: List[int]) -> Any:
+        """A message with handles in it, ``fds`` their descriptors, which are this
+        reader's to close: each is taken by a rebuilt handle or closed, whatever happens."""
+        if not self._default_codecs:
+            for fd in fds:
+                os.close(fd)
+            raise GIPCError(
+                "refused a message carrying gipc handles: only pipes with the default pickle "
+                "codecs carry them (their descriptors are closed)"
+            )
+        return loads_with_handles(memoryview(payload)[_FD_COUNT.size :], fds)
 
 
 class _GIPCWriter(_GIPCHandle):
@@ -440,7 +458,11 @@ class _GIPCWriter(_GIPCHandle):
         elif o.__class__ is bytes:
             kind, payload = KIND_BYTES, o
         else:
-            kind, payload = KIND_ENCODED, _dumps(o, _PICKLE_PROTOCOL)
+            try:
+                kind, payload = KIND_ENCODED, _dumps(o, _PICKLE_PROTOCOL)
+            except _NotPicklable:
+                # Handles in the message: pickled again, their descriptors sent with it.
+                return self._put_with_handles(o)
         if self._busy.locked():
             with self._lock:
                 self._finish(self._core.try_send(kind, payload))
@@ -454,6 +476,28 @@ class _GIPCWriter(_GIPCHandle):
                 self._finish(status)
             finally:
                 self._lock.release()
+
+    def _put_with_handles(self, o: Any) -> None:
+        """``put(o)`` where ``o`` holds gipc handles: their descriptors travel with the
+        message (``SCM_RIGHTS`` on the channel's socket lane), the reader gets working
+        handles, and this process's copies are closed once the message is written, as
+        ``start_process`` closes what it passes to a child."""
+        if self._core.transport == "pipe":
+            raise GIPCError(
+                f"cannot put gipc handles on {self!r}: a 'pipe' channel has no socket to "
+                "carry their descriptors (use the 'hybrid' or 'socket' transport)"
+            )
+        with self._lock:
+            # Under the lock, so nothing reads from or writes to the handles in between.
+            # This writer, if it is in the message, is locked and refuses to travel.
+            data, handles, fds = dumps_with_handles(o)
+            payload = _FD_COUNT.pack(len(fds)) + data
+            self._finish(self._core.try_send_fds(KIND_HANDLES, payload, fds))
+        for handle in handles:
+            parts = handle._parts() if isinstance(handle, _GIPCDuplexHandle) else (handle,)
+            for part in parts:
+                if not part.closed:
+                    part._release()
 
     def put_many(self, items: Iterable[Any]) -> None:
         """Write several messages at once; the reader gets them one by one, in order, from
@@ -582,6 +626,8 @@ AnyHandle = Union[_GIPCHandle, _GIPCDuplexHandle]
 # numbers, one that receives them with SCM_RIGHTS new ones.
 
 _HANDLE_TAG = "gipc.handle"
+#: A KIND_HANDLES payload starts with the count of its descriptors (see `_core`).
+_FD_COUNT = struct.Struct("<I")
 #: Stands for the default pickle codec in a description: the other side's own
 #: ``_pickle_dumps`` is then used, so the pipe keeps its fast paths (``_default_codecs``).
 _PICKLE_CODEC = "pickle"
@@ -764,7 +810,7 @@ def dumps_with_handles(obj: Any) -> Tuple[bytes, List[AnyHandle], List[int]]:
     return file.getvalue(), pickler.handles, pickler.fds
 
 
-def loads_with_handles(data: bytes, fds: Sequence[int]) -> Any:
+def loads_with_handles(data: Any, fds: Sequence[int]) -> Any:
     """Unpickles what :func:`dumps_with_handles` made, with ``fds`` the descriptors that
     came beside it (this process's numbers for them, in the sender's order). Every
     descriptor of ``fds`` no handle took is closed, on success and on error alike; on error

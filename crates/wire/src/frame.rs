@@ -47,6 +47,9 @@ pub enum Kind {
     Bytes = 1,
     /// Several messages encoded together by one `put_many` call.
     Batch = 2,
+    /// A message that carries descriptors (`SCM_RIGHTS`, see `send::Sender::push_with_fds`):
+    /// its payload starts with their count, a little-endian `u32`.
+    Handles = 3,
 }
 
 impl Kind {
@@ -55,6 +58,7 @@ impl Kind {
             0 => Some(Kind::Encoded),
             1 => Some(Kind::Bytes),
             2 => Some(Kind::Batch),
+            3 => Some(Kind::Handles),
             _ => None,
         }
     }
@@ -151,7 +155,7 @@ mod tests {
 
     #[test]
     fn header_round_trips_every_kind() {
-        for kind in [Kind::Encoded, Kind::Bytes, Kind::Batch] {
+        for kind in [Kind::Encoded, Kind::Bytes, Kind::Batch, Kind::Handles] {
             for len in [0, 1, 100, 1 << 31, (1 << 31) + 1, MAX_PAYLOAD_LEN] {
                 let raw = encode_lane_header(kind, len, Lane::Frame).unwrap();
                 for bulk_lane in [false, true] {

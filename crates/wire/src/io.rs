@@ -3,6 +3,7 @@
 //! Nothing here waits. A call that cannot make progress returns `ErrorKind::WouldBlock` and the
 //! caller (gevent, through the Python layer) decides how to wait.
 
+use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
@@ -20,7 +21,23 @@ pub trait ReadSource {
 /// Where frames go: one gathering write that may take fewer bytes than offered.
 pub trait WriteSink {
     fn write_some(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
+
+    /// One write that also passes `fds` (`SCM_RIGHTS`), with its first byte: only a socket
+    /// can.
+    fn write_with_fds(
+        &mut self,
+        _bufs: &[IoSlice<'_>],
+        _fds: &[BorrowedFd<'_>],
+    ) -> io::Result<usize> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "descriptors travel only on a socket",
+        ))
+    }
 }
+
+/// The most descriptors one message carries (Linux's `SCM_MAX_FD`).
+pub const MAX_FDS: usize = 253;
 
 /// What carries the bytes. The Python API is the same whichever is used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -312,7 +329,7 @@ impl WriteSink for FdWriter<'_> {
         loop {
             let result = match self.transport {
                 Transport::Pipe | Transport::Hybrid => crate::sigpipe::writev_pipe(self.fd, bufs),
-                Transport::Socket => send_no_sigpipe(self.fd, bufs),
+                Transport::Socket => send_no_sigpipe(self.fd, bufs, &[]),
             };
             match result {
                 Err(rustix::io::Errno::INTR) => continue,
@@ -320,23 +337,135 @@ impl WriteSink for FdWriter<'_> {
             }
         }
     }
+
+    fn write_with_fds(
+        &mut self,
+        bufs: &[IoSlice<'_>],
+        fds: &[BorrowedFd<'_>],
+    ) -> io::Result<usize> {
+        if self.transport != Transport::Socket {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "descriptors travel only on a socket",
+            ));
+        }
+        loop {
+            match send_no_sigpipe(self.fd, bufs, fds) {
+                Err(rustix::io::Errno::INTR) => continue,
+                other => return other.map_err(io::Error::from),
+            }
+        }
+    }
+}
+
+/// Reads from a socket, keeping the descriptors that come with the bytes (`SCM_RIGHTS`),
+/// in order, in `received`; they are close-on-exec.
+pub struct SocketReader<'a> {
+    pub fd: BorrowedFd<'a>,
+    pub received: &'a mut VecDeque<OwnedFd>,
+}
+
+impl ReadSource for SocketReader<'_> {
+    fn read_some(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
+        let flags = RecvFlags::CMSG_CLOEXEC;
+        #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
+        let flags = RecvFlags::empty();
+        let received = loop {
+            match recvmsg(
+                self.fd,
+                &mut [io::IoSliceMut::new(buf)],
+                &mut control,
+                flags,
+            ) {
+                Err(rustix::io::Errno::INTR) => continue,
+                other => break other.map_err(io::Error::from)?,
+            }
+        };
+        for message in control.drain() {
+            if let RecvAncillaryMessage::ScmRights(fds) = message {
+                for fd in fds {
+                    #[cfg(not(any(
+                        target_os = "linux",
+                        target_os = "android",
+                        target_os = "freebsd"
+                    )))]
+                    let _ = rustix::io::fcntl_setfd(&fd, FdFlags::CLOEXEC);
+                    self.received.push_back(fd);
+                }
+            }
+        }
+        if received.flags.contains(rustix::net::ReturnFlags::CTRUNC) {
+            return Err(io::Error::other(
+                "descriptors were lost: more came with one message than gipc sends",
+            ));
+        }
+        Ok(received.bytes)
+    }
 }
 
 #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
-fn send_no_sigpipe(fd: BorrowedFd<'_>, bufs: &[IoSlice<'_>]) -> rustix::io::Result<usize> {
+fn send_no_sigpipe(
+    fd: BorrowedFd<'_>,
+    bufs: &[IoSlice<'_>],
+    fds: &[BorrowedFd<'_>],
+) -> rustix::io::Result<usize> {
     use rustix::net::{sendmsg, SendAncillaryBuffer, SendFlags};
+    if fds.is_empty() {
+        return sendmsg(
+            fd,
+            bufs,
+            &mut SendAncillaryBuffer::default(),
+            SendFlags::NOSIGNAL,
+        );
+    }
     sendmsg(
         fd,
         bufs,
-        &mut SendAncillaryBuffer::default(),
+        &mut rights(fds, &mut rights_space()),
         SendFlags::NOSIGNAL,
     )
 }
 
+type RightsSpace = [std::mem::MaybeUninit<u8>; rustix::cmsg_space!(ScmRights(MAX_FDS))];
+
+fn rights_space() -> RightsSpace {
+    [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))]
+}
+
+/// An ancillary buffer that passes `fds`.
+fn rights<'buf, 'slice, 'fd>(
+    fds: &'slice [BorrowedFd<'fd>],
+    space: &'buf mut RightsSpace,
+) -> rustix::net::SendAncillaryBuffer<'buf, 'slice, 'fd> {
+    let mut control = rustix::net::SendAncillaryBuffer::new(space);
+    let fit = control.push(rustix::net::SendAncillaryMessage::ScmRights(fds));
+    assert!(
+        fit,
+        "at most MAX_FDS descriptors per frame (checked when queued)"
+    );
+    control
+}
+
 #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
-fn send_no_sigpipe(fd: BorrowedFd<'_>, bufs: &[IoSlice<'_>]) -> rustix::io::Result<usize> {
+fn send_no_sigpipe(
+    fd: BorrowedFd<'_>,
+    bufs: &[IoSlice<'_>],
+    fds: &[BorrowedFd<'_>],
+) -> rustix::io::Result<usize> {
     // SO_NOSIGPIPE was set on the socket when the channel was made.
-    rustix::io::writev(fd, bufs)
+    if fds.is_empty() {
+        return rustix::io::writev(fd, bufs);
+    }
+    rustix::net::sendmsg(
+        fd,
+        bufs,
+        &mut rights(fds, &mut rights_space()),
+        rustix::net::SendFlags::empty(),
+    )
 }
 
 #[cfg(test)]
@@ -450,6 +579,79 @@ mod tests {
         // An AF_INET stream socket is not an AF_UNIX one.
         let inet = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         assert!(check_end(Transport::Socket, &[inet.as_fd()], true).is_err());
+    }
+
+    #[test]
+    fn descriptors_cross_a_real_channel_with_their_message() {
+        use crate::budget::Budget;
+        use crate::frame::Kind;
+        use crate::recv::{Event, Payload, Receiver};
+        use crate::send::Sender;
+        for transport in [Transport::Socket, Transport::Hybrid] {
+            let (r, w) = channel_ends(transport).unwrap();
+            let mut tx = match w.bulk {
+                Some(_) => Sender::with_bulk_lane(Budget::new(None), BULK_MIN),
+                None => Sender::new(Budget::new(None)),
+            };
+            let (pr, pw) = channel(Transport::Pipe).unwrap();
+            tx.push(Kind::Encoded, b"plain".to_vec()).unwrap();
+            let fds = vec![pr.try_clone().unwrap(), pw.try_clone().unwrap()];
+            tx.push_with_fds(Kind::Handles, b"\x02\0\0\0fds".to_vec(), fds)
+                .unwrap();
+            let frame_lane = transport.frame_lane();
+            let mut sink = FdWriter::new(w.frame.as_fd(), frame_lane);
+            let mut bulk_sink = w
+                .bulk
+                .as_ref()
+                .map(|b| FdWriter::new(b.as_fd(), Transport::Socket));
+            let progress = tx.flush_lanes(&mut sink, bulk_sink.as_mut()).unwrap();
+            assert_eq!(progress, crate::send::Progress::Done);
+
+            let mut received = VecDeque::new();
+            let mut rx: Receiver<Vec<u8>> = Receiver::new(u64::MAX, Budget::new(None));
+            let mut messages = Vec::new();
+            for _ in 0..10 {
+                let event = match &r.bulk {
+                    None => rx.poll_lanes(
+                        &mut SocketReader {
+                            fd: r.frame.as_fd(),
+                            received: &mut received,
+                        },
+                        None::<&mut FdReader<'_>>,
+                        |n| Some(vec![0; n]),
+                    ),
+                    Some(bulk) => rx.poll_lanes(
+                        &mut FdReader(r.frame.as_fd()),
+                        Some(&mut SocketReader {
+                            fd: bulk.as_fd(),
+                            received: &mut received,
+                        }),
+                        |n| Some(vec![0; n]),
+                    ),
+                };
+                if let Event::Message { kind, payload } = event.unwrap() {
+                    let data = match payload {
+                        Payload::Buffered(b) => b.to_vec(),
+                        Payload::Owned(v) => v,
+                    };
+                    messages.push((kind, data, received.len()));
+                }
+            }
+            assert_eq!(messages.len(), 2, "{transport:?}");
+            assert_eq!(messages[1].0, Kind::Handles);
+            assert_eq!(
+                messages[1].2, 2,
+                "both descriptors are in by the end of their frame"
+            );
+            // They are new descriptors for the same pipe, close-on-exec.
+            let (got_r, got_w) = (received.pop_front().unwrap(), received.pop_front().unwrap());
+            assert!(rustix::io::fcntl_getfd(&got_r)
+                .unwrap()
+                .contains(FdFlags::CLOEXEC));
+            rustix::io::write(&got_w, b"!").unwrap();
+            let mut buf = [0u8; 1];
+            assert_eq!(rustix::io::read(&pr, &mut buf).unwrap(), 1);
+        }
     }
 
     #[test]

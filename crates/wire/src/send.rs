@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use crate::budget::{Budget, SYSCALL_WEIGHT};
 use crate::frame::{encode_lane_header, FrameError, Kind, Lane, HEADER_LEN};
@@ -34,6 +35,13 @@ struct Pending<P> {
     written: usize,
     /// Where the payload goes (the header always goes on the frame lane).
     lane: Lane,
+    /// Descriptors that go with this frame (`SCM_RIGHTS`), until the write that carries
+    /// them: the first one of the frame's bytes on its socket lane (see [`Sender::push_with_fds`]).
+    fds: Vec<OwnedFd>,
+}
+
+fn borrow_all(fds: &[OwnedFd]) -> Vec<BorrowedFd<'_>> {
+    fds.iter().map(|fd| fd.as_fd()).collect()
 }
 
 impl<P: AsRef<[u8]>> Pending<P> {
@@ -88,6 +96,36 @@ impl<P: AsRef<[u8]>> Sender<P> {
             payload,
             written: 0,
             lane,
+            fds: Vec::new(),
+        });
+        Ok(())
+    }
+
+    /// Queues one frame that carries descriptors, on a channel whose descriptors go on a
+    /// socket: the bulk lane if the channel has one (the frame's payload then takes it,
+    /// whatever its size), else the frame lane, which must be a socket. They go with the
+    /// first write of the frame's bytes on that lane, so a reader has them by the time it
+    /// has the whole frame: it takes them in the order they come, and each frame of this
+    /// kind says how many are its own. The payload must not be empty.
+    pub fn push_with_fds(
+        &mut self,
+        kind: Kind,
+        payload: P,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(), FrameError> {
+        let len = payload.as_ref().len();
+        assert!(len > 0, "descriptors need a payload byte to travel with");
+        let lane = match self.bulk_min {
+            Some(_) => Lane::Bulk,
+            None => Lane::Frame,
+        };
+        let header = encode_lane_header(kind, len as u64, lane)?;
+        self.queue.push_back(Pending {
+            header,
+            payload,
+            written: 0,
+            lane,
+            fds,
         });
         Ok(())
     }
@@ -153,10 +191,24 @@ impl<P: AsRef<[u8]>> Sender<P> {
                 };
                 let front = self.queue.front().expect("checked by the loop");
                 let rest = &front.payload.as_ref()[front.written - HEADER_LEN..];
-                bulk.write_some(&[IoSlice::new(&rest[..rest.len().min(MAX_IO_CHUNK)])])
+                let slice = [IoSlice::new(&rest[..rest.len().min(MAX_IO_CHUNK)])];
+                if front.fds.is_empty() {
+                    bulk.write_some(&slice)
+                } else {
+                    bulk.write_with_fds(&slice, &borrow_all(&front.fds))
+                }
             } else {
                 self.write_frame_lane(sink)
             };
+            if matches!(written, Ok(n) if n > 0) {
+                // Whatever part of the frame went, its descriptors went with it (the kernel
+                // holds copies now): ours close.
+                if let Some(front) = self.queue.front_mut() {
+                    if !front.fds.is_empty() && (on_bulk_lane || front.lane == Lane::Frame) {
+                        front.fds.clear();
+                    }
+                }
+            }
             match written {
                 // Every write offers at least one byte, so a zero-length write means no room.
                 Ok(0) => return Ok(self.would_block()),
@@ -175,6 +227,13 @@ impl<P: AsRef<[u8]>> Sender<P> {
     /// including the header of the first frame whose payload goes on the bulk lane.
     fn write_frame_lane<W: WriteSink>(&self, sink: &mut W) -> io::Result<usize> {
         if let Some(front) = self.queue.front() {
+            if !front.fds.is_empty() && front.lane == Lane::Frame {
+                // Its first bytes, and nothing of the frames behind it, carry the descriptors.
+                let payload = front.payload.as_ref();
+                let body = &payload[..payload.len().min(MAX_IO_CHUNK)];
+                let header = IoSlice::new(&front.header);
+                return sink.write_with_fds(&[header, IoSlice::new(body)], &borrow_all(&front.fds));
+            }
             // The common case, one small frame: no need to set up a long vector.
             if self.queue.len() == 1 && front.lane == Lane::Frame {
                 let payload = front.payload.as_ref();
@@ -192,8 +251,12 @@ impl<P: AsRef<[u8]>> Sender<P> {
         let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
         let mut count = 0;
         let mut room = MAX_IO_CHUNK;
-        for frame in self.queue.iter() {
+        for (i, frame) in self.queue.iter().enumerate() {
             if count + 2 > MAX_IOVECS || room == 0 {
+                break;
+            }
+            if i > 0 && !frame.fds.is_empty() && frame.lane == Lane::Frame {
+                // It goes at the front of a write of its own, with its descriptors.
                 break;
             }
             let payload = match frame.lane {
@@ -507,6 +570,57 @@ mod tests {
         tx.push(Kind::Bytes, vec![1; 10]).unwrap();
         let mut sink = ChokedSink::new(usize::MAX);
         assert!(tx.flush_lanes(&mut sink, NO_BULK).is_err());
+    }
+
+    fn some_fds(n: usize) -> Vec<OwnedFd> {
+        (0..n)
+            .map(|_| rustix::io::dup(std::io::stdin()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn descriptors_go_with_their_frames_first_bytes_and_nothing_before() {
+        for per_call in [usize::MAX, 3] {
+            let mut tx = sender();
+            tx.push(Kind::Encoded, b"before".to_vec()).unwrap();
+            tx.push_with_fds(Kind::Handles, b"\x02\0\0\0with".to_vec(), some_fds(2))
+                .unwrap();
+            tx.push(Kind::Encoded, b"after".to_vec()).unwrap();
+            let mut sink = ChokedSink::new(per_call);
+            flush_all(&mut tx, &mut sink);
+            // Sent once, with the frame's header: never with bytes of the frame before it.
+            assert_eq!(sink.fds_at, [(HEADER_LEN + 6, 2)], "per_call {per_call}");
+            assert_eq!(sink.taken.len(), 3 * HEADER_LEN + 6 + 8 + 5);
+        }
+    }
+
+    #[test]
+    fn with_a_bulk_lane_descriptors_go_with_the_payload_there() {
+        let mut tx = Sender::with_bulk_lane(Budget::new(None), 1 << 20);
+        tx.push_with_fds(Kind::Handles, b"\x01\0\0\0small".to_vec(), some_fds(1))
+            .unwrap();
+        let (mut sink, mut bulk) = (ChokedSink::new(usize::MAX), ChokedSink::new(usize::MAX));
+        flush_all_lanes(&mut tx, &mut sink, &mut bulk);
+        // However small, the payload takes the bulk lane, where the descriptors can go.
+        assert_eq!(sink.taken.len(), HEADER_LEN);
+        assert!(sink.fds_at.is_empty());
+        assert_eq!(bulk.fds_at, [(0, 1)]);
+        assert_eq!(bulk.taken, b"\x01\0\0\0small");
+    }
+
+    #[test]
+    fn a_sink_that_cannot_pass_descriptors_is_an_error() {
+        struct Plain;
+        impl WriteSink for Plain {
+            fn write_some(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+                Ok(bufs.iter().map(|b| b.len()).sum())
+            }
+        }
+        let mut tx = sender();
+        tx.push_with_fds(Kind::Handles, b"\x01\0\0\0".to_vec(), some_fds(1))
+            .unwrap();
+        let err = tx.flush_lanes(&mut Plain, None::<&mut Plain>).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::Unsupported);
     }
 
     proptest! {

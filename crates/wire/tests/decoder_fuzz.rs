@@ -365,7 +365,7 @@ fn garbage_header(mode: Garbage, noise: [u8; 8], max_len: u64) -> [u8; HEADER_LE
             }
         }
         Garbage::UnknownKind => {
-            raw[5] = 3 + raw[5] % 253;
+            raw[5] = 4 + raw[5] % 252;
             raw[6] = MAGIC_LOW;
             raw[7] = MAGIC_HIGH;
         }
@@ -628,7 +628,7 @@ proptest! {
             Err(FrameError::UnknownKind { kind }) => {
                 prop_assert_eq!(word >> 48, 0x6770);
                 let plain = if bulk_lane { kind & 0x7f } else { kind };
-                prop_assert!(plain > 2);
+                prop_assert!(plain > 3);
             }
             Err(FrameError::TooLarge { len, max: reported }) => {
                 prop_assert_eq!(reported, max);
