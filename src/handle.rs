@@ -1,38 +1,29 @@
 //! The objects Python drives: one reader and one writer per channel. Each call does what the
 //! descriptor allows right now and reports the rest; waiting is the Python layer's job.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::ptr::NonNull;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use gipc_wire::budget::{Budget, DEFAULT_SLICE};
-use gipc_wire::frame::{Kind, Lane};
+use gipc_wire::frame::Kind;
 use gipc_wire::growth::{grow_pipe, Grown};
-use gipc_wire::io::{adopt_end_fds, channel_ends, FdReader, FdWriter, Transport, BULK_MIN};
+use gipc_wire::io::{
+    channel_ends, check_end, set_nonblocking_cloexec, End, FdReader, FdWriter, SocketReader,
+    Transport, BULK_MIN, MAX_FDS,
+};
 use gipc_wire::recv::{Event, Payload, PayloadBuf, Receiver};
 use gipc_wire::send::{Progress, Sender};
 use gipc_wire::sigpipe::without_sigpipe;
 use gipc_wire::spin::SpinPolicy;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyBytes, PyList};
+use pyo3::types::{PyBytes, PyList};
 use pyo3::{ffi, IntoPyObjectExt};
 
 use crate::buffer::HeldView;
 use crate::errors;
-
-/// `Writer.try_send`/`try_flush` results, exported as `DONE`/`WOULD_BLOCK`/`YIELD`.
-pub const DONE: u8 = 0;
-pub const WOULD_BLOCK: u8 = 1;
-pub const YIELD: u8 = 2;
-
-fn status(progress: Progress) -> u8 {
-    match progress {
-        Progress::Done => DONE,
-        Progress::WouldBlock => WOULD_BLOCK,
-        Progress::Yield => YIELD,
-    }
-}
 
 fn kind_from(value: u8) -> PyResult<Kind> {
     Kind::from_u8(value).ok_or_else(|| PyValueError::new_err(format!("unknown kind {value}")))
@@ -151,42 +142,41 @@ impl PayloadBuf for FillingBytes {
     }
 }
 
+/// A `Progress` (the result of a send, or of a receive that has no message) for Python.
+fn status(py: Python<'_>, progress: Progress) -> PyResult<Py<PyAny>> {
+    (progress as u8).into_py_any(py)
+}
+
 /// The read end of a channel.
 #[pyclass(module = "gipc._core")]
 pub struct Reader {
-    fd: Option<OwnedFd>,
-    /// The bulk lane's descriptor, on channels that have one (closed with `fd`).
-    bulk: Option<OwnedFd>,
+    /// The descriptors; `None` once closed.
+    end: Option<End>,
     transport: Transport,
     rx: Receiver<FillingBytes>,
     spin: SpinPolicy,
+    /// Descriptors received on a socket lane and not yet handed out with their message
+    /// (see `Kind::Handles`); closed with the reader.
+    fds: VecDeque<OwnedFd>,
 }
 
 #[pymethods]
 impl Reader {
-    /// The next message as `(kind, payload)`, `None` when the caller must wait until the
-    /// descriptor is readable, or `False` when it must let the event loop run first.
+    /// The next message as `(kind, payload)`, else `WOULD_BLOCK` (wait until the descriptor
+    /// is readable) or `YIELD` (let the event loop run first).
     ///
-    /// Before answering `None`, looks again for up to `spin_us` microseconds while that
-    /// keeps paying off (see `gipc_wire::spin`): a reply that is on its way is then taken
-    /// without a trip through the event loop.
+    /// Before answering `WOULD_BLOCK`, looks again for up to `spin_us` microseconds while
+    /// that keeps paying off (see `gipc_wire::spin`): a reply that is on its way is then
+    /// taken without a trip through the event loop.
     fn try_recv(&mut self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        if let Some(answer) = self.poll_once(py)? {
-            return Ok(answer);
-        }
-        let Some(deadline) = self.spin.start(Instant::now()) else {
-            return Ok(py.None());
-        };
-        loop {
-            std::hint::spin_loop();
-            if let Some(answer) = self.poll_once(py)? {
-                self.spin.finish(true);
-                return Ok(answer);
-            }
-            if Instant::now() >= deadline {
-                self.spin.finish(false);
-                return Ok(py.None());
-            }
+        let end = self.end.as_ref().ok_or_else(errors::closed)?;
+        let (rx, fds, transport) = (&mut self.rx, &mut self.fds, self.transport);
+        match self
+            .spin
+            .attempt(|| receive_once(py, rx, end, transport, fds))?
+        {
+            Some(answer) => Ok(answer),
+            None => status(py, Progress::WouldBlock),
         }
     }
 
@@ -202,28 +192,36 @@ impl Reader {
     }
 
     fn fileno(&self) -> PyResult<i32> {
-        Ok(self.fd.as_ref().ok_or_else(errors::closed)?.as_raw_fd())
+        Ok(open_end(&self.end)?.frame.as_raw_fd())
     }
 
     /// Every descriptor of this end: the frame lane's, then the bulk lane's if any.
     fn filenos(&self) -> PyResult<Vec<i32>> {
-        all_filenos(&self.fd, &self.bulk)
+        Ok(open_end(&self.end)?.raw_fds())
     }
 
-    /// The descriptor to wait for (readable) after `try_recv` returned `None`.
+    /// The descriptor to wait for (readable) after `try_recv` answered `WOULD_BLOCK`.
     fn wait_fileno(&self) -> PyResult<i32> {
-        lane_fileno(&self.fd, &self.bulk, self.rx.waiting_lane())
+        Ok(open_end(&self.end)?
+            .lane(self.rx.waiting_lane())
+            .as_raw_fd())
     }
 
     /// Closes the descriptors; returns False if they were closed already.
     fn close(&mut self) -> bool {
-        self.bulk = None;
-        self.fd.take().is_some()
+        self.fds.clear();
+        self.end.take().is_some()
     }
 
     #[getter]
     fn closed(&self) -> bool {
-        self.fd.is_none()
+        self.end.is_none()
+    }
+
+    /// "hybrid", "socket" or "pipe".
+    #[getter]
+    fn transport(&self) -> &'static str {
+        self.transport.name()
     }
 
     #[getter]
@@ -242,67 +240,98 @@ impl Reader {
         self.rx.buffered()
     }
 
-    /// What another process needs, beside `filenos()`, to continue reading this channel
-    /// (see `reader_from_fds`): the transport's name and the bytes received and not yet
-    /// returned. GIPCError while a large payload is partly received.
+    /// What another process needs, besides `filenos()`, to go on reading this channel with
+    /// `reader_from_fds`: the transport's name and the bytes received but not yet returned
+    /// as messages. Changes nothing; `GIPCError` when the end cannot move now.
     fn transfer_state<'py>(
-        &self,
+        &mut self,
         py: Python<'py>,
     ) -> PyResult<(&'static str, Bound<'py, PyBytes>)> {
-        if self.fd.is_none() {
-            return Err(errors::closed());
+        open_end(&self.end)?;
+        if !self.fds.is_empty() {
+            return Err(errors::cannot_transfer(
+                "descriptors received with a message are not yet returned",
+            ));
         }
-        let unread = self.rx.unread().ok_or_else(|| {
-            errors::GIPCError::new_err(
-                "cannot move this reader now: a message is partly received (read it first)",
-            )
-        })?;
-        Ok((self.transport.name(), PyBytes::new(py, unread)))
+        let unread = self.rx.unread().map_err(errors::cannot_transfer)?;
+        Ok((self.transport.name(), PyBytes::new(py, &unread)))
     }
 }
 
-impl Reader {
-    /// One attempt: `Some(message or False)`, or `None` when the descriptor has nothing.
-    fn poll_once(&mut self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
-        let fd = self.fd.as_ref().ok_or_else(errors::closed)?;
-        let mut source = FdReader(fd.as_fd());
-        let mut bulk_source = self.bulk.as_ref().map(|bulk| FdReader(bulk.as_fd()));
-        let event = self
-            .rx
-            .poll_lanes(&mut source, bulk_source.as_mut(), |len| {
-                FillingBytes::allocate(py, len)
-            })
-            .map_err(errors::recv_error)?;
-        match event {
-            Event::Message { kind, payload } => {
-                let bytes = match payload {
-                    Payload::Buffered(data) => PyBytes::new(py, data).unbind(),
-                    Payload::Owned(filled) => filled.owner,
-                };
-                Ok(Some((kind as u8, bytes).into_py_any(py)?))
+/// One look at the descriptors: `Some(message or YIELD)`, or `None` when there is nothing.
+/// A socket lane is read with `recvmsg`, keeping the descriptors that come (into `fds`).
+fn receive_once(
+    py: Python<'_>,
+    rx: &mut Receiver<FillingBytes>,
+    end: &End,
+    transport: Transport,
+    fds: &mut VecDeque<OwnedFd>,
+) -> PyResult<Option<Py<PyAny>>> {
+    let alloc = |len| FillingBytes::allocate(py, len);
+    let event = match (transport, &end.bulk) {
+        (Transport::Socket, _) => {
+            let mut source = SocketReader {
+                fd: end.frame.as_fd(),
+                received: fds,
+            };
+            rx.poll_lanes(&mut source, None::<&mut FdReader<'_>>, alloc)
+        }
+        (_, Some(bulk)) => {
+            let mut bulk_source = SocketReader {
+                fd: bulk.as_fd(),
+                received: fds,
+            };
+            let mut source = FdReader(end.frame.as_fd());
+            rx.poll_lanes(&mut source, Some(&mut bulk_source), alloc)
+        }
+        (_, None) => {
+            let mut source = FdReader(end.frame.as_fd());
+            rx.poll_lanes(&mut source, None::<&mut FdReader<'_>>, alloc)
+        }
+    }
+    .map_err(errors::recv_error)?;
+    match event {
+        Event::Message { kind, payload } => {
+            let bytes = match payload {
+                Payload::Buffered(data) => PyBytes::new(py, data).unbind(),
+                Payload::Owned(filled) => filled.owner,
+            };
+            if kind == Kind::Handles {
+                let taken = take_fds(bytes.bind(py).as_bytes(), fds)?;
+                return Ok(Some((kind as u8, bytes, taken).into_py_any(py)?));
             }
-            Event::WouldBlock => Ok(None),
-            Event::Yield => Ok(Some(PyBool::new(py, false).to_owned().into_any().unbind())),
+            Ok(Some((kind as u8, bytes).into_py_any(py)?))
+        }
+        Event::WouldBlock => Ok(None),
+        Event::Yield => Ok(Some(status(py, Progress::Yield)?)),
+    }
+}
+
+/// The descriptors of a `Kind::Handles` message, whose payload starts with their count, as
+/// numbers the caller now owns; `GIPCError` when they did not all come (then those that did
+/// are closed: the stream's descriptors are out of step for good).
+fn take_fds(payload: &[u8], fds: &mut VecDeque<OwnedFd>) -> PyResult<Vec<i32>> {
+    let count = payload
+        .get(..4)
+        .map(|raw| u32::from_le_bytes(raw.try_into().expect("four bytes")) as usize);
+    match count {
+        Some(count) if count <= fds.len() => {
+            Ok(fds.drain(..count).map(IntoRawFd::into_raw_fd).collect())
+        }
+        _ => {
+            let came = fds.len();
+            fds.clear();
+            Err(errors::GIPCError::new_err(format!(
+                "a message that carries descriptors came without them ({came} came): is the \
+                 writer a pipe-only channel, or not gipc?"
+            )))
         }
     }
 }
 
-/// The descriptor of `lane`: the bulk lane's if the channel has one, else the frame lane's.
-fn lane_fileno(frame: &Option<OwnedFd>, bulk: &Option<OwnedFd>, lane: Lane) -> PyResult<i32> {
-    let frame = frame.as_ref().ok_or_else(errors::closed)?;
-    Ok(match (lane, bulk) {
-        (Lane::Bulk, Some(bulk)) => bulk.as_raw_fd(),
-        _ => frame.as_raw_fd(),
-    })
-}
-
-/// The frame lane's descriptor, then the bulk lane's if the channel has one.
-fn all_filenos(frame: &Option<OwnedFd>, bulk: &Option<OwnedFd>) -> PyResult<Vec<i32>> {
-    let frame = frame.as_ref().ok_or_else(errors::closed)?;
-    Ok(std::iter::once(frame)
-        .chain(bulk)
-        .map(|fd| fd.as_raw_fd())
-        .collect())
+/// The descriptors of an end that is open, else `GIPCClosed`.
+fn open_end(end: &Option<End>) -> PyResult<&End> {
+    end.as_ref().ok_or_else(errors::closed)
 }
 
 fn spin_limit(us: u64) -> Option<Duration> {
@@ -312,9 +341,8 @@ fn spin_limit(us: u64) -> Option<Duration> {
 /// The write end of a channel.
 #[pyclass(module = "gipc._core")]
 pub struct Writer {
-    fd: Option<OwnedFd>,
-    /// The bulk lane's descriptor, on channels that have one (closed with `fd`).
-    bulk: Option<OwnedFd>,
+    /// The descriptors; `None` once closed.
+    end: Option<End>,
     transport: Transport,
     tx: Sender<HeldBytes>,
     /// What growing the pipe took from this process's share (see `gipc_wire::growth`).
@@ -324,29 +352,45 @@ pub struct Writer {
 }
 
 impl Writer {
-    fn flush(&mut self) -> PyResult<u8> {
+    fn new(transport: Transport, end: End) -> Self {
+        let budget = Budget::new(Some(DEFAULT_SLICE));
+        let tx = match end.bulk {
+            Some(_) => Sender::with_bulk_lane(budget, BULK_MIN),
+            None => Sender::new(budget),
+        };
+        Writer {
+            end: Some(end),
+            transport,
+            tx,
+            grown: None,
+            grow_tried: false,
+        }
+    }
+
+    fn flush(&mut self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         let mut progress = self.flush_once()?;
         if progress == Progress::WouldBlock && self.make_room()? {
             progress = self.flush_once()?;
         }
-        Ok(status(progress))
+        status(py, progress)
     }
 
     fn flush_once(&mut self) -> PyResult<Progress> {
-        let fd = self.fd.as_ref().ok_or_else(errors::closed)?;
+        let end = open_end(&self.end)?;
         let frame_lane = self.transport.frame_lane();
-        let mut sink = FdWriter::new(fd.as_fd(), frame_lane);
-        let mut bulk_sink = self
+        let mut sink = FdWriter::new(end.frame.as_fd(), frame_lane);
+        let mut bulk_sink = end
             .bulk
             .as_ref()
             .map(|bulk| FdWriter::new(bulk.as_fd(), Transport::Socket));
         let tx = &mut self.tx;
-        Ok(match frame_lane {
+        let result = match frame_lane {
             // A pipe write has no MSG_NOSIGNAL (only RWF_NOSIGNAL on recent kernels): one
             // shield for the whole flush, however many writes it makes.
-            Transport::Pipe => without_sigpipe(|| tx.flush_lanes(&mut sink, bulk_sink.as_mut()))?,
-            _ => tx.flush_lanes(&mut sink, bulk_sink.as_mut())?,
-        })
+            Transport::Pipe => without_sigpipe(|| tx.flush_lanes(&mut sink, bulk_sink.as_mut())),
+            _ => tx.flush_lanes(&mut sink, bulk_sink.as_mut()),
+        };
+        result.map_err(errors::os_error)
     }
 
     /// On a pipe-only channel, grows the pipe the first time a large payload finds it full;
@@ -358,8 +402,8 @@ impl Writer {
             return Ok(false);
         }
         self.grow_tried = true;
-        let fd = self.fd.as_ref().ok_or_else(errors::closed)?;
-        self.grown = grow_pipe(fd.as_fd());
+        let end = open_end(&self.end)?;
+        self.grown = grow_pipe(end.frame.as_fd());
         Ok(self.grown.is_some())
     }
 }
@@ -369,23 +413,29 @@ impl Writer {
     /// Queues one frame and writes what the descriptor takes now. Returns `DONE`,
     /// `WOULD_BLOCK` (wait until writable, then `try_flush`) or `YIELD` (let the loop run,
     /// then `try_flush`).
-    fn try_send(&mut self, kind: u8, payload: &Bound<'_, PyAny>) -> PyResult<u8> {
-        if self.fd.is_none() {
-            return Err(errors::closed());
-        }
+    fn try_send(
+        &mut self,
+        py: Python<'_>,
+        kind: u8,
+        payload: &Bound<'_, PyAny>,
+    ) -> PyResult<Py<PyAny>> {
+        open_end(&self.end)?;
         let held = HeldBytes::from_object(payload)?;
         self.tx
             .push(kind_from(kind)?, held)
             .map_err(errors::frame_error)?;
-        self.flush()
+        self.flush(py)
     }
 
     /// Like `try_send` for a list of payloads, all written with as few system calls as the
     /// descriptor allows.
-    fn try_send_many(&mut self, kind: u8, payloads: &Bound<'_, PyList>) -> PyResult<u8> {
-        if self.fd.is_none() {
-            return Err(errors::closed());
-        }
+    fn try_send_many(
+        &mut self,
+        py: Python<'_>,
+        kind: u8,
+        payloads: &Bound<'_, PyList>,
+    ) -> PyResult<Py<PyAny>> {
+        open_end(&self.end)?;
         let kind = kind_from(kind)?;
         // Check every item first so a bad one queues nothing.
         let items: Vec<HeldBytes> = payloads
@@ -395,18 +445,69 @@ impl Writer {
         for item in items {
             self.tx.push(kind, item).map_err(errors::frame_error)?;
         }
-        self.flush()
+        self.flush(py)
+    }
+
+    /// Like `try_send` for a message that carries descriptors: copies of `fds` travel with
+    /// it (`SCM_RIGHTS`) on the channel's socket lane, and the reader's `try_recv` answers
+    /// `(kind, payload, fds)`. `kind` must be `KIND_HANDLES` and `payload` start with the
+    /// count of `fds`, a little-endian u32. `GIPCError` on a "pipe" channel, which has no
+    /// socket lane; nothing is queued then.
+    fn try_send_fds(
+        &mut self,
+        py: Python<'_>,
+        kind: u8,
+        payload: &Bound<'_, PyAny>,
+        fds: Vec<i32>,
+    ) -> PyResult<Py<PyAny>> {
+        open_end(&self.end)?;
+        if self.transport == Transport::Pipe {
+            return Err(errors::GIPCError::new_err(
+                "a 'pipe' channel cannot carry descriptors: it has no socket lane",
+            ));
+        }
+        let kind = kind_from(kind)?;
+        let held = HeldBytes::from_object(payload)?;
+        let count = held
+            .as_ref()
+            .get(..4)
+            .map(|raw| u32::from_le_bytes(raw.try_into().expect("four bytes")) as usize);
+        if kind != Kind::Handles || count != Some(fds.len()) || fds.len() > MAX_FDS {
+            return Err(PyValueError::new_err(format!(
+                "descriptors go in a KIND_HANDLES frame whose payload starts with their count, \
+                 at most {MAX_FDS}"
+            )));
+        }
+        let copies = fds
+            .iter()
+            .map(|&fd| {
+                // SAFETY: F_GETFD only reads the descriptor table; any integer is valid.
+                if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+                    return Err(errors::os_error(std::io::Error::from_raw_os_error(
+                        libc::EBADF,
+                    )));
+                }
+                // SAFETY: open (checked just above, and nothing runs in between that could
+                // close it: we hold the GIL); borrowed only to make our own copy.
+                let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+                fd.try_clone_to_owned().map_err(errors::os_error)
+            })
+            .collect::<PyResult<Vec<OwnedFd>>>()?;
+        self.tx
+            .push_with_fds(kind, held, copies)
+            .map_err(errors::frame_error)?;
+        self.flush(py)
     }
 
     /// Continues writing what is queued.
-    fn try_flush(&mut self) -> PyResult<u8> {
-        self.flush()
+    fn try_flush(&mut self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        self.flush(py)
     }
 
-    /// True while queued frames are not entirely written.
+    /// "hybrid", "socket" or "pipe".
     #[getter]
-    fn pending(&self) -> bool {
-        self.tx.has_pending()
+    fn transport(&self) -> &'static str {
+        self.transport.name()
     }
 
     /// True when a frame is partly written: closing now would tear it for the reader.
@@ -416,31 +517,19 @@ impl Writer {
     }
 
     fn fileno(&self) -> PyResult<i32> {
-        Ok(self.fd.as_ref().ok_or_else(errors::closed)?.as_raw_fd())
+        Ok(open_end(&self.end)?.frame.as_raw_fd())
     }
 
     /// Every descriptor of this end: the frame lane's, then the bulk lane's if any.
     fn filenos(&self) -> PyResult<Vec<i32>> {
-        all_filenos(&self.fd, &self.bulk)
+        Ok(open_end(&self.end)?.raw_fds())
     }
 
     /// The descriptor to wait for (writable) after `WOULD_BLOCK`.
     fn wait_fileno(&self) -> PyResult<i32> {
-        lane_fileno(&self.fd, &self.bulk, self.tx.waiting_lane())
-    }
-
-    /// What another process needs, beside `filenos()`, to continue writing this channel
-    /// (see `writer_from_fds`): the transport's name. GIPCError while frames are queued.
-    fn transfer_state(&self) -> PyResult<&'static str> {
-        if self.fd.is_none() {
-            return Err(errors::closed());
-        }
-        if self.tx.has_pending() {
-            return Err(errors::GIPCError::new_err(
-                "cannot move this writer now: a message is not entirely written",
-            ));
-        }
-        Ok(self.transport.name())
+        Ok(open_end(&self.end)?
+            .lane(self.tx.waiting_lane())
+            .as_raw_fd())
     }
 
     /// Forgets queued frames and closes the descriptors; returns False if they were closed
@@ -448,59 +537,28 @@ impl Writer {
     fn close(&mut self) -> bool {
         self.tx.discard();
         self.grown = None;
-        self.bulk = None;
-        self.fd.take().is_some()
+        self.end.take().is_some()
     }
 
     #[getter]
     fn closed(&self) -> bool {
-        self.fd.is_none()
+        self.end.is_none()
+    }
+
+    /// The transport's name, for `writer_from_fds` in another process; `GIPCError` while
+    /// queued frames are not entirely written (they would stay behind).
+    fn transfer_state(&self) -> PyResult<&'static str> {
+        open_end(&self.end)?;
+        if self.tx.has_pending() {
+            return Err(errors::cannot_transfer(
+                "queued messages are not entirely written",
+            ));
+        }
+        Ok(self.transport.name())
     }
 }
 
-/// Creates a one-way channel and returns its `(Reader, Writer)`.
-#[pyfunction]
-#[pyo3(signature = (transport = "hybrid", max_message_size = 1 << 32, slice_us = None))]
-pub fn channel(
-    transport: &str,
-    max_message_size: u64,
-    slice_us: Option<u64>,
-) -> PyResult<(Reader, Writer)> {
-    let transport = Transport::from_name(transport).ok_or_else(|| {
-        PyValueError::new_err(format!(
-            "unknown transport {transport:?}: use 'hybrid', 'socket' or 'pipe'"
-        ))
-    })?;
-    let slice = match slice_us {
-        None => Some(DEFAULT_SLICE),
-        Some(0) => None,
-        Some(us) => Some(std::time::Duration::from_micros(us)),
-    };
-    let (read_end, write_end) = channel_ends(transport)?;
-    let tx = match write_end.bulk {
-        Some(_) => Sender::with_bulk_lane(Budget::new(slice), BULK_MIN),
-        None => Sender::new(Budget::new(slice)),
-    };
-    Ok((
-        Reader {
-            fd: Some(read_end.frame),
-            bulk: read_end.bulk,
-            transport,
-            rx: Receiver::new(max_message_size, Budget::new(slice)),
-            spin: SpinPolicy::new(None),
-        },
-        Writer {
-            fd: Some(write_end.frame),
-            bulk: write_end.bulk,
-            transport,
-            tx,
-            grown: None,
-            grow_tried: false,
-        },
-    ))
-}
-
-fn transport_named(name: &str) -> PyResult<Transport> {
+fn parse_transport(name: &str) -> PyResult<Transport> {
     Transport::from_name(name).ok_or_else(|| {
         PyValueError::new_err(format!(
             "unknown transport {name:?}: use 'hybrid', 'socket' or 'pipe'"
@@ -508,75 +566,81 @@ fn transport_named(name: &str) -> PyResult<Transport> {
     })
 }
 
-/// Checks `fds` for one end of a `transport` channel and takes them over. On error the
-/// descriptors stay the caller's, untouched but for the flags.
-fn adopt_fds(transport: Transport, fds: &[RawFd]) -> PyResult<(OwnedFd, Option<OwnedFd>)> {
-    if fds.iter().any(|&fd| fd < 0) {
-        return Err(PyValueError::new_err(format!("not descriptors: {fds:?}")));
+/// Takes `fds` (frame lane first) as one end of a `transport` channel, once they are checked
+/// and made non-blocking and close-on-exec. On any error the caller still owns them.
+fn adopt(transport: Transport, fds: &[i32], reading: bool) -> PyResult<End> {
+    for &fd in fds {
+        // SAFETY: F_GETFD only reads the descriptor table; any integer is a valid argument.
+        if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+            return Err(errors::os_error(std::io::Error::from_raw_os_error(
+                libc::EBADF,
+            )));
+        }
     }
-    if fds.len() == 2 && fds[0] == fds[1] {
-        return Err(PyValueError::new_err("the two lanes need two descriptors"));
-    }
-    // SAFETY: the numbers are only borrowed for the checks below, which fail cleanly
-    // (EBADF) for a number that is not an open descriptor.
+    // SAFETY: each descriptor was just seen open, and stays open while these borrows live:
+    // they end within this call, during which we hold the GIL and close nothing.
     let borrowed: Vec<BorrowedFd<'_>> = fds
         .iter()
         .map(|&fd| unsafe { BorrowedFd::borrow_raw(fd) })
         .collect();
-    adopt_end_fds(transport, &borrowed).map_err(PyValueError::new_err)?;
-    // SAFETY: each descriptor is open (checked above), distinct, and handed over by the
-    // caller, who must not use or close it any more (documented in `_core.pyi`).
+    check_end(transport, &borrowed, reading).map_err(errors::end_error)?;
+    for &fd in &borrowed {
+        set_nonblocking_cloexec(fd).map_err(errors::os_error)?;
+    }
+    // SAFETY: the caller hands these descriptors over (documented in the .pyi); they are
+    // open and distinct (checked above), so each gets exactly one owner, which closes it.
     let mut owned = fds.iter().map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) });
-    let frame = owned.next().expect("checked: at least one descriptor");
-    Ok((frame, owned.next()))
+    Ok(End {
+        frame: owned.next().expect("check_end counted at least one"),
+        bulk: owned.next(),
+    })
 }
 
-/// A reader on descriptors handed over from another process or handle (the frame lane's,
-/// then the bulk lane's): takes them over and returns `buffered` (the old reader's
-/// `transfer_state()` bytes) before anything it reads.
+/// Rebuilds a channel's read end from descriptors another process had (see
+/// `Reader.transfer_state`): `buffered` are the bytes that reader had received and not
+/// returned, returned first here.
 #[pyfunction]
-#[pyo3(signature = (transport, fds, buffered = None, max_message_size = 1 << 32))]
+#[pyo3(signature = (transport, fds, buffered = &[][..], max_message_size = 1 << 32))]
 pub fn reader_from_fds(
     transport: &str,
-    fds: Vec<RawFd>,
-    buffered: Option<&[u8]>,
+    fds: Vec<i32>,
+    buffered: &[u8],
     max_message_size: u64,
 ) -> PyResult<Reader> {
-    let transport = transport_named(transport)?;
-    let buffered = buffered.unwrap_or_default();
-    let mut rx = Receiver::new(max_message_size, Budget::new(Some(DEFAULT_SLICE)));
-    if !rx.preload(buffered) {
-        return Err(PyValueError::new_err(format!(
-            "{} buffered bytes are more than a reader holds",
-            buffered.len()
-        )));
-    }
-    let (frame, bulk) = adopt_fds(transport, &fds)?;
+    let transport = parse_transport(transport)?;
+    let end = adopt(transport, &fds, true)?;
+    let budget = Budget::new(Some(DEFAULT_SLICE));
     Ok(Reader {
-        fd: Some(frame),
-        bulk,
+        end: Some(end),
         transport,
-        rx,
+        rx: Receiver::resume(max_message_size, budget, buffered),
         spin: SpinPolicy::new(None),
+        fds: VecDeque::new(),
     })
 }
 
-/// A writer on descriptors handed over from another process or handle (the frame lane's,
-/// then the bulk lane's); takes them over.
+/// Rebuilds a channel's write end from descriptors another process had.
 #[pyfunction]
-pub fn writer_from_fds(transport: &str, fds: Vec<RawFd>) -> PyResult<Writer> {
-    let transport = transport_named(transport)?;
-    let (frame, bulk) = adopt_fds(transport, &fds)?;
-    let tx = match bulk {
-        Some(_) => Sender::with_bulk_lane(Budget::new(Some(DEFAULT_SLICE)), BULK_MIN),
-        None => Sender::new(Budget::new(Some(DEFAULT_SLICE))),
-    };
-    Ok(Writer {
-        fd: Some(frame),
-        bulk,
-        transport,
-        tx,
-        grown: None,
-        grow_tried: false,
-    })
+pub fn writer_from_fds(transport: &str, fds: Vec<i32>) -> PyResult<Writer> {
+    let transport = parse_transport(transport)?;
+    let end = adopt(transport, &fds, false)?;
+    Ok(Writer::new(transport, end))
+}
+
+/// Creates a one-way channel and returns its `(Reader, Writer)`.
+#[pyfunction]
+#[pyo3(signature = (transport = "hybrid", max_message_size = 1 << 32))]
+pub fn channel(transport: &str, max_message_size: u64) -> PyResult<(Reader, Writer)> {
+    let transport = parse_transport(transport)?;
+    let (read_end, write_end) = channel_ends(transport).map_err(errors::os_error)?;
+    Ok((
+        Reader {
+            end: Some(read_end),
+            transport,
+            rx: Receiver::new(max_message_size, Budget::new(Some(DEFAULT_SLICE))),
+            spin: SpinPolicy::new(None),
+            fds: VecDeque::new(),
+        },
+        Writer::new(transport, write_end),
+    ))
 }

@@ -6,6 +6,7 @@ mod errors;
 mod handle;
 mod signals;
 
+use gipc_wire::send::Progress;
 use pyo3::prelude::*;
 
 #[pymodule]
@@ -16,17 +17,17 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(handle::reader_from_fds, m)?)?;
     m.add_function(wrap_pyfunction!(handle::writer_from_fds, m)?)?;
     m.add_function(wrap_pyfunction!(signals::reset_signal_state, m)?)?;
-    m.add("DONE", handle::DONE)?;
-    m.add("WOULD_BLOCK", handle::WOULD_BLOCK)?;
-    m.add("YIELD", handle::YIELD)?;
+    m.add("DONE", Progress::Done as u8)?;
+    m.add("WOULD_BLOCK", Progress::WouldBlock as u8)?;
+    m.add("YIELD", Progress::Yield as u8)?;
     m.add("KIND_ENCODED", gipc_wire::frame::Kind::Encoded as u8)?;
     m.add("KIND_BYTES", gipc_wire::frame::Kind::Bytes as u8)?;
     m.add("KIND_BATCH", gipc_wire::frame::Kind::Batch as u8)?;
+    m.add("KIND_HANDLES", gipc_wire::frame::Kind::Handles as u8)?;
     m.add(
         "REPLY_SPIN_US",
         gipc_wire::spin::REPLY_SPIN.as_micros() as u64,
     )?;
-    m.add("MAX_PAYLOAD_LEN", gipc_wire::frame::MAX_PAYLOAD_LEN)?;
     m.add("BULK_MIN", gipc_wire::io::BULK_MIN)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

@@ -539,7 +539,7 @@ class TestReplySpin:
     def test_a_spin_catches_a_message_that_arrives_during_it(self):
         with gipc.pipe() as (r, w):
             r._core.spin_us = 0
-            assert r._core.try_recv() is None  # no spin: says "wait" at once
+            assert r._core.try_recv() == _core.WOULD_BLOCK  # no spin: says "wait" at once
             p = gipc.start_process(_put_after, args=(w, 0.02, "late"))
             # A spin far longer than the child needs: the message is caught by the spin,
             # not by a wait (try_recv never waits).
@@ -609,7 +609,7 @@ class TestLanes:
             assert w._core.mid_frame
             assert w._core.wait_fileno() == w._core.filenos()[1]
             # One bounded step: the header, then as much payload as has arrived.
-            assert r._core.try_recv() in (None, False)
+            assert r._core.try_recv() in (_core.WOULD_BLOCK, _core.YIELD)
             assert r._core.wait_fileno() == r._core.filenos()[1]
             assert r.get(timeout=30) == big  # waiting on the frame lane would never end
             putter.get()

@@ -1,154 +1,467 @@
-"""Handles rebuilt from their descriptors elsewhere (what spawn and fork-server children
-get): the core's transfer state and adoption of descriptors, and the handle pickler."""
+"""Handles that move to another process as descriptors: pickled with ``HandlePickler``
+(``dumps_with_handles``), rebuilt from the descriptors that came beside the pickle
+(``loads_with_handles``), whatever numbers they have there. What spawn and fork-server
+children, and handles put on a pipe, are built on."""
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
+import subprocess
+import sys
+import textwrap
 
+import gevent
 import pytest
 
 import gipc
-from gipc import GIPCError, _core
-from gipc._transfer import DescriptorCarrier, dumps_with_handles, loads_with_handles
+from gipc import _handles
+from gipc import GIPCClosed, GIPCError, GIPCLocked
+from gipc._handles import (
+    DescriptorCarrier,
+    HandlePickler,
+    _GIPCDuplexHandle,
+    _GIPCReader,
+    _GIPCWriter,
+    dumps_with_handles,
+    loads_with_handles,
+)
+
+PYTHON_DIR = os.path.dirname(os.path.dirname(os.path.abspath(gipc.__file__)))
+BIG = bytes(range(256)) * (12 << 12)  # 12 MiB: the bulk lane on a hybrid channel
+
+
+def encode_upper(obj):
+    return str(obj).upper().encode()
+
+
+def decode_tagged(data):
+    return ("decoded", data)
+
+
+def is_open(fd):
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
 
 
 def moved(obj):
-    """``obj`` pickled with its handles, rebuilt on copies of their descriptors (as a
-    receiving process gets them); the originals are closed."""
+    """``obj`` as another process would get it: pickled, its handles rebuilt from copies
+    of their descriptors (new numbers), the originals closed as a sender closes them."""
     data, handles, fds = dumps_with_handles(obj)
     copies = [os.dup(fd) for fd in fds]
     for handle in handles:
-        parts = handle._parts() if isinstance(handle, gipc.DuplexHandle) else (handle,)
-        for part in parts:
-            if not part.closed:
-                part.close()
+        handle.close()
     return loads_with_handles(data, copies)
 
 
-@pytest.mark.parametrize("transport", ["hybrid", "socket", "pipe"])
-def test_a_moved_pair_carries_on_with_what_was_in_flight(monkeypatch, transport):
-    monkeypatch.setattr(gipc._handles, "TRANSPORT", transport)
-    r, w = gipc.pipe()
-    w.put_many(["one", "two", "three"])
-    w.put(b"x" * 100_000)  # a bulk payload, still in the kernel
-    assert r.get() == "one"  # "two" and "three" are in the reader's backlog now
-    r2, w2 = moved((r, w))
-    assert [r2.get(), r2.get(), len(r2.get())] == ["two", "three", 100_000]
-    w2.put({"more": 1})
-    assert r2.get() == {"more": 1}
-    r2.close()
-    w2.close()
+class TestWithinOneProcess:
+    def test_messages_flow_both_ways_and_none_is_lost(self):
+        r, w = gipc.pipe()
+        w.put("read here")
+        w.put("buffered, not yet read")
+        w.put_many(["batch 1", "batch 2", "batch 3"])
+        assert r.get() == "read here"
+        assert r.get() == "buffered, not yet read"
+        assert r.get() == "batch 1"  # the rest of the batch waits in the reader's backlog
+        state = moved({"reader": r, "writer": w, "other": [1, 2]})
+        r2, w2 = state["reader"], state["writer"]
+        assert r.closed and w.closed and state["other"] == [1, 2]
+        assert type(r2) is _GIPCReader and type(w2) is _GIPCWriter
+        assert [r2.get(), r2.get()] == ["batch 2", "batch 3"]
+
+        def send_big():
+            w2.put(BIG)
+            w2.put("after")
+
+        g = gevent.spawn(send_big)
+        assert r2.get() == BIG
+        assert r2.get() == "after"
+        g.get()
+        w2.close()
+        with pytest.raises(EOFError):
+            r2.get()
+        r2.close()
+
+    def test_a_message_read_halfway_is_completed_by_the_new_reader(self):
+        r, w = gipc.pipe(encoder=None, decoder=None)
+        w.put(b"whole")
+        # Half a frame: the header and part of the payload; the reader has taken it in.
+        header = (0x6770 << 48 | gipc._core.KIND_ENCODED << 40 | 5).to_bytes(8, "little")
+        frame = header + b"hal"
+        os.write(w._core.fileno(), frame)
+        assert r.get() == b"whole"
+        with gevent.Timeout(0.05, False):
+            r.get()
+        assert r._core.buffered == len(frame)
+        r2 = moved(r)
+        os.write(w._core.fileno(), b"f!")
+        assert r2.get() == b"half!"
+        r2.close()
+        w.close()
+
+    def test_the_same_duplex_handle_twice_is_one_handle_there(self):
+        a, b = gipc.pipe(duplex=True)
+        got = moved([a, {"again": a}, (a,)])
+        assert isinstance(got[0], _GIPCDuplexHandle)
+        assert got[0] is got[1]["again"] is got[2][0]
+        # The reply spin of a duplex reader moved with it.
+        assert got[0]._reader._core.spin_us == b._reader._core.spin_us > 0
+        b.put("to a")
+        assert got[0].get() == "to a"
+        g = gevent.spawn(got[0].put, BIG)
+        assert b.get() == BIG
+        g.get()
+        got[0].close()
+        b.close()
+
+    def test_the_pickler_lists_handles_once_and_their_descriptors_in_order(self):
+        (r, w), (a, b) = gipc.pipe(), gipc.pipe(duplex=True)
+        with r, w, a, b:
+            pickler = HandlePickler(io.BytesIO())
+            pickler.dump([w, a, w, {"a": a}, r])
+            assert pickler.handles == [w, a, r]
+            expected = (
+                w._core.filenos()
+                + a._reader._core.filenos()
+                + a._writer._core.filenos()
+                + r._core.filenos()
+            )
+            assert pickler.fds == expected
+
+    def test_codecs_and_limits_travel_with_the_handle(self):
+        r, w = gipc.pipe(encoder=encode_upper, decoder=decode_tagged, max_message_size=1000)
+        got = moved((r, w))
+        r2, w2 = got
+        assert r2.max_message_size == 1000
+        w2.put("abc")
+        assert r2.get() == ("decoded", b"ABC")
+        r2.close()
+        w2.close()
+
+    def test_default_codecs_keep_their_fast_paths(self):
+        r, w = gipc.pipe()
+        r2, w2 = moved((r, w))
+        assert r2._default_codecs and w2._default_codecs
+        w2.put(b"raw bytes")  # sent unpickled: only the default codecs accept that
+        w2.put_many([1, 2])
+        assert [r2.get(), r2.get(), r2.get()] == [b"raw bytes", 1, 2]
+        r2.close()
+        w2.close()
+
+    def test_raw_pipes_travel(self):
+        r, w = gipc.pipe(encoder=None, decoder=None)
+        r2, w2 = moved((r, w))
+        w2.put(bytearray(b"xyz"))
+        assert r2.get() == b"xyz"
+        r2.close()
+        w2.close()
 
 
-def test_a_partly_buffered_frame_moves_too():
-    r, w = gipc.pipe(encoder=None, decoder=None)
-    w.put(b"a" * 10)
-    w.put(b"b" * 10)
-    r._core.try_recv()  # reads both frames into the buffer, returns the first
-    state = r._core.transfer_state()
-    assert state[0] == "hybrid" and len(state[1]) > 10
-    r2, w2 = moved((r, w))
-    assert r2.get() == b"b" * 10
-    r2.close()
-    w2.close()
+class TestRefusals:
+    def test_plain_pickle_refuses_a_handle_and_says_how_it_travels(self):
+        (r, w), (a, b) = gipc.pipe(), gipc.pipe(duplex=True)
+        with r, w, a, b:
+            for handle in (r, w, a, [{"deep": b}]):
+                with pytest.raises(TypeError, match="start_process") as info:
+                    pickle.dumps(handle)
+                assert isinstance(info.value, GIPCError)
+
+    def test_an_unpicklable_codec_is_named(self):
+        r, w = gipc.pipe(encoder=lambda o: b"x", decoder=decode_tagged)
+        with r, w:
+            with pytest.raises(GIPCError, match=r"encoder <function .*<lambda>"):
+                dumps_with_handles(w)
+            assert repr(w) in str(pytest.raises(GIPCError, dumps_with_handles, w).value)
+            assert not w.closed
+
+    def test_closed_and_busy_handles_refuse(self):
+        with gipc.pipe() as (r, w):
+            r.close()
+            with pytest.raises(GIPCClosed):
+                dumps_with_handles([r])
+        with gipc.pipe() as (r, w):
+            g = gevent.spawn(w.put, BIG)
+            gevent.sleep(0.01)  # now inside put(), holding the lock
+            with pytest.raises(GIPCLocked):
+                dumps_with_handles({"w": w})
+            g.kill()
+
+    def test_a_writer_with_unwritten_messages_refuses(self):
+        r, w = gipc.pipe()
+        with r, w:
+            # More than the channel holds: the rest stays queued until someone reads.
+            g = gevent.spawn(w.put, BIG)
+            gevent.sleep(0.01)
+            g.kill()
+            with pytest.raises(GIPCError, match="not entirely written"):
+                dumps_with_handles(w)
+
+    def test_unused_descriptors_are_closed(self):
+        r, w = gipc.pipe()
+        data, handles, fds = dumps_with_handles(r)
+        extra = os.dup(0)
+        copies = [os.dup(fd) for fd in fds] + [extra]
+        r2 = loads_with_handles(data, copies)
+        assert not is_open(extra)
+        assert all(is_open(fd) for fd in copies[:-1])
+        for handle in (r, w, r2):
+            handle.close()
+
+    def test_a_failed_load_closes_every_descriptor(self):
+        (r, w), (a, b) = gipc.pipe(), gipc.pipe(duplex=True)
+        data, handles, fds = dumps_with_handles([r, a])
+        # The duplex handle's descriptors are swapped: its reader is built, its writer not.
+        copies = [os.dup(fd) for fd in fds]
+        n = len(r._core.filenos())
+        half = len(a._reader._core.filenos())
+        copies[n:] = copies[n + half :] + copies[n : n + half]
+        with pytest.raises(GIPCError):
+            loads_with_handles(data, copies)
+        assert not any(is_open(fd) for fd in copies)
+        # Corrupt data: nothing taken, everything closed.
+        copies = [os.dup(fd) for fd in fds]
+        with pytest.raises(pickle.UnpicklingError):
+            loads_with_handles(data[:-3] + b"xx.", copies)
+        assert not any(is_open(fd) for fd in copies)
+        for handle in (r, w, a, b):
+            handle.close()
 
 
-def test_duplex_handles_and_the_same_handle_twice():
-    a, b = gipc.pipe(duplex=True)
-    moved_a, again = moved((a, a))
-    assert moved_a is again
-    moved_a.put("ping")
-    assert b.get() == "ping"
-    b.put("pong")
-    assert moved_a.get() == "pong"
-    moved_a.close()
-    b.close()
-
-
-def test_custom_codecs_travel_if_they_pickle():
-    r, w = gipc.pipe(encoder=str.encode, decoder=bytes.decode)
-    r2, w2 = moved((r, w))
-    w2.put("text")
-    assert r2.get() == "text"
-    r2.close()
-    w2.close()
-    r, w = gipc.pipe(encoder=lambda o: b"", decoder=None)
-    with pytest.raises(GIPCError, match="codec .*cannot be pickled"):
-        dumps_with_handles(w)
-    r.close()
-    w.close()
-
-
-def test_closed_and_busy_handles_are_refused():
-    r, w = gipc.pipe()
-    r.close()
-    with pytest.raises(gipc.GIPCClosed):
-        dumps_with_handles(r)
-    w.close()
-
-
-def test_plain_pickle_of_a_handle_says_how_to_pass_it():
-    with gipc.pipe() as (r, w):
-        with pytest.raises(gipc.GIPCTypeError, match="start_process"):
-            pickle.dumps(r)
-        with pytest.raises(TypeError):
-            pickle.dumps([w])
-
-
-def test_descriptors_nobody_took_are_closed_also_on_error():
-    r, w = gipc.pipe()
-    data, _, fds = dumps_with_handles(r)
-    copies = [os.dup(fd) for fd in fds]
-    extra = os.dup(copies[0])
-    loads_with_handles(data, copies + [extra]).close()
-    with pytest.raises(OSError):
-        os.fstat(extra)
-    bad = [os.dup(fd) for fd in reversed(fds)]  # socket where the pipe goes: refused
-    with pytest.raises(ValueError, match="channel has a Fifo"):
-        loads_with_handles(data, bad)
-    for fd in bad:
-        with pytest.raises(OSError):
+CHILD = textwrap.dedent(
+    """
+    import os, sys
+    from gipc._handles import loads_with_handles
+    data = bytes.fromhex(sys.argv[1])
+    fds = [int(fd) for fd in sys.argv[2].split(",")]
+    handles = loads_with_handles(data, fds)
+    reader, writer = handles["to_child"], handles["from_child"]
+    taken = reader._core.filenos() + writer._core.filenos()
+    for message in reader:
+        writer.put(("echo", message))
+    reader.close()
+    writer.put(("took", taken))
+    writer.close()
+    still_open = []
+    for fd in taken:
+        try:
             os.fstat(fd)
-    r.close()
-    w.close()
-
-
-class TestCore:
-    def test_from_fds_checks_what_it_takes(self):
-        r, w = _core.channel("hybrid")
-        with pytest.raises(ValueError, match="2 descriptor"):
-            _core.reader_from_fds("hybrid", [r.filenos()[0]])
-        with pytest.raises(ValueError, match="unknown transport"):
-            _core.writer_from_fds("carrier pigeon", w.filenos())
-        with pytest.raises(ValueError, match="not descriptors"):
-            _core.writer_from_fds("pipe", [-1])
-        with pytest.raises(ValueError, match="Bad file descriptor|EBADF|os error 9"):
-            _core.writer_from_fds("pipe", [10_000])
-        with pytest.raises(ValueError, match="more than a reader holds"):
-            _core.reader_from_fds("pipe", [r.fileno()], b"x" * (1 << 20))
-        assert not r.closed and not w.closed  # refusals take nothing over
-        r.close()
-        w.close()
-
-    def test_a_writer_with_queued_frames_cannot_move(self):
-        r, w = _core.channel("pipe")
-        while w.try_send(_core.KIND_BYTES, b"x" * 65536) == _core.DONE:
+            still_open.append(fd)
+        except OSError:
             pass
-        with pytest.raises(gipc.GIPCError, match="not entirely written"):
-            w.transfer_state()
-        r.close()
-        w.close()
+    sys.exit(len(still_open))
+    """
+)
 
-    def test_a_reader_mid_payload_cannot_move(self):
-        r, w = _core.channel("pipe")
-        w.try_send(_core.KIND_BYTES, b"y" * (1 << 20))
-        while r.try_recv() is not None:  # part of it read, the rest still coming
-            pass
-        with pytest.raises(gipc.GIPCError, match="partly received"):
-            r.transfer_state()
+
+def _child_env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [PYTHON_DIR, env.get("PYTHONPATH")]))
+    return env
+
+
+@pytest.mark.parametrize("launch", ["subprocess", "posix_spawn"])
+def test_handles_work_in_a_fresh_interpreter(launch):
+    to_child_r, to_child_w = gipc.pipe()
+    from_child_r, from_child_w = gipc.pipe()
+    to_child_w.put("buffered by the parent")
+    to_child_w.put("read by the parent")
+    to_child_w.put("left in the parent's buffer")
+    assert to_child_r.get() == "buffered by the parent"
+    assert to_child_r.get() == "read by the parent"
+    data, handles, fds = dumps_with_handles({"to_child": to_child_r, "from_child": from_child_w})
+    if launch == "subprocess":
+        # Same numbers in the child.
+        child_fds = fds
+        proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD, data.hex(), ",".join(map(str, fds))],
+            pass_fds=fds,
+            env=_child_env(),
+        )
+        wait = proc.wait
+    else:
+        # New numbers in the child, as SCM_RIGHTS gives them.
+        child_fds = [100 + i for i in range(len(fds))]
+        actions = [(os.POSIX_SPAWN_DUP2, fd, new) for fd, new in zip(fds, child_fds)]
+        pid = os.posix_spawn(
+            sys.executable,
+            [sys.executable, "-c", CHILD, data.hex(), ",".join(map(str, child_fds))],
+            _child_env(),
+            file_actions=actions,
+        )
+
+        def wait():
+            return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+    for handle in handles:
+        handle.close()
+    try:
+        assert from_child_r.get() == ("echo", "left in the parent's buffer")
+        to_child_w.put(BIG)
+        assert from_child_r.get() == ("echo", BIG)
+        to_child_w.close()
+        assert from_child_r.get() == ("took", child_fds)
+        with pytest.raises(EOFError):
+            from_child_r.get()
+    finally:
+        code = wait()
+        for handle in (to_child_w, from_child_r):
+            if not handle.closed:
+                handle.close()
+    assert code == 0, f"{code} descriptors were left open in the child"
+
+
+# Handles put on a pipe: their descriptors travel with the message (SCM_RIGHTS).
+
+
+@pytest.fixture(params=["hybrid", "socket"])
+def transport(request, monkeypatch):
+    """Pipes made in the test use this transport (both can carry descriptors)."""
+    monkeypatch.setattr(_handles, "TRANSPORT", request.param)
+    return request.param
+
+
+def open_fd_count():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _serve_handed_pipes(control):
+    """In a child: take a duplex handle and a writer from ``control``, both created by the
+    parent after this child started, and use them."""
+    duplex = control.get()
+    duplex.put(("pong", duplex.get()))
+    duplex.put(duplex.get())  # a large message back
+    writer = control.get()["writer"]
+    writer.put("from the child, on a pipe it was handed")
+    writer.close()
+    duplex.close()
+    control.put("done")
+
+
+class TestHandlesInMessages:
+    def test_a_pipe_made_after_the_child_started_is_handed_over_and_used_both_ways(
+        self, transport
+    ):
+        with gipc.pipe(duplex=True) as (control, control_child):
+            p = gipc.start_process(_serve_handed_pipes, args=(control_child,))
+            a, b = gipc.pipe(duplex=True)
+            control.put(b)
+            assert b.closed  # the sender's copy closes once sent, as start_process does
+            a.put("ping")
+            assert a.get() == ("pong", "ping")
+            a.put(BIG)
+            assert a.get() == BIG
+            r, w = gipc.pipe()
+            control.put({"writer": w})
+            assert w.closed
+            assert r.get() == "from the child, on a pipe it was handed"
+            with pytest.raises(EOFError):
+                r.get()
+            assert control.get() == "done"
+            p.join()
+            assert p.exitcode == 0
+            r.close()
+            a.close()
+
+    def test_handles_nested_in_a_message_arrive_working(self, transport):
+        with gipc.pipe() as (r, w):
+            x_r, x_w = gipc.pipe()
+            x_w.put("already buffered")
+            w.put(["text", {"reader": x_r, "writer": x_w}, 3])
+            text, handles, three = r.get()
+            assert (text, three) == ("text", 3)
+            assert x_r.closed and x_w.closed
+            assert handles["reader"].get() == "already buffered"
+            handles["writer"].put("again")
+            assert handles["reader"].get() == "again"
+            handles["reader"].close()
+            handles["writer"].close()
+
+    def test_messages_without_handles_around_one_with_them_keep_their_order(self, transport):
+        with gipc.pipe() as (r, w):
+            x_r, x_w = gipc.pipe()
+            w.put("before")
+            w.put(x_w)
+            w.put(b"after")
+            assert r.get() == "before"
+            moved_writer = r.get()
+            assert r.get() == b"after"
+            moved_writer.put(1)
+            assert x_r.get() == 1
+            moved_writer.close()
+            x_r.close()
+
+    def test_descriptors_of_a_message_never_read_are_closed_with_the_reader(self, transport):
+        before = open_fd_count()
+        r, w = gipc.pipe()
+        x_r, x_w = gipc.pipe()
+        w.put("first")
+        w.put((x_r, x_w))
+        assert r.get() == "first"  # the next message may be taken in, its descriptors too
         r.close()
         w.close()
+        assert open_fd_count() == before
+
+    def test_descriptors_of_a_message_that_cannot_be_decoded_are_closed(self, transport):
+        with gipc.pipe() as (r, w):
+            before = open_fd_count()
+            x_r, x_w = gipc.pipe()
+            w.put([x_r, FailsToLoad(), x_w])
+            with pytest.raises(RuntimeError, match="cannot load"):
+                r.get()
+            assert open_fd_count() == before  # the senders' copies closed too
+            w.put("the pipe goes on")
+            assert r.get() == "the pipe goes on"
+
+    def test_a_reader_with_other_codecs_refuses_handles_and_closes_them(self, transport):
+        with gipc.pipe(encoder=None, decoder=None) as (raw_r, raw_w):
+            before = open_fd_count()
+            x_r, x_w = gipc.pipe()
+            # What a default-codec writer would send, on a raw pipe: refused at the reader.
+            data, handles, fds = dumps_with_handles(x_r)
+            payload = len(fds).to_bytes(4, "little") + data
+            raw_w._core.try_send_fds(gipc._core.KIND_HANDLES, payload, fds)
+            x_r.close()
+            x_w.close()
+            with pytest.raises(GIPCError, match="default pickle codecs"):
+                raw_r.get()
+            assert open_fd_count() == before
+
+    def test_a_pipe_only_channel_refuses_at_put_and_sends_nothing(self, monkeypatch):
+        monkeypatch.setattr(_handles, "TRANSPORT", "pipe")
+        with gipc.pipe() as (r, w), gipc.pipe() as (x_r, x_w):
+            with pytest.raises(GIPCError, match="'pipe' channel"):
+                w.put({"h": x_w})
+            assert not x_w.closed
+            with pytest.raises(gevent.Timeout):
+                r.get(timeout=0.05)
+            w.put("still usable")
+            assert r.get() == "still usable"
+
+    def test_a_writer_cannot_travel_on_itself(self, transport):
+        with gipc.pipe() as (r, w):
+            with pytest.raises(GIPCLocked):
+                w.put(w)
+            assert not w.closed
+            w.put("fine")
+            assert r.get() == "fine"
+
+    def test_custom_codecs_say_handles_do_not_travel_there(self, transport):
+        with gipc.pipe(encoder=pickle.dumps, decoder=pickle.loads) as (r, w):
+            with pytest.raises(TypeError, match="start_process"):
+                w.put(r)
+
+
+def _fail_to_load():
+    raise RuntimeError("cannot load this")
+
+
+class FailsToLoad:
+    def __reduce__(self):
+        return (_fail_to_load, ())
 
 
 class Carrier(DescriptorCarrier):

@@ -2,7 +2,7 @@
 and the Python layer waits on gevent's hub."""
 
 import sys
-from typing import List, Optional, Tuple, Union, final
+from typing import List, Tuple, Union, final
 
 if sys.version_info >= (3, 12):
     from collections.abc import Buffer
@@ -15,7 +15,7 @@ __all__ = [
     "KIND_BATCH",
     "KIND_BYTES",
     "KIND_ENCODED",
-    "MAX_PAYLOAD_LEN",
+    "KIND_HANDLES",
     "REPLY_SPIN_US",
     "Reader",
     "WOULD_BLOCK",
@@ -30,7 +30,12 @@ __all__ = [
 
 __version__: str
 
-#: Results of Writer.try_send / try_send_many / try_flush.
+#: What a call that never waits answers, on both ends alike. Writer.try_send, try_send_many
+#: and try_flush: DONE (all written), WOULD_BLOCK (wait until wait_fileno() is writable,
+#: then try_flush) or YIELD (let the event loop run a turn, then try_flush).
+#: Reader.try_recv: the message itself in place of DONE, else WOULD_BLOCK (wait until
+#: wait_fileno() is readable) or YIELD. A message is a tuple, the others are ints: test
+#: ``result.__class__ is tuple`` first.
 DONE: int
 WOULD_BLOCK: int
 YIELD: int
@@ -39,9 +44,9 @@ YIELD: int
 KIND_ENCODED: int
 KIND_BYTES: int
 KIND_BATCH: int
+#: A message with descriptors (Writer.try_send_fds): its payload starts with their count.
+KIND_HANDLES: int
 
-#: The largest payload the frame header can describe (1 TiB - 1).
-MAX_PAYLOAD_LEN: int
 #: On a "hybrid" channel, payloads at least this long (bytes) go through its socket lane.
 BULK_MIN: int
 #: How long a duplex handle's reader looks again for a reply before waiting, in microseconds.
@@ -52,16 +57,22 @@ class Reader:
     """The read end of a channel."""
 
     max_message_size: int
-    #: How long try_recv() looks again, while that pays off, before answering None
+    #: How long try_recv() looks again, while that pays off, before answering WOULD_BLOCK
     #: (microseconds; 0, the default, never).
     spin_us: int
     @property
     def closed(self) -> bool: ...
     @property
+    def transport(self) -> str:
+        """"hybrid", "socket" or "pipe"."""
+    @property
     def buffered(self) -> int:
         """Bytes received and not yet returned as messages."""
-    def try_recv(self) -> Union[Tuple[int, bytes], None, bool]:
-        """``(kind, payload)``; ``None``: wait until readable; ``False``: yield to the loop.
+    def try_recv(self) -> Union[Tuple[int, bytes], Tuple[int, bytes, List[int]], int]:
+        """``(kind, payload)``, else WOULD_BLOCK (wait until readable) or YIELD (let the
+        loop run first). A KIND_HANDLES message is ``(kind, payload, fds)``: the
+        descriptors that came with it, which the caller now owns and must close. Those
+        received and not yet returned are closed with the reader.
 
         Raises EOFError at a clean end of stream, GIPCError for a torn, corrupt or oversized
         frame, MemoryError if the payload cannot be allocated, OSError for I/O errors, and
@@ -71,14 +82,16 @@ class Reader:
     def filenos(self) -> List[int]:
         """Every descriptor of this end: the frame lane's, then the bulk lane's if any."""
     def wait_fileno(self) -> int:
-        """The descriptor to wait for (readable) after try_recv() returned None: the bulk
-        lane's while a large payload is coming on it, else the frame lane's."""
-    def transfer_state(self) -> Tuple[str, bytes]:
-        """The transport's name and the bytes received but not yet returned: with
-        ``filenos()``, what ``reader_from_fds`` needs to continue this channel elsewhere.
-        GIPCError while a large payload is partly received."""
+        """The descriptor to wait for (readable) after try_recv() answered WOULD_BLOCK: the
+        bulk lane's while a large payload is coming on it, else the frame lane's."""
     def close(self) -> bool:
         """Closes the descriptors; False if they were closed already."""
+    def transfer_state(self) -> Tuple[str, bytes]:
+        """What another process needs, besides ``filenos()``, to go on reading this channel
+        with :func:`reader_from_fds`: the transport's name and the bytes received but not
+        yet returned as messages (a partly received frame included). Changes and closes
+        nothing. GIPCError when the end cannot move now (a large payload partly received on
+        the bulk lane, a corrupt stream); GIPCClosed once closed."""
 
 @final
 class Writer:
@@ -87,8 +100,8 @@ class Writer:
     @property
     def closed(self) -> bool: ...
     @property
-    def pending(self) -> bool:
-        """True while queued frames are not entirely written."""
+    def transport(self) -> str:
+        """"hybrid", "socket" or "pipe"."""
     @property
     def mid_frame(self) -> bool:
         """True when a frame is partly written: closing now would tear it."""
@@ -99,6 +112,11 @@ class Writer:
         ``payload`` is ``bytes`` or any object with a contiguous buffer, held (exported)
         until written and written from where it lies; anything else raises TypeError."""
     def try_send_many(self, kind: int, payloads: List[Buffer]) -> int: ...
+    def try_send_fds(self, kind: int, payload: Buffer, fds: List[int]) -> int:
+        """Like try_send for a KIND_HANDLES message whose payload starts with the count of
+        ``fds`` (a little-endian u32): copies of ``fds`` go with it (SCM_RIGHTS) on the
+        channel's socket lane. GIPCError on a "pipe" channel, ValueError for a payload that
+        does not announce ``fds``; nothing is queued then."""
     def try_flush(self) -> int: ...
     def fileno(self) -> int:
         """The frame lane's descriptor."""
@@ -106,35 +124,36 @@ class Writer:
         """Every descriptor of this end: the frame lane's, then the bulk lane's if any."""
     def wait_fileno(self) -> int:
         """The descriptor to wait for (writable) after WOULD_BLOCK."""
-    def transfer_state(self) -> str:
-        """The transport's name: with ``filenos()``, what ``writer_from_fds`` needs to
-        continue this channel elsewhere. GIPCError while frames are queued."""
     def close(self) -> bool:
         """Drops queued frames and closes the descriptors; False if they were closed
         already."""
+    def transfer_state(self) -> str:
+        """The transport's name, for :func:`writer_from_fds` in another process. GIPCError
+        while queued frames are not entirely written (``pending``); GIPCClosed once
+        closed."""
 
-def channel(
-    transport: str = "hybrid",
-    max_message_size: int = ...,
-    slice_us: Optional[int] = None,
-) -> Tuple[Reader, Writer]:
+def channel(transport: str = "hybrid", max_message_size: int = ...) -> Tuple[Reader, Writer]:
     """A one-way channel: ``transport`` is "hybrid" (frames through a pipe, payloads of
-    BULK_MIN bytes or more through an AF_UNIX stream pair beside it), "socket" or "pipe";
-    ``slice_us`` is how long a transfer may run before asking for a yield (0: never)."""
+    BULK_MIN bytes or more through an AF_UNIX stream pair beside it), "socket" or "pipe".
+    A transfer that runs longer than a time slice (0.5 ms) asks for a YIELD."""
 
 def reader_from_fds(
     transport: str,
     fds: List[int],
-    buffered: Optional[bytes] = None,
+    buffered: bytes = ...,
     max_message_size: int = ...,
 ) -> Reader:
-    """A reader on one end's descriptors (frame lane, then bulk lane) handed over from
-    elsewhere, returning ``buffered`` first. Takes the descriptors over: the caller must not
-    use or close them any more, unless ValueError says they do not fit ``transport``."""
+    """A channel's read end rebuilt from the descriptors of one made elsewhere
+    (``Reader.filenos()`` and ``transfer_state()`` there): the messages in ``buffered`` come
+    first. Takes ownership of ``fds`` (``close()`` closes them) and makes them non-blocking
+    and close-on-exec, once they are checked: as many as the transport has lanes, a pipe
+    lane a pipe's read end, a socket lane an AF_UNIX stream socket. GIPCValueError
+    otherwise, or OSError (EBADF) for one that is not open; on any error the caller still
+    owns the descriptors, unchanged. ``spin_us`` starts at 0."""
 
 def writer_from_fds(transport: str, fds: List[int]) -> Writer:
-    """A writer on one end's descriptors handed over from elsewhere; takes them over (see
-    ``reader_from_fds``)."""
+    """A channel's write end rebuilt from descriptors, checked as by :func:`reader_from_fds`
+    (a pipe lane must be a pipe's write end)."""
 
 def reset_signal_state() -> List[int]:
     """Every signal's disposition to SIG_DFL at the C level, except SIGPIPE, SIGKILL and

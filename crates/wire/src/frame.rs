@@ -47,6 +47,9 @@ pub enum Kind {
     Bytes = 1,
     /// Several messages encoded together by one `put_many` call.
     Batch = 2,
+    /// A message that carries descriptors (`SCM_RIGHTS`, see `send::Sender::push_with_fds`):
+    /// its payload starts with their count, a little-endian `u32`.
+    Handles = 3,
 }
 
 impl Kind {
@@ -55,6 +58,7 @@ impl Kind {
             0 => Some(Kind::Encoded),
             1 => Some(Kind::Bytes),
             2 => Some(Kind::Batch),
+            3 => Some(Kind::Handles),
             _ => None,
         }
     }
@@ -93,13 +97,8 @@ impl fmt::Display for FrameError {
 
 impl std::error::Error for FrameError {}
 
-/// Builds the header of a frame whose payload follows it on the frame lane; `len` must not
-/// exceed [`MAX_PAYLOAD_LEN`].
-pub fn encode_header(kind: Kind, len: u64) -> Result<[u8; HEADER_LEN], FrameError> {
-    encode_lane_header(kind, len, Lane::Frame)
-}
-
-/// Builds the header of a frame whose payload travels on `lane`.
+/// Builds the header of a frame whose payload travels on `lane` (right behind the header
+/// on the frame lane, or on the bulk lane); `len` must not exceed [`MAX_PAYLOAD_LEN`].
 pub fn encode_lane_header(
     kind: Kind,
     len: u64,
@@ -156,9 +155,9 @@ mod tests {
 
     #[test]
     fn header_round_trips_every_kind() {
-        for kind in [Kind::Encoded, Kind::Bytes, Kind::Batch] {
+        for kind in [Kind::Encoded, Kind::Bytes, Kind::Batch, Kind::Handles] {
             for len in [0, 1, 100, 1 << 31, (1 << 31) + 1, MAX_PAYLOAD_LEN] {
-                let raw = encode_header(kind, len).unwrap();
+                let raw = encode_lane_header(kind, len, Lane::Frame).unwrap();
                 for bulk_lane in [false, true] {
                     assert_eq!(
                         decode_header(raw, u64::MAX, bulk_lane).unwrap(),
@@ -177,14 +176,14 @@ mod tests {
     #[test]
     fn lengths_above_two_gib_are_representable() {
         let len = 5 * (1u64 << 30);
-        let raw = encode_header(Kind::Encoded, len).unwrap();
+        let raw = encode_lane_header(Kind::Encoded, len, Lane::Frame).unwrap();
         assert_eq!(decode_header(raw, len, false).unwrap().1, len);
     }
 
     #[test]
     fn encode_refuses_what_the_header_cannot_hold() {
         assert!(matches!(
-            encode_header(Kind::Bytes, MAX_PAYLOAD_LEN + 1),
+            encode_lane_header(Kind::Bytes, MAX_PAYLOAD_LEN + 1, Lane::Frame),
             Err(FrameError::TooLarge { .. })
         ));
     }
@@ -212,7 +211,7 @@ mod tests {
 
     #[test]
     fn length_above_the_readers_maximum_is_refused() {
-        let raw = encode_header(Kind::Encoded, 1001).unwrap();
+        let raw = encode_lane_header(Kind::Encoded, 1001, Lane::Frame).unwrap();
         let err = decode_header(raw, 1000, false).unwrap_err();
         assert_eq!(
             err,

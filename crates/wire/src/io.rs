@@ -3,11 +3,14 @@
 //! Nothing here waits. A call that cannot make progress returns `ErrorKind::WouldBlock` and the
 //! caller (gevent, through the Python layer) decides how to wait.
 
+use std::collections::VecDeque;
 use std::io::{self, IoSlice};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use rustix::fs::{fcntl_getfl, fcntl_setfl, OFlags};
 use rustix::io::{fcntl_setfd, FdFlags};
+
+use crate::frame::Lane;
 
 /// Where frames come from: one `read` that may return fewer bytes than asked.
 pub trait ReadSource {
@@ -18,7 +21,23 @@ pub trait ReadSource {
 /// Where frames go: one gathering write that may take fewer bytes than offered.
 pub trait WriteSink {
     fn write_some(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
+
+    /// One write that also passes `fds` (`SCM_RIGHTS`), with its first byte: only a socket
+    /// can.
+    fn write_with_fds(
+        &mut self,
+        _bufs: &[IoSlice<'_>],
+        _fds: &[BorrowedFd<'_>],
+    ) -> io::Result<usize> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "descriptors travel only on a socket",
+        ))
+    }
 }
+
+/// The most descriptors one message carries (Linux's `SCM_MAX_FD`).
+pub const MAX_FDS: usize = 253;
 
 /// What carries the bytes. The Python API is the same whichever is used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,21 +66,11 @@ impl Transport {
         }
     }
 
-    /// The name `from_name` takes.
     pub fn name(self) -> &'static str {
         match self {
             Transport::Pipe => "pipe",
             Transport::Socket => "socket",
             Transport::Hybrid => "hybrid",
-        }
-    }
-
-    /// What each descriptor of one end is made of: the frame lane's, then the bulk lane's.
-    pub fn lanes(self) -> &'static [Transport] {
-        match self {
-            Transport::Pipe => &[Transport::Pipe],
-            Transport::Socket => &[Transport::Socket],
-            Transport::Hybrid => &[Transport::Pipe, Transport::Socket],
         }
     }
 
@@ -87,6 +96,24 @@ pub struct End {
     pub bulk: Option<OwnedFd>,
 }
 
+impl End {
+    /// The descriptor of `lane`: the bulk lane's if this end has one, else the frame lane's.
+    pub fn lane(&self, lane: Lane) -> BorrowedFd<'_> {
+        match (lane, &self.bulk) {
+            (Lane::Bulk, Some(bulk)) => bulk.as_fd(),
+            _ => self.frame.as_fd(),
+        }
+    }
+
+    /// Every descriptor of this end: the frame lane's, then the bulk lane's if any.
+    pub fn raw_fds(&self) -> Vec<RawFd> {
+        std::iter::once(&self.frame)
+            .chain(&self.bulk)
+            .map(|fd| fd.as_raw_fd())
+            .collect()
+    }
+}
+
 /// Creates a one-way channel of any transport and returns its `(read end, write end)`.
 pub fn channel_ends(transport: Transport) -> io::Result<(End, End)> {
     let (read_frame, write_frame) = channel(transport.frame_lane())?;
@@ -107,6 +134,103 @@ pub fn channel_ends(transport: Transport) -> io::Result<(End, End)> {
             bulk: write_bulk,
         },
     ))
+}
+
+/// Why descriptors handed in from elsewhere cannot be one end of a channel ([`check_end`]).
+#[derive(Debug)]
+pub enum EndError {
+    /// Not as many descriptors as the transport has lanes.
+    Count { expected: usize, got: usize },
+    /// A descriptor is not what its lane is made of.
+    Lane { fd: i32, expected: &'static str },
+    /// `fstat`/`fcntl`/`getsockopt` failed (a descriptor that is not open: `EBADF`).
+    Io(io::Error),
+}
+
+impl std::fmt::Display for EndError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EndError::Count { expected, got } => write!(
+                f,
+                "this transport has {expected} descriptor(s) per end, got {got}"
+            ),
+            EndError::Lane { fd, expected } => write!(f, "descriptor {fd} is not {expected}"),
+            EndError::Io(err) => err.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for EndError {}
+
+impl From<rustix::io::Errno> for EndError {
+    fn from(err: rustix::io::Errno) -> Self {
+        EndError::Io(err.into())
+    }
+}
+
+/// Checks that `fds` (frame lane first, then the bulk lane) can be the read end (`reading`)
+/// or the write end of a `transport` channel: one descriptor per lane, each distinct, a pipe
+/// lane a FIFO open in the right direction, a socket lane an `AF_UNIX` stream socket.
+/// Changes nothing: a caller that is refused still owns its descriptors as they were.
+pub fn check_end(
+    transport: Transport,
+    fds: &[BorrowedFd<'_>],
+    reading: bool,
+) -> Result<(), EndError> {
+    let lanes: &[Transport] = match transport {
+        Transport::Hybrid => &[Transport::Pipe, Transport::Socket],
+        Transport::Pipe => &[Transport::Pipe],
+        Transport::Socket => &[Transport::Socket],
+    };
+    if fds.len() != lanes.len() {
+        return Err(EndError::Count {
+            expected: lanes.len(),
+            got: fds.len(),
+        });
+    }
+    if fds.len() == 2 && fds[0].as_raw_fd() == fds[1].as_raw_fd() {
+        return Err(EndError::Lane {
+            fd: fds[1].as_raw_fd(),
+            expected: "a second descriptor (both lanes name the same one)",
+        });
+    }
+    for (&fd, lane) in fds.iter().zip(lanes) {
+        let refuse = |expected| EndError::Lane {
+            fd: fd.as_raw_fd(),
+            expected,
+        };
+        match lane {
+            Transport::Socket => {
+                use rustix::net::{getsockname, sockopt::socket_type, AddressFamily, SocketType};
+                let stream = matches!(socket_type(fd), Ok(t) if t == SocketType::STREAM);
+                // getsockname rather than SO_DOMAIN, which macOS lacks.
+                let unix = matches!(getsockname(fd), Ok(addr) if addr.address_family() == AddressFamily::UNIX);
+                if !(stream && unix) {
+                    return Err(refuse("an AF_UNIX stream socket"));
+                }
+            }
+            _ => {
+                let stat = rustix::fs::fstat(fd)?;
+                if !rustix::fs::FileType::from_raw_mode(stat.st_mode).is_fifo() {
+                    return Err(refuse("a pipe"));
+                }
+                let mode = fcntl_getfl(fd)? & OFlags::RWMODE;
+                let wanted = if reading {
+                    OFlags::RDONLY
+                } else {
+                    OFlags::WRONLY
+                };
+                if mode != wanted && mode != OFlags::RDWR {
+                    return Err(refuse(if reading {
+                        "a pipe's read end"
+                    } else {
+                        "a pipe's write end"
+                    }));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The most bytes one read or write system call may move. The kernel will copy tens of
@@ -164,42 +288,6 @@ pub fn channel(transport: Transport) -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((read_end, write_end))
 }
 
-/// Checks that `fds` (the frame lane's, then the bulk lane's) can be one end of a
-/// `transport` channel, handed over from another process or handle: as many descriptors as
-/// it has lanes, a pipe where a lane is a pipe and a socket where it is a socket. Then makes
-/// them non-blocking and close-on-exec, as [`channel`] makes its own. The error says what
-/// does not fit.
-pub fn adopt_end_fds(transport: Transport, fds: &[BorrowedFd<'_>]) -> Result<(), String> {
-    use rustix::fs::{fstat, FileType};
-    let lanes = transport.lanes();
-    if fds.len() != lanes.len() {
-        return Err(format!(
-            "a {} channel end has {} descriptor(s), not {}",
-            transport.name(),
-            lanes.len(),
-            fds.len()
-        ));
-    }
-    for (fd, lane) in fds.iter().zip(lanes) {
-        let stat = fstat(fd).map_err(|err| format!("descriptor {fd:?}: {err}"))?;
-        let found = FileType::from_raw_mode(stat.st_mode);
-        let expected = match lane {
-            Transport::Socket => FileType::Socket,
-            _ => FileType::Fifo,
-        };
-        if found != expected {
-            return Err(format!(
-                "descriptor {fd:?} is a {found:?}, where a {} channel has a {expected:?}",
-                transport.name()
-            ));
-        }
-    }
-    for fd in fds {
-        set_nonblocking_cloexec(*fd).map_err(|err| format!("descriptor {fd:?}: {err}"))?;
-    }
-    Ok(())
-}
-
 /// Portable (no `pipe2`/`SOCK_CLOEXEC` on macOS): two `fcntl`s at creation time only.
 pub fn set_nonblocking_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
     let flags = fcntl_getfl(fd)?;
@@ -241,7 +329,7 @@ impl WriteSink for FdWriter<'_> {
         loop {
             let result = match self.transport {
                 Transport::Pipe | Transport::Hybrid => crate::sigpipe::writev_pipe(self.fd, bufs),
-                Transport::Socket => send_no_sigpipe(self.fd, bufs),
+                Transport::Socket => send_no_sigpipe(self.fd, bufs, &[]),
             };
             match result {
                 Err(rustix::io::Errno::INTR) => continue,
@@ -249,23 +337,135 @@ impl WriteSink for FdWriter<'_> {
             }
         }
     }
+
+    fn write_with_fds(
+        &mut self,
+        bufs: &[IoSlice<'_>],
+        fds: &[BorrowedFd<'_>],
+    ) -> io::Result<usize> {
+        if self.transport != Transport::Socket {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "descriptors travel only on a socket",
+            ));
+        }
+        loop {
+            match send_no_sigpipe(self.fd, bufs, fds) {
+                Err(rustix::io::Errno::INTR) => continue,
+                other => return other.map_err(io::Error::from),
+            }
+        }
+    }
+}
+
+/// Reads from a socket, keeping the descriptors that come with the bytes (`SCM_RIGHTS`),
+/// in order, in `received`; they are close-on-exec.
+pub struct SocketReader<'a> {
+    pub fd: BorrowedFd<'a>,
+    pub received: &'a mut VecDeque<OwnedFd>,
+}
+
+impl ReadSource for SocketReader<'_> {
+    fn read_some(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
+        let flags = RecvFlags::CMSG_CLOEXEC;
+        #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
+        let flags = RecvFlags::empty();
+        let received = loop {
+            match recvmsg(
+                self.fd,
+                &mut [io::IoSliceMut::new(buf)],
+                &mut control,
+                flags,
+            ) {
+                Err(rustix::io::Errno::INTR) => continue,
+                other => break other.map_err(io::Error::from)?,
+            }
+        };
+        for message in control.drain() {
+            if let RecvAncillaryMessage::ScmRights(fds) = message {
+                for fd in fds {
+                    #[cfg(not(any(
+                        target_os = "linux",
+                        target_os = "android",
+                        target_os = "freebsd"
+                    )))]
+                    let _ = rustix::io::fcntl_setfd(&fd, FdFlags::CLOEXEC);
+                    self.received.push_back(fd);
+                }
+            }
+        }
+        if received.flags.contains(rustix::net::ReturnFlags::CTRUNC) {
+            return Err(io::Error::other(
+                "descriptors were lost: more came with one message than gipc sends",
+            ));
+        }
+        Ok(received.bytes)
+    }
 }
 
 #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
-fn send_no_sigpipe(fd: BorrowedFd<'_>, bufs: &[IoSlice<'_>]) -> rustix::io::Result<usize> {
+fn send_no_sigpipe(
+    fd: BorrowedFd<'_>,
+    bufs: &[IoSlice<'_>],
+    fds: &[BorrowedFd<'_>],
+) -> rustix::io::Result<usize> {
     use rustix::net::{sendmsg, SendAncillaryBuffer, SendFlags};
+    if fds.is_empty() {
+        return sendmsg(
+            fd,
+            bufs,
+            &mut SendAncillaryBuffer::default(),
+            SendFlags::NOSIGNAL,
+        );
+    }
     sendmsg(
         fd,
         bufs,
-        &mut SendAncillaryBuffer::default(),
+        &mut rights(fds, &mut rights_space()),
         SendFlags::NOSIGNAL,
     )
 }
 
+type RightsSpace = [std::mem::MaybeUninit<u8>; rustix::cmsg_space!(ScmRights(MAX_FDS))];
+
+fn rights_space() -> RightsSpace {
+    [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))]
+}
+
+/// An ancillary buffer that passes `fds`.
+fn rights<'buf, 'slice, 'fd>(
+    fds: &'slice [BorrowedFd<'fd>],
+    space: &'buf mut RightsSpace,
+) -> rustix::net::SendAncillaryBuffer<'buf, 'slice, 'fd> {
+    let mut control = rustix::net::SendAncillaryBuffer::new(space);
+    let fit = control.push(rustix::net::SendAncillaryMessage::ScmRights(fds));
+    assert!(
+        fit,
+        "at most MAX_FDS descriptors per frame (checked when queued)"
+    );
+    control
+}
+
 #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
-fn send_no_sigpipe(fd: BorrowedFd<'_>, bufs: &[IoSlice<'_>]) -> rustix::io::Result<usize> {
+fn send_no_sigpipe(
+    fd: BorrowedFd<'_>,
+    bufs: &[IoSlice<'_>],
+    fds: &[BorrowedFd<'_>],
+) -> rustix::io::Result<usize> {
     // SO_NOSIGPIPE was set on the socket when the channel was made.
-    rustix::io::writev(fd, bufs)
+    if fds.is_empty() {
+        return rustix::io::writev(fd, bufs);
+    }
+    rustix::net::sendmsg(
+        fd,
+        bufs,
+        &mut rights(fds, &mut rights_space()),
+        rustix::net::SendFlags::empty(),
+    )
 }
 
 #[cfg(test)]
@@ -339,11 +539,129 @@ mod tests {
         }
     }
 
+    fn borrow(fds: &[OwnedFd]) -> Vec<BorrowedFd<'_>> {
+        fds.iter().map(|fd| fd.as_fd()).collect()
+    }
+
+    #[test]
+    fn check_end_accepts_each_transports_own_ends_and_refuses_others() {
+        for transport in [Transport::Pipe, Transport::Socket, Transport::Hybrid] {
+            let (r, w) = channel_ends(transport).unwrap();
+            let fds = |end: &End| -> Vec<OwnedFd> {
+                std::iter::once(&end.frame)
+                    .chain(&end.bulk)
+                    .map(|fd| fd.try_clone().unwrap())
+                    .collect()
+            };
+            let (rfds, wfds) = (fds(&r), fds(&w));
+            let (rfds, wfds) = (borrow(&rfds), borrow(&wfds));
+            check_end(transport, &rfds, true).unwrap();
+            check_end(transport, &wfds, false).unwrap();
+            assert!(matches!(
+                check_end(transport, &rfds[..1.min(rfds.len() - 1)], true),
+                Err(EndError::Count { .. })
+            ));
+        }
+        let (pr, pw) = channel(Transport::Pipe).unwrap();
+        let (sr, _sw) = channel(Transport::Socket).unwrap();
+        // A pipe's write end is not a read end, and the lanes must be what they are.
+        let err = check_end(Transport::Pipe, &[pw.as_fd()], true).unwrap_err();
+        assert!(err.to_string().contains("read end"), "{err}");
+        assert!(check_end(Transport::Pipe, &[pr.as_fd()], false).is_err());
+        let err = check_end(Transport::Socket, &[pr.as_fd()], true).unwrap_err();
+        assert!(err.to_string().contains("AF_UNIX"), "{err}");
+        let err = check_end(Transport::Pipe, &[sr.as_fd()], true).unwrap_err();
+        assert!(err.to_string().contains("a pipe"), "{err}");
+        let err = check_end(Transport::Hybrid, &[pr.as_fd(), pr.as_fd()], true).unwrap_err();
+        assert!(err.to_string().contains("same"), "{err}");
+        let err = check_end(Transport::Hybrid, &[pr.as_fd(), pw.as_fd()], true).unwrap_err();
+        assert!(err.to_string().contains("AF_UNIX"), "{err}");
+        // An AF_INET stream socket is not an AF_UNIX one.
+        let inet = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(check_end(Transport::Socket, &[inet.as_fd()], true).is_err());
+    }
+
+    #[test]
+    fn descriptors_cross_a_real_channel_with_their_message() {
+        use crate::budget::Budget;
+        use crate::frame::Kind;
+        use crate::recv::{Event, Payload, Receiver};
+        use crate::send::Sender;
+        for transport in [Transport::Socket, Transport::Hybrid] {
+            let (r, w) = channel_ends(transport).unwrap();
+            let mut tx = match w.bulk {
+                Some(_) => Sender::with_bulk_lane(Budget::new(None), BULK_MIN),
+                None => Sender::new(Budget::new(None)),
+            };
+            let (pr, pw) = channel(Transport::Pipe).unwrap();
+            tx.push(Kind::Encoded, b"plain".to_vec()).unwrap();
+            let fds = vec![pr.try_clone().unwrap(), pw.try_clone().unwrap()];
+            tx.push_with_fds(Kind::Handles, b"\x02\0\0\0fds".to_vec(), fds)
+                .unwrap();
+            let frame_lane = transport.frame_lane();
+            let mut sink = FdWriter::new(w.frame.as_fd(), frame_lane);
+            let mut bulk_sink = w
+                .bulk
+                .as_ref()
+                .map(|b| FdWriter::new(b.as_fd(), Transport::Socket));
+            let progress = tx.flush_lanes(&mut sink, bulk_sink.as_mut()).unwrap();
+            assert_eq!(progress, crate::send::Progress::Done);
+
+            let mut received = VecDeque::new();
+            let mut rx: Receiver<Vec<u8>> = Receiver::new(u64::MAX, Budget::new(None));
+            let mut messages = Vec::new();
+            for _ in 0..10 {
+                let event = match &r.bulk {
+                    None => rx.poll_lanes(
+                        &mut SocketReader {
+                            fd: r.frame.as_fd(),
+                            received: &mut received,
+                        },
+                        None::<&mut FdReader<'_>>,
+                        |n| Some(vec![0; n]),
+                    ),
+                    Some(bulk) => rx.poll_lanes(
+                        &mut FdReader(r.frame.as_fd()),
+                        Some(&mut SocketReader {
+                            fd: bulk.as_fd(),
+                            received: &mut received,
+                        }),
+                        |n| Some(vec![0; n]),
+                    ),
+                };
+                if let Event::Message { kind, payload } = event.unwrap() {
+                    let data = match payload {
+                        Payload::Buffered(b) => b.to_vec(),
+                        Payload::Owned(v) => v,
+                    };
+                    messages.push((kind, data, received.len()));
+                }
+            }
+            assert_eq!(messages.len(), 2, "{transport:?}");
+            assert_eq!(messages[1].0, Kind::Handles);
+            assert_eq!(
+                messages[1].2, 2,
+                "both descriptors are in by the end of their frame"
+            );
+            // They are new descriptors for the same pipe, close-on-exec.
+            let (got_r, got_w) = (received.pop_front().unwrap(), received.pop_front().unwrap());
+            assert!(rustix::io::fcntl_getfd(&got_r)
+                .unwrap()
+                .contains(FdFlags::CLOEXEC));
+            rustix::io::write(&got_w, b"!").unwrap();
+            let mut buf = [0u8; 1];
+            assert_eq!(rustix::io::read(&pr, &mut buf).unwrap(), 1);
+        }
+    }
+
     #[test]
     fn transport_names() {
         assert_eq!(Transport::from_name("pipe"), Some(Transport::Pipe));
         assert_eq!(Transport::from_name("socket"), Some(Transport::Socket));
         assert_eq!(Transport::from_name("hybrid"), Some(Transport::Hybrid));
         assert_eq!(Transport::from_name("carrier-pigeon"), None);
+        for transport in [Transport::Pipe, Transport::Socket, Transport::Hybrid] {
+            assert_eq!(Transport::from_name(transport.name()), Some(transport));
+        }
     }
 }

@@ -9,7 +9,7 @@ use std::io;
 use std::ops::Range;
 
 use crate::budget::{Budget, BUFFERED_WEIGHT, SYSCALL_WEIGHT};
-use crate::frame::{decode_header, FrameError, Kind, Lane, HEADER_LEN};
+use crate::frame::{decode_header, encode_lane_header, FrameError, Kind, Lane, HEADER_LEN};
 use crate::io::{ReadSource, MAX_IO_CHUNK};
 
 /// Size of the read buffer that small frames are served from.
@@ -30,7 +30,7 @@ impl PayloadBuf for Vec<u8> {
     }
 }
 
-/// What one call to [`Receiver::poll`] produced.
+/// What one call to [`Receiver::poll_lanes`] produced.
 #[derive(Debug)]
 pub enum Event<'a, B> {
     /// A whole message.
@@ -153,41 +153,47 @@ impl<B: PayloadBuf> Receiver<B> {
         self.end - self.start + self.large.as_ref().map_or(0, |l| l.filled)
     }
 
-    /// The bytes received and not yet handed out, when they are all of this receiver's
-    /// state (so a receiver made elsewhere with [`Receiver::preload`] continues the stream):
-    /// `None` while a large payload is partly received, or after the stream was corrupt.
-    pub fn unread(&self) -> Option<&[u8]> {
-        if self.large.is_some() || self.corrupt.is_some() {
-            return None;
+    /// A receiver that starts from `unread`, the bytes another receiver had received and not
+    /// handed out ([`Receiver::unread`]): their messages come first, then the lanes' bytes.
+    /// The read buffer grows to hold them if they are more than it holds.
+    pub fn resume(max_len: u64, budget: Budget, unread: &[u8]) -> Self {
+        let mut rx = Receiver::new(max_len, budget);
+        if unread.len() > rx.buf.len() {
+            rx.buf = vec![0; unread.len()].into_boxed_slice();
         }
-        Some(&self.buf[self.start..self.end])
+        rx.buf[..unread.len()].copy_from_slice(unread);
+        rx.end = unread.len();
+        rx
     }
 
-    /// Starts a fresh receiver with `data` (another receiver's [`Receiver::unread`]) in
-    /// front of what it reads. False, and nothing changed, if this one has received
-    /// anything already or `data` is longer than the read buffer.
-    pub fn preload(&mut self, data: &[u8]) -> bool {
-        if self.end != self.start || self.large.is_some() || data.len() > self.buf.len() {
-            return false;
+    /// The bytes received and not yet handed out, as the frame lane's stream from the next
+    /// unread header on: what [`Receiver::resume`] takes to go on elsewhere, with the same
+    /// descriptors, without losing a message. A header already consumed is written again.
+    /// Nothing changes here. Fails while a payload is partly read from the bulk lane (its
+    /// first bytes are no longer on that lane) or after a corrupt header.
+    pub fn unread(&mut self) -> Result<Vec<u8>, &'static str> {
+        if self.corrupt.is_some() {
+            return Err("the stream is corrupt");
         }
-        self.buf[..data.len()].copy_from_slice(data);
-        self.start = 0;
-        self.end = data.len();
-        true
+        let mut out = Vec::new();
+        if let Some(large) = &mut self.large {
+            if large.lane == Lane::Bulk && large.filled > 0 {
+                return Err("a large message is partly received on the bulk lane");
+            }
+            let header = encode_lane_header(large.kind, large.len as u64, large.lane)
+                .expect("the length came from a valid header");
+            out.reserve(HEADER_LEN + large.filled + (self.end - self.start));
+            out.extend_from_slice(&header);
+            out.extend_from_slice(&large.payload.as_mut_slice()[..large.filled]);
+        }
+        out.extend_from_slice(&self.buf[self.start..self.end]);
+        Ok(out)
     }
 
-    /// Produces the next message, or says why there is none yet. `alloc` makes the buffer of a
-    /// large payload; it is called only after the header passed every check.
-    pub fn poll<S, A>(&mut self, src: &mut S, alloc: A) -> Result<Event<'_, B>, RecvError>
-    where
-        S: ReadSource,
-        A: FnMut(usize) -> Option<B>,
-    {
-        self.poll_lanes::<S, S, A>(src, None, alloc)
-    }
-
-    /// [`Receiver::poll`] for a channel whose large payloads may come on a bulk lane (when
-    /// `bulk` is given). After `WouldBlock`, [`Receiver::waiting_lane`] says which
+    /// Produces the next message, or says why there is none yet. `src` is the frame lane;
+    /// `bulk` the bulk lane, on a channel that has one (large payloads may come on it).
+    /// `alloc` makes the buffer of a large payload; it is called only after the header
+    /// passed every check. After `WouldBlock`, [`Receiver::waiting_lane`] says which
     /// descriptor to wait for.
     pub fn poll_lanes<S, T, A>(
         &mut self,
@@ -399,15 +405,19 @@ impl<B: PayloadBuf> Receiver<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::{encode_header, encode_lane_header};
     use crate::testing::ScriptedSource;
     use proptest::prelude::*;
 
     fn frame(kind: Kind, payload: &[u8]) -> Vec<u8> {
-        let mut out = encode_header(kind, payload.len() as u64).unwrap().to_vec();
+        let mut out = encode_lane_header(kind, payload.len() as u64, Lane::Frame)
+            .unwrap()
+            .to_vec();
         out.extend_from_slice(payload);
         out
     }
+
+    /// The bulk lane of a channel that has none.
+    const NO_BULK: Option<&mut ScriptedSource> = None;
 
     fn receiver() -> Receiver<Vec<u8>> {
         Receiver::new(u64::MAX, Budget::new(None))
@@ -433,61 +443,13 @@ mod tests {
     ) -> (Messages, Result<(), RecvError>) {
         let mut got = Vec::new();
         loop {
-            match rx.poll(src, alloc) {
+            match rx.poll_lanes(src, NO_BULK, alloc) {
                 Ok(Event::Message { kind, payload }) => got.push((kind, payload_vec(payload))),
                 Ok(Event::WouldBlock) if src.is_exhausted() => return (got, Ok(())),
                 Ok(Event::WouldBlock) | Ok(Event::Yield) => continue,
                 Err(err) => return (got, Err(err)),
             }
         }
-    }
-
-    /// Moves the receiver (its unread bytes into a fresh one) after each message, as a
-    /// handle that travels to another process does between two `get`s.
-    fn drain_moving(src: &mut ScriptedSource) -> Messages {
-        let mut rx = receiver();
-        let mut got = Vec::new();
-        loop {
-            match rx.poll(src, alloc) {
-                Ok(Event::Message { kind, payload }) => {
-                    got.push((kind, payload_vec(payload)));
-                    let unread = rx.unread().expect("between messages it can move").to_vec();
-                    rx = receiver();
-                    assert!(rx.preload(&unread));
-                }
-                Ok(Event::WouldBlock) if src.is_exhausted() => return got,
-                Ok(Event::WouldBlock) | Ok(Event::Yield) => continue,
-                Err(err) => panic!("{err}"),
-            }
-        }
-    }
-
-    #[test]
-    fn a_moved_receiver_continues_the_stream_at_every_split_point() {
-        let mut stream = frame(Kind::Bytes, b"first");
-        stream.extend(frame(Kind::Encoded, b"second"));
-        stream.extend(frame(Kind::Batch, &[7u8; 300]));
-        stream.extend(frame(Kind::Encoded, b"last"));
-        for cut in 0..stream.len() {
-            let mut src = ScriptedSource::split(&stream, &[cut]);
-            let got = drain_moving(&mut src);
-            assert_eq!(got.len(), 4, "cut at {cut}");
-            assert_eq!(got[3].1, b"last");
-        }
-    }
-
-    #[test]
-    fn a_receiver_mid_payload_cannot_move_and_a_used_one_takes_no_preload() {
-        let stream = frame(Kind::Bytes, &[1u8; 100_000]);
-        let mut src = ScriptedSource::whole(stream[..50_000].to_vec());
-        let mut rx = receiver();
-        while !matches!(rx.poll(&mut src, alloc), Ok(Event::WouldBlock)) {}
-        assert!(rx.unread().is_none(), "a large payload is half received");
-        assert!(!rx.preload(b"x"));
-        let mut fresh = receiver();
-        assert!(fresh.preload(&[0u8; 10]));
-        assert!(!fresh.preload(&[0u8; 10]), "only into an empty receiver");
-        assert!(!receiver().preload(&vec![0u8; READ_BUFFER + 1]));
     }
 
     #[test]
@@ -537,7 +499,7 @@ mod tests {
         let mut rx = receiver();
         let mut allocations = Vec::new();
         let received = loop {
-            match rx.poll(&mut src, |len| {
+            match rx.poll_lanes(&mut src, NO_BULK, |len| {
                 allocations.push(len);
                 Some(vec![0; len])
             }) {
@@ -560,7 +522,10 @@ mod tests {
         let (got, end) = drain(&mut rx, &mut src);
         assert_eq!(got.len(), 1);
         assert!(matches!(end, Err(RecvError::Eof)));
-        assert!(matches!(rx.poll(&mut src, alloc), Err(RecvError::Eof)));
+        assert!(matches!(
+            rx.poll_lanes(&mut src, NO_BULK, alloc),
+            Err(RecvError::Eof)
+        ));
     }
 
     #[test]
@@ -678,7 +643,7 @@ mod tests {
             .to_vec();
         let mut src = ScriptedSource::whole(header);
         let err = receiver()
-            .poll(&mut src, |_| panic!("must not allocate"))
+            .poll_lanes(&mut src, NO_BULK, |_| panic!("must not allocate"))
             .unwrap_err();
         assert!(matches!(
             err,
@@ -693,7 +658,7 @@ mod tests {
         let mut asked = 0;
         for _ in 0..3 {
             let err = rx
-                .poll(&mut src, |len| {
+                .poll_lanes(&mut src, NO_BULK, |len| {
                     asked += 1;
                     alloc(len)
                 })
@@ -705,11 +670,11 @@ mod tests {
 
     #[test]
     fn announced_length_above_the_maximum_allocates_nothing() {
-        let header = encode_header(Kind::Encoded, 1 << 39).unwrap();
+        let header = encode_lane_header(Kind::Encoded, 1 << 39, Lane::Frame).unwrap();
         let mut src = ScriptedSource::whole(header.to_vec());
         let mut rx: Receiver<Vec<u8>> = Receiver::new(1 << 20, Budget::new(None));
         let err = rx
-            .poll(&mut src, |_| panic!("must not allocate"))
+            .poll_lanes(&mut src, NO_BULK, |_| panic!("must not allocate"))
             .unwrap_err();
         assert!(matches!(
             err,
@@ -723,14 +688,16 @@ mod tests {
     #[test]
     fn failed_allocation_is_an_error_not_a_crash() {
         let mut src = ScriptedSource::whole(frame(Kind::Bytes, &vec![0u8; 50_000]));
-        let err = receiver().poll(&mut src, |_| None).unwrap_err();
+        let err = receiver()
+            .poll_lanes(&mut src, NO_BULK, |_| None)
+            .unwrap_err();
         assert!(matches!(err, RecvError::Alloc { len: 50_000 }));
     }
 
     #[test]
     fn io_errors_pass_through() {
         let mut src = ScriptedSource::failing(io::ErrorKind::PermissionDenied);
-        let err = receiver().poll(&mut src, alloc).unwrap_err();
+        let err = receiver().poll_lanes(&mut src, NO_BULK, alloc).unwrap_err();
         assert!(matches!(err, RecvError::Io(e) if e.kind() == io::ErrorKind::PermissionDenied));
     }
 
@@ -757,7 +724,7 @@ mod tests {
         let mut rx = Receiver::new(u64::MAX, Budget::new(Some(slice)));
         let (mut yields, mut next) = (0, 0u32);
         loop {
-            match rx.poll(&mut src, alloc).unwrap() {
+            match rx.poll_lanes(&mut src, NO_BULK, alloc).unwrap() {
                 Event::Message {
                     payload: Payload::Buffered(b),
                     ..
@@ -774,7 +741,88 @@ mod tests {
         assert!(yields > 100, "only {yields} yields");
     }
 
+    #[test]
+    fn a_bulk_payload_not_yet_started_can_be_handed_over_a_started_one_cannot() {
+        let mut frames = encode_lane_header(Kind::Bytes, 6, Lane::Bulk)
+            .unwrap()
+            .to_vec();
+        frames.extend(frame(Kind::Encoded, b"next"));
+        let mut src = ScriptedSource::whole(frames);
+        let mut idle = ScriptedSource::split(b"", &[]);
+        let mut rx = receiver();
+        // The header is read; its payload has not come yet.
+        assert!(matches!(
+            rx.poll_lanes(&mut src, Some(&mut idle), alloc),
+            Ok(Event::WouldBlock)
+        ));
+        assert_eq!(rx.waiting_lane(), Lane::Bulk);
+        let unread = rx.unread().unwrap();
+        let mut moved: Receiver<Vec<u8>> = Receiver::resume(u64::MAX, Budget::new(None), &unread);
+        let mut empty = ScriptedSource::split(b"", &[]);
+        let mut bulk = ScriptedSource::whole(b"abcdef".to_vec());
+        let mut got = Vec::new();
+        for _ in 0..10 {
+            if let Event::Message { kind, payload } = moved
+                .poll_lanes(&mut empty, Some(&mut bulk), alloc)
+                .unwrap()
+            {
+                got.push((kind, payload_vec(payload)));
+            }
+        }
+        assert_eq!(
+            got,
+            [
+                (Kind::Bytes, b"abcdef".to_vec()),
+                (Kind::Encoded, b"next".to_vec())
+            ]
+        );
+
+        // Part of a payload taken from the bulk lane cannot be put back there.
+        let mut src = ScriptedSource::whole(
+            encode_lane_header(Kind::Bytes, 6, Lane::Bulk)
+                .unwrap()
+                .to_vec(),
+        );
+        let mut bulk = ScriptedSource::whole(b"abc".to_vec());
+        let mut rx = receiver();
+        for _ in 0..3 {
+            let _ = rx.poll_lanes(&mut src, Some(&mut bulk), alloc).unwrap();
+        }
+        assert!(rx.unread().unwrap_err().contains("bulk lane"));
+    }
+
     proptest! {
+        #[test]
+        fn a_receiver_handed_over_at_any_point_loses_no_message(
+            payloads in proptest::collection::vec(
+                proptest::collection::vec(any::<u8>(), 0..70_000), 1..6),
+            chunk in 1usize..100_000,
+            polls_before in 0usize..12,
+        ) {
+            let mut stream = Vec::new();
+            for p in &payloads {
+                stream.extend(frame(Kind::Encoded, p));
+            }
+            let mut src = ScriptedSource::chunks(&stream, chunk).then_eof();
+            let mut first = receiver();
+            let mut got = Vec::new();
+            for _ in 0..polls_before {
+                match first.poll_lanes(&mut src, NO_BULK, alloc) {
+                    Ok(Event::Message { payload, .. }) => got.push(payload_vec(payload)),
+                    Ok(_) => {}
+                    Err(err) => prop_assert!(matches!(err, RecvError::Eof)),
+                }
+            }
+            let unread = first.unread().unwrap();
+            prop_assert_eq!(unread.len() >= first.buffered(), true);
+            let mut second: Receiver<Vec<u8>> =
+                Receiver::resume(u64::MAX, Budget::new(None), &unread);
+            let (rest, end) = drain(&mut second, &mut src);
+            prop_assert!(matches!(end, Err(RecvError::Eof)));
+            got.extend(rest.into_iter().map(|m| m.1));
+            prop_assert_eq!(got, payloads);
+        }
+
         #[test]
         fn frames_survive_any_chunking(
             payloads in proptest::collection::vec(
@@ -808,7 +856,7 @@ mod tests {
             let mut rx: Receiver<Vec<u8>> = Receiver::new(max, Budget::new(None));
             let mut src = ScriptedSource::chunks(&stream, chunk).then_eof();
             for _ in 0..10_000 {
-                match rx.poll(&mut src, |len| {
+                match rx.poll_lanes(&mut src, NO_BULK, |len| {
                     assert!(len as u64 <= max);
                     Some(vec![0; len])
                 }) {

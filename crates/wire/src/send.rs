@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use crate::budget::{Budget, SYSCALL_WEIGHT};
 use crate::frame::{encode_lane_header, FrameError, Kind, Lane, HEADER_LEN};
@@ -12,16 +13,19 @@ use crate::io::{WriteSink, MAX_IO_CHUNK};
 /// allow 1024).
 pub const MAX_IOVECS: usize = 256;
 
-/// How far one call to [`Sender::flush`] got.
+/// How far one call to [`Sender::flush_lanes`] got. The discriminants are the extension's
+/// `DONE`, `WOULD_BLOCK` and `YIELD`, defined here only; a receive that has no message
+/// answers with the last two as well.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 pub enum Progress {
     /// Everything queued is written.
-    Done,
+    Done = 0,
     /// The descriptor is full: wait until it is writable, then flush again.
-    WouldBlock,
+    WouldBlock = 1,
     /// The time slice is used up while the descriptor still takes data: give the event loop
     /// a turn, then flush again.
-    Yield,
+    Yield = 2,
 }
 
 struct Pending<P> {
@@ -31,6 +35,13 @@ struct Pending<P> {
     written: usize,
     /// Where the payload goes (the header always goes on the frame lane).
     lane: Lane,
+    /// Descriptors that go with this frame (`SCM_RIGHTS`), until the write that carries
+    /// them: the first one of the frame's bytes on its socket lane (see [`Sender::push_with_fds`]).
+    fds: Vec<OwnedFd>,
+}
+
+fn borrow_all(fds: &[OwnedFd]) -> Vec<BorrowedFd<'_>> {
+    fds.iter().map(|fd| fd.as_fd()).collect()
 }
 
 impl<P: AsRef<[u8]>> Pending<P> {
@@ -72,7 +83,7 @@ impl<P: AsRef<[u8]>> Sender<P> {
         }
     }
 
-    /// Queues one frame. Its bytes go out with the next [`Sender::flush`].
+    /// Queues one frame. Its bytes go out with the next [`Sender::flush_lanes`].
     pub fn push(&mut self, kind: Kind, payload: P) -> Result<(), FrameError> {
         let len = payload.as_ref().len();
         let lane = match self.bulk_min {
@@ -85,6 +96,36 @@ impl<P: AsRef<[u8]>> Sender<P> {
             payload,
             written: 0,
             lane,
+            fds: Vec::new(),
+        });
+        Ok(())
+    }
+
+    /// Queues one frame that carries descriptors, on a channel whose descriptors go on a
+    /// socket: the bulk lane if the channel has one (the frame's payload then takes it,
+    /// whatever its size), else the frame lane, which must be a socket. They go with the
+    /// first write of the frame's bytes on that lane, so a reader has them by the time it
+    /// has the whole frame: it takes them in the order they come, and each frame of this
+    /// kind says how many are its own. The payload must not be empty.
+    pub fn push_with_fds(
+        &mut self,
+        kind: Kind,
+        payload: P,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(), FrameError> {
+        let len = payload.as_ref().len();
+        assert!(len > 0, "descriptors need a payload byte to travel with");
+        let lane = match self.bulk_min {
+            Some(_) => Lane::Bulk,
+            None => Lane::Frame,
+        };
+        let header = encode_lane_header(kind, len as u64, lane)?;
+        self.queue.push_back(Pending {
+            header,
+            payload,
+            written: 0,
+            lane,
+            fds,
         });
         Ok(())
     }
@@ -118,12 +159,8 @@ impl<P: AsRef<[u8]>> Sender<P> {
         self.queue.clear();
     }
 
-    /// Writes as much of the queue as the descriptor takes now.
-    pub fn flush<W: WriteSink>(&mut self, sink: &mut W) -> io::Result<Progress> {
-        self.flush_lanes::<W, W>(sink, None)
-    }
-
-    /// [`Sender::flush`] for a channel with a bulk lane (`bulk`). After `WouldBlock`,
+    /// Writes as much of the queue as the descriptors take now: `sink` is the frame lane,
+    /// `bulk` the bulk lane on a channel that has one. After `WouldBlock`,
     /// [`Sender::waiting_lane`] says which descriptor to wait for.
     pub fn flush_lanes<W: WriteSink, V: WriteSink>(
         &mut self,
@@ -154,10 +191,24 @@ impl<P: AsRef<[u8]>> Sender<P> {
                 };
                 let front = self.queue.front().expect("checked by the loop");
                 let rest = &front.payload.as_ref()[front.written - HEADER_LEN..];
-                bulk.write_some(&[IoSlice::new(&rest[..rest.len().min(MAX_IO_CHUNK)])])
+                let slice = [IoSlice::new(&rest[..rest.len().min(MAX_IO_CHUNK)])];
+                if front.fds.is_empty() {
+                    bulk.write_some(&slice)
+                } else {
+                    bulk.write_with_fds(&slice, &borrow_all(&front.fds))
+                }
             } else {
                 self.write_frame_lane(sink)
             };
+            if matches!(written, Ok(n) if n > 0) {
+                // Whatever part of the frame went, its descriptors went with it (the kernel
+                // holds copies now): ours close.
+                if let Some(front) = self.queue.front_mut() {
+                    if !front.fds.is_empty() && (on_bulk_lane || front.lane == Lane::Frame) {
+                        front.fds.clear();
+                    }
+                }
+            }
             match written {
                 // Every write offers at least one byte, so a zero-length write means no room.
                 Ok(0) => return Ok(self.would_block()),
@@ -176,6 +227,13 @@ impl<P: AsRef<[u8]>> Sender<P> {
     /// including the header of the first frame whose payload goes on the bulk lane.
     fn write_frame_lane<W: WriteSink>(&self, sink: &mut W) -> io::Result<usize> {
         if let Some(front) = self.queue.front() {
+            if !front.fds.is_empty() && front.lane == Lane::Frame {
+                // Its first bytes, and nothing of the frames behind it, carry the descriptors.
+                let payload = front.payload.as_ref();
+                let body = &payload[..payload.len().min(MAX_IO_CHUNK)];
+                let header = IoSlice::new(&front.header);
+                return sink.write_with_fds(&[header, IoSlice::new(body)], &borrow_all(&front.fds));
+            }
             // The common case, one small frame: no need to set up a long vector.
             if self.queue.len() == 1 && front.lane == Lane::Frame {
                 let payload = front.payload.as_ref();
@@ -193,8 +251,12 @@ impl<P: AsRef<[u8]>> Sender<P> {
         let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
         let mut count = 0;
         let mut room = MAX_IO_CHUNK;
-        for frame in self.queue.iter() {
+        for (i, frame) in self.queue.iter().enumerate() {
             if count + 2 > MAX_IOVECS || room == 0 {
+                break;
+            }
+            if i > 0 && !frame.fds.is_empty() && frame.lane == Lane::Frame {
+                // It goes at the front of a write of its own, with its descriptors.
                 break;
             }
             let payload = match frame.lane {
@@ -267,13 +329,16 @@ mod tests {
     use crate::testing::{ChokedSink, ScriptedSource};
     use proptest::prelude::*;
 
+    /// The bulk lane of a channel that has none.
+    const NO_BULK: Option<&mut ChokedSink> = None;
+
     fn sender() -> Sender<Vec<u8>> {
         Sender::new(Budget::new(None))
     }
 
     fn flush_all(tx: &mut Sender<Vec<u8>>, sink: &mut ChokedSink) {
         for _ in 0..1_000_000 {
-            match tx.flush(sink).unwrap() {
+            match tx.flush_lanes(sink, NO_BULK).unwrap() {
                 Progress::Done => return,
                 Progress::WouldBlock | Progress::Yield => continue,
             }
@@ -285,8 +350,9 @@ mod tests {
         let mut rx: Receiver<Vec<u8>> = Receiver::new(u64::MAX, Budget::new(None));
         let mut src = ScriptedSource::whole(bytes);
         let mut out = Vec::new();
-        while let Event::Message { kind, payload } =
-            rx.poll(&mut src, |n| Some(vec![0; n])).unwrap()
+        while let Event::Message { kind, payload } = rx
+            .poll_lanes(&mut src, None::<&mut ScriptedSource>, |n| Some(vec![0; n]))
+            .unwrap()
         {
             out.push((
                 kind,
@@ -324,7 +390,7 @@ mod tests {
             tx.push(Kind::Encoded, vec![i; 10]).unwrap();
         }
         let mut sink = ChokedSink::new(usize::MAX);
-        assert_eq!(tx.flush(&mut sink).unwrap(), Progress::Done);
+        assert_eq!(tx.flush_lanes(&mut sink, NO_BULK).unwrap(), Progress::Done);
         assert_eq!(sink.calls, 1);
         assert_eq!(decode_all(sink.taken).len(), 100);
     }
@@ -350,7 +416,10 @@ mod tests {
         assert_eq!(tx.front_payload_len(), Some(100));
         assert!(!tx.is_mid_frame());
         let mut sink = ChokedSink::new(20);
-        assert_eq!(tx.flush(&mut sink).unwrap(), Progress::WouldBlock);
+        assert_eq!(
+            tx.flush_lanes(&mut sink, NO_BULK).unwrap(),
+            Progress::WouldBlock
+        );
         assert!(tx.is_mid_frame());
         tx.discard();
         assert!(!tx.has_pending());
@@ -362,7 +431,7 @@ mod tests {
         tx.push(Kind::Encoded, b"x".to_vec()).unwrap();
         let mut sink = ChokedSink::new(100);
         sink.fail = Some(io::ErrorKind::BrokenPipe);
-        let err = tx.flush(&mut sink).unwrap_err();
+        let err = tx.flush_lanes(&mut sink, NO_BULK).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
         assert!(tx.has_pending());
     }
@@ -393,7 +462,7 @@ mod tests {
         let mut sink = ChokedSink::new(1024);
         let mut yields = 0;
         loop {
-            match tx.flush(&mut sink).unwrap() {
+            match tx.flush_lanes(&mut sink, NO_BULK).unwrap() {
                 Progress::Done => break,
                 Progress::Yield => yields += 1,
                 Progress::WouldBlock => {}
@@ -500,7 +569,58 @@ mod tests {
         let mut tx = Sender::with_bulk_lane(Budget::new(None), 1);
         tx.push(Kind::Bytes, vec![1; 10]).unwrap();
         let mut sink = ChokedSink::new(usize::MAX);
-        assert!(tx.flush(&mut sink).is_err());
+        assert!(tx.flush_lanes(&mut sink, NO_BULK).is_err());
+    }
+
+    fn some_fds(n: usize) -> Vec<OwnedFd> {
+        (0..n)
+            .map(|_| rustix::io::dup(std::io::stdin()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn descriptors_go_with_their_frames_first_bytes_and_nothing_before() {
+        for per_call in [usize::MAX, 3] {
+            let mut tx = sender();
+            tx.push(Kind::Encoded, b"before".to_vec()).unwrap();
+            tx.push_with_fds(Kind::Handles, b"\x02\0\0\0with".to_vec(), some_fds(2))
+                .unwrap();
+            tx.push(Kind::Encoded, b"after".to_vec()).unwrap();
+            let mut sink = ChokedSink::new(per_call);
+            flush_all(&mut tx, &mut sink);
+            // Sent once, with the frame's header: never with bytes of the frame before it.
+            assert_eq!(sink.fds_at, [(HEADER_LEN + 6, 2)], "per_call {per_call}");
+            assert_eq!(sink.taken.len(), 3 * HEADER_LEN + 6 + 8 + 5);
+        }
+    }
+
+    #[test]
+    fn with_a_bulk_lane_descriptors_go_with_the_payload_there() {
+        let mut tx = Sender::with_bulk_lane(Budget::new(None), 1 << 20);
+        tx.push_with_fds(Kind::Handles, b"\x01\0\0\0small".to_vec(), some_fds(1))
+            .unwrap();
+        let (mut sink, mut bulk) = (ChokedSink::new(usize::MAX), ChokedSink::new(usize::MAX));
+        flush_all_lanes(&mut tx, &mut sink, &mut bulk);
+        // However small, the payload takes the bulk lane, where the descriptors can go.
+        assert_eq!(sink.taken.len(), HEADER_LEN);
+        assert!(sink.fds_at.is_empty());
+        assert_eq!(bulk.fds_at, [(0, 1)]);
+        assert_eq!(bulk.taken, b"\x01\0\0\0small");
+    }
+
+    #[test]
+    fn a_sink_that_cannot_pass_descriptors_is_an_error() {
+        struct Plain;
+        impl WriteSink for Plain {
+            fn write_some(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+                Ok(bufs.iter().map(|b| b.len()).sum())
+            }
+        }
+        let mut tx = sender();
+        tx.push_with_fds(Kind::Handles, b"\x01\0\0\0".to_vec(), some_fds(1))
+            .unwrap();
+        let err = tx.flush_lanes(&mut Plain, None::<&mut Plain>).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::Unsupported);
     }
 
     proptest! {

@@ -69,6 +69,31 @@ impl SpinPolicy {
             self.penalty = (self.penalty * 2 + 1).min(MAX_PENALTY);
         }
     }
+    /// `attempt()`'s answer; when it has none (`Ok(None)`: the caller would have to wait),
+    /// tries again on the CPU until the limit, if the policy spins this time. This is the
+    /// one place in gipc that waits without the event loop, for at most the limit.
+    pub fn attempt<T, E>(
+        &mut self,
+        mut attempt: impl FnMut() -> Result<Option<T>, E>,
+    ) -> Result<Option<T>, E> {
+        if let Some(answer) = attempt()? {
+            return Ok(Some(answer));
+        }
+        let Some(deadline) = self.start(Instant::now()) else {
+            return Ok(None);
+        };
+        loop {
+            std::hint::spin_loop();
+            if let Some(answer) = attempt()? {
+                self.finish(true);
+                return Ok(Some(answer));
+            }
+            if Instant::now() >= deadline {
+                self.finish(false);
+                return Ok(None);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -85,6 +110,42 @@ mod tests {
             }
         }
         spins
+    }
+
+    #[test]
+    fn attempt_looks_again_until_an_answer_or_the_limit() {
+        let mut calls = 0;
+        let mut policy = SpinPolicy::new(Some(Duration::from_secs(5)));
+        let got: Result<_, ()> = policy.attempt(|| {
+            calls += 1;
+            Ok((calls == 3).then_some("reply"))
+        });
+        assert_eq!((got, calls), (Ok(Some("reply")), 3));
+
+        let mut policy = SpinPolicy::new(Some(Duration::from_micros(200)));
+        for _ in 0..2 {
+            let started = Instant::now();
+            let got: Result<Option<()>, ()> = policy.attempt(|| Ok(None));
+            assert_eq!(got, Ok(None));
+            assert!(started.elapsed() >= Duration::from_micros(200));
+        }
+        // Two spins caught nothing: the next wait skips spinning, one attempt only.
+        let mut calls = 0;
+        let _: Result<Option<()>, ()> = policy.attempt(|| {
+            calls += 1;
+            Ok(None)
+        });
+        assert_eq!(calls, 1);
+
+        // Errors end the spin at once; a policy that never spins attempts once.
+        let mut policy = SpinPolicy::new(Some(Duration::from_secs(5)));
+        assert_eq!(policy.attempt::<(), _>(|| Err("broken")), Err("broken"));
+        let mut calls = 0;
+        let _: Result<Option<()>, ()> = SpinPolicy::new(None).attempt(|| {
+            calls += 1;
+            Ok(None)
+        });
+        assert_eq!(calls, 1);
     }
 
     #[test]

@@ -104,6 +104,9 @@ pub struct ChokedSink {
     pub fail: Option<io::ErrorKind>,
     /// The most bytes any write offered.
     pub largest_offer: usize,
+    /// For each write that passed descriptors: where in `taken` its bytes start, and how
+    /// many descriptors it passed.
+    pub fds_at: Vec<(usize, usize)>,
     block_next: bool,
 }
 
@@ -115,6 +118,7 @@ impl ChokedSink {
             calls: 0,
             fail: None,
             largest_offer: 0,
+            fds_at: Vec::new(),
             block_next: false,
         }
     }
@@ -145,5 +149,18 @@ impl WriteSink for ChokedSink {
             }
         }
         Ok(n)
+    }
+
+    fn write_with_fds(
+        &mut self,
+        bufs: &[IoSlice<'_>],
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> io::Result<usize> {
+        let at = self.taken.len();
+        let written = self.write_some(bufs)?;
+        if written > 0 {
+            self.fds_at.push((at, fds.len()));
+        }
+        Ok(written)
     }
 }

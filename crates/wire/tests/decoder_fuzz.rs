@@ -24,8 +24,7 @@ use std::time::Duration;
 
 use gipc_wire::budget::Budget;
 use gipc_wire::frame::{
-    decode_header, encode_header, encode_lane_header, FrameError, Kind, Lane, HEADER_LEN,
-    MAX_PAYLOAD_LEN,
+    decode_header, encode_lane_header, FrameError, Kind, Lane, HEADER_LEN, MAX_PAYLOAD_LEN,
 };
 use gipc_wire::io::ReadSource;
 use gipc_wire::recv::{Event, Payload, Receiver, RecvError};
@@ -84,7 +83,7 @@ struct FrameSpec {
 
 impl FrameSpec {
     fn bytes(&self) -> Vec<u8> {
-        let mut out = encode_header(self.kind, self.payload.len() as u64)
+        let mut out = encode_lane_header(self.kind, self.payload.len() as u64, Lane::Frame)
             .expect("test payloads are small")
             .to_vec();
         out.extend_from_slice(&self.payload);
@@ -237,7 +236,7 @@ fn drive(stream: &[u8], schedule: &Schedule, max_lens: &[u64], eof_at_end: bool)
         let max = max_lens[poll % max_lens.len()];
         rx.set_max_len(max);
         assert_eq!(rx.max_len(), max);
-        let event = rx.poll(&mut src, |len| {
+        let event = rx.poll_lanes(&mut src, None::<&mut ScheduledSource>, |len| {
             assert!(
                 len as u64 <= max,
                 "asked to allocate {len} bytes with max_len {max}"
@@ -290,7 +289,9 @@ fn assert_corrupt_for_good(stream: &[u8], schedule: &Schedule, max_len: u64) {
     let mut rx: Receiver<Vec<u8>> = Receiver::new(max_len, Budget::new(None));
     let mut src = ScheduledSource::new(stream, schedule, true);
     let first = loop {
-        match rx.poll(&mut src, |len| (len <= ALLOC_CAP).then(|| vec![0; len])) {
+        match rx.poll_lanes(&mut src, None::<&mut ScheduledSource>, |len| {
+            (len <= ALLOC_CAP).then(|| vec![0; len])
+        }) {
             Ok(_) => continue,
             Err(err) => break err,
         }
@@ -300,7 +301,9 @@ fn assert_corrupt_for_good(stream: &[u8], schedule: &Schedule, max_len: u64) {
     };
     let reads = src.reads;
     for _ in 0..3 {
-        match rx.poll(&mut src, |_| panic!("a corrupt stream must not allocate")) {
+        match rx.poll_lanes(&mut src, None::<&mut ScheduledSource>, |_| {
+            panic!("a corrupt stream must not allocate")
+        }) {
             Err(RecvError::Frame(again)) => assert_eq!(again, expected),
             other => panic!("corrupt stream recovered: {other:?}"),
         }
@@ -362,14 +365,15 @@ fn garbage_header(mode: Garbage, noise: [u8; 8], max_len: u64) -> [u8; HEADER_LE
             }
         }
         Garbage::UnknownKind => {
-            raw[5] = 3 + raw[5] % 253;
+            raw[5] = 4 + raw[5] % 252;
             raw[6] = MAGIC_LOW;
             raw[7] = MAGIC_HIGH;
         }
         Garbage::TooLarge => {
             let span = MAX_PAYLOAD_LEN - max_len;
             let len = max_len + 1 + u64::from_le_bytes(noise) % span;
-            raw = encode_header(kind_of(noise[0]), len).expect("len fits the header");
+            raw = encode_lane_header(kind_of(noise[0]), len, Lane::Frame)
+                .expect("len fits the header");
         }
     }
     raw
@@ -624,7 +628,7 @@ proptest! {
             Err(FrameError::UnknownKind { kind }) => {
                 prop_assert_eq!(word >> 48, 0x6770);
                 let plain = if bulk_lane { kind & 0x7f } else { kind };
-                prop_assert!(plain > 2);
+                prop_assert!(plain > 3);
             }
             Err(FrameError::TooLarge { len, max: reported }) => {
                 prop_assert_eq!(reported, max);
