@@ -3,6 +3,7 @@
 concurrent.futures.ProcessPoolExecutor and multiprocessing.Pool.
 
     python benches/pool_bench.py [--runs 3] [--workers 2] [--json out.json]
+    python benches/pool_bench.py --start-methods [--runs 3]   # gipc's workers by method
 
 Workloads, each after a warm-up that starts every worker:
   tiny   10,000 tasks returning x + 1, through map() (chunksize 1): tasks per second;
@@ -16,6 +17,10 @@ stdlib pools block the event loop while the main greenlet waits on them.
 
 Each (implementation, workload, run) runs in a fresh interpreter, so no pool's state leaks
 into another's figures. Ratios are computed inside each run, then the median is shown.
+
+``--start-methods`` compares gipc.ProcessPool's workers started by fork, by gipc's fork
+server and by spawn instead (tiny and bulk, after the warm-up, so worker start-up is not
+counted): ratios to fork workers.
 """
 
 from __future__ import annotations
@@ -66,10 +71,11 @@ def measure(impl: str, workload: str, workers: int) -> dict:
             gaps.append(now - last)
             last = now
 
-    if impl == "gipc":
+    if impl.startswith("gipc"):
         import gipc
 
-        pool = gipc.ProcessPool(max_workers=workers)
+        method = impl.partition(":")[2] or None
+        pool = gipc.ProcessPool(max_workers=workers, start_method=method)
         run_map = lambda fn, items: list(pool.map(fn, items))  # noqa: E731
     elif impl == "cf":
         import concurrent.futures as cf
@@ -132,9 +138,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--json")
     parser.add_argument("--one", nargs=2, metavar=("IMPL", "WORKLOAD"), help=argparse.SUPPRESS)
+    parser.add_argument("--start-methods", action="store_true")
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(args.one[0], args.one[1], args.workers)))
+        return
+    if args.start_methods:
+        compare_start_methods(args)
         return
     runs: dict = {}
     for run in range(args.runs):
@@ -178,6 +188,38 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"command": sys.argv, "table": table,
                        "runs": {f"{w}/{i}": v for (w, i), v in runs.items()}}, f, indent=1)
+
+
+def compare_start_methods(args: argparse.Namespace) -> None:
+    impls = ["gipc:fork", "gipc:forkserver", "gipc:spawn"]
+    runs: dict = {}
+    for run in range(args.runs):
+        for workload in ("tiny", "bulk"):
+            for impl in impls:
+                proc = subprocess.run(
+                    [sys.executable, __file__, "--workers", str(args.workers), "--one", impl,
+                     workload], capture_output=True, text=True, timeout=300)
+                if proc.returncode != 0:
+                    raise SystemExit(f"{impl} {workload} failed:\n{proc.stderr}")
+                runs.setdefault((workload, impl), []).append(json.loads(proc.stdout))
+        print(f"[run {run + 1}/{args.runs} done]", file=sys.stderr)
+    print(f"\ngipc.ProcessPool by start method: {args.workers} workers, median of {args.runs} "
+          f"runs (ratio: to fork workers, same run)")
+    print(f"{'workload':30} " + " ".join(f"{i:>16}" for i in impls) + "  fs/fork spawn/fork")
+    table = []
+    for workload, key, label in (("tiny", "tasks_per_s", "10,000 tiny tasks (tasks/s)"),
+                                 ("bulk", "mb_per_s", "200 x 1 MiB in and out (MB/s)")):
+        values = [statistics.median(r[key] for r in runs[(workload, i)]) for i in impls]
+        ratios = [statistics.median(a[key] / b[key] for a, b in
+                                    zip(runs[(workload, i)], runs[(workload, "gipc:fork")]))
+                  for i in impls[1:]]
+        table.append({"workload": workload, "metric": key, "median": dict(zip(impls, values)),
+                      "ratio_to_fork": dict(zip(impls[1:], ratios))})
+        print(f"{label:30} " + " ".join(f"{v:16.1f}" for v in values)
+              + f"  {ratios[0]:7.2f} {ratios[1]:10.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"command": sys.argv, "table": table}, f, indent=1)
 
 
 if __name__ == "__main__":
