@@ -493,3 +493,15 @@ def test_gipc_objects_can_carry_descriptors_of_their_own():
         got["h"].close()
     os.close(r)
     os.close(w)
+
+
+def test_put_many_carries_handles_too():
+    with gipc.pipe() as (r, w), gipc.pipe() as (inner_r, inner_w):
+        w.put_many(["before", inner_w, "after"])
+        assert inner_w.closed  # handed over, as put() does
+        assert r.get() == "before"
+        moved_w = r.get()
+        assert r.get() == "after"
+        moved_w.put("through the moved writer")
+        assert inner_r.get() == "through the moved writer"
+        moved_w.close()

@@ -507,14 +507,21 @@ class _GIPCWriter(_GIPCHandle):
         items = list(items)
         if not items:
             return
+        if self._default_codecs:
+            try:
+                batch = _pickle_dumps(items)
+            except _NotPicklable:
+                # Handles in the batch: their descriptors travel with single messages.
+                for item in items:
+                    self.put(item)
+                return
+            with self._lock:
+                self._finish(self._core.try_send(KIND_BATCH, batch))
+            return
         with self._lock:
-            if self._default_codecs:
-                status = self._core.try_send(KIND_BATCH, _pickle_dumps(items))
-            else:
-                status = self._core.try_send_many(
-                    KIND_ENCODED, [self._encode(o) for o in items]
-                )
-            self._finish(status)
+            self._finish(
+                self._core.try_send_many(KIND_ENCODED, [self._encode(o) for o in items])
+            )
 
     def _encode(self, o: Any) -> BytesLike:
         encoder = self._encoder
