@@ -6,7 +6,6 @@ from __future__ import annotations
 import _multiprocessing  # type: ignore[import-not-found]  # (no stubs)
 import errno
 import fcntl
-import itertools
 import mmap
 import os
 import tempfile
@@ -147,14 +146,12 @@ def _unlinked_file(size: int) -> int:
     return fd
 
 
-_lock_names = itertools.count()
-
-
 def _new_lock() -> Any:
     """An unnamed POSIX semaphore used as a lock, shared with the children forked after it.
     (multiprocessing's own Lock would also register a hook that every child then runs.)"""
     while True:
-        name = f"/gipc-pool-{os.getpid()}-{next(_lock_names)}-{os.urandom(4).hex()}"
+        # Short (macOS allows 30 characters) and random; a clash is retried.
+        name = f"/gipc-{os.urandom(6).hex()}"
         try:
             # kind 1 is a semaphore; unlink=True removes the name at once: nothing to clean.
             return _multiprocessing.SemLock(1, 1, 1, name, True)
