@@ -134,6 +134,7 @@ print(p.exitcode, report.decode())
 """
 
 
+@pytest.mark.fork_only  # an at-fork hook, in a script that forks whatever the suite's method
 @pytest.mark.parametrize(
     "how, expected",
     [
