@@ -132,7 +132,11 @@ def reports(request):
 
 pytestmark = pytest.mark.skipif(not LINUX, reason="reads /proc; multiprocessing fork context")
 
+# The tests on `reports` compare gipc's child with multiprocessing's *fork* child, started
+# by a script in a fresh interpreter that forks whatever the suite's start method: fork_only.
 
+
+@pytest.mark.fork_only
 def test_what_the_child_sees_matches_multiprocessing(reports):
     report, _, _ = reports
     seen = report["gipc"]["observe"]
@@ -143,6 +147,7 @@ def test_what_the_child_sees_matches_multiprocessing(reports):
     assert seen["old_stdin_closed"]
 
 
+@pytest.mark.fork_only
 def test_exit_codes_match_multiprocessing(reports):
     report, _, _ = reports
     for key in ("observe_exit", "hooks_exit", "exit_with_message", "exit_with_code",
@@ -152,6 +157,7 @@ def test_exit_codes_match_multiprocessing(reports):
             report["gipc"]["exit_with_none"], report["gipc"]["raise_error"]) == (1, 3, 0, 1)
 
 
+@pytest.mark.fork_only
 def test_exit_hooks_threads_and_output_match_multiprocessing(reports):
     report, stdout, _ = reports
     # Finalizers registered in the child run, its threads are waited for; atexit functions
@@ -162,6 +168,7 @@ def test_exit_hooks_threads_and_output_match_multiprocessing(reports):
     assert "unflushed output from m" in stdout and "unflushed output from g" in stdout
 
 
+@pytest.mark.fork_only
 def test_errors_are_reported_on_stderr_as_multiprocessing_does(reports):
     _, _, stderr = reports
 
@@ -177,9 +184,17 @@ def test_errors_are_reported_on_stderr_as_multiprocessing_does(reports):
     assert "ValueError: the child failed" in error
 
 
+@pytest.mark.fork_only
 def test_stdin_data_is_left_to_the_parent(reports):
     _, stdout, _ = reports
     assert "parent read: first line then: second line, for nobody but the parent" in stdout
+
+
+def report_mask(path):
+    with open("/proc/self/status") as f:
+        blocked = next(line for line in f if line.startswith("SigBlk:"))
+    with open(path, "w") as f:
+        f.write(blocked.split(":")[1].strip())
 
 
 @pytest.mark.skipif(not LINUX, reason="reads /proc")
@@ -187,13 +202,6 @@ def test_signals_blocked_in_the_parent_are_unblocked_in_the_child(tmp_path):
     import gipc
 
     out = tmp_path / "mask"
-
-    def report_mask(path):
-        with open("/proc/self/status") as f:
-            blocked = next(line for line in f if line.startswith("SigBlk:"))
-        with open(path, "w") as f:
-            f.write(blocked.split(":")[1].strip())
-
     old = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1, signal.SIGTERM])
     try:
         p = gipc.start_process(report_mask, args=(str(out),))
@@ -204,6 +212,7 @@ def test_signals_blocked_in_the_parent_are_unblocked_in_the_child(tmp_path):
     assert int(out.read_text(), 16) == 0
 
 
+@pytest.mark.fork_only  # a script that forks, whatever the suite's start method
 def test_a_parent_that_never_made_a_hub():
     # Nothing of gevent's to abandon in the child: it builds its hub when it first waits.
     code = r'''

@@ -18,7 +18,7 @@ import pytest
 import gipc
 from gipc.pool import ProcessPool
 
-from conftest import LINUX
+from conftest import LINUX, START_METHOD
 from helpers import run_python
 
 LIBUV = "libuv" in type(gevent.get_hub().loop).__module__
@@ -134,6 +134,7 @@ print(p.exitcode, report.decode())
 """
 
 
+@pytest.mark.fork_only  # an at-fork hook, in a script that forks whatever the suite's method
 @pytest.mark.parametrize(
     "how, expected",
     [
@@ -173,12 +174,17 @@ def test_the_parent_keeps_its_signal_mask_and_the_child_starts_unblocked() -> No
 # --- 8: a child started from a non-main thread ---------------------------------------------
 
 
-def _describe_hub(writer: Any) -> None:
+#: libuv: a forked child runs on a brand-new loop, with no child watchers at all (README);
+#: a spawned or fork server's child inherits no loop, and gets the default one.
+FRESH_LOOP_ONLY = LIBUV and START_METHOD == "fork"
+
+
+def _describe_hub(writer: Any, with_child_watchers: bool) -> None:
     import gevent.subprocess
 
     hub = gevent.get_hub()
     facts: Dict[str, Any] = {"main_hub": hub.main_hub, "default": hub.loop.default}
-    if not LIBUV:  # libuv: no child watchers in gipc children at all (README)
+    if with_child_watchers:
         facts["subprocess"] = gevent.subprocess.call([sys.executable, "-c", "exit(7)"])
     gevent.wait()
     facts["waited"] = True
@@ -190,7 +196,7 @@ def _start_from(thread_or_main: str) -> Dict[str, Any]:
 
     def start() -> None:
         with gipc.pipe() as (reader, writer):
-            p = gipc.start_process(_describe_hub, (writer,))
+            p = gipc.start_process(_describe_hub, (writer, not FRESH_LOOP_ONLY))
             found.update(reader.get(timeout=30))
             _join_or_kill(p)
             found["exitcode"] = p.exitcode
@@ -222,7 +228,7 @@ def test_a_child_started_from_any_thread_gets_the_main_hub(where: str) -> None:
     finally:
         sleeper.kill()
     expected: Dict[str, Any] = {"main_hub": True, "waited": True, "exitcode": 0}
-    if LIBUV:
+    if FRESH_LOOP_ONLY:
         expected["default"] = False  # a brand-new loop, whatever the thread (README)
     else:
         expected.update(default=True, subprocess=7)
@@ -323,6 +329,13 @@ def test_a_handle_nested_deep_in_args_is_handed_over(depth: int) -> None:
         path: List[Any] = []
         for level in reversed(range(depth)):
             path.append("k" if level % 3 == 2 else 0)
+        if depth > sys.getrecursionlimit() and START_METHOD != "fork":
+            # Deeper than pickle goes: spawn and forkserver must pickle the arguments, so
+            # the start is refused in the caller, by name, and the handle stays the caller's.
+            with pytest.raises(gipc.GIPCTypeError, match="argument 0"):
+                gipc.start_process(_put_through, (nested, path))
+            assert not writer.closed
+            return
         p = gipc.start_process(_put_through, (nested, path))
         assert writer.closed  # handed over: the parent's copy is closed
         assert reader.get(timeout=20) == "through"

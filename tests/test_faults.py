@@ -280,6 +280,22 @@ class TestBadFrames:
 # --- payloads the decoder cannot decode --------------------------------------------------------
 
 
+class Rejected(Exception):
+    pass
+
+
+# The codec of a pipe whose writer goes to a child: at module level, so that it pickles
+# (start methods spawn and forkserver).
+def json_encode(obj) -> bytes:
+    return json.dumps(obj).encode()
+
+
+def json_decode_rejecting_bad(data: bytes):
+    if data.startswith(b"bad"):
+        raise Rejected(data)
+    return json.loads(data)
+
+
 def send_bad_then_good(writer, bad_frames) -> None:
     for frame in bad_frames:
         write_raw(writer, frame)
@@ -306,15 +322,7 @@ class TestBadPayloads:
             assert r.get() == "next"
 
     def test_custom_decoder_error_propagates_across_processes(self):
-        class Rejected(Exception):
-            pass
-
-        def decoder(data: bytes):
-            if data.startswith(b"bad"):
-                raise Rejected(data)
-            return json.loads(data)
-
-        with gipc.pipe(encoder=lambda o: json.dumps(o).encode(), decoder=decoder) as (r, w):
+        with gipc.pipe(encoder=json_encode, decoder=json_decode_rejecting_bad) as (r, w):
             frames = [raw_frame(b"bad one"), raw_frame(b"bad two")]
             p = gipc.start_process(send_bad_then_good, args=(w, frames))
             for expected in (b"bad one", b"bad two"):
@@ -714,6 +722,7 @@ class TestForkWithThreads:
             logger.removeHandler(handler)
             stream.close()
 
+    @pytest.mark.fork_only
     @pytest.mark.skipif(not hasattr(logging, "_lock"), reason="logging's module lock is private")
     def test_fork_waits_for_loggings_module_lock(self):
         held, release = threading.Event(), threading.Event()
@@ -735,6 +744,7 @@ class TestForkWithThreads:
         assert p.exitcode == 0
         assert waited >= 0.2, "fork is expected to wait until the module lock is free"
 
+    @pytest.mark.fork_only
     def test_plain_lock_held_by_another_thread_stays_locked_in_the_child(self):
         # No such rescue for an application's own lock: the child inherits it locked, and
         # the thread that would release it does not exist there.
@@ -755,6 +765,7 @@ class TestForkWithThreads:
             release.set()
             holder.join()
 
+    @pytest.mark.fork_only
     @pytest.mark.skipif(sys.version_info < (3, 12), reason="the warning is new in 3.12")
     def test_python_warns_about_forking_a_threaded_process(self):
         release = threading.Event()

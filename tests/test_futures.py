@@ -297,18 +297,31 @@ def test_thread_pool_futures(ticker: Ticker) -> None:
             gipc.result(boom)
 
 
+def _stop_multiprocessings_helpers() -> None:
+    """multiprocessing's own fork server and resource tracker (started by a
+    ProcessPoolExecutor under the start methods forkserver and spawn) live on after it: no
+    child of this test may (see conftest.py)."""
+    from multiprocessing import forkserver, resource_tracker
+
+    forkserver._forkserver._stop()  # type: ignore[attr-defined]
+    resource_tracker._resource_tracker._stop()  # type: ignore[attr-defined]
+
+
 def test_a_mix_of_executors() -> None:
-    with gipc.ProcessPool(1) as pool, cf.ThreadPoolExecutor(1) as threads, \
-            cf.ProcessPoolExecutor(1) as processes:
-        fs = [
-            pool.submit(square, 2),
-            threads.submit(square, 3),
-            processes.submit(square, 4),
-            pool.submit(square, 5),
-        ]
-        assert sorted(f.result() for f in gipc.as_completed(fs)) == [4, 9, 16, 25]
-        assert gipc.wait(fs).not_done == set()
-        assert [gipc.result(f) for f in fs] == [4, 9, 16, 25]
+    try:
+        with gipc.ProcessPool(1) as pool, cf.ThreadPoolExecutor(1) as threads, \
+                cf.ProcessPoolExecutor(1) as processes:
+            fs = [
+                pool.submit(square, 2),
+                threads.submit(square, 3),
+                processes.submit(square, 4),
+                pool.submit(square, 5),
+            ]
+            assert sorted(f.result() for f in gipc.as_completed(fs)) == [4, 9, 16, 25]
+            assert gipc.wait(fs).not_done == set()
+            assert [gipc.result(f) for f in fs] == [4, 9, 16, 25]
+    finally:
+        _stop_multiprocessings_helpers()
 
 
 def test_own_futures_keep_their_cooperative_wait(ticker: Ticker) -> None:

@@ -17,7 +17,7 @@ import gipc
 from gipc import GIPCClosed, GIPCLocked
 from gipc.gipc import _GProcess
 
-from conftest import LINUX, child_pids, open_fds
+from conftest import LINUX, START_METHOD, child_pids, open_fds
 from helpers import Ticker, fd_targets, run_python
 
 
@@ -94,6 +94,10 @@ class TestProcessObject:
         gevent.joinall(joiners, raise_error=True)
         assert p.exitcode == 0
 
+    @pytest.mark.skipif(
+        START_METHOD == "forkserver",
+        reason="waits with waitid() on the child, which is the fork server's, not ours",
+    )
     def test_a_waiting_join_returns_when_another_greenlet_reaps_the_child(self):
         # is_alive() reaps an exited child (and closes its exit descriptor) while a join()
         # is waiting on that descriptor: the join must return all the same.
@@ -128,11 +132,8 @@ class TestProcessObject:
             gipc.start_process(**kwargs)
 
     def test_args_and_kwargs_reach_the_target(self):
-        def target(a, b, *, c, w):
-            w.put((a, b, c))
-
         with gipc.pipe() as (r, w):
-            p = gipc.start_process(target, args=(1, 2), kwargs={"c": 3, "w": w})
+            p = gipc.start_process(put_args_and_c, args=(1, 2), kwargs={"c": 3, "w": w})
             assert r.get() == (1, 2, 3)
             p.join()
 
@@ -203,6 +204,7 @@ def child_state() -> dict:
 
 
 class TestChildState:
+    @pytest.mark.fork_only  # what a forked child copies; its parent is the caller
     def test_cloned_greenlets_and_timers_never_run_in_the_child(self):
         marker = tempfile.mktemp(prefix="gipc-clone-")
         parent = os.getpid()
@@ -279,6 +281,30 @@ class TestChildState:
         assert not others & set(state["fds"])
 
 
+# Targets of the hand-over tests (module level: spawn and forkserver pickle them).
+
+
+def put_args_and_c(a, b, *, c, w) -> None:
+    w.put((a, b, c))
+
+
+def increment_back(h) -> None:
+    h.put(h.get() + 1)
+
+
+def forward_nested(pair, mapping) -> None:
+    pair[0].put(mapping["in"].get())
+
+
+def descend(depth, writer) -> None:
+    if depth == 3:
+        writer.put(("bottom", os.getpid()))
+        return
+    p = gipc.start_process(descend, args=(depth + 1, writer))
+    p.join()
+    sys.exit(p.exitcode)
+
+
 class TestHandleHandOver:
     def test_simplex_ends_work_in_the_child_and_close_in_the_parent(self):
         with gipc.pipe() as (r1, w1), gipc.pipe() as (r2, w2):
@@ -292,22 +318,16 @@ class TestHandleHandOver:
             assert p.exitcode == 0
 
     def test_duplex_handle(self):
-        def child(h):
-            h.put(h.get() + 1)
-
         with gipc.pipe(duplex=True) as (mine, theirs):
-            p = gipc.start_process(child, args=(theirs,))
+            p = gipc.start_process(increment_back, args=(theirs,))
             assert theirs.closed
             mine.put(1)
             assert mine.get() == 2
             p.join()
 
     def test_handles_nested_in_containers(self):
-        def child(pair, mapping):
-            pair[0].put(mapping["in"].get())
-
         with gipc.pipe() as (r1, w1), gipc.pipe() as (r2, w2):
-            p = gipc.start_process(child, args=([w2],), kwargs={"mapping": {"in": r1}})
+            p = gipc.start_process(forward_nested, args=([w2],), kwargs={"mapping": {"in": r1}})
             assert w2.closed and r1.closed
             w1.put("nested")
             assert r2.get() == "nested"
@@ -330,16 +350,8 @@ class TestHandleHandOver:
             g.join()
 
     def test_children_of_children(self):
-        def level(depth, writer):
-            if depth == 3:
-                writer.put(("bottom", os.getpid()))
-                return
-            p = gipc.start_process(level, args=(depth + 1, writer))
-            p.join()
-            sys.exit(p.exitcode)
-
         with gipc.pipe() as (r, w):
-            p = gipc.start_process(level, args=(1, w))
+            p = gipc.start_process(descend, args=(1, w))
             tag, pid = r.get()
             p.join()
         assert tag == "bottom" and pid != os.getpid() and p.exitcode == 0

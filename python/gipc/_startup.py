@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import reprlib
 import sys
 from multiprocessing import context as mp_context
 from multiprocessing import process as mp_process
@@ -99,9 +100,9 @@ def _culprit(process: "_GProcess", method: str) -> str:
     """Names what could not be pickled: the target, an argument, or a keyword argument."""
     target = process._target  # type: ignore[attr-defined]
     candidates = [(f"the target {target!r}", target)]
-    candidates += [(f"argument {i} ({a!r:.60})", a) for i, a in enumerate(process._args)]  # type: ignore[attr-defined]
+    candidates += [(f"argument {i} ({_short_repr(a)})", a) for i, a in enumerate(process._args)]  # type: ignore[attr-defined]
     candidates += [
-        (f"keyword argument {k!r} ({v!r:.60})", v)
+        (f"keyword argument {k!r} ({_short_repr(v)})", v)
         for k, v in process._kwargs.items()  # type: ignore[attr-defined]
     ]
     for what, obj in candidates:
@@ -110,6 +111,17 @@ def _culprit(process: "_GProcess", method: str) -> str:
         except Exception:
             return what
     return "the process object"
+
+
+def _short_repr(obj: Any) -> str:
+    """At most 60 characters of ``obj``'s repr, never an error: the repr of an argument
+    nested deeper than the recursion limit (which is often why it did not pickle) would
+    raise RecursionError, and hide the error that names it."""
+    try:
+        text = reprlib.repr(obj)  # bounded depth and length
+    except Exception:
+        text = f"<{type(obj).__name__} object>"
+    return f"{text:.60}"
 
 
 #: Feeders still writing: kept alive until done (nothing else refers to them).
