@@ -146,17 +146,7 @@ def main() -> None:
     if args.start_methods:
         compare_start_methods(args)
         return
-    runs: dict = {}
-    for run in range(args.runs):
-        for workload in ("tiny", "bulk", "mixed"):
-            for impl in IMPLS:
-                proc = subprocess.run(
-                    [sys.executable, __file__, "--workers", str(args.workers), "--one", impl,
-                     workload], capture_output=True, text=True, timeout=300)
-                if proc.returncode != 0:
-                    raise SystemExit(f"{impl} {workload} failed:\n{proc.stderr}")
-                runs.setdefault((workload, impl), []).append(json.loads(proc.stdout))
-        print(f"[run {run + 1}/{args.runs} done]", file=sys.stderr)
+    runs = run_all(args, ("tiny", "bulk", "mixed"), IMPLS)
 
     def med(workload: str, impl: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[(workload, impl)])
@@ -190,11 +180,12 @@ def main() -> None:
                        "runs": {f"{w}/{i}": v for (w, i), v in runs.items()}}, f, indent=1)
 
 
-def compare_start_methods(args: argparse.Namespace) -> None:
-    impls = ["gipc:fork", "gipc:forkserver", "gipc:spawn"]
+def run_all(args: argparse.Namespace, workloads: tuple, impls: list) -> dict:
+    """Every (workload, implementation) ``args.runs`` times, each in a fresh interpreter:
+    (workload, impl) -> the list of its results."""
     runs: dict = {}
     for run in range(args.runs):
-        for workload in ("tiny", "bulk"):
+        for workload in workloads:
             for impl in impls:
                 proc = subprocess.run(
                     [sys.executable, __file__, "--workers", str(args.workers), "--one", impl,
@@ -203,6 +194,12 @@ def compare_start_methods(args: argparse.Namespace) -> None:
                     raise SystemExit(f"{impl} {workload} failed:\n{proc.stderr}")
                 runs.setdefault((workload, impl), []).append(json.loads(proc.stdout))
         print(f"[run {run + 1}/{args.runs} done]", file=sys.stderr)
+    return runs
+
+
+def compare_start_methods(args: argparse.Namespace) -> None:
+    impls = ["gipc:fork", "gipc:forkserver", "gipc:spawn"]
+    runs = run_all(args, ("tiny", "bulk"), impls)
     print(f"\ngipc.ProcessPool by start method: {args.workers} workers, median of {args.runs} "
           f"runs (ratio: to fork workers, same run)")
     print(f"{'workload':30} " + " ".join(f"{i:>16}" for i in impls) + "  fs/fork spawn/fork")
