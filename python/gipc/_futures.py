@@ -24,7 +24,14 @@ import gevent
 from gevent.hub import Hub, Waiter, get_hub
 from gevent.monkey import get_original
 
-from ._hub import clamp_timeout, yield_to_loop
+from ._hub import (
+    async_watcher,
+    clamp_timeout,
+    close_from_any_thread,
+    deadline_after,
+    seconds_left,
+    yield_to_loop,
+)
 
 __all__ = [
     "ALL_COMPLETED",
@@ -65,7 +72,7 @@ class _Completions:
         self._waiter: Optional[Waiter] = None
         #: When the waiting greenlet last resumed after the loop ran (perf_counter).
         self.resumed = time.perf_counter()
-        self._watcher = hub.loop.async_()
+        self._watcher = async_watcher(hub)
         self._watcher.start(self._wake)
 
     def on_done(self, future: "cf.Future[Any]") -> None:
@@ -114,7 +121,7 @@ class _Completions:
             self._watcher.close()
         else:
             # A generator collected on another thread: a watcher belongs to its loop's thread.
-            self._hub.loop.run_callback_threadsafe(self._watcher.close)
+            close_from_any_thread(self._hub, self._watcher)
 
 
 def _own_future_type() -> Optional[type]:
@@ -143,7 +150,7 @@ def wait(
     """
     if return_when not in (FIRST_COMPLETED, FIRST_EXCEPTION, ALL_COMPLETED):
         raise ValueError(f"Invalid return condition: {return_when!r}")
-    deadline = None if timeout is None else time.monotonic() + timeout
+    deadline = deadline_after(timeout)
     pending: Set["cf.Future[Any]"] = set(fs)
     done: Set["cf.Future[Any]"] = set()
 
@@ -166,7 +173,9 @@ def wait(
         for f in list(pending):
             f.add_done_callback(completions.on_done)
         while True:
-            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            left = seconds_left(deadline)
+            if left is not None:
+                left = max(left, 0.0)
             newly = {f for f in completions.take(left) if f in pending}
             done |= newly
             pending -= newly
@@ -187,7 +196,7 @@ def as_completed(
     when it runs out with futures unfinished, ``TimeoutError`` (``concurrent.futures``')
     is raised. A cancelled future is yielded when it is cancelled.
     """
-    deadline = None if timeout is None else time.monotonic() + timeout
+    deadline = deadline_after(timeout)
     pending: Set["cf.Future[Any]"] = set(fs)
     total = len(pending)
     finished = [f for f in pending if f.done()]
@@ -209,7 +218,7 @@ def as_completed(
             if not pending:
                 return
             assert completions is not None
-            left = None if deadline is None else deadline - time.monotonic()
+            left = seconds_left(deadline)
             if left is not None and left <= 0:
                 raise cf.TimeoutError(f"{len(pending)} (of {total}) futures unfinished")
             finished = [f for f in completions.take(left) if f in pending]

@@ -40,7 +40,7 @@ from gevent.lock import Semaphore
 from gevent.monkey import get_original
 
 from . import _core
-from ._hub import READ, WRITE, wait_for, yield_to_loop
+from ._hub import READ, WRITE, io_watcher, wait_for, yield_to_loop
 from .exceptions import GIPCClosed, GIPCError, GIPCLocked, GIPCTypeError, GIPCValueError
 
 DONE = _core.DONE
@@ -234,7 +234,7 @@ class _GIPCHandle:
         if home is not hub and home is not None and home.loop is not None:
             # The cached watcher is another thread's (the handle is shared between
             # threads): this thread waits on one of its own, made and closed here.
-            watcher = hub.loop.io(fd, self._EVENTS)
+            watcher = io_watcher(fd, self._EVENTS, hub)
             try:
                 wait_for(watcher)
             finally:
@@ -243,7 +243,7 @@ class _GIPCHandle:
         if home is not hub or self._watcher_fd != fd:
             if self._watcher is not None and home is hub:
                 self._watcher.close()
-            self._watcher = hub.loop.io(fd, self._EVENTS)
+            self._watcher = io_watcher(fd, self._EVENTS, hub)
             self._watcher_hub = hub
             self._watcher_fd = fd
         wait_for(self._watcher)

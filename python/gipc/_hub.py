@@ -54,9 +54,27 @@ def remaining(deadline: Optional[float]) -> Optional[float]:
     return clamp_timeout(deadline - time.monotonic())
 
 
-def io_watcher(fd: int, events: int) -> Any:
-    """An io watcher on the current thread's loop (``READ``/``WRITE``), not started."""
-    return get_hub().loop.io(fd, events)
+def io_watcher(fd: int, events: int, hub: Any = None) -> Any:
+    """An io watcher on ``hub``'s loop (default: the current thread's), for ``READ`` or
+    ``WRITE``; not started."""
+    return (hub or get_hub()).loop.io(fd, events)
+
+
+def async_watcher(hub: Any) -> Any:
+    """A watcher on ``hub``'s loop that any thread may ``send()`` to; not started."""
+    return hub.loop.async_()
+
+
+def close_from_any_thread(hub: Any, watcher: Any) -> None:
+    """Closes ``watcher`` of ``hub``'s loop, also from another thread (in the loop's own)."""
+    hub.loop.run_callback_threadsafe(watcher.close)
+
+
+def seconds_left(deadline: Optional[float]) -> Optional[float]:
+    """Seconds until ``deadline`` as they are (negative once past); None for no deadline."""
+    if deadline is None:
+        return None
+    return deadline - time.monotonic()
 
 
 def timer_watcher(seconds: float) -> Any:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import pickle
 import signal
-import time
 import traceback
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -28,7 +27,7 @@ import gevent
 
 from . import _large_payload
 from ._handles import _GIPCReader, _GIPCWriter
-from ._hub import remaining
+from ._hub import deadline_after, remaining
 from .exceptions import GIPCError
 
 VALUE = 0
@@ -277,7 +276,7 @@ def await_outcome(
     the pipe's write end would otherwise hide it, and a child killed halfway through a
     message leaves nothing to read but that half.
     """
-    deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+    deadline = deadline_after(timeout)
     getter = gevent.spawn(_receive_or_error, receiver, keep)
     exited = gevent.spawn(wait_for_exit, process)
     try:
@@ -285,9 +284,9 @@ def await_outcome(
         if not getter.ready():
             if not exited.ready():
                 return None
-            grace_end = time.monotonic() + EXIT_GRACE
-            if deadline is not None and deadline < grace_end:
-                getter.join(remaining(deadline))
+            left = remaining(deadline)
+            if left is not None and left < EXIT_GRACE:  # the deadline comes first
+                getter.join(left)
                 if not getter.ready():
                     return None
             else:

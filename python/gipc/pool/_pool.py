@@ -32,7 +32,7 @@ import gevent.queue
 
 from .._handles import Decoder, Encoder, _pickle_dumps, get_default_codec
 from .._handles import _resolve as _resolve_pipe_codec
-from .._hub import remaining, yield_to_loop
+from .._hub import deadline_after, remaining, yield_to_loop
 from .._process import resolve_start_method
 from ..exceptions import GIPCTypeError
 from ._future import NO_TIMEOUT_FROM, Future
@@ -523,7 +523,7 @@ def _chunks(iterable: Iterable[Tuple[Any, ...]], size: int) -> Iterator[List[Tup
 def _deadline(timeout: Optional[float]) -> Optional[float]:
     if timeout is None or timeout >= NO_TIMEOUT_FROM:
         return None
-    return time.monotonic() + timeout
+    return deadline_after(timeout)
 
 
 def _resolve_codec(codec: Any, role: str, default: Callable[..., Any]) -> Any:
