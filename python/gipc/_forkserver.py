@@ -29,6 +29,7 @@ launches a new server.
 from __future__ import annotations
 
 import array
+import atexit
 import errno
 import logging
 import os
@@ -189,6 +190,18 @@ def _forget_server_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_server_after_fork)
+
+
+def _close_at_exit() -> None:
+    """At interpreter exit: the control socket closes now (the server sees it and ends),
+    not as a stray object of the interpreter's teardown."""
+    server = _server
+    if server is not None and not server.dead and server.owner == os.getpid():
+        server.dead = True
+        server.sock.close()
+
+
+atexit.register(_close_at_exit)
 
 
 def server_pid() -> Optional[int]:
