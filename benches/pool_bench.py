@@ -58,6 +58,15 @@ def mostly_tiny(x: int) -> int:
     return x + 1
 
 
+def _close(impl: str, pool: object) -> None:
+    """Shuts a pool down and waits for its workers, as each implementation does it."""
+    if impl == "mp":
+        pool.close()  # type: ignore[attr-defined]
+        pool.join()  # type: ignore[attr-defined]
+    else:
+        pool.shutdown(wait=True)  # type: ignore[attr-defined]
+
+
 def measure(impl: str, workload: str, workers: int) -> dict:
     import gevent
 
@@ -99,11 +108,7 @@ def measure(impl: str, workload: str, workers: int) -> dict:
             results = run_map(fn, items)
             out[key] = time.perf_counter() - start
             assert len(results) == len(items)
-        if impl == "mp":
-            pool.close()
-            pool.join()
-        else:
-            pool.shutdown(wait=True)
+        _close(impl, pool)
         return out
     if workload == "tiny":
         items, fn, moved = list(range(TINY_TASKS)), tiny, None
@@ -119,11 +124,7 @@ def measure(impl: str, workload: str, workers: int) -> dict:
     gevent.sleep(0.003)  # one more tick, so a stall at the very end is counted
     tick.kill()
     assert len(results) == len(items)
-    if impl == "mp":
-        pool.close()
-        pool.join()
-    else:
-        pool.shutdown(wait=True)
+    _close(impl, pool)
     out = {"seconds": elapsed, "max_gap_ms": max(gaps) * 1e3 if gaps else elapsed * 1e3}
     if moved is None:
         out["tasks_per_s"] = len(items) / elapsed
