@@ -22,6 +22,7 @@ from multiprocessing import spawn as mp_spawn
 from multiprocessing import util as mp_util
 from typing import TYPE_CHECKING, List
 
+from . import _child
 from ._popen import EXIT_CODE, CooperativePopen, open_pidfd
 from ._startup import Feeder, StartupData, format_fds, parse_fds, run_child
 
@@ -81,12 +82,8 @@ def spawn_main() -> None:
     if flag != _FLAG:
         raise SystemExit(f"gipc: not started as a spawned child ({sys.argv!r})")
     del sys.argv[1:6]
-    from ._child import restore_default_signals
-
-    restore_default_signals()
-    from ._child import parent_only_fds
-
-    parent_only_fds.add(int(exit_fd))  # no grandchild of ours holds our exit report
+    _child.restore_default_signals()
+    _child.parent_only_fds.add(int(exit_fd))  # no grandchild of ours holds our exit report
     code = 1
     try:
         code = run_child(int(data_fd), parse_fds(handle_fds), int(parent_sentinel), forked=False)
