@@ -245,6 +245,36 @@ print(json.dumps([before == after_import, before == after_use, before, after_use
     assert same_after_use, {k: (before[k], after[k]) for k in before if before[k] != after[k]}
 
 
+def test_import_gipc_loads_only_what_is_used_and_every_name_resolves():
+    """``import gipc`` imports neither gevent nor any part of gipc a program does not use
+    (each name is imported on first use), and every public name still resolves, through
+    ``from gipc import *`` too, and is listed by ``dir()``."""
+    result = run_python(
+        """
+import sys, gipc
+assert "gevent" not in sys.modules, sorted(m for m in sys.modules if "gevent" in m)
+assert not [m for m in sys.modules if m.startswith("gipc.") and m not in (
+    "gipc._core", "gipc.exceptions")], sorted(m for m in sys.modules if m.startswith("gipc"))
+names = {}
+exec("from gipc import *", names)
+missing = [n for n in gipc.__all__ if n not in names]
+assert not missing, missing
+assert set(gipc.__all__) <= set(dir(gipc))
+assert gipc.gipc._GIPCReader is gipc.Reader is names["Reader"]
+assert gipc.Process is gipc._GProcess and gipc.start_process is names["start_process"]
+try:
+    gipc.no_such_name
+except AttributeError as e:
+    assert "no_such_name" in str(e)
+else:
+    raise AssertionError("no AttributeError")
+print("ok")
+"""
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
 GEVENT_SUBPROCESS = """
 import sys, time, gevent, gevent.subprocess, gipc
 

@@ -406,6 +406,42 @@ def test_a_main_module_without_the_guard_gets_multiprocessing_s_explanation(tmp_
     assert "exit 1" in result.stdout
 
 
+GEVENT_ON_DEMAND = """
+import sys, gipc
+
+def exit_10_if_gevent_is_loaded():
+    sys.exit(10 if "gevent" in sys.modules else 0)
+
+def say_whether_gevent_is_loaded(writer):
+    writer.put("gevent" in sys.modules)
+
+if __name__ == "__main__":
+    assert "gevent" not in sys.modules, "import gipc imported gevent"
+    p = gipc.start_process(exit_10_if_gevent_is_loaded, start_method="spawn")
+    p.join()
+    with gipc.pipe() as (r, w):
+        q = gipc.start_process(say_whether_gevent_is_loaded, args=(w,), start_method="spawn")
+        loaded_with_a_handle = r.get()
+        q.join()
+    print(p.exitcode, loaded_with_a_handle, q.exitcode)
+"""
+
+
+def test_a_spawned_child_imports_gevent_only_when_it_needs_it(tmp_path):
+    """Most of a fresh interpreter's start-up is imports, and gevent is the largest: a
+    spawned child whose target needs neither gevent nor a handle does not import it (a
+    handle's first wait does, so a child given one loads it as it rebuilds the handle)."""
+    import subprocess
+
+    script = tmp_path / "on_demand.py"
+    script.write_text(GEVENT_ON_DEMAND)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            timeout=60, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0", "True", "0"], result.stdout
+
+
 #: Set by the test in this process only: a forked worker sees it, a spawned or fork-server
 #: worker (which imported this module afresh) does not.
 MARKS: list = []

@@ -10,38 +10,88 @@ The transport core is a Rust extension (``gipc._core``); everything that talks t
 hub is here, in Python.
 """
 
-from typing import TYPE_CHECKING, List
+from importlib import import_module
+from typing import TYPE_CHECKING, Dict, List, Tuple
 
 from ._core import __version__
-from ._forkserver import set_forkserver_preload
-from ._futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, as_completed, result, wait
-from ._handles import (
-    _GIPCDuplexHandle,
-    _GIPCHandle,
-    _GIPCReader,
-    _GIPCWriter,
-    get_default_codec,
-    pipe,
-    set_default_codec,
-)
-from ._outcome import ChildDied, RemoteTraceback, UnpicklableOutcome
-from ._process import _GProcess, start_process
 from .exceptions import GIPCClosed, GIPCError, GIPCLocked, GIPCTypeError, GIPCValueError
 
-# gipc 1.x code refers to the documented classes as gipc.gipc._GIPCReader etc.
-from . import gipc as gipc  # a submodule, bound as an attribute on purpose
-
 if TYPE_CHECKING:
-    # Imported lazily at run time (see __getattr__); type checkers see it as it is.
+    # What the names below resolve to, for type checkers; at run time each is imported on
+    # first use (see __getattr__).
+    from . import gipc as gipc
+    from ._forkserver import set_forkserver_preload
+    from ._futures import (
+        ALL_COMPLETED,
+        FIRST_COMPLETED,
+        FIRST_EXCEPTION,
+        as_completed,
+        result,
+        wait,
+    )
+    from ._handles import (
+        _GIPCDuplexHandle,
+        _GIPCHandle,
+        _GIPCReader,
+        _GIPCWriter,
+        get_default_codec,
+        pipe,
+        set_default_codec,
+    )
+    from ._outcome import ChildDied, RemoteTraceback, UnpicklableOutcome
+    from ._process import _GProcess, start_process
     from .pool import ProcessPool
 
-#: Public names of the documented gipc 1.x classes (which stay where 1.x had them, in
-#: ``gipc.gipc``), for annotations: ``def serve(reader: gipc.Reader) -> None``.
-Handle = _GIPCHandle
-Reader = _GIPCReader
-Writer = _GIPCWriter
-DuplexHandle = _GIPCDuplexHandle
-Process = _GProcess
+    #: Public names of the documented gipc 1.x classes (which stay where 1.x had them, in
+    #: ``gipc.gipc``), for annotations: ``def serve(reader: gipc.Reader) -> None``.
+    Handle = _GIPCHandle
+    Reader = _GIPCReader
+    Writer = _GIPCWriter
+    DuplexHandle = _GIPCDuplexHandle
+    Process = _GProcess
+
+#: Where each public name lives: (module, name there). Importing gipc loads none of them:
+#: a program pays (in start-up time, and in memory every fork copies) for the parts it
+#: uses, and a spawned child that needs no gevent does not import it. gipc 1.x code refers
+#: to the documented classes as gipc.gipc._GIPCReader etc.: that submodule is one of them.
+_LAZY: Dict[str, Tuple[str, str]] = {
+    "gipc": (".gipc", ""),
+    "set_forkserver_preload": ("._forkserver", "set_forkserver_preload"),
+    "ProcessPool": (".pool", "ProcessPool"),
+    "Handle": ("._handles", "_GIPCHandle"),
+    "Reader": ("._handles", "_GIPCReader"),
+    "Writer": ("._handles", "_GIPCWriter"),
+    "DuplexHandle": ("._handles", "_GIPCDuplexHandle"),
+    "Process": ("._process", "_GProcess"),
+    "start_process": ("._process", "start_process"),
+    "_GProcess": ("._process", "_GProcess"),
+    "ChildDied": ("._outcome", "ChildDied"),
+    "RemoteTraceback": ("._outcome", "RemoteTraceback"),
+    "UnpicklableOutcome": ("._outcome", "UnpicklableOutcome"),
+}
+_LAZY.update(
+    (name, ("._futures", name))
+    for name in (
+        "ALL_COMPLETED",
+        "FIRST_COMPLETED",
+        "FIRST_EXCEPTION",
+        "as_completed",
+        "result",
+        "wait",
+    )
+)
+_LAZY.update(
+    (name, ("._handles", name))
+    for name in (
+        "_GIPCDuplexHandle",
+        "_GIPCHandle",
+        "_GIPCReader",
+        "_GIPCWriter",
+        "get_default_codec",
+        "pipe",
+        "set_default_codec",
+    )
+)
 
 __all__ = [
     "ALL_COMPLETED",
@@ -74,16 +124,15 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
-    # The pool pulls in concurrent.futures.process (and with it tempfile, shutil, lzma, ...):
-    # imported on first use only, so programs that never use it do not pay for it in memory
-    # and in the cost of every fork.
-    if name == "ProcessPool":
-        from .pool import ProcessPool
-
-        return ProcessPool
-    raise AttributeError(f"module 'gipc' has no attribute {name!r}")
+    where = _LAZY.get(name)
+    if where is None:
+        raise AttributeError(f"module 'gipc' has no attribute {name!r}")
+    module = import_module(where[0], __name__)
+    value = getattr(module, where[1]) if where[1] else module
+    globals()[name] = value  # found once; later lookups never come here
+    return value
 
 
 def __dir__() -> List[str]:
-    # What the module offers, the lazily imported pool included.
-    return sorted(set(globals()) | set(__all__))
+    # What the module offers, the names not imported yet included.
+    return sorted(set(globals()) | set(__all__) | set(_LAZY))

@@ -27,12 +27,16 @@ import itertools
 import multiprocessing.process as mp_process
 import multiprocessing.util as mp_util
 import os
+import struct
 import sys
 import threading
 from typing import Any, Callable, Optional, Set
 
 from . import _core
-from ._hub import fresh_hub_after_fork
+
+#: How a child that is not its caller's own (spawned, or forked by the fork server) reports
+#: its exit code: over a pipe, as this struct (see ``_popen.CooperativePopen``).
+EXIT_CODE = struct.Struct("<i")
 
 #: Every bare descriptor gipc holds in this process for its own bookkeeping (the exit
 #: sentinels and pidfds that watch its children, and the extra ones opened while a greenlet
@@ -88,6 +92,11 @@ class ChildStart:
     """
 
     def __init__(self, process: Any) -> None:
+        # Imported here, not at the top: a spawned child imports this module too, and needs
+        # no gevent unless its target does (see ``_startup_child``).
+        from ._hub import fresh_hub_after_fork
+
+        self.fresh_hub_after_fork = fresh_hub_after_fork
         self.process = process
         self.parent_process: Any = None
         self.replaced_process: Any = None
@@ -125,7 +134,7 @@ class ChildStart:
     def run(self) -> int:
         """In the child: a fresh gevent state and default signals, then ``process`` runs as
         in multiprocessing's fork child. Returns the exit code."""
-        fresh_hub_after_fork()
+        self.fresh_hub_after_fork()
         restore_default_signals()
         return run_forked(self._stock_bootstrap if STOCK_BOOTSTRAP else self._bootstrap)
 

@@ -50,7 +50,8 @@ from gevent.socket import wait_read, wait_write
 
 from . import _child
 from ._popen import CooperativePopen
-from ._startup import Feeder, StartupData, preparation_data, run_child
+from ._startup import Feeder, StartupData, preparation_data
+from ._startup_child import run_child
 from .exceptions import GIPCError
 
 if TYPE_CHECKING:
@@ -375,6 +376,9 @@ def serve() -> None:
     if flag != _FLAG:
         raise SystemExit(f"gipc: not started as a fork server ({sys.argv!r})")
     del sys.argv[1:3]
+    # What every child unpickles (its process object, and with capture=True its outcome
+    # pipe), imported once here rather than in each child.
+    from . import _outcome, _process  # noqa: F401
     control = socket.socket(fileno=int(fd))
     control.setblocking(True)
     # Ctrl-C in a terminal reaches the whole process group: the server outlives it (its

@@ -24,10 +24,11 @@ import traceback
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import gevent
+from gevent.lock import Semaphore
 
 from . import _large_payload
 from ._handles import _GIPCReader, _GIPCWriter
-from ._hub import deadline_after, remaining
+from ._hub import clamp_timeout, deadline_after, remaining
 from .exceptions import GIPCError
 
 VALUE = 0
@@ -346,3 +347,58 @@ def _safe_str(obj: Any) -> str:
 
 def _format(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+class CapturedOutcome:
+    """A ``capture=True`` child's outcome as its parent sees it: coming (``receiver`` is
+    the pipe's read end), then known (``outcome``), whoever asked first. One greenlet at a
+    time reads; the others wait for what it finds. Once it is known (or the process is
+    closed), the read end is closed: it has nothing more to give."""
+
+    def __init__(self, receiver: OutcomeReceiver) -> None:
+        self.receiver: Optional[OutcomeReceiver] = receiver
+        self.outcome: Optional[Outcome] = None
+        self._lock = Semaphore()
+
+    def collect(self, process: Any, timeout: Optional[float]) -> bool:
+        """Reads the outcome (or finds that the child died without one), at most
+        ``timeout`` seconds; True once it is known."""
+        if self.outcome is not None or self.receiver is None:
+            self._known()
+            return self.outcome is not None
+        deadline = deadline_after(timeout)
+        if not self._lock.acquire(timeout=clamp_timeout(timeout)):
+            return False
+        try:
+            receiver = self.receiver
+            if self.outcome is None and receiver is not None:
+                outcome = await_outcome(receiver, process, remaining(deadline), self.keep)
+                if outcome is not None:
+                    self.keep(outcome)
+            return self.outcome is not None
+        finally:
+            self._known()
+            self._lock.release()
+
+    def collect_for_join(self, process: Any, timeout: Optional[float]) -> Optional[float]:
+        """``join()``'s first step: a child whose outcome is larger than the pipe's buffer
+        cannot exit before someone reads it, so the outcome is read (at most ``timeout``
+        seconds) before the exit is waited for. Returns what is left of ``timeout``."""
+        deadline = deadline_after(timeout)
+        self.collect(process, timeout)
+        return remaining(deadline)
+
+    def keep(self, outcome: Outcome) -> None:
+        """Called by whichever greenlet reads the outcome, as soon as it has it: kept here,
+        it survives a timeout or kill of the wait that asked for it."""
+        if self.outcome is None:
+            self.outcome = outcome
+
+    def _known(self) -> None:
+        if self.outcome is not None:
+            self.close_receiver()
+
+    def close_receiver(self) -> None:
+        receiver, self.receiver = self.receiver, None
+        if receiver is not None:
+            receiver.close()

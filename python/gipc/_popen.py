@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import struct
 import sys
 import weakref
 from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Tuple
@@ -37,7 +36,7 @@ if TYPE_CHECKING:
 _log = logging.getLogger("gipc")
 
 #: What a child writes to its sentinel pipe just before it exits.
-EXIT_CODE = struct.Struct("<i")
+EXIT_CODE = _child.EXIT_CODE
 
 #: What ForkPopen blocks across the fork (the system ignores SIGKILL and SIGSTOP there).
 _ALL_SIGNALS = signal.valid_signals()

@@ -9,7 +9,7 @@ the new interpreter imports its way up to reading it.
 
 The child's command line::
 
-    python [interpreter flags] -c 'from gipc._popen_spawn import spawn_main; spawn_main()'
+    python [interpreter flags] -c 'from gipc._startup_child import spawn_main; spawn_main()'
         --gipc-spawn DATA_FD PARENT_SENTINEL EXIT_FD HANDLE_FDS
 """
 
@@ -17,21 +17,18 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from multiprocessing import spawn as mp_spawn
 from multiprocessing import util as mp_util
 from typing import TYPE_CHECKING, List
 
-from . import _child
-from ._popen import EXIT_CODE, CooperativePopen, open_pidfd
-from ._startup import Feeder, StartupData, format_fds, parse_fds, run_child
+from ._popen import CooperativePopen, open_pidfd
+from ._startup import Feeder, StartupData, format_fds
+from ._startup_child import SPAWN_FLAG
 
 if TYPE_CHECKING:
     from ._process import _GProcess
 
 _log = logging.getLogger("gipc")
-
-_FLAG = "--gipc-spawn"
 
 
 class SpawnPopen(CooperativePopen):
@@ -56,8 +53,8 @@ class SpawnPopen(CooperativePopen):
                 mp_spawn.get_executable(),
                 *mp_util._args_from_interpreter_flags(),  # type: ignore[attr-defined]
                 "-c",
-                "from gipc._popen_spawn import spawn_main; spawn_main()",
-                _FLAG,
+                "from gipc._startup_child import spawn_main; spawn_main()",
+                SPAWN_FLAG,
                 str(data_r),
                 str(child_r),
                 str(child_w),
@@ -74,22 +71,3 @@ class SpawnPopen(CooperativePopen):
         self._exit_fd = open_pidfd(pid)
         Feeder(data_w, startup.payload).start()  # owns data_w from here on
         _log.debug("started child %s (pid %d, spawn)", process_obj.name, pid)
-
-
-def spawn_main() -> None:
-    """The spawned interpreter's entry point: default signals, then the process."""
-    flag, data_fd, parent_sentinel, exit_fd, handle_fds = sys.argv[1:6]
-    if flag != _FLAG:
-        raise SystemExit(f"gipc: not started as a spawned child ({sys.argv!r})")
-    del sys.argv[1:6]
-    _child.restore_default_signals()
-    _child.parent_only_fds.add(int(exit_fd))  # no grandchild of ours holds our exit report
-    code = 1
-    try:
-        code = run_child(int(data_fd), parse_fds(handle_fds), int(parent_sentinel), forked=False)
-    finally:
-        try:
-            os.write(int(exit_fd), EXIT_CODE.pack(code))
-        except OSError:
-            pass
-    sys.exit(code)

@@ -1,34 +1,33 @@
-"""Child processes: start them with a fresh gevent state, and watch them cooperatively.
+"""Child processes: the process object, and how to start one.
 
 The process object is a real ``multiprocessing.Process``; how its child is launched and
 waited for is gipc's own: a ``_popen.CooperativePopen`` per start method ("fork",
 "forkserver", "spawn"; see ``_popen``), chosen by ``start_process(start_method=...)``.
 Each child is watched on its own descriptor, so gipc never reaps a process that is not its
 own and never touches multiprocessing's behaviour for anybody else.
+
+A spawned child imports this module to unpickle its process object, before it knows what
+its target needs. So what only a parent uses (gevent, handles, outcomes, the launchers) is
+imported where it is used: a child whose target needs no gevent starts without importing
+it, which is most of a fresh interpreter's start-up cost.
 """
 
 from __future__ import annotations
 
-import logging
 import multiprocessing
 
 # Registers multiprocessing's atexit hook, which terminates daemonic children and joins the
 # others when the parent exits normally; gipc's children take part like any other.
 import multiprocessing.util  # noqa: F401
 import sys
-from typing import Any, Callable, Dict, Iterable, Optional, Set, Tuple, Type
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Optional, Set, Tuple, Type
 
-from gevent.lock import Semaphore
-
-from . import _outcome
-from ._handles import _GIPCDuplexHandle, _GIPCHandle, _GIPCWriter
-from ._hub import clamp_timeout, deadline_after, remaining
-from ._popen import CooperativePopen, ForkPopen
-from ._outcome import Outcome, OutcomeReceiver
 from .exceptions import GIPCError
 
-#: gipc's lifecycle records (debug level; silent unless the program configures logging).
-_log = logging.getLogger("gipc")
+if TYPE_CHECKING:
+    from ._handles import _GIPCHandle, _GIPCWriter
+    from ._outcome import CapturedOutcome
+    from ._popen import CooperativePopen
 
 #: The start methods gipc offers (multiprocessing's names).
 START_METHODS = ("fork", "forkserver", "spawn")
@@ -69,6 +68,8 @@ def resolve_start_method(start_method: Optional[str], mp_context: Any = None) ->
 
 def _popen_class(method: str) -> Type[CooperativePopen]:
     if method == "fork":
+        from ._popen import ForkPopen
+
         return ForkPopen
     if method == "spawn":
         from ._popen_spawn import SpawnPopen
@@ -93,7 +94,7 @@ class _GProcess(multiprocessing.Process):
     #: In the child only, with ``capture=True``: where the outcome goes.
     _outcome_writer: Optional[_GIPCWriter] = None
     #: In the parent, with ``capture=True``: the outcome, until and after it arrives.
-    _captured: Optional["_CapturedOutcome"] = None
+    _captured: Optional[CapturedOutcome] = None
 
     @staticmethod
     def _Popen(process_obj: Any) -> CooperativePopen:  # type: ignore[override]
@@ -106,8 +107,10 @@ class _GProcess(multiprocessing.Process):
         if writer is None:
             super().run()
             return
+        from ._outcome import run_and_report  # loaded already: the writer needed it
+
         target, args, kwargs = self._target, self._args, self._kwargs  # type: ignore[attr-defined]
-        _outcome.run_and_report(writer, target, args, kwargs)
+        run_and_report(writer, target, args, kwargs)
 
     def result(self, timeout: Optional[float] = None) -> Any:
         """Wait cooperatively for the target's outcome in the child, then return its return
@@ -154,9 +157,7 @@ class _GProcess(multiprocessing.Process):
         captured = self._captured
         if captured is not None and captured.receiver is not None:
             self._check_closed()  # type: ignore[attr-defined]
-            deadline = deadline_after(timeout)
-            captured.collect(self, timeout)
-            timeout = remaining(deadline)
+            timeout = captured.collect_for_join(self, timeout)
         super().join(timeout)
 
     def interrupt(self) -> None:
@@ -179,59 +180,14 @@ class _GProcess(multiprocessing.Process):
         return "<_GProcess" + super().__repr__()[len("<_GProcess") :]
 
 
-class _CapturedOutcome:
-    """A ``capture=True`` child's outcome as its parent sees it: coming (``receiver`` is
-    the pipe's read end), then known (``outcome``), whoever asked first. One greenlet at a
-    time reads; the others wait for what it finds. Once it is known (or the process is
-    closed), the read end is closed: it has nothing more to give."""
-
-    def __init__(self, receiver: OutcomeReceiver) -> None:
-        self.receiver: Optional[OutcomeReceiver] = receiver
-        self.outcome: Optional[Outcome] = None
-        self._lock = Semaphore()
-
-    def collect(self, process: _GProcess, timeout: Optional[float]) -> bool:
-        """Reads the outcome (or finds that the child died without one), at most
-        ``timeout`` seconds; True once it is known."""
-        if self.outcome is not None or self.receiver is None:
-            self._known()
-            return self.outcome is not None
-        deadline = deadline_after(timeout)
-        if not self._lock.acquire(timeout=clamp_timeout(timeout)):
-            return False
-        try:
-            receiver = self.receiver
-            if self.outcome is None and receiver is not None:
-                outcome = _outcome.await_outcome(receiver, process, remaining(deadline), self.keep)
-                if outcome is not None:
-                    self.keep(outcome)
-            return self.outcome is not None
-        finally:
-            self._known()
-            self._lock.release()
-
-    def keep(self, outcome: Outcome) -> None:
-        """Called by whichever greenlet reads the outcome, as soon as it has it: kept here,
-        it survives a timeout or kill of the wait that asked for it."""
-        if self.outcome is None:
-            self.outcome = outcome
-
-    def _known(self) -> None:
-        if self.outcome is not None:
-            self.close_receiver()
-
-    def close_receiver(self) -> None:
-        receiver, self.receiver = self.receiver, None
-        if receiver is not None:
-            receiver.close()
-
-
 def _collect_handles(obj: Any, found: Set[_GIPCHandle]) -> None:
     """Finds the handles passed to a child: directly in ``args``/``kwargs`` or inside
     tuples, lists, sets and dicts (keys and values) nested to any depth. Iterative, and
     each container is looked into once: neither deep nesting nor a container that holds
     itself can stop the search (a handle missed would be closed in the child and left
     open in the parent, silently)."""
+    from ._handles import _GIPCDuplexHandle, _GIPCHandle
+
     pending = [obj]
     seen: Set[int] = set()
     while pending:
@@ -313,7 +269,9 @@ def start_process(
     process._gipc_handles = tuple(passed)
     process._gipc_start_method = method
     if capture:
-        outcome_reader, outcome_writer = _outcome.outcome_pipe()
+        from ._outcome import CapturedOutcome, OutcomeReceiver, outcome_pipe
+
+        outcome_reader, outcome_writer = outcome_pipe()
         process._gipc_handles += (outcome_writer,)
         process._outcome_writer = outcome_writer
         try:
@@ -324,11 +282,15 @@ def start_process(
             raise
         outcome_writer._release()
         process._outcome_writer = None
-        process._captured = _CapturedOutcome(OutcomeReceiver(outcome_reader))
+        process._captured = CapturedOutcome(OutcomeReceiver(outcome_reader))
     else:
         process.start()
     if passed:
-        _log.debug("handed %s to child pid %d, closed here", _describe(passed), process.pid)
+        import logging  # loaded already, by the handles
+
+        logging.getLogger("gipc").debug(
+            "handed %s to child pid %d, closed here", _describe(passed), process.pid
+        )
     for handle in passed:
         handle._release()
     process._gipc_handles = ()

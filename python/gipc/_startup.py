@@ -9,7 +9,7 @@ refused here, in the caller, with an error that names it. ``Feeder`` then writes
 into a pipe from gevent's hub, as the child reads them: the caller's event loop never waits
 for a child to read its start-up data.
 
-In the child: ``run_child`` reads both pickles, prepares the interpreter as
+In the child: ``_child.run_started`` reads both pickles, prepares the interpreter as
 ``multiprocessing``'s spawn does, rebuilds the handles on the descriptors it was given,
 and runs ``Process._bootstrap``.
 """
@@ -28,7 +28,7 @@ from multiprocessing import util as mp_util
 from typing import TYPE_CHECKING, Any, Dict, List, Sequence, Set
 
 from . import _child
-from ._handles import HandlePickler, HandleUnpickler
+from ._handles import HandlePickler
 from ._hub import WRITE, io_watcher, run_soon
 from .exceptions import GIPCTypeError
 
@@ -196,38 +196,6 @@ class Feeder:
             # Closing a watcher inside its own callback is not safe on every loop.
             run_soon(watcher.close)
         _feeding.discard(self)
-
-
-def run_child(
-    data_fd: int, handle_fds: Sequence[int], parent_sentinel: int, forked: bool
-) -> int:
-    """In the child: reads the start-up data from ``data_fd``, gets the interpreter ready
-    as multiprocessing's spawn does (the main module imported as ``__mp_main__``), rebuilds
-    the handles on ``handle_fds``, and runs the process. Returns its exit code. ``forked``:
-    a fork server's child, which ends with ``os._exit`` (its atexit functions are run here,
-    as multiprocessing's forkserver does), not a fresh interpreter that exits normally."""
-    current = mp_process.current_process()
-    with os.fdopen(data_fd, "rb", closefd=True) as stream:
-        current._inheriting = True  # type: ignore[attr-defined]
-        try:
-            mp_spawn.prepare(pickle.load(stream))
-            process = HandleUnpickler(stream, handle_fds).load()
-        except EOFError:
-            # Torn: the caller gave up on this start (interrupted while it waited for the
-            # fork server to say the child's pid). Nothing to run, nothing to say.
-            return 1
-        finally:
-            del current._inheriting  # type: ignore[attr-defined]
-    def bootstrap() -> int:
-        code: int = process._bootstrap(parent_sentinel=parent_sentinel)
-        return code
-
-    return _child.run_forked(bootstrap) if forked else bootstrap()
-
-
-def parse_fds(text: str) -> List[int]:
-    """The descriptor list of a child's command line ("3,4,5"; "" for none)."""
-    return [int(fd) for fd in text.split(",") if fd]
 
 
 def format_fds(fds: Sequence[int]) -> str:
