@@ -239,14 +239,58 @@ class TestForkServer:
     def test_the_server_ends_with_its_caller(self):
         result = run_python(
             """
-            import gipc
+            import os, gevent, gipc
             from gipc import _forkserver
             gipc.start_process(print, start_method="forkserver").join()
-            print(_forkserver.server_pid(), flush=True)
+            server = _forkserver.server_pid()
+            def parent_of(pid):
+                try:
+                    with open(f"/proc/{pid}/stat") as stat:
+                        return int(stat.read().rsplit(")", 1)[1].split()[1])
+                except OSError:  # gone meanwhile
+                    return None
+            spares = []
+            for _ in range(500):  # forked just after the start was handed over
+                spares = [int(e) for e in os.listdir("/proc")
+                          if e.isdigit() and parent_of(e) == server]
+                if spares:
+                    break
+                gevent.sleep(0.01)
+            print(server, *spares, flush=True)
             """
         )
         assert result.returncode == 0, result.stderr
-        _wait_gone(int(result.stdout.split()[-1]))
+        server, *spares = (int(pid) for pid in result.stdout.split()[-2:])
+        _wait_gone(server)
+        assert len(spares) == 1
+        _wait_ended(spares[0])  # the waiting spare child goes with it
+
+    def test_each_start_finds_a_child_forked_ahead_holding_nothing_of_the_server(self):
+        """The server forks the next child before it is asked for one (so a start does not
+        wait for a fork); that spare child holds no descriptor of the server's but its end
+        of the socket it waits on. One that dies meanwhile is replaced at the next start."""
+        p = gipc.start_process(noop, start_method="forkserver")
+        p.join()
+        server = _forkserver.server_pid()
+        assert server is not None
+        spare = _wait_spare(server, not_pids={p.pid})
+        channels = {}
+        for fd in os.listdir(f"/proc/{spare}/fd"):
+            try:
+                target = os.readlink(f"/proc/{spare}/fd/{fd}")
+            except OSError:
+                continue
+            if int(fd) > 2 and target.startswith(("socket:", "pipe:", "anon_inode:")):
+                channels[int(fd)] = target
+        assert len(channels) == 1 and next(iter(channels.values())).startswith("socket:"), (
+            channels
+        )
+        os.kill(spare, signal.SIGKILL)
+        _wait_ended(spare)
+        q = gipc.start_process(exit_with, args=(4,), start_method="forkserver")
+        q.join()
+        assert q.exitcode == 4 and q.pid != spare
+        assert _forkserver.server_pid() == server  # replaced the child, not the server
 
     def test_a_forked_child_does_not_share_its_parent_s_server(self):
         gipc.start_process(noop, start_method="forkserver").join()
@@ -304,6 +348,42 @@ def start_via_server_and_report(writer: "gipc.gipc._GIPCHandle") -> None:
 
 #: Set by the test before it forks: the caller's control socket (descriptor -> inode).
 PARENT_SERVER_SOCKET: dict = {}
+
+
+def _state(pid: int) -> "tuple[str, int] | None":
+    """(state letter, parent pid) of ``pid`` from /proc, or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[1])
+
+
+def _wait_spare(server: int, not_pids: "set[int]") -> int:
+    """The fork server's waiting child (forked just after the last start was handed over)."""
+    for _ in range(200):
+        spares = [
+            int(entry) for entry in os.listdir("/proc")
+            if entry.isdigit() and int(entry) not in not_pids
+            and (_state(int(entry)) or ("Z", 0))[1] == server
+            and (_state(int(entry)) or ("Z", 0))[0] != "Z"
+        ]
+        if len(spares) == 1:
+            return spares[0]
+        assert len(spares) < 2, spares
+        time.sleep(0.01)
+    pytest.fail(f"the fork server {server} has no child waiting")
+
+
+def _wait_ended(pid: int) -> None:
+    """Gone, or a zombie (an orphan's reaper is not ours to wait for)."""
+    for _ in range(200):
+        state = _state(pid)
+        if state is None or state[0] in ("Z", "X"):
+            return
+        time.sleep(0.05)
+    pytest.fail(f"process {pid} is still running")
 
 
 def _wait_gone(pid: int) -> None:

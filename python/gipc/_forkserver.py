@@ -4,7 +4,9 @@ The server is a fresh interpreter (started like a spawned child, without blockin
 caller's loop) that has imported gevent and gipc, and the modules named with
 ``gipc.set_forkserver_preload()``, and runs no event loop. It forks each child from itself,
 so a start costs the same whatever the caller's size, and the caller's event loop only
-waits for a few messages.
+waits for a few messages. It forks each child *before* it is asked for one (``_Spare``):
+a start hands its descriptors to a child that is already waiting, and the fork for the
+next start happens while this one runs.
 
 **Who may talk to it.** The server runs whatever it is sent, so it has no address: its only
 way in is one end of a socket pair whose other end the caller created and holds (close-on-
@@ -19,7 +21,9 @@ the child's parent sentinel, the child's status socket, then the passed handles'
 Server → caller, per child, on that child's status socket: 8-byte records ``(tag, value)``:
 ``PID`` (with the child's pidfd attached where the system has them), then ``EXITED`` (the
 child's own exit code, written by the child just before it ends) and ``REAPED`` (the wait
-status, written by the server when it reaps the child). The child is not the caller's own,
+status, written by the server when it reaps the child). With a pidfd, ``EXITED`` and the
+pidfd's word that the process is gone are enough; ``REAPED`` is what a child killed by a
+signal (which writes nothing) is known by. The child is not the caller's own,
 so ``waitpid`` cannot tell the caller its exit: these records do. If the server dies, a
 child it started still reports ``EXITED`` (or, killed by a signal, just closes the
 socket: exit code 255), and starts in flight fail with a ``GIPCError``; the next start
@@ -34,6 +38,7 @@ import errno
 import logging
 import os
 import pickle
+import select
 import selectors
 import signal
 import socket
@@ -320,6 +325,10 @@ class ForkServerPopen(CooperativePopen):
                 self._status = value
         if self._status is not None:
             return os.waitstatus_to_exitcode(self._status)
+        if self._child_code is not None and _has_ended(self._pidfd):
+            # Its own word, and the system's that it is gone: no need to wait for the
+            # server to reap it and say so (one process wake-up less per join).
+            return self._child_code
         if self._ended:  # the server died: the child's own word, if it had its say
             return self._child_code if self._child_code is not None else 255
         return None
@@ -342,6 +351,15 @@ class ForkServerPopen(CooperativePopen):
         except ProcessLookupError:
             pass
 
+
+
+def _has_ended(pidfd: Optional[int]) -> bool:
+    """Whether the process of ``pidfd`` has ended (a pidfd is readable from then on)."""
+    if pidfd is None:
+        return False
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _receive_records(fd: int) -> Tuple[bytes, List[int]]:
@@ -394,17 +412,19 @@ def serve() -> None:
     selector.register(control, selectors.EVENT_READ)
     selector.register(wake_r, selectors.EVENT_READ)
     own_fds = [control.fileno(), wake_r, wake_w, selector.fileno()]
+    spare: Optional[_Spare] = None
     while True:
         for key, _ in selector.select():
             if key.fileobj is control:
                 message = _receive(control)
-                if message is None:  # the caller is gone
+                if message is None:  # the caller is gone (and with us, any spare)
                     os._exit(0)
                 body, fds = message
                 if body[0] == "init":
                     _init(body[1], body[2])
+                    spare = _Spare(own_fds, children)
                 elif body[0] == "start":
-                    _fork_child(fds, children, own_fds)
+                    spare = _start(fds, spare, children, own_fds)
                 else:
                     for received in fds:
                         os.close(received)
@@ -476,56 +496,116 @@ def _preload_modules(preload: List[str], prep: Dict[str, Any]) -> None:
             pass
 
 
-def _fork_child(fds: List[int], children: Dict[int, int], own_fds: List[int]) -> None:
+class _Spare:
+    """A child forked ahead of its start request, waiting for it on a socket of its own.
+
+    Forking, the child's after-fork work and its signal reset take about a millisecond
+    (pages copied on first write, on a virtual machine): done between starts, not while a
+    caller waits. Each start request is handed to the waiting spare with its descriptors,
+    and a new spare is forked for the next one. A spare that died meanwhile is replaced by
+    a child forked there and then. It ends, unused, when the server does (its socket
+    closes), and holds no descriptor of the server's but its own end of that socket."""
+
+    def __init__(self, own_fds: List[int], children: Dict[int, int]) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.pid = os.fork()
+        if self.pid == 0:
+            ours.close()
+            _run_spare(theirs, [*own_fds, *children.values()])  # never returns
+        theirs.close()
+        self.sock = ours
+        self.pidfd: Optional[int] = None
+        try:
+            self.pidfd = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):
+            pass
+
+    def hand_over(self, fds: List[int]) -> bool:
+        """Sends the start request's descriptors; False if the spare is gone."""
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+        try:
+            self.sock.sendmsg([b"s"], ancillary)
+            return True
+        except OSError:
+            self.close()
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+
+def _run_spare(sock: socket.socket, inherited: List[int]) -> None:
+    """In a spare child: get ready, wait for a start request, run it, exit."""
+    code = 1
+    status_w = -1
+    try:
+        signal.set_wakeup_fd(-1)
+        for fd in inherited:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        _child.restore_default_signals()
+        data, fds, _flags, _addr = socket.recv_fds(sock, 1, MAX_HANDLE_FDS + 3)
+        sock.close()
+        if not data or len(fds) < 3:  # the server ended: nothing to run
+            for fd in fds:
+                os.close(fd)
+            code = 0
+            return
+        data_r, parent_sentinel, status_w, *handle_fds = fds
+        _child.parent_only_fds.add(status_w)  # no grandchild of ours holds it
+        code = run_child(data_r, handle_fds, parent_sentinel, forked=True)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        try:
+            if status_w >= 0:
+                os.write(status_w, _RECORD.pack(EXITED, code))
+        finally:
+            os._exit(code)
+
+
+def _start(
+    fds: List[int], spare: Optional[_Spare], children: Dict[int, int], own_fds: List[int]
+) -> Optional[_Spare]:
+    """Hands a start request to the spare (or, if there is none or it died, to a child
+    forked now), tells the caller its pid, and forks the next spare. Returns that spare."""
     if len(fds) < 3:
         for fd in fds:
             os.close(fd)
-        return
-    data_r, parent_sentinel, status_w, *handle_fds = fds
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            signal.set_wakeup_fd(-1)
-            for fd in [*own_fds, *children.values()]:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-            _child.restore_default_signals()
-            _child.parent_only_fds.add(status_w)  # no grandchild of ours holds it
-            code = run_child(data_r, handle_fds, parent_sentinel, forked=True)
-        except BaseException:
-            import traceback
-
-            traceback.print_exc()
-        finally:
-            try:
-                os.write(status_w, _RECORD.pack(EXITED, code))
-            finally:
-                os._exit(code)
-    for fd in [data_r, parent_sentinel, *handle_fds]:
-        os.close(fd)
+        return spare
+    child = spare
+    if child is None or not child.hand_over(fds):
+        child = _Spare(own_fds, children)
+        if not child.hand_over(fds):  # it died at once: the caller sees the server's word
+            for fd in fds:
+                os.close(fd)
+            return None
+    status_w = fds[2]
+    for fd in fds:
+        if fd != status_w:
+            os.close(fd)
     os.set_blocking(status_w, False)
-    children[pid] = status_w
-    pidfd = None
-    try:
-        pidfd = os.pidfd_open(pid)
-    except (AttributeError, OSError):
-        pass
+    children[child.pid] = status_w
     try:
         with socket.socket(fileno=os.dup(status_w)) as status:
             ancillary = (
-                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [pidfd]))]
-                if pidfd is not None
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [child.pidfd]))]
+                if child.pidfd is not None
                 else []
             )
-            status.sendmsg([_RECORD.pack(PID, pid)], ancillary)
+            status.sendmsg([_RECORD.pack(PID, child.pid)], ancillary)
     except OSError:
         pass  # the caller gave up on this start; the child finds no start-up data
     finally:
-        if pidfd is not None:
-            os.close(pidfd)
+        child.close()
+    return _Spare(own_fds, children)
 
 
 def _reap(children: Dict[int, int]) -> None:
