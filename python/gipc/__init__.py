@@ -10,13 +10,19 @@ The transport core is a Rust extension (``gipc._core``); everything that talks t
 hub is here, in Python.
 """
 
+from __future__ import annotations
+
 from importlib import import_module
-from typing import TYPE_CHECKING, Dict, List, Tuple
 
 from ._core import __version__
 from .exceptions import GIPCClosed, GIPCError, GIPCLocked, GIPCTypeError, GIPCValueError
 
+# typing is not imported at run time: a spawned child imports this package before
+# anything else of gipc's, and typing would be ~5% of its start-up (see _startup_child).
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Dict, List, Tuple
+
     # What the names below resolve to, for type checkers; at run time each is imported on
     # first use (see __getattr__).
     from . import gipc as gipc
@@ -49,6 +55,7 @@ if TYPE_CHECKING:
     Writer = _GIPCWriter
     DuplexHandle = _GIPCDuplexHandle
     Process = _GProcess
+del TYPE_CHECKING  # not a name of the package's
 
 #: Where each public name lives: (module, name there). Importing gipc loads none of them:
 #: a program pays (in start-up time, and in memory every fork copies) for the parts it

@@ -30,9 +30,13 @@ import os
 import struct
 import sys
 import threading
-from typing import Any, Callable, Optional, Set
-
 from . import _core
+
+# typing is not imported at run time: a spawned child imports this module before
+# anything else of gipc's, and typing would be ~5% of its start-up (see _startup_child).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable, Optional, Set
 
 #: How a child that is not its caller's own (spawned, or forked by the fork server) reports
 #: its exit code: over a pipe, as this struct (see ``_popen.CooperativePopen``).

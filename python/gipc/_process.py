@@ -20,11 +20,14 @@ import multiprocessing
 # others when the parent exits normally; gipc's children take part like any other.
 import multiprocessing.util  # noqa: F401
 import sys
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Optional, Set, Tuple, Type
-
 from .exceptions import GIPCError
 
+# typing is not imported at run time: a spawned child imports this module before
+# anything else of gipc's, and typing would be ~5% of its start-up (see _startup_child).
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any, Callable, Dict, Iterable, Optional, Set, Tuple, Type
+
     from ._handles import _GIPCHandle, _GIPCWriter
     from ._outcome import CapturedOutcome
     from ._popen import CooperativePopen

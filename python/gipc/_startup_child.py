@@ -15,9 +15,13 @@ import pickle
 import sys
 from multiprocessing import process as mp_process
 from multiprocessing import spawn as mp_spawn
-from typing import List, Sequence
-
 from . import _child
+
+# typing is not imported at run time: a spawned child imports this module before
+# anything else of gipc's, and typing would be ~5% of its start-up (see _startup_child).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import List, Sequence
 
 #: The flag after ``-c`` on a spawned child's command line (see ``_popen_spawn``).
 SPAWN_FLAG = "--gipc-spawn"
