@@ -3,9 +3,11 @@
 For each amount of extra touched memory in the caller (default 0, 1, 2 and 4 GiB), each
 start method starts and joins a no-op child ``--runs`` times (after one warm-up start, so a
 fork server is already up), and reports the median time and, for gipc, the caller's longest
-event-loop stall seen by a greenlet ticking every millisecond meanwhile. multiprocessing's
-own ``spawn`` and ``forkserver`` ``Process`` run beside them (their ``start()`` and
-``join()`` block the caller: their stall is the whole time, not shown).
+event-loop stall seen by a greenlet ticking every millisecond meanwhile. For spawn, also a
+child that is handed a pipe and writes to it once: the common case, in which a spawned gipc
+child imports gevent too. multiprocessing's own ``spawn`` and ``forkserver`` ``Process`` run
+beside them (their ``start()`` and ``join()`` block the caller: their stall is the whole
+time, not shown).
 
     python benches/start_bench.py [--sizes 0,1,2,4] [--runs 20] [--json out.json]
 
@@ -42,6 +44,47 @@ def _gipc_case(method: str) -> Callable[[], None]:
         p.join()
         if p.exitcode != 0:
             raise RuntimeError(f"{method} child exited with {p.exitcode}")
+
+    return run
+
+
+def say_done(writer: object) -> None:
+    writer.put(None)  # type: ignore[attr-defined]
+
+
+def send_done(conn: object) -> None:
+    conn.send(None)  # type: ignore[attr-defined]
+
+
+def _gipc_pipe_case(method: str) -> Callable[[], None]:
+    """A child handed one pipe, which it uses once: the common case, where a spawned child
+    also imports gevent (a handle needs it)."""
+    import gipc
+
+    def run() -> None:
+        with gipc.pipe() as (reader, writer):
+            p = gipc.start_process(say_done, args=(writer,), start_method=method)
+            reader.get()
+            p.join()
+        if p.exitcode != 0:
+            raise RuntimeError(f"{method} child exited with {p.exitcode}")
+
+    return run
+
+
+def _mp_pipe_case(method: str) -> Callable[[], None]:
+    ctx = multiprocessing.get_context(method)
+
+    def run() -> None:
+        receiver, sender = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=send_done, args=(sender,))
+        p.start()
+        sender.close()
+        receiver.recv()
+        receiver.close()
+        p.join()
+        if p.exitcode != 0:
+            raise RuntimeError(f"mp {method} child exited with {p.exitcode}")
 
     return run
 
@@ -111,6 +154,8 @@ CASES = {
     "gipc spawn": (lambda: _gipc_case("spawn"), True),
     "mp forkserver": (lambda: _mp_case("forkserver"), False),
     "mp spawn": (lambda: _mp_case("spawn"), False),
+    "gipc spawn + pipe": (lambda: _gipc_pipe_case("spawn"), True),
+    "mp spawn + Pipe": (lambda: _mp_pipe_case("spawn"), False),
 }
 
 
