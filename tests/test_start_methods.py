@@ -292,6 +292,41 @@ class TestForkServer:
         assert q.exitcode == 4 and q.pid != spare
         assert _forkserver.server_pid() == server  # replaced the child, not the server
 
+    def test_threads_whose_first_starts_meet_share_one_server(self, monkeypatch):
+        """Two OS threads start their first fork-server child at once: one server starts
+        (a second would be lost, with its descriptor). The first start is held inside the
+        server's start-up until the other thread has surely asked too."""
+        real = _forkserver._Server
+        made = []
+
+        class SlowToStart(real):  # type: ignore[misc, valid-type]
+            def __init__(self) -> None:
+                made.append(self)
+                time.sleep(0.3)
+                super().__init__()
+
+        _forkserver._close_at_exit()  # this test starts from no server
+        _forkserver._server = None
+        monkeypatch.setattr(_forkserver, "_Server", SlowToStart)
+        codes = []
+
+        def start(code: int) -> None:
+            try:
+                p = gipc.start_process(exit_with, args=(code,), start_method="forkserver")
+                p.join()
+                codes.append(p.exitcode)
+            finally:
+                gevent.get_hub().destroy(destroy_loop=True)  # the thread's own hub
+
+        threads = [threading.Thread(target=start, args=(code,)) for code in (3, 4)]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.05)
+        for thread in threads:
+            thread.join(30)
+        assert sorted(codes) == [3, 4]
+        assert len(made) == 1
+
     def test_a_forked_child_does_not_share_its_parent_s_server(self):
         gipc.start_process(noop, start_method="forkserver").join()
         fd = _forkserver._server.sock.fileno()

@@ -44,6 +44,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 from multiprocessing import process as mp_process
 from multiprocessing import spawn as mp_spawn
 from multiprocessing import util as mp_util
@@ -110,23 +111,28 @@ class _Server:
             raise
         finally:
             theirs.close()
-        ours.setblocking(False)
         self.sock = ours
         self.owner = os.getpid()
         self.dead = False
         self._send_lock = gevent.lock.Semaphore()
         _child.parent_only_fds.add(ours.fileno())
-        # Queued in the socket: the server reads it once it has started.
+        # Queued in the socket (a few KiB, far below its buffer), where the server reads it
+        # once it has started. Sent before the socket is non-blocking, so it never waits on
+        # the hub: this runs under _server_lock, and no greenlet may switch away holding it.
         prep = preparation_data("ForkServer")
         keys = ("sys_path", "dir", "init_main_from_path", "init_main_from_name")
         init = {key: prep[key] for key in keys if key in prep}
-        self.send(("init", list(_preload), init), [])
+        try:
+            ours.sendall(_framed(("init", list(_preload), init)))
+        except OSError as exc:
+            self.close()
+            raise GIPCError(f"gipc's fork server (pid {self.pid}) is gone: {exc}") from exc
+        ours.setblocking(False)
         _log.debug("started gipc's fork server (pid %d)", self.pid)
 
     def send(self, message: Any, fds: Sequence[int]) -> None:
         """One message, with ``fds`` attached; cooperative. GIPCError if the server is gone."""
-        body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        data = memoryview(_LENGTH.pack(len(body)) + body)
+        data = memoryview(_framed(message))
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         with self._send_lock:  # whole messages: a partial send is finished before the next
             try:
@@ -155,6 +161,12 @@ class _Server:
             gevent.spawn(_reap_soon, self.pid)
 
 
+def _framed(message: Any) -> bytes:
+    """A control-socket message: its length, then its pickle."""
+    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return _LENGTH.pack(len(body)) + body
+
+
 def _reaped(pid: int) -> bool:
     try:
         return os.waitpid(pid, os.WNOHANG)[0] == pid
@@ -171,22 +183,28 @@ def _reap_soon(pid: int) -> None:
 
 
 _server: Optional[_Server] = None
+#: Held while the server is looked up and, if need be, started: OS threads whose first
+#: starts meet must not start a server each (one would be lost, its descriptor with it).
+_server_lock = threading.Lock()
 
 
 def _current_server() -> _Server:
     """This process's fork server, started on first use (again if it died)."""
     global _server
-    server = _server
-    if server is None or server.dead:
-        server = _server = _Server()
+    with _server_lock:
+        server = _server
+        if server is None or server.dead:
+            server = _server = _Server()
     return server
 
 
 def _forget_server_after_fork() -> None:
     """In any forked child (gipc's or a plain ``os.fork()``): the parent's server is the
     parent's. Our copy of its socket goes; a start here gets a server of our own."""
-    global _server
+    global _server, _server_lock
     server, _server = _server, None
+    # Another thread of the parent may have held it at the fork: here nobody does.
+    _server_lock = threading.Lock()
     if server is not None and not server.dead:
         _child.parent_only_fds.discard(server.sock.fileno())
         try:
