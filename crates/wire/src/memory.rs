@@ -13,11 +13,12 @@
 //! fault then takes 3-7 ms instead of 0.2 ms, inside one `read`. Small pages come from the
 //! guest's own small free blocks, which are never reported, and cost the same every time.
 //! So a buffer starts with the hint, and [`HugePages::after_read`] withdraws it for the rest
-//! of the buffer once huge pages prove slow (see docs/performance.md). How many slow ones a
-//! buffer may take first grows with a stream: the huge pages of the previous large buffer,
-//! freed a moment ago, are blocks the machine holds, and so are the slow ones once faulted in.
-//! A stream therefore builds up a stock of fast huge pages (1, 3, 7, 15... of them) while a
-//! lone message into a new process pays for one slow page at most.
+//! of the buffer as soon as one huge page proves slow (see docs/performance.md): a lone
+//! message into a new process pays for one slow huge page at most. A buffer that follows
+//! another one within [`WARM_WINDOW`] keeps the hint whatever it costs: the huge pages of
+//! the previous buffer, freed a moment ago, are blocks the machine holds, and so will be the
+//! slow ones this buffer faults in. A stream thus pays for its slow huge pages once, in its
+//! second message, and runs on fast ones (and cheap frees) from then on.
 
 use std::ops::Range;
 use std::sync::Mutex;
@@ -35,15 +36,15 @@ pub const HUGE_PAGE: usize = 2 << 20;
 /// whole read ([`crate::io::MAX_IO_CHUNK`]) well under that; a reported one takes 3-7 ms.
 pub const SLOW_HUGE_FAULT: Duration = Duration::from_millis(1);
 
-/// The huge pages of a large buffer finished this recently are counted as fast ones for the
-/// next: the kernel reports free blocks to the host about 2 s after they were freed.
+/// A large buffer that follows another one this soon is part of a stream: the kernel reports
+/// free blocks to the host about 2 s after they were freed.
 pub const WARM_WINDOW: Duration = Duration::from_secs(1);
 
 /// When the last large buffer of this process was finished, and how many huge pages it had.
 static LAST_BUFFER: Mutex<Option<(Instant, usize)>> = Mutex::new(None);
 
-/// Slow huge pages a new buffer may take before it falls back to small pages: one, plus the
-/// huge pages of a buffer finished within [`WARM_WINDOW`].
+/// Slow huge pages a new buffer may take before it falls back to small pages: one, or any
+/// number after a buffer with huge pages finished within [`WARM_WINDOW`].
 fn slow_allowance(now: Instant) -> usize {
     let last = *LAST_BUFFER
         .lock()
@@ -61,7 +62,9 @@ pub(crate) fn last_buffer() -> Option<(Instant, usize)> {
 
 fn allowance_after(last: Option<(Instant, usize)>, now: Instant) -> usize {
     match last {
-        Some((at, pages)) if now.saturating_duration_since(at) < WARM_WINDOW => 1 + pages,
+        Some((at, pages)) if pages > 0 && now.saturating_duration_since(at) < WARM_WINDOW => {
+            usize::MAX
+        }
         _ => 1,
     }
 }
@@ -276,12 +279,11 @@ mod tests {
     }
 
     #[test]
-    fn the_allowance_grows_with_a_recent_buffer_only() {
+    fn only_a_recent_buffer_with_huge_pages_lifts_the_allowance() {
         let now = Instant::now();
-        let recent = (now, 7);
-        let old = (now - 2 * WARM_WINDOW, 7);
-        assert_eq!(allowance_after(Some(recent), now), 8);
-        assert_eq!(allowance_after(Some(old), now), 1);
+        assert_eq!(allowance_after(Some((now, 7)), now), usize::MAX);
+        assert_eq!(allowance_after(Some((now, 0)), now), 1);
+        assert_eq!(allowance_after(Some((now - 2 * WARM_WINDOW, 7)), now), 1);
         assert_eq!(allowance_after(None, now), 1);
     }
 }
