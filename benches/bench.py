@@ -60,7 +60,7 @@ BIG_WARMUP = 2
 # holds; after a pause, on a VM with free page reporting, it gets blocks the
 # host has taken back, which cost several times more to fault in. Without the
 # pause the figure depends on which row ran just before (docs/performance.md).
-SETTLE_S = 2.0
+SETTLE_S = 4.0
 
 # metric -> (unit, higher_is_better, formatter)
 METRICS = {
@@ -627,7 +627,8 @@ def parse_args(argv):
     ap.add_argument("--runs", type=int, default=None,
                     help="runs per measurement (default 5)")
     ap.add_argument("--quick", action="store_true",
-                    help="smaller message counts (whole run < ~3 min)")
+                    help="smaller message counts (whole run ~8 min, 5 of them "
+                         "--settle pauses)")
     ap.add_argument("--json", metavar="PATH", help="write results as JSON")
     ap.add_argument("--plot", metavar="PATH",
                     help="throughput vs message size PNG (needs matplotlib)")
