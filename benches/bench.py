@@ -51,6 +51,17 @@ PY_IMPL_ARG = {"ours": "gipc", "upstream": "gipc", "mp": "mp",
 
 GROUPS = ["small", "batch", "pingpong", "bulk", "spawn", "stall", "sweep"]
 
+# 64 MiB messages a stream row sends, untimed, before its clock starts.
+BIG_WARMUP = 2
+
+# Default pause before each measurement of a "cold" case (the first 64 MiB
+# message into a fresh child, the 64 MiB stalls). A process that starts right
+# after another one freed a lot of memory gets memory that the machine still
+# holds; after a pause, on a VM with free page reporting, it gets blocks the
+# host has taken back, which cost several times more to fault in. Without the
+# pause the figure depends on which row ran just before (docs/performance.md).
+SETTLE_S = 4.0
+
 # metric -> (unit, higher_is_better, formatter)
 METRICS = {
     "msgs_per_s": ("k msg/s", True, lambda v: "%.1fk" % (v / 1e3)),
@@ -96,7 +107,8 @@ def pickled_len(obj_or_size):
 
 class Case(object):
     def __init__(self, key, group, label, workload, params, metrics,
-                 c=None, sweep=None, c_impls=None, upstream_ref=None):
+                 c=None, sweep=None, c_impls=None, upstream_ref=None,
+                 settle=False):
         self.key, self.group, self.label = key, group, label
         self.workload, self.params, self.metrics = workload, params, metrics
         self.c = c            # argv tail for the ceiling binary, or None
@@ -105,12 +117,16 @@ class Case(object):
         # Case whose upstream numbers the ours/upstream ratio uses (batch:
         # upstream has no put_many, so compare with its plain put()).
         self.upstream_ref = upstream_ref
+        # Pause --settle seconds before each measurement: the machine's free
+        # memory is then in the same state for every implementation (see
+        # SETTLE_S).
+        self.settle = settle
 
     def to_json(self):
         return dict(group=self.group, label=self.label,
                     workload=self.workload, params=self.params,
                     metrics=self.metrics, ceiling_args=self.c,
-                    sweep=self.sweep)
+                    sweep=self.sweep, settle=self.settle)
 
 
 def build_cases(quick):
@@ -144,18 +160,37 @@ def build_cases(quick):
         c=["pingpong", small_bytes, n_pp, warm_pp]))
 
     bulk_total = 32 * MiB if q else 384 * MiB
-    for size in (64 * KiB, MiB, 64 * MiB):
+    for size in (64 * KiB, MiB):
         count = max(1, bulk_total // size)
         for enc in ("pickled", "raw"):
-            metrics = ["mb_per_s"]
-            if size == 64 * MiB:
-                metrics += ["rss_send_x", "rss_recv_x"]
             csize = pickled_len(size) if enc == "pickled" else size
             cases.append(Case(
                 "bulk-%s-%s" % (enc, size_key(size)), "bulk",
                 "bulk %s %s" % (size_name(size), enc), "bulk",
-                dict(count=count, size=size, raw=(enc == "raw")), metrics,
-                c=["stream", csize, count], sweep=(enc, size)))
+                dict(count=count, size=size, raw=(enc == "raw")),
+                ["mb_per_s"], c=["stream", csize, count],
+                sweep=(enc, size)))
+    # 64 MiB: a stream in progress (the receiver has had BIG_WARMUP messages
+    # already) and the first message into a fresh child, measured apart: the
+    # first costs page faults on fresh memory that a stream no longer pays,
+    # and how much depends on the machine's state (docs/performance.md).
+    big = 64 * MiB
+    n_stream = 4 if q else 8
+    for enc in ("pickled", "raw"):
+        csize = pickled_len(big) if enc == "pickled" else big
+        cases.append(Case(
+            "bulk-%s-64m" % enc, "bulk",
+            "bulk 64 MiB %s, stream (%d after %d)" % (enc, n_stream,
+                                                      BIG_WARMUP),
+            "bulk", dict(count=n_stream, warmup=BIG_WARMUP, size=big,
+                         raw=(enc == "raw")),
+            ["mb_per_s", "rss_send_x", "rss_recv_x"],
+            c=["stream", csize, n_stream, BIG_WARMUP], sweep=(enc, big)))
+    cases.append(Case(
+        "bulk-pickled-64m-cold", "bulk",
+        "bulk 64 MiB pickled, cold: 1st msg into a fresh child",
+        "bulk", dict(count=1, size=big, raw=False), ["mb_per_s"],
+        c=["stream", pickled_len(big), 1], settle=True))
 
     n_sp = 30 if q else 200
     cases.append(Case(
@@ -168,11 +203,11 @@ def build_cases(quick):
     cases.append(Case(
         "stall-send-64m", "stall", "stall: parent sends %dx64 MiB" % n_big,
         "stall", dict(mode="send", size=64 * MiB, count=n_big),
-        ["max_gap_ms"], c_impls=[]))
+        ["max_gap_ms"], c_impls=[], settle=True))
     cases.append(Case(
         "stall-recv-64m", "stall", "stall: parent recvs %dx64 MiB" % n_big,
         "stall", dict(mode="recv", size=64 * MiB, count=n_big),
-        ["max_gap_ms"], c_impls=[]))
+        ["max_gap_ms"], c_impls=[], settle=True))
     cases.append(Case(
         "stall-recv-small", "stall",
         "stall: parent recvs %dk x 100 B" % (n_st_small // 1000),
@@ -592,7 +627,8 @@ def parse_args(argv):
     ap.add_argument("--runs", type=int, default=None,
                     help="runs per measurement (default 5)")
     ap.add_argument("--quick", action="store_true",
-                    help="smaller message counts (whole run < ~3 min)")
+                    help="smaller message counts (whole run ~8 min, 5 of them "
+                         "--settle pauses)")
     ap.add_argument("--json", metavar="PATH", help="write results as JSON")
     ap.add_argument("--plot", metavar="PATH",
                     help="throughput vs message size PNG (needs matplotlib)")
@@ -606,6 +642,9 @@ def parse_args(argv):
     ap.add_argument("--timeout", type=float, default=120.0,
                     help="hard timeout per subprocess measurement, s "
                          "(default 120)")
+    ap.add_argument("--settle", type=float, default=SETTLE_S,
+                    help="pause before each measurement of a cold case, s "
+                         "(default %.1f; 0: none)" % SETTLE_S)
     ap.add_argument("--list", action="store_true",
                     help="list the cases and exit")
     ap.add_argument("-v", "--verbose", action="store_true",
@@ -785,6 +824,8 @@ def main(argv=None):
                         cell.append(dict(status="timeout", ok=False,
                                          skipped=True))
                         continue
+                    if case.settle and args.settle > 0:
+                        time.sleep(args.settle)
                     res = run_cmd(cmd, args.timeout, env=env)
                     if res.get("status") == "timeout":
                         timed_out.add((case.key, impl))
@@ -850,6 +891,7 @@ def main(argv=None):
             argv=sys.argv,
             machine=m,
             config=dict(runs=runs, quick=args.quick, timeout_s=args.timeout,
+                        settle_s=args.settle,
                         only=args.only, impl=args.impl),
             implementations=impl_info,
             notes=NOTES + notes,

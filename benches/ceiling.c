@@ -5,12 +5,15 @@
  * write(2)/read(2): fork, the parent writes, the child reads.  Every frame
  * is an 8-byte big-endian length header followed by the payload.
  *
- *   ceiling stream   TRANSPORT SIZE COUNT
+ *   ceiling stream   TRANSPORT SIZE COUNT [WARMUP]
  *       parent sends COUNT frames of SIZE bytes.  SIZE <= 64 KiB: one
  *       write() per frame (header + payload in one buffer).  Larger: one
  *       write() for the header, then write() calls for the payload.  The
  *       child reads through a 256 KiB buffer and copies each payload into a
- *       message buffer (what "delivering a message" costs at minimum).
+ *       message buffer (what "delivering a message" costs at minimum).  The
+ *       child keeps that buffer, so only the first large message faults it in.
+ *       WARMUP frames go first, untimed (the clock starts once the child has
+ *       them).
  *   ceiling pingpong TRANSPORT SIZE COUNT WARMUP
  *       round trips of one SIZE-byte frame; median and p99 in us.
  *   ceiling spawn    COUNT WARMUP
@@ -240,7 +243,19 @@ static int wait_child(pid_t pid) {
 
 /* ---- modes ----------------------------------------------------------- */
 
-static int mode_stream(const char *t, size_t size, long count) {
+/* Writes `count` frames of `size` bytes (header and payload from `frame`). */
+static void write_frames(int wfd, const unsigned char *frame, size_t size, long count) {
+    if (size <= SMALL_FRAME) {
+        for (long i = 0; i < count; i++) write_all(wfd, frame, size + 8);
+    } else {
+        for (long i = 0; i < count; i++) {
+            write_all(wfd, frame, 8);
+            write_all(wfd, frame + 8, size);
+        }
+    }
+}
+
+static int mode_stream(const char *t, size_t size, long count, long warm) {
     chan_t c;
     make_chan(t, &c);
     if (pipe(sync_fd) < 0) die("pipe");
@@ -255,8 +270,12 @@ static int mode_stream(const char *t, size_t size, long count) {
         size_t cap = 0;
         unsigned long long total = 0;
         sync_send();
+        if (warm > 0) {
+            for (long i = 0; i < warm; i++) total += reader_frame(&r, &msg, &cap);
+            sync_send();
+        }
         for (long i = 0; i < count; i++) total += reader_frame(&r, &msg, &cap);
-        if (total != (unsigned long long)size * (unsigned long long)count) {
+        if (total != (unsigned long long)size * (unsigned long long)(count + warm)) {
             fprintf(stderr, "ceiling: got %llu bytes\n", total);
             _exit(3);
         }
@@ -271,15 +290,13 @@ static int mode_stream(const char *t, size_t size, long count) {
     memset(frame + 8, 0x5a, size);
     put_be64(frame, size);
     sync_wait();
-    double t0 = now_s();
-    if (size <= SMALL_FRAME) {
-        for (long i = 0; i < count; i++) write_all(wfd, frame, size + 8);
-    } else {
-        for (long i = 0; i < count; i++) {
-            write_all(wfd, frame, 8);
-            write_all(wfd, frame + 8, size);
-        }
+    if (warm > 0) {
+        /* Untimed: the child's message buffer is faulted in by these. */
+        write_frames(wfd, frame, size, warm);
+        sync_wait();
     }
+    double t0 = now_s();
+    write_frames(wfd, frame, size, count);
     sync_wait();
     double dt = now_s() - t0;
     int rc = wait_child(pid);
@@ -384,7 +401,7 @@ static int mode_spawn(long count, long warm) {
 
 static void usage(void) {
     fprintf(stderr,
-            "usage: ceiling stream   pipe|pipe1m|unix SIZE COUNT\n"
+            "usage: ceiling stream   pipe|pipe1m|unix SIZE COUNT [WARMUP]\n"
             "       ceiling pingpong pipe|pipe1m|unix SIZE COUNT WARMUP\n"
             "       ceiling spawn    COUNT WARMUP\n");
     exit(2);
@@ -393,9 +410,9 @@ static void usage(void) {
 int main(int argc, char **argv) {
     if (argc < 2) usage();
     setvbuf(stdout, NULL, _IOLBF, 0);
-    if (strcmp(argv[1], "stream") == 0 && argc == 5)
+    if (strcmp(argv[1], "stream") == 0 && (argc == 5 || argc == 6))
         return mode_stream(argv[2], strtoull(argv[3], NULL, 10),
-                           atol(argv[4]));
+                           atol(argv[4]), argc == 6 ? atol(argv[5]) : 0);
     if (strcmp(argv[1], "pingpong") == 0 && argc == 6)
         return mode_pingpong(argv[2], strtoull(argv[3], NULL, 10),
                              atol(argv[4]), atol(argv[5]));

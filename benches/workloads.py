@@ -407,11 +407,14 @@ def role_recv(end, p, ctl):
         n = got
     else:
         kind = p.get("payload", "bytes")
-        for _ in range(count):
+        warm = p.get("warmup", 0)
+        for i in range(warm + count):
+            if warm and i == warm:
+                ctl(warm=True)  # the parent starts its clock now
             m = end.get()
             total += len(m) if kind != "dict" else 1
             del m
-        n = count
+        n = warm + count
     peak = rss_peak_kib()
     return dict(received=n, bytes=total, rss_base_kib=base,
                 rss_peak_kib=peak, rss_method=method)
@@ -542,12 +545,19 @@ def w_pingpong(impl, p):
 
 
 def w_bulk(impl, p):
-    """Parent -> child, `count` payloads of `size` bytes; MB/s + peak RSS."""
-    size, count = p["size"], p["count"]
+    """Parent -> child, `count` payloads of `size` bytes; MB/s + peak RSS.
+
+    With `warmup`, that many payloads go first, untimed: the clock starts once
+    the child has them (a stream in progress, not a fresh receiver)."""
+    size, count, warm = p["size"], p["count"], p.get("warmup", 0)
     s = Session(impl, "recv", "p2c", p)
     data = payload_bytes(size)  # after fork, BEFORE the sender's baseline
     s.ctl.recv()
     base, method = rss_baseline()
+    if warm:
+        for _ in range(warm):
+            s.end.put(data)
+        s.ctl.recv()  # the child has the warm-up payloads
     t0 = perf()
     for _ in range(count):
         s.end.put(data)
@@ -555,8 +565,9 @@ def w_bulk(impl, p):
     dt = perf() - t0
     peak = rss_peak_kib()
     s.finish()
-    _check(st["bytes"] == size * count, "received %r bytes, expected %r" %
-           (st["bytes"], size * count))
+    _check(st["bytes"] == size * (warm + count),
+           "received %r bytes, expected %r" % (st["bytes"],
+                                               size * (warm + count)))
     return dict(
         mb_per_s=size * count / dt / 1e6, seconds=dt,
         rss_send_x=(peak - base) * 1024.0 / size,

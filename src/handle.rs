@@ -126,7 +126,6 @@ impl FillingBytes {
         let bytes = owned.cast_into::<PyBytes>().ok()?;
         // SAFETY: `bytes` is a bytes object; its buffer holds `len` bytes plus a NUL.
         let data = unsafe { ffi::PyBytes_AsString(bytes.as_ptr()) };
-        gipc_wire::memory::advise_fresh_buffer(data.cast(), len);
         Some(FillingBytes {
             data: NonNull::new(data.cast())?,
             len,

@@ -7,10 +7,12 @@
 use std::fmt;
 use std::io;
 use std::ops::Range;
+use std::time::Instant;
 
 use crate::budget::{Budget, BUFFERED_WEIGHT, SYSCALL_WEIGHT};
 use crate::frame::{decode_header, encode_lane_header, FrameError, Kind, Lane, HEADER_LEN};
 use crate::io::{ReadSource, MAX_IO_CHUNK};
+use crate::memory::HugePages;
 
 /// Size of the read buffer that small frames are served from.
 pub const READ_BUFFER: usize = 256 * 1024;
@@ -106,6 +108,8 @@ struct LargeFrame<B> {
     filled: usize,
     /// Where the rest of the payload comes from.
     lane: Lane,
+    /// The huge-page hint on a fresh large buffer, followed as it fills (see `memory`).
+    pages: Option<HugePages>,
 }
 
 /// What one step of the state machine found; owns no borrow, so `poll` can loop.
@@ -291,7 +295,8 @@ impl<B: PayloadBuf> Receiver<B> {
             let len = usize::try_from(len).map_err(|_| RecvError::Alloc { len })?;
             if lane == Lane::Bulk {
                 // The payload comes on the other descriptor; nothing of it is buffered here.
-                let payload = alloc(len).ok_or(RecvError::Alloc { len: len as u64 })?;
+                let mut payload = alloc(len).ok_or(RecvError::Alloc { len: len as u64 })?;
+                let pages = HugePages::advise(payload.as_mut_slice());
                 self.start += HEADER_LEN;
                 self.large = Some(LargeFrame {
                     kind,
@@ -299,11 +304,13 @@ impl<B: PayloadBuf> Receiver<B> {
                     len,
                     filled: 0,
                     lane,
+                    pages,
                 });
                 return Ok(Step::Again);
             }
             if len > SMALL_PAYLOAD {
                 let mut payload = alloc(len).ok_or(RecvError::Alloc { len: len as u64 })?;
+                let pages = HugePages::advise(payload.as_mut_slice());
                 let from = self.start + HEADER_LEN;
                 let have = (avail - HEADER_LEN).min(len);
                 payload.as_mut_slice()[..have].copy_from_slice(&self.buf[from..from + have]);
@@ -314,6 +321,7 @@ impl<B: PayloadBuf> Receiver<B> {
                     len,
                     filled: have,
                     lane,
+                    pages,
                 });
                 return Ok(Step::Again);
             }
@@ -355,6 +363,9 @@ impl<B: PayloadBuf> Receiver<B> {
         let large = self.large.as_mut().expect("checked by caller");
         if large.filled == large.len {
             let done = self.large.take().expect("checked above");
+            if let Some(pages) = done.pages {
+                pages.finish();
+            }
             return Ok(Step::Owned(done.kind, done.payload));
         }
         if self.budget.spend(SYSCALL_WEIGHT) {
@@ -362,12 +373,22 @@ impl<B: PayloadBuf> Receiver<B> {
         }
         let (filled, len) = (large.filled, large.len);
         let until = len.min(filled + MAX_IO_CHUNK);
+        // Timed only while a huge-page hint is being followed: one look at the clock per
+        // read of up to 256 KiB.
+        let started = large
+            .pages
+            .as_ref()
+            .filter(|pages| pages.advised())
+            .map(|_| Instant::now());
         match src.read_some(&mut large.payload.as_mut_slice()[filled..until]) {
             Ok(0) => Err(RecvError::Torn {
                 received: filled as u64,
                 expected: Some(len as u64),
             }),
             Ok(n) => {
+                if let (Some(pages), Some(started)) = (&mut large.pages, started) {
+                    pages.after_read(large.payload.as_mut_slice(), filled, n, started.elapsed());
+                }
                 large.filled += n;
                 Ok(Step::Again)
             }
@@ -513,6 +534,22 @@ mod tests {
         };
         assert_eq!(allocations, [payload.len()]);
         assert!(received == payload);
+    }
+
+    #[test]
+    fn a_finished_large_payload_leaves_its_huge_pages_for_the_next() {
+        let len = crate::memory::HUGE_PAGE_HINT_MIN + 12_345;
+        let stream = frame(Kind::Bytes, &vec![3u8; len]);
+        let mut src = ScriptedSource::chunks(&stream, MAX_IO_CHUNK);
+        let started = std::time::Instant::now();
+        let (got, end) = drain(&mut receiver(), &mut src);
+        assert!(end.is_ok());
+        assert_eq!(got.len(), 1);
+        if crate::memory::HugePages::advise(&mut vec![0u8; len]).is_some() {
+            // Transparent huge pages are available: the record is there, and recent.
+            let (at, _) = crate::memory::last_buffer().expect("finished buffers are recorded");
+            assert!(at >= started);
+        }
     }
 
     #[test]
