@@ -14,7 +14,7 @@ use gipc_wire::io::{
     Transport, BULK_MIN, MAX_FDS,
 };
 use gipc_wire::recv::{Event, Payload, PayloadBuf, Receiver};
-use gipc_wire::send::{Progress, Sender};
+use gipc_wire::send::{Progress, SendError, Sender};
 use gipc_wire::sigpipe::without_sigpipe;
 use gipc_wire::spin::SpinPolicy;
 use pyo3::exceptions::{PyTypeError, PyValueError};
@@ -375,6 +375,18 @@ impl Writer {
     }
 
     fn flush_once(&mut self) -> PyResult<Progress> {
+        self.write_with(|tx, sink, bulk| tx.flush_lanes(sink, bulk).map_err(SendError::Io))
+    }
+
+    /// Runs `write` (a flush of the sender, or a push and flush) on this end's lanes.
+    fn write_with(
+        &mut self,
+        write: impl FnOnce(
+            &mut Sender<HeldBytes>,
+            &mut FdWriter<'_>,
+            Option<&mut FdWriter<'_>>,
+        ) -> Result<Progress, SendError>,
+    ) -> PyResult<Progress> {
         let end = open_end(&self.end)?;
         let frame_lane = self.transport.frame_lane();
         let mut sink = FdWriter::new(end.frame.as_fd(), frame_lane);
@@ -383,13 +395,21 @@ impl Writer {
             .as_ref()
             .map(|bulk| FdWriter::new(bulk.as_fd(), Transport::Socket));
         let tx = &mut self.tx;
+        // An I/O error apart, so that the shield below sees a broken pipe.
+        let run = || match write(tx, &mut sink, bulk_sink.as_mut()) {
+            Ok(progress) => Ok(Ok(progress)),
+            Err(SendError::Frame(err)) => Ok(Err(err)),
+            Err(SendError::Io(err)) => Err(err),
+        };
         let result = match frame_lane {
             // A pipe write has no MSG_NOSIGNAL (only RWF_NOSIGNAL on recent kernels): one
             // shield for the whole flush, however many writes it makes.
-            Transport::Pipe => without_sigpipe(|| tx.flush_lanes(&mut sink, bulk_sink.as_mut())),
-            _ => tx.flush_lanes(&mut sink, bulk_sink.as_mut()),
+            Transport::Pipe => without_sigpipe(run),
+            _ => run(),
         };
-        result.map_err(errors::os_error)
+        result
+            .map_err(errors::os_error)?
+            .map_err(errors::frame_error)
     }
 
     /// On a pipe-only channel, grows the pipe the first time a large payload finds it full;
@@ -420,10 +440,13 @@ impl Writer {
     ) -> PyResult<Py<PyAny>> {
         open_end(&self.end)?;
         let held = HeldBytes::from_object(payload)?;
-        self.tx
-            .push(kind_from(kind)?, held)
-            .map_err(errors::frame_error)?;
-        self.flush(py)
+        let kind = kind_from(kind)?;
+        let mut progress =
+            self.write_with(|tx, sink, bulk| tx.push_and_flush(kind, held, sink, bulk))?;
+        if progress == Progress::WouldBlock && self.make_room()? {
+            progress = self.flush_once()?;
+        }
+        status(py, progress)
     }
 
     /// Like `try_send` for a list of payloads, all written with as few system calls as the

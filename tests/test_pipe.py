@@ -141,6 +141,16 @@ class TestCodecs:
             w.put("next")
             assert r.get() == "next"
 
+    @pytest.mark.parametrize("kind", [_core.KIND_BYTES, _core.KIND_BATCH])
+    @pytest.mark.parametrize("decoder", [None, decode_unless_bad], ids=["raw", "callable"])
+    def test_frames_only_pickle_pipes_carry_are_refused_elsewhere(self, kind, decoder):
+        # The kind comes from the peer: unpickled bytes and pickled batches must not
+        # bypass a pipe's own decoder, on get()'s fast path included.
+        with gipc.pipe(encoder=None, decoder=decoder) as (r, w):
+            assert w._core.try_send(kind, pickle.dumps([b"x"])) == _core.DONE
+            with pytest.raises(GIPCError, match=f"refused a frame of kind {kind}"):
+                r.get()
+
 
 class TestBatches:
     @pytest.mark.parametrize("codecs", ["default", "raw", "custom"])

@@ -13,6 +13,13 @@ use crate::io::{WriteSink, MAX_IO_CHUNK};
 /// allow 1024).
 pub const MAX_IOVECS: usize = 256;
 
+/// Payloads up to this long, offered while nothing is queued, are copied behind their
+/// header and written with one single-buffer write (see [`Sender::push_and_flush`]).
+/// Measured on a 2-core VM, 100-byte frames into a pipe (`benches/per_message.py same`,
+/// fastest rounds): `try_send` went from ~755 to ~670 ns, against ~410 ns for a bare
+/// `os.write` of the same bytes. Copying a few KiB costs less than what that saves.
+pub const DIRECT_MAX: usize = 4096;
+
 /// How far one call to [`Sender::flush_lanes`] got. The discriminants are the extension's
 /// `DONE`, `WOULD_BLOCK` and `YIELD`, defined here only; a receive that has no message
 /// answers with the last two as well.
@@ -26,6 +33,26 @@ pub enum Progress {
     /// The time slice is used up while the descriptor still takes data: give the event loop
     /// a turn, then flush again.
     Yield = 2,
+}
+
+/// Why [`Sender::push_and_flush`] failed: the frame could not be described (nothing was
+/// queued), or a write failed (the frame stays queued, as after `push` and `flush_lanes`).
+#[derive(Debug)]
+pub enum SendError {
+    Frame(FrameError),
+    Io(io::Error),
+}
+
+impl From<FrameError> for SendError {
+    fn from(err: FrameError) -> Self {
+        SendError::Frame(err)
+    }
+}
+
+impl From<io::Error> for SendError {
+    fn from(err: io::Error) -> Self {
+        SendError::Io(err)
+    }
 }
 
 struct Pending<P> {
@@ -63,6 +90,9 @@ pub struct Sender<P> {
     budget: Budget,
     /// Payloads at least this long go on the bulk lane (`None`: the channel has none).
     bulk_min: Option<usize>,
+    /// Where a small frame is assembled, header and payload, for one single-buffer write;
+    /// kept between calls so that no message allocates.
+    scratch: Vec<u8>,
 }
 
 impl<P: AsRef<[u8]>> Sender<P> {
@@ -71,6 +101,7 @@ impl<P: AsRef<[u8]>> Sender<P> {
             queue: VecDeque::new(),
             budget,
             bulk_min: None,
+            scratch: Vec::new(),
         }
     }
 
@@ -99,6 +130,79 @@ impl<P: AsRef<[u8]>> Sender<P> {
             fds: Vec::new(),
         });
         Ok(())
+    }
+
+    /// Queues one frame and writes as much of the queue as the descriptors take now, like
+    /// [`Sender::push`] then [`Sender::flush_lanes`]. When nothing else is queued and the
+    /// payload is small (up to [`DIRECT_MAX`]) and goes on the frame lane, the frame is
+    /// copied into one buffer and offered in a single write, and enters the queue only if
+    /// that write does not take all of it. Either way the same bytes go out, in the same
+    /// order, with the same time budget.
+    pub fn push_and_flush<W: WriteSink, V: WriteSink>(
+        &mut self,
+        kind: Kind,
+        payload: P,
+        sink: &mut W,
+        bulk: Option<&mut V>,
+    ) -> Result<Progress, SendError> {
+        let len = payload.as_ref().len();
+        let direct =
+            self.queue.is_empty() && len <= DIRECT_MAX && self.bulk_min.is_none_or(|min| len < min);
+        if !direct {
+            self.push(kind, payload)?;
+            return Ok(self.flush_lanes(sink, bulk)?);
+        }
+        let header = encode_lane_header(kind, len as u64, Lane::Frame)?;
+        self.budget.begin_call();
+        let result = self.write_direct(header, payload, sink);
+        self.budget.end_call();
+        Ok(result?)
+    }
+
+    fn write_direct<W: WriteSink>(
+        &mut self,
+        header: [u8; HEADER_LEN],
+        payload: P,
+        sink: &mut W,
+    ) -> io::Result<Progress> {
+        let queue = |tx: &mut Self, payload: P, written: usize| {
+            tx.queue.push_back(Pending {
+                header,
+                payload,
+                written,
+                lane: Lane::Frame,
+                fds: Vec::new(),
+            });
+        };
+        if self.budget.spend(SYSCALL_WEIGHT) {
+            queue(self, payload, 0);
+            return Ok(Progress::Yield);
+        }
+        self.scratch.clear();
+        self.scratch.extend_from_slice(&header);
+        self.scratch.extend_from_slice(payload.as_ref());
+        let total = self.scratch.len();
+        match sink.write_some(&[IoSlice::new(&self.scratch)]) {
+            Ok(n) if n == total => Ok(Progress::Done),
+            Ok(0) => {
+                queue(self, payload, 0);
+                Ok(self.would_block())
+            }
+            Ok(n) => {
+                // The rest goes out from the payload itself, like any queued frame's.
+                queue(self, payload, n);
+                self.flush_queue(sink, &mut None::<&mut W>)
+            }
+            Err(err) => {
+                // Queued, as `push` then a failed flush leaves it.
+                queue(self, payload, 0);
+                if err.kind() == io::ErrorKind::WouldBlock {
+                    Ok(self.would_block())
+                } else {
+                    Err(err)
+                }
+            }
+        }
     }
 
     /// Queues one frame that carries descriptors, on a channel whose descriptors go on a
@@ -248,6 +352,13 @@ impl<P: AsRef<[u8]>> Sender<P> {
                 };
             }
         }
+        self.write_gathered(sink)
+    }
+
+    /// The general case of [`Sender::write_frame_lane`]: many frames, or a bulk-lane
+    /// header. Kept out of line so that the one-frame case does not set up the long vector.
+    #[inline(never)]
+    fn write_gathered<W: WriteSink>(&self, sink: &mut W) -> io::Result<usize> {
         let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
         let mut count = 0;
         let mut room = MAX_IO_CHUNK;
@@ -470,6 +581,134 @@ mod tests {
         }
         assert!(yields > 0);
         assert_eq!(sink.taken.len(), HEADER_LEN + (1 << 20));
+    }
+
+    // --- push_and_flush: small frames written from one buffer ---
+
+    /// Sends each payload with `push_and_flush` into a sink taking `per_call` bytes per
+    /// write (and refusing every other write), flushing whenever it does not finish.
+    fn send_each(payloads: &[Vec<u8>], per_call: usize) -> (ChokedSink, Vec<Progress>) {
+        let mut tx = sender();
+        let mut sink = ChokedSink::new(per_call);
+        let mut answers = Vec::new();
+        for payload in payloads {
+            let progress = tx
+                .push_and_flush(Kind::Encoded, payload.clone(), &mut sink, NO_BULK)
+                .unwrap();
+            answers.push(progress);
+            if progress != Progress::Done {
+                flush_all(&mut tx, &mut sink);
+            }
+        }
+        assert!(!tx.has_pending());
+        (sink, answers)
+    }
+
+    #[test]
+    fn a_small_frame_goes_out_in_one_single_buffer_write() {
+        let (sink, answers) = send_each(&[vec![7; 100]], usize::MAX);
+        assert_eq!(answers, [Progress::Done]);
+        assert_eq!(sink.calls, 1);
+        assert_eq!(sink.largest_offer, HEADER_LEN + 100);
+        assert_eq!(sink.most_buffers, 1);
+        assert_eq!(decode_all(sink.taken), [(Kind::Encoded, vec![7; 100])]);
+    }
+
+    #[test]
+    fn small_frames_written_in_pieces_arrive_whole_and_in_order() {
+        let payloads: Vec<Vec<u8>> = (0..20u8)
+            .map(|i| vec![i; (i as usize * 37) % 300])
+            .chain([vec![9; DIRECT_MAX], vec![8; DIRECT_MAX + 1]])
+            .collect();
+        for per_call in [1, 5, 8, 9, 64, 1000, usize::MAX] {
+            let (sink, _) = send_each(&payloads, per_call);
+            let got = decode_all(sink.taken);
+            let want: Vec<_> = payloads
+                .iter()
+                .map(|p| (Kind::Encoded, p.clone()))
+                .collect();
+            assert_eq!(got, want, "per_call {per_call}");
+        }
+    }
+
+    #[test]
+    fn a_refused_direct_write_queues_the_frame() {
+        let mut tx = sender();
+        let mut sink = ChokedSink::new(usize::MAX);
+        assert_eq!(
+            tx.push_and_flush(Kind::Bytes, b"first".to_vec(), &mut sink, NO_BULK)
+                .unwrap(),
+            Progress::Done
+        );
+        // The sink refuses every second write: this frame waits in the queue...
+        assert_eq!(
+            tx.push_and_flush(Kind::Bytes, b"second".to_vec(), &mut sink, NO_BULK)
+                .unwrap(),
+            Progress::WouldBlock
+        );
+        assert!(tx.has_pending());
+        // ...and one queued frame sends the next one the queued way, behind it.
+        assert_eq!(
+            tx.push_and_flush(Kind::Bytes, b"third".to_vec(), &mut sink, NO_BULK)
+                .unwrap(),
+            Progress::Done
+        );
+        assert_eq!(
+            decode_all(sink.taken),
+            [
+                (Kind::Bytes, b"first".to_vec()),
+                (Kind::Bytes, b"second".to_vec()),
+                (Kind::Bytes, b"third".to_vec())
+            ]
+        );
+    }
+
+    #[test]
+    fn a_failed_direct_write_leaves_the_frame_queued() {
+        let mut tx = sender();
+        let mut sink = ChokedSink::new(usize::MAX);
+        sink.fail = Some(io::ErrorKind::BrokenPipe);
+        let err = tx
+            .push_and_flush(Kind::Bytes, b"x".to_vec(), &mut sink, NO_BULK)
+            .unwrap_err();
+        assert!(matches!(err, SendError::Io(e) if e.kind() == io::ErrorKind::BrokenPipe));
+        assert!(tx.has_pending());
+    }
+
+    #[test]
+    fn direct_writes_keep_the_time_budget() {
+        let mut tx = Sender::new(Budget::new(Some(std::time::Duration::ZERO)));
+        let mut sink = ChokedSink::new(usize::MAX);
+        let mut yields = 0;
+        for _ in 0..10 {
+            match tx
+                .push_and_flush(Kind::Bytes, vec![1; 10], &mut sink, NO_BULK)
+                .unwrap()
+            {
+                Progress::Yield => {
+                    yields += 1;
+                    // The yielded frame is queued, not lost.
+                    assert!(tx.has_pending());
+                    flush_all(&mut tx, &mut sink);
+                }
+                _ => flush_all(&mut tx, &mut sink),
+            }
+        }
+        assert!(yields > 0);
+        assert_eq!(decode_all(sink.taken).len(), 10);
+    }
+
+    #[test]
+    fn payloads_for_the_bulk_lane_are_not_written_directly() {
+        let mut tx = Sender::with_bulk_lane(Budget::new(None), 64);
+        let mut sink = ChokedSink::new(usize::MAX);
+        let mut bulk = ChokedSink::new(usize::MAX);
+        let progress = tx
+            .push_and_flush(Kind::Bytes, vec![3; 64], &mut sink, Some(&mut bulk))
+            .unwrap();
+        assert_eq!(progress, Progress::Done);
+        assert_eq!(sink.taken.len(), HEADER_LEN);
+        assert_eq!(bulk.taken, vec![3; 64]);
     }
 
     // --- channels with a bulk lane ---

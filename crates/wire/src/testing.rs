@@ -104,6 +104,8 @@ pub struct ChokedSink {
     pub fail: Option<io::ErrorKind>,
     /// The most bytes any write offered.
     pub largest_offer: usize,
+    /// The most buffers any write offered.
+    pub most_buffers: usize,
     /// For each write that passed descriptors: where in `taken` its bytes start, and how
     /// many descriptors it passed.
     pub fds_at: Vec<(usize, usize)>,
@@ -118,6 +120,7 @@ impl ChokedSink {
             calls: 0,
             fail: None,
             largest_offer: 0,
+            most_buffers: 0,
             fds_at: Vec::new(),
             block_next: false,
         }
@@ -129,6 +132,7 @@ impl WriteSink for ChokedSink {
         self.calls += 1;
         let offered: usize = bufs.iter().map(|b| b.len()).sum();
         self.largest_offer = self.largest_offer.max(offered);
+        self.most_buffers = self.most_buffers.max(bufs.len());
         if let Some(kind) = self.fail {
             return Err(kind.into());
         }
