@@ -9,7 +9,7 @@ child imports gevent too. multiprocessing's own ``spawn`` and ``forkserver`` ``P
 beside them (their ``start()`` and ``join()`` block the caller: their stall is the whole
 time, not shown).
 
-    python benches/start_bench.py [--sizes 0,1,2,4] [--runs 20] [--json out.json]
+    python benches/start_bench.py [--sizes 0,1,2,4] [--runs 20] [--pause 5] [--json out.json]
 
 Figures, not pass/fail: the targets (issue 12) are read off the table.
 """
@@ -126,22 +126,29 @@ class _StallMeter:
         return self.worst
 
 
-def measure(run: Callable[[], None], runs: int, stall: bool) -> Dict[str, Optional[float]]:
+def measure(
+    run: Callable[[], None], runs: int, stall: bool, pause: float
+) -> Dict[str, Optional[float]]:
+    """The median of ``runs`` timed starts, each after ``pause`` seconds of idle caller,
+    then (for gipc) the longest stall over as many more starts with the ticker running: its
+    own wake-ups every millisecond would otherwise be counted in the times."""
     import gevent
 
     run()  # warm-up: imports, a fork server's start
     times: List[float] = []
-    stalls: List[float] = []
     for _ in range(runs):
-        meter = _StallMeter() if stall else None
-        gevent.sleep(0.005)  # the meter's first tick has happened
-        if meter is not None:
-            meter.worst = 0.0
+        if pause:
+            gevent.sleep(pause)  # idle CPUs (costlier to wake) as between a service's starts
         started = time.perf_counter()
         run()
         times.append(time.perf_counter() - started)
-        if meter is not None:
-            stalls.append(meter.stop())
+    stalls: List[float] = []
+    for _ in range(runs if stall else 0):
+        meter = _StallMeter()
+        gevent.sleep(0.005)  # the meter's first tick has happened
+        meter.worst = 0.0
+        run()
+        stalls.append(meter.stop())
     return {
         "ms": statistics.median(times) * 1e3,
         "stall_ms": max(stalls) * 1e3 if stalls else None,
@@ -176,6 +183,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="0,1,2,4", help="GiB of extra touched memory")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--only", default="", help="comma-separated case names")
+    parser.add_argument("--pause", type=float, default=5.0,
+                        help="ms of idle caller before each timed start (0: back to back)")
     parser.add_argument("--json")
     args = parser.parse_args()
     _compile_gipc()
@@ -186,7 +195,8 @@ def main() -> None:
     for gib in sizes:
         ballast = _touched(gib)
         for name, (run, stall) in cases.items():
-            results.setdefault(name, {})[str(gib)] = measure(run, args.runs, stall)
+            result = measure(run, args.runs, stall, args.pause / 1e3)
+            results.setdefault(name, {})[str(gib)] = result
         del ballast
     header = "| start + join (median ms; max stall ms) | " + " | ".join(
         f"{g:g} GiB" for g in sizes
