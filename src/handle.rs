@@ -16,7 +16,7 @@ use gipc_wire::io::{
 use gipc_wire::recv::{Event, Payload, PayloadBuf, Receiver};
 use gipc_wire::send::{Progress, SendError, Sender};
 use gipc_wire::sigpipe::without_sigpipe;
-use gipc_wire::spin::SpinPolicy;
+use gipc_wire::spin::{SpinPolicy, REPLY_SPIN};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
@@ -179,7 +179,8 @@ impl Reader {
         }
     }
 
-    /// How long `try_recv` may look again before saying "wait" (0, the default: never).
+    /// How long `try_recv` may look again before saying "wait" (0: never; the default is
+    /// `REPLY_SPIN_US`, within the limits of `spin_streams_only`).
     #[getter]
     fn spin_us(&self) -> u64 {
         self.spin.limit().map_or(0, |d| d.as_micros() as u64)
@@ -188,6 +189,19 @@ impl Reader {
     #[setter]
     fn set_spin_us(&mut self, value: u64) {
         self.spin.set_limit(spin_limit(value));
+    }
+
+    /// Whether `try_recv` spins only in the middle of a stream (after two messages since
+    /// the last wait, or a spin that caught one), as one-way readers do, or on every wait,
+    /// as a reader that expects replies does (see `gipc_wire::spin`).
+    #[getter]
+    fn spin_streams_only(&self) -> bool {
+        self.spin.streams_only()
+    }
+
+    #[setter]
+    fn set_spin_streams_only(&mut self, value: bool) {
+        self.spin.set_streams_only(value);
     }
 
     fn fileno(&self) -> PyResult<i32> {
@@ -636,7 +650,7 @@ pub fn reader_from_fds(
         end: Some(end),
         transport,
         rx: Receiver::resume(max_message_size, budget, buffered),
-        spin: SpinPolicy::new(None),
+        spin: SpinPolicy::for_streams(Some(REPLY_SPIN)),
         fds: VecDeque::new(),
     })
 }
@@ -660,7 +674,7 @@ pub fn channel(transport: &str, max_message_size: u64) -> PyResult<(Reader, Writ
             end: Some(read_end),
             transport,
             rx: Receiver::new(max_message_size, Budget::new(Some(DEFAULT_SLICE))),
-            spin: SpinPolicy::new(None),
+            spin: SpinPolicy::for_streams(Some(REPLY_SPIN)),
             fds: VecDeque::new(),
         },
         Writer::new(transport, write_end),

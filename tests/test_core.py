@@ -132,10 +132,13 @@ def test_max_message_size_is_checked_before_allocating(channel):
 
 def test_spin_setting(channel):
     reader, _ = channel
-    assert reader.spin_us == 0
+    assert reader.spin_us == _core.REPLY_SPIN_US and reader.spin_streams_only
     reader.spin_us = 20
-    assert reader.spin_us == 20
+    assert reader.spin_us == 20 and reader.spin_streams_only  # the kind of spin stays
+    reader.spin_streams_only = False
     assert reader.try_recv() == _core.WOULD_BLOCK  # spun, found nothing, answered
+    reader.spin_us = 0
+    assert reader.spin_us == 0 and not reader.spin_streams_only
 
 
 def test_unknown_transport():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import time
 
 import gevent
 import gevent.event
@@ -536,18 +537,42 @@ def _put_after(writer, delay: float, message) -> None:
 
 class TestReplySpin:
     """A duplex handle's get() looks again for a few microseconds before it sleeps in the
-    event loop (a prompt reply then costs no wake-up); one-way readers never spin."""
+    event loop (a prompt reply then costs no wake-up); a one-way reader does so only in the
+    middle of a stream, never for messages that come one at a time."""
 
-    def test_only_duplex_readers_spin(self):
+    def test_duplex_readers_spin_on_every_wait_one_way_readers_only_in_a_stream(self):
         from gipc import _core
 
         assert _core.REPLY_SPIN_US > 0
         with gipc.pipe() as (r, w), gipc.pipe(duplex=True) as (a, b):
-            assert r._core.spin_us == 0
-            assert a._reader._core.spin_us == b._reader._core.spin_us == _core.REPLY_SPIN_US
+            assert r._core.spin_us == _core.REPLY_SPIN_US and r._core.spin_streams_only
+            for reader in (a._reader, b._reader):
+                assert reader._core.spin_us == _core.REPLY_SPIN_US
+                assert not reader._core.spin_streams_only
+
+    def test_a_one_way_reader_spins_only_in_the_middle_of_a_stream(self):
+        with gipc.pipe() as (r, w):
+            r._core.spin_us = 5_000_000  # a spin, if there is one, cannot be missed
+            started = time.monotonic()
+            assert r._core.try_recv() == _core.WOULD_BLOCK  # nothing yet: no spin
+            w.put(1)
+            assert r.get() == 1
+            assert r._core.try_recv() == _core.WOULD_BLOCK  # one message a time: no spin
+            assert time.monotonic() - started < 2.5
+            w.put(2)
+            w.put(3)
+            assert r.get() == 2 and r.get() == 3
+            # Two messages without a wait between them: a stream, whose next message is
+            # waited for on the CPU (here caught by the spin, not by a wait).
+            p = gipc.start_process(_put_after, args=(w, 0.02, "late"))
+            frame = r._core.try_recv()
+            p.join()
+            assert isinstance(frame, tuple), frame
+            assert pickle.loads(frame[1]) == "late"
 
     def test_a_spin_catches_a_message_that_arrives_during_it(self):
         with gipc.pipe() as (r, w):
+            r._core.spin_streams_only = False  # spins on every wait, as a duplex reader
             r._core.spin_us = 0
             assert r._core.try_recv() == _core.WOULD_BLOCK  # no spin: says "wait" at once
             p = gipc.start_process(_put_after, args=(w, 0.02, "late"))

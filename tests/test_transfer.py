@@ -110,6 +110,7 @@ class TestWithinOneProcess:
         assert got[0] is got[1]["again"] is got[2][0]
         # The reply spin of a duplex reader moved with it.
         assert got[0]._reader._core.spin_us == b._reader._core.spin_us > 0
+        assert not got[0]._reader._core.spin_streams_only  # on every wait, as it was
         b.put("to a")
         assert got[0].get() == "to a"
         g = gevent.spawn(got[0].put, BIG)

@@ -49,7 +49,8 @@ KIND_HANDLES: int
 
 #: On a "hybrid" channel, payloads at least this long (bytes) go through its socket lane.
 BULK_MIN: int
-#: How long a duplex handle's reader looks again for a reply before waiting, in microseconds.
+#: How long a reader looks again for a message before waiting (a duplex handle's on every
+#: wait, a one-way reader's in the middle of a stream), in microseconds.
 REPLY_SPIN_US: int
 
 @final
@@ -58,8 +59,11 @@ class Reader:
 
     max_message_size: int
     #: How long try_recv() looks again, while that pays off, before answering WOULD_BLOCK
-    #: (microseconds; 0, the default, never).
+    #: (microseconds; 0 never; REPLY_SPIN_US by default).
     spin_us: int
+    #: True (the default): spin only in the middle of a stream (two messages taken since
+    #: the last wait, or a spin that caught one); False: on every wait (replies expected).
+    spin_streams_only: bool
     @property
     def closed(self) -> bool: ...
     @property
@@ -149,7 +153,8 @@ def reader_from_fds(
     and close-on-exec, once they are checked: as many as the transport has lanes, a pipe
     lane a pipe's read end, a socket lane an AF_UNIX stream socket. GIPCValueError
     otherwise, or OSError (EBADF) for one that is not open; on any error the caller still
-    owns the descriptors, unchanged. ``spin_us`` starts at 0."""
+    owns the descriptors, unchanged. ``spin_us`` and ``spin_streams_only`` start at their
+    defaults."""
 
 def writer_from_fds(transport: str, fds: List[int]) -> Writer:
     """A channel's write end rebuilt from descriptors, checked as by :func:`reader_from_fds`

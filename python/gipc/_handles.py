@@ -744,7 +744,7 @@ class HandlePickler(pickle.Pickler):
             decoder,
             reader._default_codecs,
             reader._core.max_message_size,
-            reader._core.spin_us,
+            (reader._core.spin_us, reader._core.spin_streams_only),
             list(reader._backlog),
         )
 
@@ -825,7 +825,7 @@ class HandleUnpickler(pickle.Unpickler):
             )
             read_core = _core.reader_from_fds(transport, self._take(indices), buffered, limit)
             self.taken.update(indices)
-            read_core.spin_us = spin
+            read_core.spin_us, read_core.spin_streams_only = spin
             reader = _GIPCReader(
                 read_core, _pickle_loads if decoder == _PICKLE_CODEC else decoder, default_codecs
             )
@@ -1085,9 +1085,10 @@ def pipe(
     reader1, writer1 = one_way()
     reader2, writer2 = one_way()
     # A duplex handle is mostly used for request and reply: its get() looks again for a
-    # few microseconds before sleeping in the event loop, which catches a prompt reply
-    # without two wake-ups through the kernel (and backs off when that does not pay).
-    reader1._core.spin_us = reader2._core.spin_us = _core.REPLY_SPIN_US
+    # few microseconds before sleeping in the event loop on every wait, not only within a
+    # stream as a one-way reader does, which catches a prompt reply without two wake-ups
+    # through the kernel (and backs off when that does not pay).
+    reader1._core.spin_streams_only = reader2._core.spin_streams_only = False
     return _PairContext(
         (_GIPCDuplexHandle(reader1, writer2), _GIPCDuplexHandle(reader2, writer1))
     )

@@ -10,6 +10,14 @@
 //! `MAX_PENALTY + 1`, and is back to spinning every time after one spin that caught a message.
 //! The worst case, a reader that always waits long, is one spin (tens of microseconds of
 //! CPU) per `MAX_PENALTY + 1` waits.
+//!
+//! A policy for streams ([`SpinPolicy::for_streams`], one-way readers) spins only in the
+//! middle of a stream: when at least two messages were taken since the reader last had to
+//! wait, or the last spin caught one. A reader that gets one message now and then (an idle
+//! pipe, a slow peer, a request now and then) never spins, and a stream's reader that keeps
+//! up with its writer takes the next message on the CPU instead of sleeping for it (going to
+//! sleep and being woken every few messages was most of a small message's cost between two
+//! processes, see docs/performance.md).
 
 use std::time::{Duration, Instant};
 
@@ -29,15 +37,29 @@ pub struct SpinPolicy {
     skip: u32,
     /// How many waits to skip after the next spin that catches nothing.
     penalty: u32,
+    /// Spins only in the middle of a stream (see the module's documentation).
+    streams_only: bool,
+    /// Answers since the caller last had to wait (saturating; 2 is all that matters).
+    answers: u8,
 }
 
 impl SpinPolicy {
-    /// `None` never spins.
+    /// Spins on every wait (a reader that expects replies). `None` never spins.
     pub fn new(limit: Option<Duration>) -> Self {
         SpinPolicy {
             limit,
             skip: 0,
             penalty: 0,
+            streams_only: false,
+            answers: 0,
+        }
+    }
+
+    /// Spins only in the middle of a stream. `None` never spins.
+    pub fn for_streams(limit: Option<Duration>) -> Self {
+        SpinPolicy {
+            streams_only: true,
+            ..SpinPolicy::new(limit)
         }
     }
 
@@ -46,7 +68,17 @@ impl SpinPolicy {
     }
 
     pub fn set_limit(&mut self, limit: Option<Duration>) {
+        let streams_only = self.streams_only;
         *self = SpinPolicy::new(limit);
+        self.streams_only = streams_only;
+    }
+
+    pub fn streams_only(&self) -> bool {
+        self.streams_only
+    }
+
+    pub fn set_streams_only(&mut self, streams_only: bool) {
+        self.streams_only = streams_only;
     }
 
     /// Called when the caller would have to wait: the deadline until which to look again,
@@ -77,7 +109,13 @@ impl SpinPolicy {
         mut attempt: impl FnMut() -> Result<Option<T>, E>,
     ) -> Result<Option<T>, E> {
         if let Some(answer) = attempt()? {
+            self.answers = self.answers.saturating_add(1);
             return Ok(Some(answer));
+        }
+        let in_stream = self.answers >= 2;
+        self.answers = 0;
+        if self.streams_only && !in_stream {
+            return Ok(None);
         }
         let Some(deadline) = self.start(Instant::now()) else {
             return Ok(None);
@@ -86,6 +124,7 @@ impl SpinPolicy {
             std::hint::spin_loop();
             if let Some(answer) = attempt()? {
                 self.finish(true);
+                self.answers = 2; // still in the stream: the next wait spins too
                 return Ok(Some(answer));
             }
             if Instant::now() >= deadline {
@@ -146,6 +185,49 @@ mod tests {
             Ok(None)
         });
         assert_eq!(calls, 1);
+    }
+
+    /// Runs `policy.attempt` against a queue of answers: `true` an answer, `false` none;
+    /// returns whether it spun (looked more than once) and what it answered.
+    fn attempt_on(policy: &mut SpinPolicy, answers: &[bool]) -> (bool, bool) {
+        let mut calls = 0;
+        let got: Result<Option<()>, ()> = policy.attempt(|| {
+            let answer = answers.get(calls).copied().unwrap_or(false);
+            calls += 1;
+            Ok(answer.then_some(()))
+        });
+        (calls > 1, got == Ok(Some(())))
+    }
+
+    #[test]
+    fn a_stream_policy_never_spins_for_messages_one_at_a_time() {
+        let mut policy = SpinPolicy::for_streams(Some(Duration::from_micros(200)));
+        // A fresh reader, then one message per wait: never a spin.
+        for _ in 0..50 {
+            assert_eq!(attempt_on(&mut policy, &[false, true]), (false, false));
+            assert_eq!(attempt_on(&mut policy, &[true]), (false, true));
+        }
+    }
+
+    #[test]
+    fn a_stream_policy_spins_after_two_messages_and_while_spins_catch() {
+        let mut policy = SpinPolicy::for_streams(Some(Duration::from_secs(5)));
+        assert_eq!(attempt_on(&mut policy, &[true]), (false, true));
+        assert_eq!(attempt_on(&mut policy, &[true]), (false, true));
+        // Two messages since the last wait: the next wait spins, and catches one...
+        assert_eq!(attempt_on(&mut policy, &[false, false, true]), (true, true));
+        // ...which keeps it in the stream: the wait after it spins again.
+        assert_eq!(attempt_on(&mut policy, &[false, true]), (true, true));
+        // A spin that catches nothing ends the stream: the next wait does not spin.
+        let mut short = SpinPolicy::for_streams(Some(Duration::from_micros(100)));
+        attempt_on(&mut short, &[true]);
+        attempt_on(&mut short, &[true]);
+        assert_eq!(attempt_on(&mut short, &[]), (true, false));
+        assert_eq!(attempt_on(&mut short, &[]), (false, false));
+        // Changing the limit keeps the kind of policy.
+        short.set_limit(Some(REPLY_SPIN));
+        assert!(short.streams_only());
+        assert!(!SpinPolicy::new(Some(REPLY_SPIN)).streams_only());
     }
 
     #[test]
