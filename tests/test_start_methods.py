@@ -522,7 +522,7 @@ def test_a_main_module_without_the_guard_gets_multiprocessing_s_explanation(tmp_
 
 
 GEVENT_ON_DEMAND = """
-import sys, gipc
+import os, sys, time, gipc
 
 def exit_10_if_gevent_is_loaded():
     sys.exit(10 if "gevent" in sys.modules else 0)
@@ -530,31 +530,58 @@ def exit_10_if_gevent_is_loaded():
 def say_whether_gevent_is_loaded(writer):
     writer.put("gevent" in sys.modules)
 
+def wait_for_a_message(reader, writer):
+    writer.put("gevent" in sys.modules)
+    writer.put((reader.get(), "gevent" in sys.modules))
+
+def waiting_in_its_loop(pid):
+    # The child sleeps in its event loop's epoll_wait only if its get() had to wait.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/wchan") as f:
+            if "epoll" in f.read():
+                return True
+        time.sleep(0.005)
+    return False
+
 if __name__ == "__main__":
     assert "gevent" not in sys.modules, "import gipc imported gevent"
     p = gipc.start_process(exit_10_if_gevent_is_loaded, start_method="spawn")
     p.join()
     with gipc.pipe() as (r, w):
         q = gipc.start_process(say_whether_gevent_is_loaded, args=(w,), start_method="spawn")
-        loaded_with_a_handle = r.get()
+        loaded_after_a_put = r.get()
         q.join()
-    print(p.exitcode, loaded_with_a_handle, q.exitcode)
+    with gipc.pipe() as (to_child, w), gipc.pipe() as (r, from_child):
+        c = gipc.start_process(wait_for_a_message, args=(to_child, from_child),
+                               start_method="spawn")
+        loaded_before_waiting = r.get()
+        waited = waiting_in_its_loop(c.pid)
+        w.put("hello")
+        received, loaded_after_waiting = r.get()
+        c.join()
+    print(p.exitcode, loaded_after_a_put, q.exitcode, loaded_before_waiting, waited,
+          received, loaded_after_waiting, c.exitcode)
 """
 
 
 def test_a_spawned_child_imports_gevent_only_when_it_needs_it(tmp_path):
     """Most of a fresh interpreter's start-up is imports, and gevent is the largest: a
-    spawned child whose target needs neither gevent nor a handle does not import it (a
-    handle's first wait does, so a child given one loads it as it rebuilds the handle)."""
+    spawned child imports it only when something must wait. A child whose target needs
+    neither gevent nor a handle does without; so does one handed a writer it puts to
+    without waiting; a child handed a reader imports gevent as its get() first waits, and
+    the wait works."""
     import subprocess
 
     script = tmp_path / "on_demand.py"
     script.write_text(GEVENT_ON_DEMAND)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                            timeout=60, env=env, cwd=tmp_path)
+                            timeout=90, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["0", "True", "0"], result.stdout
+    assert result.stdout.split() == ["0", "False", "0", "False", "True", "hello", "True", "0"], (
+        result.stdout
+    )
 
 
 #: Set by the test in this process only: a forked worker sees it, a spawned or fork-server

@@ -4,14 +4,18 @@ Fast path first: a ``put`` or ``get`` that the descriptor can serve at once make
 into Rust and never touches the lock, because nothing can switch greenlets in between. Only
 an operation that must wait takes the handle's lock, so waiting greenlets queue up and a
 message is never interleaved with another.
+
+gevent is imported by the first operation that waits (or takes a timeout), not by this
+module: a spawned child handed a pipe it only writes a few messages to starts without it
+(~15 ms of ~60), and so does one that closes its handles unused. ``logging`` likewise.
 """
 
 from __future__ import annotations
 
+import _thread
 import collections
 import functools
 import io
-import logging
 import os
 import pickle
 import struct
@@ -28,19 +32,18 @@ from typing import (
     Optional,
     Sequence,
     Set,
+    TYPE_CHECKING,
     Tuple,
     TypeVar,
     Union,
     overload,
 )
 
-import gevent
-from gevent._hub_local import get_hub_if_exists
-from gevent.lock import Semaphore
-from gevent.monkey import get_original
+if TYPE_CHECKING:
+    import gevent
+    from gevent.lock import Semaphore
 
 from . import _core
-from ._hub import READ, WRITE, io_watcher, wait_for, yield_to_loop
 from .exceptions import GIPCClosed, GIPCError, GIPCLocked, GIPCTypeError, GIPCValueError
 
 DONE = _core.DONE
@@ -74,14 +77,49 @@ _dumps = pickle.dumps
 #: Marks "no try_recv() made yet" (WOULD_BLOCK and YIELD are results of one).
 _NOT_POLLED = object()
 
-_log = logging.getLogger("gipc")
+
+def _debug(message: str, *args: Any) -> None:
+    """Logs at DEBUG on the "gipc" logger, if logging is in use: a process that never
+    imported ``logging`` has configured no handler, so there is nobody to tell."""
+    logging = sys.modules.get("logging")
+    if logging is not None:
+        log = logging.getLogger("gipc")
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(message, *args)
+
+
+#: libev/libuv event masks (gipc._hub's READ and WRITE, which imports gevent).
+READ = 1
+WRITE = 2
+
+
+def _gevent() -> Any:
+    """The gevent package, imported on first need."""
+    import gevent
+
+    return gevent
+
+
+def _yield_to_loop() -> None:
+    """Lets the event loop run once (gipc._hub.yield_to_loop, imported on first need)."""
+    from ._hub import yield_to_loop
+
+    yield_to_loop()
 
 #: Every open handle of this process, so a forked child can close those it was not given.
 _open_handles: "weakref.WeakSet[_GIPCHandle]" = weakref.WeakSet()
 
 # The real thread primitives, also under gevent.monkey (whose patched ones are per greenlet).
-_allocate_lock = get_original("_thread", "allocate_lock")
-_thread_ident = get_original("_thread", "get_ident")
+# Before gevent.monkey is imported nothing is patched yet, and these references stay the
+# originals whatever it patches later.
+if "gevent.monkey" in sys.modules:
+    from gevent.monkey import get_original
+
+    _allocate_lock = get_original("_thread", "allocate_lock")
+    _thread_ident = get_original("_thread", "get_ident")
+else:
+    _allocate_lock = _thread.allocate_lock
+    _thread_ident = _thread.get_ident
 
 
 class _HandleLock:
@@ -112,6 +150,8 @@ class _HandleLock:
         ident = _thread_ident()
         queue = self._queues.get(ident)
         if queue is None:
+            from gevent.lock import Semaphore
+
             queue = self._queues.setdefault(ident, Semaphore())
         waited = not queue.acquire(blocking=False)
         if waited:
@@ -120,7 +160,9 @@ class _HandleLock:
             delay = 0.001  # libuv's timer resolution
             while not self.held.acquire(False):
                 waited = True
-                gevent.sleep(delay)
+                from gevent import sleep
+
+                sleep(delay)
                 delay = min(delay * 2, 0.005)
         except BaseException:
             queue.release()
@@ -197,8 +239,7 @@ class _GIPCHandle:
             raise GIPCClosed(f"{self!r} is closed already")
         if self._lock.locked():
             raise GIPCLocked(f"cannot close {self!r}: another greenlet is using it")
-        if _log.isEnabledFor(logging.DEBUG):
-            _log.debug("closing %r", self)
+        _debug("closing %r", self)
         self._release()
 
     def _release(self) -> None:
@@ -209,8 +250,11 @@ class _GIPCHandle:
         self._watcher = self._watcher_hub = None
         # A watcher belongs to its hub's thread and loop: closed from there only (another
         # thread's is left to that thread's loop; a destroyed loop's is already gone).
-        if watcher is not None and hub is get_hub_if_exists() and hub.loop is not None:
-            watcher.close()
+        if watcher is not None:
+            from gevent._hub_local import get_hub_if_exists
+
+            if hub is get_hub_if_exists() and hub.loop is not None:
+                watcher.close()
         self._core.close()
 
     def _after_fork_in_child(self, keep: bool) -> None:
@@ -226,7 +270,11 @@ class _GIPCHandle:
             self._release()
 
     def _wait(self) -> None:
-        hub = gevent.get_hub()
+        from gevent import get_hub
+
+        from ._hub import io_watcher, wait_for
+
+        hub = get_hub()
         # A channel with a bulk lane waits on that descriptor while a large payload is on
         # its way, and on the frame lane otherwise.
         fd = self._core.wait_fileno()
@@ -310,7 +358,8 @@ class _GIPCReader(_GIPCHandle):
             GIPCClosed: the handle is closed.
             gevent.Timeout: the timeout expired.
         """
-        if timeout is None or isinstance(timeout, gevent.Timeout):
+        # A timeout of any kind needs gevent; None does not (until it must wait).
+        if timeout is None or isinstance(timeout, _gevent().Timeout):
             if not self._busy.locked():
                 if self._backlog and not self._closed:
                     return self._next_from_backlog()
@@ -338,7 +387,7 @@ class _GIPCReader(_GIPCHandle):
                     self._lock.release()
             with self._lock:
                 return self._receive()
-        with gevent.Timeout(timeout):
+        with _gevent().Timeout(timeout):
             with self._lock:
                 return self._receive()
 
@@ -392,7 +441,7 @@ class _GIPCReader(_GIPCHandle):
             if frame == WOULD_BLOCK:
                 self._wait()
             else:
-                yield_to_loop()
+                _yield_to_loop()
             frame = core.try_recv()
 
     def _next_from_backlog(self) -> Any:
@@ -549,7 +598,7 @@ class _GIPCWriter(_GIPCHandle):
             if status == WOULD_BLOCK:
                 self._wait()
             else:
-                yield_to_loop()
+                _yield_to_loop()
             status = core.try_flush()
 
 
@@ -602,8 +651,7 @@ class _GIPCDuplexHandle:
             if handle._busy.locked():
                 busy.append(handle)
             else:
-                if _log.isEnabledFor(logging.DEBUG):
-                    _log.debug("closing %r of a duplex handle", handle)
+                _debug("closing %r of a duplex handle", handle)
                 handle._release()
         if busy:
             raise GIPCLocked(
