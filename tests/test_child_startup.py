@@ -16,7 +16,7 @@ import gevent.server
 import pytest
 
 import gipc
-from gipc._handles import dumps_with_handles
+from gipc._transfer import dumps_with_handles
 from gipc.pool import ProcessPool
 
 from conftest import LINUX, START_METHOD

@@ -18,12 +18,10 @@ import pytest
 import gipc
 from gipc import _handles
 from gipc import GIPCClosed, GIPCError, GIPCLocked
-from gipc._handles import (
+from gipc._handles import _GIPCDuplexHandle, _GIPCReader, _GIPCWriter
+from gipc._transfer import (
     DescriptorCarrier,
     HandlePickler,
-    _GIPCDuplexHandle,
-    _GIPCReader,
-    _GIPCWriter,
     dumps_with_handles,
     loads_with_handles,
 )
@@ -235,7 +233,7 @@ class TestRefusals:
 CHILD = textwrap.dedent(
     """
     import os, sys
-    from gipc._handles import loads_with_handles
+    from gipc._transfer import loads_with_handles
     data = bytes.fromhex(sys.argv[1])
     fds = [int(fd) for fd in sys.argv[2].split(",")]
     handles = loads_with_handles(data, fds)

@@ -15,10 +15,8 @@ from __future__ import annotations
 import _thread
 import collections
 import functools
-import io
 import os
 import pickle
-import struct
 import sys
 import weakref
 from typing import (
@@ -30,8 +28,6 @@ from typing import (
     List,
     Literal,
     Optional,
-    Sequence,
-    Set,
     TYPE_CHECKING,
     Tuple,
     TypeVar,
@@ -480,7 +476,9 @@ class _GIPCReader(_GIPCHandle):
                 "refused a message carrying gipc handles: only pipes with the default pickle "
                 "codecs carry them (their descriptors are closed)"
             )
-        return loads_with_handles(memoryview(payload)[_FD_COUNT.size :], fds)
+        from ._transfer import loads_message
+
+        return loads_message(payload, fds)
 
 
 class _GIPCWriter(_GIPCHandle):
@@ -548,8 +546,9 @@ class _GIPCWriter(_GIPCHandle):
         with self._lock:
             # Under the lock, so nothing reads from or writes to the handles in between.
             # This writer, if it is in the message, is locked and refuses to travel.
-            data, handles, fds = dumps_with_handles(o)
-            payload = _FD_COUNT.pack(len(fds)) + data
+            from ._transfer import dumps_message
+
+            payload, handles, fds = dumps_message(o)
             self._finish(self._core.try_send_fds(KIND_HANDLES, payload, fds))
         for handle in handles:
             parts = handle._parts() if isinstance(handle, _GIPCDuplexHandle) else (handle,)
@@ -678,273 +677,6 @@ class _GIPCDuplexHandle:
 
 
 AnyHandle = Union[_GIPCHandle, _GIPCDuplexHandle]
-
-
-# Handles that move to another process: pickled as references to their descriptors.
-#
-# A handle in a pickle is a persistent reference, ``(_HANDLE_TAG, number, description)``:
-# the description (its kind, codec, limits, the bytes its reader had received and not
-# returned, and its descriptors as indices into the list that travels beside the pickle)
-# the first time the handle is met, ``None`` after that, so a handle met twice is one handle
-# on the other side. Indices, not numbers: a child started with ``pass_fds`` sees the same
-# numbers, one that receives them with SCM_RIGHTS new ones.
-
-_HANDLE_TAG = "gipc.handle"
-#: A KIND_HANDLES payload starts with the count of its descriptors (see `_core`).
-_FD_COUNT = struct.Struct("<I")
-#: Stands for the default pickle codec in a description: the other side's own
-#: ``_pickle_dumps`` is then used, so the pipe keeps its fast paths (``_default_codecs``).
-_PICKLE_CODEC = "pickle"
-_PASSABLE = (_GIPCReader, _GIPCWriter, _GIPCDuplexHandle)
-
-
-#: Another gipc object that travels with descriptors: ``(_CARRIED_TAG, number, (class,
-#: state, indices))`` the first time, ``(_CARRIED_TAG, number, None)`` after.
-_CARRIED_TAG = "gipc.carried"
-
-
-class DescriptorCarrier:
-    """Base of gipc's own objects (other than handles) that travel with descriptors of
-    their own, such as the memory a pool shares with a worker. ``_export`` says what goes:
-    a picklable state and the descriptors (which stay the sender's); the class's
-    ``_rebuild`` makes the object again from the state and the receiver's descriptors,
-    which it takes over."""
-
-    def _export(self) -> Tuple[Any, List[int]]:
-        raise NotImplementedError
-
-    @classmethod
-    def _rebuild(cls, state: Any, fds: List[int]) -> Any:
-        raise NotImplementedError
-
-
-class HandlePickler(pickle.Pickler):
-    """A pickler that turns every gipc handle in the object (at any depth) into a reference.
-
-    After ``dump()``, ``handles`` lists the handles met (each once, in order; a duplex
-    handle as itself) and ``fds`` the descriptors to ship beside the pickle, in order. The
-    handles are not closed: the caller closes them once the descriptors are sent, and must
-    not use them meanwhile (a reader's buffered messages travel in the pickle).
-
-    Raises (from ``dump``): ``GIPCClosed``/``GIPCLocked`` for a closed handle or one a
-    greenlet is using, ``GIPCError`` for one that cannot move now or whose codec cannot be
-    pickled.
-    """
-
-    def __init__(self, file: Any, protocol: int = _PICKLE_PROTOCOL) -> None:
-        super().__init__(file, protocol)
-        self.handles: List[AnyHandle] = []
-        self.fds: List[int] = []
-        #: id() of each handle (duplex handles and their parts) met -> its number.
-        self._numbers: Dict[int, int] = {}
-
-    def persistent_id(self, obj: Any) -> Any:
-        if isinstance(obj, _PASSABLE):
-            return self._reference(obj, top=True)
-        if isinstance(obj, DescriptorCarrier):
-            return self._carried(obj)
-        return None
-
-    def _carried(self, obj: DescriptorCarrier) -> Tuple[str, int, Any]:
-        number = self._numbers.get(id(obj))
-        if number is not None:
-            return (_CARRIED_TAG, number, None)
-        number = self._numbers[id(obj)] = len(self._numbers)
-        state, fds = obj._export()
-        start = len(self.fds)
-        self.fds.extend(fds)
-        return (_CARRIED_TAG, number, (type(obj), state, list(range(start, len(self.fds)))))
-
-    def _reference(self, handle: AnyHandle, top: bool) -> Tuple[str, int, Any]:
-        number = self._numbers.get(id(handle))
-        if number is not None:
-            return (_HANDLE_TAG, number, None)
-        number = self._numbers[id(handle)] = len(self._numbers)
-        if top:
-            self.handles.append(handle)
-        description: Tuple[Any, ...]
-        if isinstance(handle, _GIPCDuplexHandle):
-            reader, writer = handle._parts()
-            description = (
-                "duplex",
-                self._reference(reader, top=False),
-                self._reference(writer, top=False),
-            )
-        elif isinstance(handle, _GIPCReader):
-            description = self._describe_reader(handle)
-        else:
-            assert isinstance(handle, _GIPCWriter)
-            description = self._describe_writer(handle)
-        return (_HANDLE_TAG, number, description)
-
-    def _describe_reader(self, reader: _GIPCReader) -> Tuple[Any, ...]:
-        reader._check_passable()
-        decoder = _codec_state(reader, "decoder", reader._decoder, _pickle_loads)
-        try:
-            transport, buffered = reader._core.transfer_state()
-        except GIPCError as error:
-            raise GIPCError(f"cannot pass {reader!r}: {error}") from None
-        return (
-            "reader",
-            self._ship(reader),
-            transport,
-            buffered,
-            decoder,
-            reader._default_codecs,
-            reader._core.max_message_size,
-            (reader._core.spin_us, reader._core.spin_streams_only),
-            list(reader._backlog),
-        )
-
-    def _describe_writer(self, writer: _GIPCWriter) -> Tuple[Any, ...]:
-        writer._check_passable()
-        encoder = _codec_state(writer, "encoder", writer._encoder, _pickle_dumps)
-        try:
-            transport = writer._core.transfer_state()
-        except GIPCError as error:
-            raise GIPCError(f"cannot pass {writer!r}: {error}") from None
-        return ("writer", self._ship(writer), transport, encoder, writer._default_codecs)
-
-    def _ship(self, handle: _GIPCHandle) -> List[int]:
-        """Adds the handle's descriptors to ``fds``; returns their indices there."""
-        start = len(self.fds)
-        self.fds.extend(handle._core.filenos())
-        return list(range(start, len(self.fds)))
-
-
-def _codec_state(handle: _GIPCHandle, role: str, codec: Any, default: Any) -> Any:
-    """How a handle's encoder or decoder travels: ``None``, the default pickle codec's
-    marker, or the callable itself once it is known to pickle."""
-    if codec is None:
-        return None
-    if codec is default:
-        return _PICKLE_CODEC
-    try:
-        pickle.dumps(codec, _PICKLE_PROTOCOL)
-    except Exception as error:
-        raise GIPCError(
-            f"cannot pass {handle!r} to another process: its {role} {codec!r} cannot be "
-            f"pickled ({type(error).__name__}: {error}); use a module-level function"
-        ) from None
-    return codec
-
-
-class HandleUnpickler(pickle.Unpickler):
-    """Loads what :class:`HandlePickler` wrote, rebuilding each handle from ``fds``: the
-    descriptors that travelled beside the pickle, in the order of the pickler's ``fds``
-    (whatever their numbers are here). Each handle built owns its descriptors; ``taken``
-    says which indices of ``fds`` were taken, ``built`` lists the handles made (duplex
-    parts included), so a caller can clean up after a failure."""
-
-    def __init__(self, file: Any, fds: Sequence[int]) -> None:
-        super().__init__(file)
-        self.fds = list(fds)
-        self.taken: Set[int] = set()
-        self.built: List[_GIPCHandle] = []
-        self._handles: Dict[int, AnyHandle] = {}
-        self._carried: Dict[int, Any] = {}
-
-    def persistent_load(self, pid: Any) -> Any:
-        if isinstance(pid, tuple) and len(pid) == 3 and pid[0] == _CARRIED_TAG:
-            return self._load_carried(pid[1], pid[2])
-        if not (isinstance(pid, tuple) and len(pid) == 3 and pid[0] == _HANDLE_TAG):
-            raise pickle.UnpicklingError(f"unknown persistent reference {pid!r}")
-        _, number, description = pid
-        if description is None:
-            try:
-                return self._handles[number]
-            except KeyError:
-                raise pickle.UnpicklingError(
-                    f"handle {number} is referenced before it is described"
-                ) from None
-        handle = self._build(description)
-        self._handles[number] = handle
-        return handle
-
-    def _build(self, description: Tuple[Any, ...]) -> AnyHandle:
-        kind = description[0]
-        if kind == "duplex":
-            reader = self.persistent_load(description[1])
-            writer = self.persistent_load(description[2])
-            return _GIPCDuplexHandle(reader, writer)
-        if kind == "reader":
-            _, indices, transport, buffered, decoder, default_codecs, limit, spin, backlog = (
-                description
-            )
-            read_core = _core.reader_from_fds(transport, self._take(indices), buffered, limit)
-            self.taken.update(indices)
-            read_core.spin_us, read_core.spin_streams_only = spin
-            reader = _GIPCReader(
-                read_core, _pickle_loads if decoder == _PICKLE_CODEC else decoder, default_codecs
-            )
-            reader._backlog.extend(backlog)
-            self.built.append(reader)
-            return reader
-        if kind == "writer":
-            _, indices, transport, encoder, default_codecs = description
-            write_core = _core.writer_from_fds(transport, self._take(indices))
-            self.taken.update(indices)
-            writer = _GIPCWriter(
-                write_core, _pickle_dumps if encoder == _PICKLE_CODEC else encoder, default_codecs
-            )
-            self.built.append(writer)
-            return writer
-        raise pickle.UnpicklingError(f"unknown kind of handle {kind!r}")
-
-    def _load_carried(self, number: int, description: Any) -> Any:
-        if description is None:
-            try:
-                return self._carried[number]
-            except KeyError:
-                raise pickle.UnpicklingError(
-                    f"object {number} is referenced before it is described"
-                ) from None
-        cls, state, indices = description
-        if not (isinstance(cls, type) and issubclass(cls, DescriptorCarrier)):
-            raise pickle.UnpicklingError(f"{cls!r} does not travel with descriptors")
-        carried = cls._rebuild(state, self._take(indices))
-        self.taken.update(indices)
-        self._carried[number] = carried
-        return carried
-
-    def _take(self, indices: List[int]) -> List[int]:
-        if any(i in self.taken or not 0 <= i < len(self.fds) for i in indices):
-            raise pickle.UnpicklingError(
-                f"handle descriptors {indices} are missing or taken already "
-                f"({len(self.fds)} descriptors came)"
-            )
-        return [self.fds[i] for i in indices]
-
-
-def dumps_with_handles(obj: Any) -> Tuple[bytes, List[AnyHandle], List[int]]:
-    """Pickles ``obj``, gipc handles in it included: returns the pickle, the handles met and
-    the descriptors to send beside it (see :class:`HandlePickler`)."""
-    file = io.BytesIO()
-    pickler = HandlePickler(file)
-    pickler.dump(obj)
-    return file.getvalue(), pickler.handles, pickler.fds
-
-
-def loads_with_handles(data: Any, fds: Sequence[int]) -> Any:
-    """Unpickles what :func:`dumps_with_handles` made, with ``fds`` the descriptors that
-    came beside it (this process's numbers for them, in the sender's order). Every
-    descriptor of ``fds`` no handle took is closed, on success and on error alike; on error
-    the handles already built are closed too."""
-    unpickler = HandleUnpickler(io.BytesIO(data), fds)
-    try:
-        return unpickler.load()
-    except BaseException:
-        for handle in unpickler.built:
-            if not handle.closed:
-                handle._release()
-        raise
-    finally:
-        for index, fd in enumerate(unpickler.fds):
-            if index not in unpickler.taken:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
 
 
 def _close_on_exit(handles: Iterable[AnyHandle], exiting_on_error: bool) -> None:

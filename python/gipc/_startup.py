@@ -4,7 +4,7 @@ is sent, and what it does with it.
 In the caller: ``StartupData`` pickles what ``multiprocessing.spawn`` calls the preparation
 data (``sys.path``, working directory, the main module to import as ``__mp_main__``...)
 and then the process object itself, whose gipc handles become references to descriptors
-that travel beside the data (``_handles.HandlePickler``). Whatever cannot be pickled is
+that travel beside the data (``_transfer.HandlePickler``). Whatever cannot be pickled is
 refused here, in the caller, with an error that names it. ``Feeder`` then writes the bytes
 into a pipe from gevent's hub, as the child reads them: the caller's event loop never waits
 for a child to read its start-up data.
@@ -28,7 +28,7 @@ from multiprocessing import util as mp_util
 from typing import TYPE_CHECKING, Any, Dict, List, Sequence, Set
 
 from . import _child
-from ._handles import HandlePickler
+from ._transfer import HandlePickler
 from ._hub import WRITE, io_watcher, run_soon
 from .exceptions import GIPCTypeError
 

@@ -4,8 +4,9 @@ multiprocessing's spawn does, run the process. And the entry point of a spawned
 interpreter (``spawn_main``).
 
 Imported by every spawned child before it knows what its target needs: it imports no
-gevent and no gipc module that does (``_handles`` only if handles arrived), so a child
-whose target needs neither starts in about the time multiprocessing's own spawn takes.
+gevent (``_transfer`` and ``_handles`` only if handles arrived, and they import gevent only
+to wait), so a child whose target needs neither starts in about the time
+multiprocessing's own spawn takes.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def run_child(
         try:
             mp_spawn.prepare(pickle.load(stream))
             if handle_fds:
-                from ._handles import HandleUnpickler
+                from ._transfer import HandleUnpickler
 
                 process = HandleUnpickler(stream, handle_fds).load()
             else:

@@ -12,7 +12,7 @@ import tempfile
 from typing import Any, List, Optional, Tuple
 
 from .. import _child
-from .._handles import DescriptorCarrier
+from .._transfer import DescriptorCarrier
 
 
 class TaskClaims:
@@ -90,7 +90,7 @@ class FileTaskClaims(TaskClaims, DescriptorCarrier):
     semaphore. The two words live in an unlinked file (``memfd_create`` where the system has
     it) that both processes map, and the lock is a POSIX record lock on it (``lockf``: held
     per process, so the parent and the worker exclude each other, never themselves). The
-    descriptor travels with the worker's start-up data (``gipc._handles.HandlePickler``)."""
+    descriptor travels with the worker's start-up data (``gipc._transfer.HandlePickler``)."""
 
     def __init__(self, fd: Optional[int] = None) -> None:
         #: Made here (the pool's process) or rebuilt from a descriptor (the worker).
