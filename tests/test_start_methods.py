@@ -227,6 +227,26 @@ class TestForkServer:
         assert p.exitcode == 0
         _wait_gone(server)
 
+    def test_a_join_ends_on_the_child_s_own_word_without_the_server(self):
+        """A child that exits normally is joined on its EXITED record and its pidfd, not the
+        server's REAPED record (which waits for the server to wake): a stopped server does
+        not hold the join. The child is slow to end after its record (a large address space
+        to tear down), so a join woken by the record finds it still there."""
+        with gipc.pipe() as (reader, writer):
+            p = gipc.start_process(exit_big_when_told, args=(reader, 6), start_method="forkserver")
+            server = _forkserver.server_pid()
+            assert server is not None
+            os.kill(server, signal.SIGSTOP)
+            try:
+                writer.put(None)
+                waited = time.monotonic()
+                p.join(5)
+                waited = time.monotonic() - waited
+            finally:
+                os.kill(server, signal.SIGCONT)
+        assert waited < 4, "the join waited for the stopped server"
+        assert p.exitcode == 6
+
     def test_a_child_outlives_its_server_and_still_reports_its_exit(self):
         p = gipc.start_process(exit_with_after, args=(5, 0.5), start_method="forkserver")
         server = _forkserver.server_pid()
@@ -360,6 +380,18 @@ class TestForkServer:
                     flags, path = int(fields[3], 16), fields[7:]
                     assert not flags & 0x10000, "a listening socket"  # __SO_ACCEPTCON
                     assert path == [], f"a named socket: {path}"
+
+
+#: Kept by exit_big_when_told until the process ends: its teardown takes a while.
+_BALLAST = []
+
+
+def exit_big_when_told(reader: "gipc.gipc._GIPCHandle", code: int) -> None:
+    reader.get()
+    ballast = bytearray(256 << 20)
+    ballast[::4096] = b"\x01" * len(range(0, len(ballast), 4096))  # every page resident
+    _BALLAST.append(ballast)
+    sys.exit(code)
 
 
 def exit_with_after(code: int, seconds: float) -> None:
