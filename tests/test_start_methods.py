@@ -312,6 +312,34 @@ class TestForkServer:
         assert q.exitcode == 4 and q.pid != spare
         assert _forkserver.server_pid() == server  # replaced the child, not the server
 
+    def test_a_child_forked_for_a_start_that_dies_before_the_handover_is_replaced(
+        self, monkeypatch
+    ):
+        """With no spare waiting, the server forks a child for the start; if that child
+        dies before it is handed the start, the server forks another: the start succeeds,
+        and the server is not taken for dead. The server's test hook kills the first such
+        child and waits for its end before the handover."""
+        _forkserver._close_at_exit()  # a server started with the hook set
+        _forkserver._server = None
+        monkeypatch.setenv("GIPC_FORKSERVER_TEST_DOOMED", "1")
+        try:
+            gipc.start_process(noop, start_method="forkserver").join()
+            server = _forkserver.server_pid()
+            assert server is not None
+            spare = _wait_spare(server, not_pids=set())
+            os.kill(spare, signal.SIGKILL)  # no spare: the next start forks its child
+            _wait_ended(spare)
+            p = gipc.start_process(exit_with, args=(7,), start_method="forkserver")
+            p.join(10)
+            assert p.exitcode == 7
+            assert _forkserver.server_pid() == server
+        finally:
+            hooked = _forkserver.server_pid()
+            _forkserver._close_at_exit()  # the next test's server has no hook
+            _forkserver._server = None
+            if hooked is not None:
+                _wait_gone(hooked)
+
     def test_threads_whose_first_starts_meet_share_one_server(self, monkeypatch):
         """Two OS threads start their first fork-server child at once: one server starts
         (a second would be lost, with its descriptor). The first start is held inside the

@@ -69,7 +69,14 @@ _log = logging.getLogger("gipc")
 _FLAG = "--gipc-forkserver"
 _LENGTH = struct.Struct("<I")
 _RECORD = struct.Struct("<ii")
-PID, EXITED, REAPED = 1, 2, 3
+PID, EXITED, REAPED, FAILED = 1, 2, 3, 4
+#: How many children, forked one after the other, a start request is offered to before
+#: the server gives up on it: a child forked for it can die before it is handed the
+#: request (killed, or out of memory in its after-fork work).
+HANDOVER_TRIES = 3
+#: Tests only: in a server started with this set (to a count), that many children forked
+#: for a start request are killed before the handover, as if they had died meanwhile.
+_DOOMED_ENV = "GIPC_FORKSERVER_TEST_DOOMED"
 #: The most descriptors one message can carry (Linux's SCM_MAX_FD), less the three of
 #: every start request.
 MAX_HANDLE_FDS = 253 - 3
@@ -302,6 +309,11 @@ class ForkServerPopen(CooperativePopen):
             if len(self._records) >= _RECORD.size:
                 tag, value = _RECORD.unpack_from(self._records)
                 del self._records[: _RECORD.size]
+                if tag == FAILED:
+                    raise GIPCError(
+                        f"gipc's fork server could not start the child: {HANDOVER_TRIES} "
+                        "children forked for it died before they could be handed the start"
+                    )
                 if tag != PID:
                     raise GIPCError(f"gipc's fork server sent record {tag} before a pid")
                 pid: int = value
@@ -620,8 +632,13 @@ def _start(
         return spare
     child = spare
     if child is None or not child.hand_over(fds):
-        child = _Spare(own_fds, children)
-        if not child.hand_over(fds):  # it died at once: the caller sees the server's word
+        child = _fork_and_hand_over(fds, own_fds, children)
+        if child is None:
+            # Not the server's death: it says so, and the caller fails just this start.
+            try:
+                os.write(fds[2], _RECORD.pack(FAILED, 0))
+            except OSError:
+                pass
             for fd in fds:
                 os.close(fd)
             return None
@@ -646,8 +663,34 @@ def _start(
     return _Spare(own_fds, children)
 
 
+def _fork_and_hand_over(
+    fds: List[int], own_fds: List[int], children: Dict[int, int]
+) -> Optional[_Spare]:
+    """A child forked now and handed the start request. One that died before the handover
+    is replaced by another (it was not the server that failed, and the caller's request
+    is still whole), up to ``HANDOVER_TRIES`` children; None if none took it."""
+    for _ in range(HANDOVER_TRIES):
+        child = _Spare(own_fds, children)
+        _doom_for_test(child)
+        if child.hand_over(fds):
+            return child
+    return None
+
+
+def _doom_for_test(child: _Spare) -> None:
+    """Tests only (``_DOOMED_ENV``): the child dies, and is gone, before its handover."""
+    doomed = int(os.environ.get(_DOOMED_ENV) or 0)
+    if doomed <= 0:
+        return
+    os.environ[_DOOMED_ENV] = str(doomed - 1)
+    os.kill(child.pid, signal.SIGKILL)
+    select.select([child.sock], [], [], 10)  # its end closed: readable, at EOF
+
+
 def _reap(children: Dict[int, int]) -> None:
-    while children:
+    # Every child that ended, a dead spare too (none is left a zombie while no started
+    # child is being watched).
+    while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
