@@ -340,6 +340,32 @@ class TestForkServer:
             if hooked is not None:
                 _wait_gone(hooked)
 
+    def test_the_next_spare_is_forked_when_the_started_child_has_ended(self, monkeypatch):
+        """Not while the child runs: the fork would compete with it and with the caller
+        for the CPUs. (Here the fallback delay is long: only the child's end triggers it.)"""
+        _forkserver._close_at_exit()  # a server started with a long fallback delay
+        _forkserver._server = None
+        monkeypatch.setenv("GIPC_FORKSERVER_SPARE_DELAY", "60")
+        try:
+            with gipc.pipe() as (reader, writer):
+                p = gipc.start_process(exit_big_when_told, args=(reader, 0),
+                                       start_method="forkserver")
+                server = _forkserver.server_pid()
+                assert server is not None
+                time.sleep(0.3)
+                waiting = [pid for pid in _server_children(server) if pid != p.pid]
+                assert waiting == [], "a spare was forked while the child ran"
+                writer.put(None)
+                p.join(10)
+            assert p.exitcode == 0
+            _wait_spare(server, not_pids={p.pid})
+        finally:
+            hooked = _forkserver.server_pid()
+            _forkserver._close_at_exit()  # the next test's server forks as usual
+            _forkserver._server = None
+            if hooked is not None:
+                _wait_gone(hooked)
+
     def test_threads_whose_first_starts_meet_share_one_server(self, monkeypatch):
         """Two OS threads start their first fork-server child at once: one server starts
         (a second would be lost, with its descriptor). The first start is held inside the
@@ -469,6 +495,15 @@ def _wait_spare(server: int, not_pids: "set[int]") -> int:
         assert len(spares) < 2, spares
         time.sleep(0.01)
     pytest.fail(f"the fork server {server} has no child waiting")
+
+
+def _server_children(server: int) -> "list[int]":
+    """The fork server's live children (not zombies)."""
+    return [
+        int(entry) for entry in os.listdir("/proc")
+        if entry.isdigit() and (_state(int(entry)) or ("Z", 0))[1] == server
+        and (_state(int(entry)) or ("Z", 0))[0] != "Z"
+    ]
 
 
 def _wait_ended(pid: int) -> None:

@@ -45,6 +45,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 from multiprocessing import process as mp_process
 from multiprocessing import spawn as mp_spawn
 from multiprocessing import util as mp_util
@@ -77,6 +78,12 @@ HANDOVER_TRIES = 3
 #: Tests only: in a server started with this set (to a count), that many children forked
 #: for a start request are killed before the handover, as if they had died meanwhile.
 _DOOMED_ENV = "GIPC_FORKSERVER_TEST_DOOMED"
+#: Seconds after a start at the latest before the next spare is forked, if the started
+#: child has not ended before. Forking (~1 ms of the server's time on a virtual machine)
+#: and the spare's after-fork work compete for the CPUs with the child just started and
+#: with the caller: on 2 vCPUs that held the caller's loop off its CPU for 1.5 ms.
+#: (The environment variable is read by the server, for tests and measurements.)
+SPARE_DELAY = float(os.environ.get("GIPC_FORKSERVER_SPARE_DELAY", "0.01"))
 #: The most descriptors one message can carry (Linux's SCM_MAX_FD), less the three of
 #: every start request.
 MAX_HANDLE_FDS = 253 - 3
@@ -463,8 +470,13 @@ def serve() -> None:
     selector.register(wake_r, selectors.EVENT_READ)
     own_fds = [control.fileno(), wake_r, wake_w, selector.fileno()]
     spare: Optional[_Spare] = None
+    # The next spare is forked once the child just started has ended, or SPARE_DELAY after
+    # its start, whichever comes first: not while it runs (see SPARE_DELAY).
+    spare_due: Optional[float] = None
+    awaited: Optional[int] = None
     while True:
-        for key, _ in selector.select():
+        timeout = None if spare_due is None else max(0.0, spare_due - time.monotonic())
+        for key, _ in selector.select(timeout):
             if key.fileobj is control:
                 message = _receive(control)
                 if message is None:  # the caller is gone (and with us, any spare)
@@ -474,7 +486,15 @@ def serve() -> None:
                     _init(body[1], body[2])
                     spare = _Spare(own_fds, children)
                 elif body[0] == "start":
-                    spare = _start(fds, spare, children, own_fds)
+                    started = _start(fds, spare, children, own_fds)
+                    if spare is not None and (started is spare or spare.dead):
+                        spare = None
+                    if started is not None:
+                        started.close()
+                        awaited = started.pid
+                    if spare is None:
+                        due = time.monotonic() + SPARE_DELAY
+                        spare_due = due if spare_due is None else min(spare_due, due)
                 else:
                     for received in fds:
                         os.close(received)
@@ -484,7 +504,10 @@ def serve() -> None:
                         pass
                 except BlockingIOError:
                     pass
-                _reap(children)
+                if awaited in _reap(children):
+                    spare_due = time.monotonic()
+        if spare is None and spare_due is not None and time.monotonic() >= spare_due:
+            spare, spare_due, awaited = _Spare(own_fds, children), None, None
 
 
 def _receive(control: socket.socket) -> Optional[Tuple[Any, List[int]]]:
@@ -551,10 +574,12 @@ class _Spare:
 
     Forking, the child's after-fork work and its signal reset take about a millisecond
     (pages copied on first write, on a virtual machine): done between starts, not while a
-    caller waits. Each start request is handed to the waiting spare with its descriptors,
-    and a new spare is forked for the next one. A spare that died meanwhile is replaced by
-    a child forked there and then. It ends, unused, when the server does (its socket
-    closes), and holds no descriptor of the server's but its own end of that socket."""
+    caller waits. Each start request is handed to the waiting spare with its descriptors;
+    the next spare is forked when the child has ended (or ``SPARE_DELAY`` later), so that
+    the fork does not compete with the child and the caller for the CPUs. A start that
+    finds no spare (none yet, or it died meanwhile) gets a child forked there and then. It
+    ends, unused, when the server does (its socket closes), and holds no descriptor of the
+    server's but its own end of that socket."""
 
     def __init__(self, own_fds: List[int], children: Dict[int, int]) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -564,6 +589,7 @@ class _Spare:
             _run_spare(theirs, [*own_fds, *children.values()])  # never returns
         theirs.close()
         self.sock = ours
+        self.dead = False
         self.pidfd: Optional[int] = None
         try:
             self.pidfd = os.pidfd_open(self.pid)
@@ -577,6 +603,7 @@ class _Spare:
             self.sock.sendmsg([b"s"], ancillary)
             return True
         except OSError:
+            self.dead = True
             self.close()
             return False
 
@@ -625,11 +652,12 @@ def _start(
     fds: List[int], spare: Optional[_Spare], children: Dict[int, int], own_fds: List[int]
 ) -> Optional[_Spare]:
     """Hands a start request to the spare (or, if there is none or it died, to a child
-    forked now), tells the caller its pid, and forks the next spare. Returns that spare."""
+    forked now) and tells the caller its pid. Returns the child that took it (``spare``
+    or the one forked now; closed by the caller), or None."""
     if len(fds) < 3:
         for fd in fds:
             os.close(fd)
-        return spare
+        return None
     child = spare
     if child is None or not child.hand_over(fds):
         child = _fork_and_hand_over(fds, own_fds, children)
@@ -658,9 +686,7 @@ def _start(
             status.sendmsg([_RECORD.pack(PID, child.pid)], ancillary)
     except OSError:
         pass  # the caller gave up on this start; the child finds no start-up data
-    finally:
-        child.close()
-    return _Spare(own_fds, children)
+    return child
 
 
 def _fork_and_hand_over(
@@ -687,20 +713,22 @@ def _doom_for_test(child: _Spare) -> None:
     select.select([child.sock], [], [], 10)  # its end closed: readable, at EOF
 
 
-def _reap(children: Dict[int, int]) -> None:
-    # Every child that ended, a dead spare too (none is left a zombie while no started
-    # child is being watched).
+def _reap(children: Dict[int, int]) -> List[int]:
+    """Reaps every child that ended (a dead spare too), and tells the started ones'
+    callers; returns the pids reaped."""
+    reaped: List[int] = []
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            return reaped
         except OSError as exc:
             if exc.errno == errno.EINTR:
                 continue
-            return
+            return reaped
         if pid == 0:
-            return
+            return reaped
+        reaped.append(pid)
         status_w = children.pop(pid, None)
         if status_w is None:
             continue
