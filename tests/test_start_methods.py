@@ -205,10 +205,33 @@ class TestForkServer:
         assert p.exitcode == 3
         assert _forkserver.server_pid() not in (None, old)
 
-    def test_a_start_in_flight_fails_clearly_when_the_server_dies(self):
+    def test_a_start_with_a_spare_known_in_advance_needs_no_word_from_the_server(self):
+        """The server tells the caller about each spare it forks (pid, pidfd, a socket to
+        it): a start hands the spare its request directly, and neither the start nor the
+        join waits for the server (here: stopped)."""
+        first = gipc.start_process(noop, start_method="forkserver")
+        first.join()
+        server = _forkserver.server_pid()
+        assert server is not None
+        _wait_spare(server, not_pids={first.pid})  # forked, and offered
+        os.kill(server, signal.SIGSTOP)
+        try:
+            starting = gevent.spawn(gipc.start_process, exit_with, args=(5,),
+                                    start_method="forkserver")
+            p = starting.get(timeout=5)
+            p.join(5)
+            code = p.exitcode
+        finally:
+            os.kill(server, signal.SIGCONT)
+        assert code == 5
+        assert _forkserver.server_pid() == server
+
+    def test_a_start_in_flight_fails_clearly_when_the_server_dies(self, monkeypatch):
+        """A start that goes through the server (no spare known in advance)."""
         gipc.start_process(noop, start_method="forkserver").join()
         server = _forkserver.server_pid()
         assert server is not None
+        monkeypatch.setattr(_forkserver._Server, "take_offer", lambda self: None)
         os.kill(server, signal.SIGSTOP)  # it cannot answer: the start below waits for it
         try:
             starting = gevent.spawn(gipc.start_process, noop, start_method="forkserver")

@@ -130,6 +130,18 @@ class _Server:
         self.owner = os.getpid()
         self.dead = False
         self._send_lock = gevent.lock.Semaphore()
+        #: What the server sent us (offers of spares), read at each start, and the
+        #: descriptors that came with it, in order; the latest spare offered.
+        self._inbox = bytearray()
+        self._inbox_fds: List[int] = []
+        self._offer: Optional[_Offer] = None
+        #: Offers read so far, and starts sent to the server whose pid has not come yet:
+        #: while one is on its way, the server may hand it the spare it offered last (if
+        #: we had not read that offer when we sent it), so no offer is used meanwhile.
+        self._offers_seen = 0
+        self._asking = 0
+        #: Threads may start children at once; draining and taking never wait.
+        self._offer_lock = threading.Lock()
         _child.parent_only_fds.add(ours.fileno())
         # Queued in the socket (a few KiB, far below its buffer), where the server reads it
         # once it has started. Sent before the socket is non-blocking, so it never waits on
@@ -163,17 +175,130 @@ class _Server:
                 self.close()
                 raise GIPCError(f"gipc's fork server (pid {self.pid}) is gone: {exc}") from exc
 
+    def take_offer(self) -> Optional["_Offer"]:
+        """The spare the server offered last, if nobody took it yet (the caller then hands
+        it the start itself: the server is not on the way). Reads what the server sent
+        meanwhile, never waits; finding the server's end, forgets the server."""
+        with self._offer_lock:
+            self._drain()
+            if self._asking:
+                return None
+            offer, self._offer = self._offer, None
+        return offer
+
+    def begin_asking(self) -> int:
+        """A start request is about to go to the server; returns how many offers we have
+        read (sent with it: the server may give it a spare whose offer we have not)."""
+        with self._offer_lock:
+            self._asking += 1
+            return self._offers_seen
+
+    def end_asking(self) -> None:
+        """That start's pid came (an offer the server took for it was withdrawn before:
+        its word "taken" precedes the pid), or it failed."""
+        with self._offer_lock:
+            self._asking -= 1
+
+    def _drain(self) -> None:
+        while not self.dead:
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(
+                    self.sock, 4096, 16, getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+                )
+            except BlockingIOError:
+                return
+            except OSError:
+                data, fds = b"", []
+            _child.parent_only_fds.update(fds)
+            self._inbox_fds += fds
+            if not data:  # the server is gone
+                self.close()
+                return
+            self._inbox += data
+            while len(self._inbox) >= _LENGTH.size:
+                (length,) = _LENGTH.unpack_from(self._inbox)
+                if len(self._inbox) < _LENGTH.size + length:
+                    break
+                body = pickle.loads(bytes(self._inbox[_LENGTH.size : _LENGTH.size + length]))
+                del self._inbox[: _LENGTH.size + length]
+                if body[0] == "spare" and len(self._inbox_fds) >= 2:
+                    self._offers_seen += 1
+                    pidfd, sock = self._inbox_fds[:2]
+                    del self._inbox_fds[:2]
+                    if self._offer is not None:
+                        self._offer.close()  # an older one: the server has moved on
+                    self._offer = _Offer(body[1], pidfd, sock)
+                elif body[0] == "taken" and self._offer is not None:
+                    if self._offer.pid == body[1]:  # given to a start sent to the server
+                        self._offer.close()
+                        self._offer = None
+
     def close(self) -> None:
         """Forgets the server: closing the control socket ends it (if it still runs)."""
         if self.dead:
             return
         self.dead = True
-        if self.owner == os.getpid():
+        mine = self.owner == os.getpid()
+        if mine:
             _child.parent_only_fds.discard(self.sock.fileno())
         self.sock.close()
+        self._forget_offers(mine)
         # It is our child: no zombie. It exits at once (its socket closed) or is gone.
-        if not _reaped(self.pid):
+        if mine and not _reaped(self.pid):
             gevent.spawn(_reap_soon, self.pid)
+
+    def _forget_offers(self, mine: bool = True) -> None:
+        """Closes the descriptors of spares offered and not taken (a spare ends when its
+        socket's last holder closes it)."""
+        offer, self._offer = self._offer, None
+        if offer is not None:
+            offer.close(mine)
+        fds, self._inbox_fds = self._inbox_fds, []
+        for fd in fds:
+            if mine:
+                _child.parent_only_fds.discard(fd)
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class _Offer:
+    """A spare the server forked ahead, as its caller knows it: its pid, its pidfd, and
+    a socket to it, where the caller sends a start request (what the server would)."""
+
+    def __init__(self, pid: int, pidfd: int, sock: int) -> None:
+        self.pid = pid
+        self.pidfd = pidfd
+        self.sock = sock
+
+    def hand_over(self, fds: Sequence[int]) -> bool:
+        """Sends the start request to the spare (never waits: its socket is empty); False
+        if it is gone (then the caller asks the server). Closes the socket either way."""
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+        flags = socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
+        sock = socket.socket(fileno=self.sock)
+        try:
+            sock.sendmsg([b"s"], ancillary, flags)
+            return True
+        except OSError:  # EPIPE, ECONNRESET: it died meanwhile
+            return False
+        finally:
+            _child.parent_only_fds.discard(self.sock)
+            sock.close()
+            self.sock = -1
+
+    def close(self, mine: bool = True) -> None:
+        for fd in (self.pidfd, self.sock):
+            if fd < 0:
+                continue
+            if mine:
+                _child.parent_only_fds.discard(fd)
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.pidfd = self.sock = -1
 
 
 def _framed(message: Any) -> bytes:
@@ -226,6 +351,8 @@ def _forget_server_after_fork() -> None:
             server.sock.close()
         except OSError:
             pass
+        server._offer_lock = threading.Lock()
+        server._forget_offers()
 
 
 os.register_at_fork(after_in_child=_forget_server_after_fork)
@@ -283,7 +410,7 @@ class ForkServerPopen(CooperativePopen):
             data_r, data_w = os.pipe()
             opened += (data_r, data_w)
             fds = [data_r, child_r, opened[0], *startup.handle_fds]
-            self._server = _send_start_request(fds)
+            self._server, offer = _send_start_request(fds)
         except BaseException:
             for fd in opened:
                 os.close(fd)
@@ -294,6 +421,13 @@ class ForkServerPopen(CooperativePopen):
             os.close(fd)
         status.setblocking(False)
         self._status_fd = status.detach()
+        if offer is not None:
+            # The spare took it: we knew its pid before, and it runs the child now.
+            self._pidfd = offer.pidfd
+            self._adopt(offer.pid, self._status_fd, (self._status_fd, parent_w, offer.pidfd))
+            Feeder(data_w, startup.payload).start()
+            _log.debug("started child %s (pid %d, forkserver)", process_obj.name, self.pid)
+            return
         self._adopt(-1, self._status_fd, (self._status_fd, parent_w))
         # Fed at once, but for the last byte: the child reads while its pid is on its way
         # to us, and runs nothing before we know it exists.
@@ -307,6 +441,8 @@ class ForkServerPopen(CooperativePopen):
             feeder.cancel()
             self._release()
             raise
+        finally:
+            self._server.end_asking()
         feeder.release()
         _log.debug("started child %s (pid %d, forkserver)", process_obj.name, self.pid)
 
@@ -430,15 +566,34 @@ def _receive_records(fd: int) -> Tuple[bytes, List[int]]:
     return data, fds
 
 
-def _send_start_request(fds: Sequence[int]) -> _Server:
+def _send_start_request(fds: Sequence[int]) -> Tuple[_Server, Optional[_Offer]]:
+    """Hands the start request to the spare the server offered, if there is one (the
+    offer it returns); else sends it to the server, which answers with a PID record."""
     server = _current_server()
+    offer = server.take_offer()
+    if server.dead:  # found gone: a new one (which has offered nothing yet)
+        server = _current_server()
+    while offer is not None:
+        if offer.hand_over(fds):
+            return server, offer
+        offer.close()  # it died: the server forks another
+        offer = server.take_offer()
+    seen = server.begin_asking()
     try:
-        server.send(("start",), fds)
-    except GIPCError:
+        server.send(("start", seen), fds)
+    except BaseException as exc:
+        server.end_asking()
+        if not isinstance(exc, GIPCError):
+            raise
         # It died since the last start: nothing of this start reached it; one new server.
         server = _current_server()
-        server.send(("start",), fds)
-    return server
+        seen = server.begin_asking()
+        try:
+            server.send(("start", seen), fds)
+        except BaseException:
+            server.end_asking()
+            raise
+    return server, None
 
 
 # ---------------------------------------------------------------------------------------
@@ -470,10 +625,32 @@ def serve() -> None:
     selector.register(wake_r, selectors.EVENT_READ)
     own_fds = [control.fileno(), wake_r, wake_w, selector.fileno()]
     spare: Optional[_Spare] = None
+    #: Spares offered to the caller whose word (their start's status socket, or their
+    #: end) has not come yet, by pid.
+    offered: Dict[int, _Spare] = {}
+    offers_sent = [0]
     # The next spare is forked once the child just started has ended, or SPARE_DELAY after
     # its start, whichever comes first: not while it runs (see SPARE_DELAY).
     spare_due: Optional[float] = None
     awaited: Optional[int] = None
+
+    def schedule_spare(started: Optional[int]) -> None:
+        nonlocal spare_due, awaited
+        if started is not None:
+            awaited = started
+        due = time.monotonic() + (SPARE_DELAY if started is not None else 0.0)
+        spare_due = due if spare_due is None else min(spare_due, due)
+
+    def spare_reported(offer: _Spare) -> None:
+        """An offered spare's word: the caller handed it a start, or it died unused."""
+        nonlocal spare
+        offered.pop(offer.pid, None)
+        selector.unregister(offer.sock)
+        used = _take_report(offer, children)
+        if offer is spare:
+            spare = None
+            schedule_spare(offer.pid if used else None)
+
     while True:
         timeout = None if spare_due is None else max(0.0, spare_due - time.monotonic())
         for key, _ in selector.select(timeout):
@@ -485,32 +662,104 @@ def serve() -> None:
                 if body[0] == "init":
                     _init(body[1], body[2])
                     spare = _Spare(own_fds, children)
+                    # The first start is often queued behind "init": this spare is its.
+                    if not select.select([control], [], [], 0)[0]:
+                        offers_sent[0] += _offer(control, spare, selector, offered)
                 elif body[0] == "start":
-                    started = _start(fds, spare, children, own_fds)
-                    if spare is not None and (started is spare or spare.dead):
+                    # A spare offered to the caller is the caller's to hand a start to,
+                    # unless the caller had not read that offer when it sent this (it
+                    # uses none before this start's pid comes: we withdraw it first).
+                    own = spare if spare is not None and spare.pid not in offered else None
+                    if own is None and spare is not None and body[-1] < offers_sent[0]:
+                        own = spare
+                        offered.pop(spare.pid, None)
+                        selector.unregister(spare.sock)
+                        try:
+                            control.sendmsg([_framed(("taken", spare.pid))])
+                        except OSError:
+                            pass
+                    started = _start(fds, own, children, own_fds)
+                    if own is not None and (started is own or own.dead):
                         spare = None
                     if started is not None:
                         started.close()
-                        awaited = started.pid
                     if spare is None:
-                        due = time.monotonic() + SPARE_DELAY
-                        spare_due = due if spare_due is None else min(spare_due, due)
+                        schedule_spare(started.pid if started is not None else None)
                 else:
                     for received in fds:
                         os.close(received)
+            elif isinstance(key.data, _Spare):
+                spare_reported(key.data)
             else:
                 try:
                     while os.read(wake_r, 4096):
                         pass
                 except BlockingIOError:
                     pass
+                # A used spare's word before its end is reaped: its status socket is
+                # where REAPED goes.
+                for offer in [o for o in offered.values() if _has_ended(o.pidfd)]:
+                    spare_reported(offer)
                 if awaited in _reap(children):
                     spare_due = time.monotonic()
         if spare is None and spare_due is not None and time.monotonic() >= spare_due:
             spare, spare_due, awaited = _Spare(own_fds, children), None, None
+            offers_sent[0] += _offer(control, spare, selector, offered)
+
+
+def _offer(
+    control: socket.socket,
+    spare: _Spare,
+    selector: selectors.BaseSelector,
+    offered: Dict[int, _Spare],
+) -> int:
+    """Tells the caller about ``spare`` ahead of its next start: its pid, its pidfd and
+    (a copy of) our end of its socket, on which the caller hands it a start request
+    itself. The spare sends back, on that socket, the start's status socket (for REAPED).
+    Without a pidfd the caller could not tell the spare's end: no offer. Returns how many
+    offers were sent (0 or 1)."""
+    if spare.pidfd is None:
+        return 0
+    ancillary = [
+        (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [spare.pidfd, spare.sock.fileno()]))
+    ]
+    try:
+        control.sendmsg([_framed(("spare", spare.pid))], ancillary)
+    except OSError:
+        return 0  # the caller is gone: we see it next
+    offered[spare.pid] = spare
+    selector.register(spare.sock, selectors.EVENT_READ, spare)
+    return 1
+
+
+def _take_report(spare: _Spare, children: Dict[int, int]) -> bool:
+    """An offered spare's word (it is readable, or has ended): the status socket of the
+    start the caller handed it, or its end unused. True if it was used."""
+    try:
+        spare.sock.setblocking(False)
+        data, fds, _flags, _addr = socket.recv_fds(spare.sock, 1, 1)
+    except OSError:
+        data, fds = b"", []
+    spare.close()
+    if data and fds:
+        os.set_blocking(fds[0], False)
+        children[spare.pid] = fds[0]
+        return True
+    for fd in fds:
+        os.close(fd)
+    return bool(data)
 
 
 def _receive(control: socket.socket) -> Optional[Tuple[Any, List[int]]]:
+    """The caller's next message, or None once the caller is gone: its end closed (with
+    offers of ours unread in it, that reads as ECONNRESET)."""
+    try:
+        return _receive_message(control)
+    except OSError:
+        return None
+
+
+def _receive_message(control: socket.socket) -> Optional[Tuple[Any, List[int]]]:
     header, fds, flags, _ = socket.recv_fds(control, _LENGTH.size, MAX_HANDLE_FDS + 3)
     if not header:
         return None
@@ -627,6 +876,13 @@ def _run_spare(sock: socket.socket, inherited: List[int]) -> None:
                 pass
         _child.restore_default_signals()
         data, fds, _flags, _addr = socket.recv_fds(sock, 1, MAX_HANDLE_FDS + 3)
+        if data and len(fds) >= 3:
+            # To the server (handed the start by the caller, it does not know the status
+            # socket it reports REAPED on); one the server handed us fails harmlessly.
+            try:
+                socket.send_fds(sock, [b"r"], fds[2:3], socket.MSG_DONTWAIT)
+            except OSError:
+                pass
         sock.close()
         if not data or len(fds) < 3:  # the server ended: nothing to run
             for fd in fds:
