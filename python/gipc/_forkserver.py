@@ -402,16 +402,27 @@ class ForkServerPopen(CooperativePopen):
         self._ended = False
         opened: List[int] = []
         status: Optional[socket.socket] = None
+        feeder: Optional[Feeder] = None
+        data_w = -1
         try:
             status, child_status = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             opened.append(child_status.detach())
             child_r, parent_w = os.pipe()  # the child's parent_process().sentinel
             opened += (child_r, parent_w)
             data_r, data_w = os.pipe()
-            opened += (data_r, data_w)
+            opened.append(data_r)
+            # Fed before the request goes, but for the last byte: the child finds its data
+            # waiting when it wakes (fewer wake-ups), and runs nothing before we know its
+            # pid (with a spare offered we know it already: released at once).
+            feeder = Feeder(data_w, startup.payload, hold_back=1)
+            feeder.start()
             fds = [data_r, child_r, opened[0], *startup.handle_fds]
             self._server, offer = _send_start_request(fds)
         except BaseException:
+            if feeder is not None:
+                feeder.cancel()
+            elif data_w >= 0:
+                os.close(data_w)
             for fd in opened:
                 os.close(fd)
             if status is not None:
@@ -425,14 +436,10 @@ class ForkServerPopen(CooperativePopen):
             # The spare took it: we knew its pid before, and it runs the child now.
             self._pidfd = offer.pidfd
             self._adopt(offer.pid, self._status_fd, (self._status_fd, parent_w, offer.pidfd))
-            Feeder(data_w, startup.payload).start()
+            feeder.release()
             _log.debug("started child %s (pid %d, forkserver)", process_obj.name, self.pid)
             return
         self._adopt(-1, self._status_fd, (self._status_fd, parent_w))
-        # Fed at once, but for the last byte: the child reads while its pid is on its way
-        # to us, and runs nothing before we know it exists.
-        feeder = Feeder(data_w, startup.payload, hold_back=1)
-        feeder.start()
         try:
             self.pid = self._await_pid()
         except BaseException:
