@@ -224,7 +224,14 @@ class TestForkServer:
         finally:
             os.kill(server, signal.SIGCONT)
         assert code == 5
+        # Woken, the server hears of that start and that child's end at once: it carries
+        # on (and forks the next spare).
+        _wait_spare(server, not_pids={first.pid, p.pid})
+        q = gipc.start_process(exit_with, args=(6,), start_method="forkserver")
+        q.join(10)
+        assert q.exitcode == 6
         assert _forkserver.server_pid() == server
+        assert _state(server) is not None and _state(server)[0] != "Z"
 
     def test_a_start_in_flight_fails_clearly_when_the_server_dies(self, monkeypatch):
         """A start that goes through the server (no spare known in advance)."""

@@ -651,7 +651,8 @@ def serve() -> None:
     def spare_reported(offer: _Spare) -> None:
         """An offered spare's word: the caller handed it a start, or it died unused."""
         nonlocal spare
-        offered.pop(offer.pid, None)
+        if offered.pop(offer.pid, None) is None:
+            return  # already heard (its socket's event came in the same batch)
         selector.unregister(offer.sock)
         used = _take_report(offer, children)
         if offer is spare:
