@@ -4,9 +4,11 @@ The server is a fresh interpreter (started like a spawned child, without blockin
 caller's loop) that has imported gevent and gipc, and the modules named with
 ``gipc.set_forkserver_preload()``, and runs no event loop. It forks each child from itself,
 so a start costs the same whatever the caller's size, and the caller's event loop only
-waits for a few messages. It forks each child *before* it is asked for one (``_Spare``):
-a start hands its descriptors to a child that is already waiting, and the fork for the
-next start happens while this one runs.
+waits for a few messages. It forks each child *before* it is asked for one (``_Spare``)
+and tells the caller about it at once (an *offer*: its pid, its pidfd, a socket to it), so
+a start hands its descriptors to a child that is already waiting, directly: the server is
+not on the way. The next spare is forked once the child started has ended (or 10 ms later),
+not while the child and the caller want the CPUs.
 
 **Who may talk to it.** The server runs whatever it is sent, so it has no address: its only
 way in is one end of a socket pair whose other end the caller created and holds (close-on-
@@ -15,19 +17,29 @@ process that does not hold that descriptor cannot reach it. A caller that forks 
 its own gets a new server there on first use (the server belongs to the process id that
 started it).
 
-**Messages.** Caller → server, on the control socket: ``length (4 bytes) + pickle``, with
-descriptors attached (``SCM_RIGHTS``) to a start request: the start-up data pipe's read end,
-the child's parent sentinel, the child's status socket, then the passed handles'.
-Server → caller, per child, on that child's status socket: 8-byte records ``(tag, value)``:
-``PID`` (with the child's pidfd attached where the system has them), then ``EXITED`` (the
-child's own exit code, written by the child just before it ends) and ``REAPED`` (the wait
-status, written by the server when it reaps the child). With a pidfd, ``EXITED`` and the
-pidfd's word that the process is gone are enough; ``REAPED`` is what a child killed by a
-signal (which writes nothing) is known by. The child is not the caller's own,
-so ``waitpid`` cannot tell the caller its exit: these records do. If the server dies, a
-child it started still reports ``EXITED`` (or, killed by a signal, just closes the
-socket: exit code 255), and starts in flight fail with a ``GIPCError``; the next start
-launches a new server.
+**Messages.** On the control socket, both ways: ``length (4 bytes) + pickle``. Server →
+caller: ``("spare", pid)`` with the spare's pidfd and a copy of the server's end of the
+spare's socket attached (``SCM_RIGHTS``), and ``("taken", pid)`` when the server gave that
+spare to a start sent to it. The caller reads them at its next start, never waiting, and
+hands the latest spare its start request: one byte with the descriptors attached, the
+start-up data pipe's read end, the child's parent sentinel, the child's status socket,
+then the passed handles'. The spare sends the status socket back to the server (which
+reports ``REAPED`` on it) and runs the child. A start that knows no spare (none offered
+yet, it died, or a concurrent start took it) sends the same request to the server,
+``("start", offers read)``; the server hands it to a child forked then (or, if the caller
+had not read the last offer, to that spare, withdrawn first). Server → caller, per child,
+on that child's status socket: 8-byte records ``(tag, value)``: ``PID`` (with the child's
+pidfd attached where the system has them; only for a start sent to the server), or
+``FAILED`` if no child could be given the start; then ``EXITED`` (the child's own exit
+code, written by the child just before it ends) and ``REAPED`` (the wait status, written
+by the server when it reaps the child). With a pidfd, ``EXITED`` and the pidfd's word that
+the process is gone are enough (a join watches the pidfd: one wake-up); ``REAPED`` is what
+a child killed by a signal (which writes nothing) is known by. The child is not the
+caller's own, so ``waitpid`` cannot tell the caller its exit: these records do. If the
+server dies, a child it started still reports ``EXITED`` (or, killed by a signal, just
+closes the socket: exit code 255), and starts in flight to it fail with a ``GIPCError``
+(a start handed to a spare is not in flight: the child runs); the next start finds the
+server's end of the control socket closed and launches a new server.
 """
 
 from __future__ import annotations
@@ -888,7 +900,8 @@ def _run_spare(sock: socket.socket, inherited: List[int]) -> None:
             # To the server (handed the start by the caller, it does not know the status
             # socket it reports REAPED on); one the server handed us fails harmlessly.
             try:
-                socket.send_fds(sock, [b"r"], fds[2:3], socket.MSG_DONTWAIT)
+                flags = socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
+                socket.send_fds(sock, [b"r"], fds[2:3], flags)
             except OSError:
                 pass
         sock.close()
