@@ -233,6 +233,22 @@ class TestForkServer:
         assert _forkserver.server_pid() == server
         assert _state(server) is not None and _state(server)[0] != "Z"
 
+    def test_a_child_killed_before_it_ran_reports_the_signal(self):
+        """Handed its start by the caller, a spare killed before it could run anything
+        (here: stopped, then killed) still reports the signal: the caller told the server
+        the start's status socket, where REAPED goes (the child writes nothing)."""
+        first = gipc.start_process(noop, start_method="forkserver")
+        first.join()
+        server = _forkserver.server_pid()
+        assert server is not None
+        spare = _wait_spare(server, not_pids={first.pid})
+        os.kill(spare, signal.SIGSTOP)
+        p = gipc.start_process(noop, start_method="forkserver")
+        assert p.pid == spare  # handed to the offered spare
+        p.kill()
+        p.join(10)
+        assert p.exitcode == -signal.SIGKILL
+
     def test_a_start_in_flight_fails_clearly_when_the_server_dies(self, monkeypatch):
         """A start that goes through the server (no spare known in advance)."""
         gipc.start_process(noop, start_method="forkserver").join()

@@ -23,8 +23,10 @@ spare's socket attached (``SCM_RIGHTS``), and ``("taken", pid)`` when the server
 spare to a start sent to it. The caller reads them at its next start, never waiting, and
 hands the latest spare its start request: one byte with the descriptors attached, the
 start-up data pipe's read end, the child's parent sentinel, the child's status socket,
-then the passed handles'. The spare sends the status socket back to the server (which
-reports ``REAPED`` on it) and runs the child. A start that knows no spare (none offered
+then the passed handles'. The caller then sends the server ``("used", pid)`` with the
+status socket attached (the server reports ``REAPED`` on it, also for a spare killed
+before it could run), and the spare tells the server on its socket that it was used (the
+next spare may be forked) and runs the child. A start that knows no spare (none offered
 yet, it died, or a concurrent start took it) sends the same request to the server,
 ``("start", offers read)``; the server hands it to a child forked then (or, if the caller
 had not read the last offer, to that spare, withdrawn first). Server → caller, per child,
@@ -594,6 +596,13 @@ def _send_start_request(fds: Sequence[int]) -> Tuple[_Server, Optional[_Offer]]:
         server = _current_server()
     while offer is not None:
         if offer.hand_over(fds):
+            # The server reports REAPED on the status socket (a child killed by a signal
+            # writes nothing): it gets it from us, as the spare may die before it could
+            # pass it on. Never waited for; a server gone meanwhile is found next start.
+            try:
+                server.send(("used", offer.pid), fds[2:3])
+            except GIPCError:
+                pass
             return server, offer
         offer.close()  # it died: the server forks another
         offer = server.take_offer()
@@ -648,6 +657,8 @@ def serve() -> None:
     #: end) has not come yet, by pid.
     offered: Dict[int, _Spare] = {}
     offers_sent = [0]
+    #: Wait statuses of children reaped before the caller's word that it used them.
+    unclaimed: Dict[int, int] = {}
     # The next spare is forked once the child just started has ended, or SPARE_DELAY after
     # its start, whichever comes first: not while it runs (see SPARE_DELAY).
     spare_due: Optional[float] = None
@@ -666,7 +677,7 @@ def serve() -> None:
         if offered.pop(offer.pid, None) is None:
             return  # already heard (its socket's event came in the same batch)
         selector.unregister(offer.sock)
-        used = _take_report(offer, children)
+        used = _take_report(offer)
         if offer is spare:
             spare = None
             schedule_spare(offer.pid if used else None)
@@ -705,6 +716,8 @@ def serve() -> None:
                         started.close()
                     if spare is None:
                         schedule_spare(started.pid if started is not None else None)
+                elif body[0] == "used":
+                    _claim(body[1], fds, children, unclaimed)
                 else:
                     for received in fds:
                         os.close(received)
@@ -716,14 +729,15 @@ def serve() -> None:
                         pass
                 except BlockingIOError:
                     pass
-                # A used spare's word before its end is reaped: its status socket is
-                # where REAPED goes.
+                # A used spare's word before its end is reaped (the next spare waits
+                # for that end).
                 for offer in [o for o in offered.values() if _has_ended(o.pidfd)]:
                     spare_reported(offer)
-                if awaited in _reap(children):
+                if awaited in _reap(children, unclaimed):
                     spare_due = time.monotonic()
         if spare is None and spare_due is not None and time.monotonic() >= spare_due:
             spare, spare_due, awaited = _Spare(own_fds, children), None, None
+            unclaimed.pop(spare.pid, None)  # an old child's, whose pid came round again
             offers_sent[0] += _offer(control, spare, selector, offered)
 
 
@@ -752,22 +766,38 @@ def _offer(
     return 1
 
 
-def _take_report(spare: _Spare, children: Dict[int, int]) -> bool:
-    """An offered spare's word (it is readable, or has ended): the status socket of the
-    start the caller handed it, or its end unused. True if it was used."""
+def _take_report(spare: _Spare) -> bool:
+    """An offered spare's word (it is readable, or has ended): that the caller handed it
+    a start, or its end unused. True if it was used."""
     try:
         spare.sock.setblocking(False)
-        data, fds, _flags, _addr = socket.recv_fds(spare.sock, 1, 1)
+        data = spare.sock.recv(1)
     except OSError:
-        data, fds = b"", []
+        data = b""
     spare.close()
-    if data and fds:
-        os.set_blocking(fds[0], False)
-        children[spare.pid] = fds[0]
-        return True
-    for fd in fds:
-        os.close(fd)
     return bool(data)
+
+
+def _claim(
+    pid: int, fds: List[int], children: Dict[int, int], unclaimed: Dict[int, int]
+) -> None:
+    """The caller's word that it handed offered spare ``pid`` a start, with that start's
+    status socket: REAPED goes there (at once if the child has been reaped already)."""
+    if not fds:
+        return
+    status_w, *extra = fds
+    for fd in extra:
+        os.close(fd)
+    os.set_blocking(status_w, False)
+    status = unclaimed.pop(pid, None)
+    if status is None:
+        children[pid] = status_w
+        return
+    try:
+        os.write(status_w, _RECORD.pack(REAPED, status))
+    except OSError:
+        pass
+    os.close(status_w)
 
 
 def _receive(control: socket.socket) -> Optional[Tuple[Any, List[int]]]:
@@ -897,11 +927,10 @@ def _run_spare(sock: socket.socket, inherited: List[int]) -> None:
         _child.restore_default_signals()
         data, fds, _flags, _addr = socket.recv_fds(sock, 1, MAX_HANDLE_FDS + 3)
         if data and len(fds) >= 3:
-            # To the server (handed the start by the caller, it does not know the status
-            # socket it reports REAPED on); one the server handed us fails harmlessly.
+            # To the server: this offered spare was used (the next may be forked); one the
+            # server handed a start to fails harmlessly (the server closed its end).
             try:
-                flags = socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
-                socket.send_fds(sock, [b"r"], fds[2:3], flags)
+                sock.send(b"r", socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0))
             except OSError:
                 pass
         sock.close()
@@ -990,9 +1019,10 @@ def _doom_for_test(child: _Spare) -> None:
     select.select([child.sock], [], [], 10)  # its end closed: readable, at EOF
 
 
-def _reap(children: Dict[int, int]) -> List[int]:
+def _reap(children: Dict[int, int], unclaimed: Dict[int, int]) -> List[int]:
     """Reaps every child that ended (a dead spare too), and tells the started ones'
-    callers; returns the pids reaped."""
+    callers; returns the pids reaped. The status of one not known as started is kept
+    (the last few) for the caller's word that it handed that spare a start."""
     reaped: List[int] = []
     while True:
         try:
@@ -1008,6 +1038,9 @@ def _reap(children: Dict[int, int]) -> List[int]:
         reaped.append(pid)
         status_w = children.pop(pid, None)
         if status_w is None:
+            unclaimed[pid] = status
+            while len(unclaimed) > 64:
+                del unclaimed[next(iter(unclaimed))]
             continue
         try:
             os.write(status_w, _RECORD.pack(REAPED, status))
