@@ -205,10 +205,56 @@ class TestForkServer:
         assert p.exitcode == 3
         assert _forkserver.server_pid() not in (None, old)
 
-    def test_a_start_in_flight_fails_clearly_when_the_server_dies(self):
+    def test_a_start_with_a_spare_known_in_advance_needs_no_word_from_the_server(self):
+        """The server tells the caller about each spare it forks (pid, pidfd, a socket to
+        it): a start hands the spare its request directly, and neither the start nor the
+        join waits for the server (here: stopped)."""
+        first = gipc.start_process(noop, start_method="forkserver")
+        first.join()
+        server = _forkserver.server_pid()
+        assert server is not None
+        _wait_spare(server, not_pids={first.pid})  # forked, and offered
+        os.kill(server, signal.SIGSTOP)
+        try:
+            starting = gevent.spawn(gipc.start_process, exit_with, args=(5,),
+                                    start_method="forkserver")
+            p = starting.get(timeout=5)
+            p.join(5)
+            code = p.exitcode
+        finally:
+            os.kill(server, signal.SIGCONT)
+        assert code == 5
+        # Woken, the server hears of that start and that child's end at once: it carries
+        # on (and forks the next spare).
+        _wait_spare(server, not_pids={first.pid, p.pid})
+        q = gipc.start_process(exit_with, args=(6,), start_method="forkserver")
+        q.join(10)
+        assert q.exitcode == 6
+        assert _forkserver.server_pid() == server
+        assert _state(server) is not None and _state(server)[0] != "Z"
+
+    def test_a_child_killed_before_it_ran_reports_the_signal(self):
+        """Handed its start by the caller, a spare killed before it could run anything
+        (here: stopped, then killed) still reports the signal: the caller told the server
+        the start's status socket, where REAPED goes (the child writes nothing)."""
+        first = gipc.start_process(noop, start_method="forkserver")
+        first.join()
+        server = _forkserver.server_pid()
+        assert server is not None
+        spare = _wait_spare(server, not_pids={first.pid})
+        os.kill(spare, signal.SIGSTOP)
+        p = gipc.start_process(noop, start_method="forkserver")
+        assert p.pid == spare  # handed to the offered spare
+        p.kill()
+        p.join(10)
+        assert p.exitcode == -signal.SIGKILL
+
+    def test_a_start_in_flight_fails_clearly_when_the_server_dies(self, monkeypatch):
+        """A start that goes through the server (no spare known in advance)."""
         gipc.start_process(noop, start_method="forkserver").join()
         server = _forkserver.server_pid()
         assert server is not None
+        monkeypatch.setattr(_forkserver._Server, "take_offer", lambda self: None)
         os.kill(server, signal.SIGSTOP)  # it cannot answer: the start below waits for it
         try:
             starting = gevent.spawn(gipc.start_process, noop, start_method="forkserver")
@@ -226,6 +272,26 @@ class TestForkServer:
         p.join()
         assert p.exitcode == 0
         _wait_gone(server)
+
+    def test_a_join_ends_on_the_child_s_own_word_without_the_server(self):
+        """A child that exits normally is joined on its EXITED record and its pidfd, not the
+        server's REAPED record (which waits for the server to wake): a stopped server does
+        not hold the join. The child is slow to end after its record (a large address space
+        to tear down), so a join woken by the record finds it still there."""
+        with gipc.pipe() as (reader, writer):
+            p = gipc.start_process(exit_big_when_told, args=(reader, 6), start_method="forkserver")
+            server = _forkserver.server_pid()
+            assert server is not None
+            os.kill(server, signal.SIGSTOP)
+            try:
+                writer.put(None)
+                waited = time.monotonic()
+                p.join(5)
+                waited = time.monotonic() - waited
+            finally:
+                os.kill(server, signal.SIGCONT)
+        assert waited < 4, "the join waited for the stopped server"
+        assert p.exitcode == 6
 
     def test_a_child_outlives_its_server_and_still_reports_its_exit(self):
         p = gipc.start_process(exit_with_after, args=(5, 0.5), start_method="forkserver")
@@ -292,6 +358,60 @@ class TestForkServer:
         assert q.exitcode == 4 and q.pid != spare
         assert _forkserver.server_pid() == server  # replaced the child, not the server
 
+    def test_a_child_forked_for_a_start_that_dies_before_the_handover_is_replaced(
+        self, monkeypatch
+    ):
+        """With no spare waiting, the server forks a child for the start; if that child
+        dies before it is handed the start, the server forks another: the start succeeds,
+        and the server is not taken for dead. The server's test hook kills the first such
+        child and waits for its end before the handover."""
+        _forkserver._close_at_exit()  # a server started with the hook set
+        _forkserver._server = None
+        monkeypatch.setenv("GIPC_FORKSERVER_TEST_DOOMED", "1")
+        try:
+            gipc.start_process(noop, start_method="forkserver").join()
+            server = _forkserver.server_pid()
+            assert server is not None
+            spare = _wait_spare(server, not_pids=set())
+            os.kill(spare, signal.SIGKILL)  # no spare: the next start forks its child
+            _wait_ended(spare)
+            p = gipc.start_process(exit_with, args=(7,), start_method="forkserver")
+            p.join(10)
+            assert p.exitcode == 7
+            assert _forkserver.server_pid() == server
+        finally:
+            hooked = _forkserver.server_pid()
+            _forkserver._close_at_exit()  # the next test's server has no hook
+            _forkserver._server = None
+            if hooked is not None:
+                _wait_gone(hooked)
+
+    def test_the_next_spare_is_forked_when_the_started_child_has_ended(self, monkeypatch):
+        """Not while the child runs: the fork would compete with it and with the caller
+        for the CPUs. (Here the fallback delay is long: only the child's end triggers it.)"""
+        _forkserver._close_at_exit()  # a server started with a long fallback delay
+        _forkserver._server = None
+        monkeypatch.setenv("GIPC_FORKSERVER_SPARE_DELAY", "60")
+        try:
+            with gipc.pipe() as (reader, writer):
+                p = gipc.start_process(exit_big_when_told, args=(reader, 0),
+                                       start_method="forkserver")
+                server = _forkserver.server_pid()
+                assert server is not None
+                time.sleep(0.3)
+                waiting = [pid for pid in _server_children(server) if pid != p.pid]
+                assert waiting == [], "a spare was forked while the child ran"
+                writer.put(None)
+                p.join(10)
+            assert p.exitcode == 0
+            _wait_spare(server, not_pids={p.pid})
+        finally:
+            hooked = _forkserver.server_pid()
+            _forkserver._close_at_exit()  # the next test's server forks as usual
+            _forkserver._server = None
+            if hooked is not None:
+                _wait_gone(hooked)
+
     def test_threads_whose_first_starts_meet_share_one_server(self, monkeypatch):
         """Two OS threads start their first fork-server child at once: one server starts
         (a second would be lost, with its descriptor). The first start is held inside the
@@ -348,7 +468,10 @@ class TestForkServer:
         assert server is not None
         inodes = set()
         for fd in os.listdir(f"/proc/{server}/fd"):
-            target = os.readlink(f"/proc/{server}/fd/{fd}")
+            try:
+                target = os.readlink(f"/proc/{server}/fd/{fd}")
+            except OSError:  # closed meanwhile (a spare's socket, once the spare reported)
+                continue
             if target.startswith("socket:["):
                 inodes.add(target[len("socket:[") : -1])
         assert inodes, "the server holds its control socket"
@@ -360,6 +483,18 @@ class TestForkServer:
                     flags, path = int(fields[3], 16), fields[7:]
                     assert not flags & 0x10000, "a listening socket"  # __SO_ACCEPTCON
                     assert path == [], f"a named socket: {path}"
+
+
+#: Kept by exit_big_when_told until the process ends: its teardown takes a while.
+_BALLAST = []
+
+
+def exit_big_when_told(reader: "gipc.gipc._GIPCHandle", code: int) -> None:
+    reader.get()
+    ballast = bytearray(256 << 20)
+    ballast[::4096] = b"\x01" * len(range(0, len(ballast), 4096))  # every page resident
+    _BALLAST.append(ballast)
+    sys.exit(code)
 
 
 def exit_with_after(code: int, seconds: float) -> None:
@@ -409,6 +544,15 @@ def _wait_spare(server: int, not_pids: "set[int]") -> int:
         assert len(spares) < 2, spares
         time.sleep(0.01)
     pytest.fail(f"the fork server {server} has no child waiting")
+
+
+def _server_children(server: int) -> "list[int]":
+    """The fork server's live children (not zombies)."""
+    return [
+        int(entry) for entry in os.listdir("/proc")
+        if entry.isdigit() and (_state(int(entry)) or ("Z", 0))[1] == server
+        and (_state(int(entry)) or ("Z", 0))[0] != "Z"
+    ]
 
 
 def _wait_ended(pid: int) -> None:

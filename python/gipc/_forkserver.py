@@ -4,9 +4,11 @@ The server is a fresh interpreter (started like a spawned child, without blockin
 caller's loop) that has imported gevent and gipc, and the modules named with
 ``gipc.set_forkserver_preload()``, and runs no event loop. It forks each child from itself,
 so a start costs the same whatever the caller's size, and the caller's event loop only
-waits for a few messages. It forks each child *before* it is asked for one (``_Spare``):
-a start hands its descriptors to a child that is already waiting, and the fork for the
-next start happens while this one runs.
+waits for a few messages. It forks each child *before* it is asked for one (``_Spare``)
+and tells the caller about it at once (an *offer*: its pid, its pidfd, a socket to it), so
+a start hands its descriptors to a child that is already waiting, directly: the server is
+not on the way. The next spare is forked once the child started has ended (or 10 ms later),
+not while the child and the caller want the CPUs.
 
 **Who may talk to it.** The server runs whatever it is sent, so it has no address: its only
 way in is one end of a socket pair whose other end the caller created and holds (close-on-
@@ -15,19 +17,31 @@ process that does not hold that descriptor cannot reach it. A caller that forks 
 its own gets a new server there on first use (the server belongs to the process id that
 started it).
 
-**Messages.** Caller → server, on the control socket: ``length (4 bytes) + pickle``, with
-descriptors attached (``SCM_RIGHTS``) to a start request: the start-up data pipe's read end,
-the child's parent sentinel, the child's status socket, then the passed handles'.
-Server → caller, per child, on that child's status socket: 8-byte records ``(tag, value)``:
-``PID`` (with the child's pidfd attached where the system has them), then ``EXITED`` (the
-child's own exit code, written by the child just before it ends) and ``REAPED`` (the wait
-status, written by the server when it reaps the child). With a pidfd, ``EXITED`` and the
-pidfd's word that the process is gone are enough; ``REAPED`` is what a child killed by a
-signal (which writes nothing) is known by. The child is not the caller's own,
-so ``waitpid`` cannot tell the caller its exit: these records do. If the server dies, a
-child it started still reports ``EXITED`` (or, killed by a signal, just closes the
-socket: exit code 255), and starts in flight fail with a ``GIPCError``; the next start
-launches a new server.
+**Messages.** On the control socket, both ways: ``length (4 bytes) + pickle``. Server →
+caller: ``("spare", pid)`` with the spare's pidfd and a copy of the server's end of the
+spare's socket attached (``SCM_RIGHTS``), and ``("taken", pid)`` when the server gave that
+spare to a start sent to it. The caller reads them at its next start, never waiting, and
+hands the latest spare its start request: one byte with the descriptors attached, the
+start-up data pipe's read end, the child's parent sentinel, the child's status socket,
+then the passed handles'. The caller then sends the server ``("used", pid)`` with the
+status socket attached (the server reports ``REAPED`` on it, also for a spare killed
+before it could run), and the spare tells the server on its socket that it was used (the
+next spare may be forked) and runs the child. A start that knows no spare (none offered
+yet, it died, or a concurrent start took it) sends the same request to the server,
+``("start", offers read)``; the server hands it to a child forked then (or, if the caller
+had not read the last offer, to that spare, withdrawn first). Server → caller, per child,
+on that child's status socket: 8-byte records ``(tag, value)``: ``PID`` (with the child's
+pidfd attached where the system has them; only for a start sent to the server), or
+``FAILED`` if no child could be given the start; then ``EXITED`` (the child's own exit
+code, written by the child just before it ends) and ``REAPED`` (the wait status, written
+by the server when it reaps the child). With a pidfd, ``EXITED`` and the pidfd's word that
+the process is gone are enough (a join watches the pidfd: one wake-up); ``REAPED`` is what
+a child killed by a signal (which writes nothing) is known by. The child is not the
+caller's own, so ``waitpid`` cannot tell the caller its exit: these records do. If the
+server dies, a child it started still reports ``EXITED`` (or, killed by a signal, just
+closes the socket: exit code 255), and starts in flight to it fail with a ``GIPCError``
+(a start handed to a spare is not in flight: the child runs); the next start finds the
+server's end of the control socket closed and launches a new server.
 """
 
 from __future__ import annotations
@@ -45,6 +59,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 from multiprocessing import process as mp_process
 from multiprocessing import spawn as mp_spawn
 from multiprocessing import util as mp_util
@@ -55,6 +70,7 @@ import gevent.lock
 from gevent.socket import wait_read, wait_write
 
 from . import _child
+from ._hub import READ, io_watcher
 from ._popen import CooperativePopen
 from ._startup import Feeder, StartupData, preparation_data
 from ._startup_child import run_child
@@ -68,7 +84,20 @@ _log = logging.getLogger("gipc")
 _FLAG = "--gipc-forkserver"
 _LENGTH = struct.Struct("<I")
 _RECORD = struct.Struct("<ii")
-PID, EXITED, REAPED = 1, 2, 3
+PID, EXITED, REAPED, FAILED = 1, 2, 3, 4
+#: How many children, forked one after the other, a start request is offered to before
+#: the server gives up on it: a child forked for it can die before it is handed the
+#: request (killed, or out of memory in its after-fork work).
+HANDOVER_TRIES = 3
+#: Tests only: in a server started with this set (to a count), that many children forked
+#: for a start request are killed before the handover, as if they had died meanwhile.
+_DOOMED_ENV = "GIPC_FORKSERVER_TEST_DOOMED"
+#: Seconds after a start at the latest before the next spare is forked, if the started
+#: child has not ended before. Forking (~1 ms of the server's time on a virtual machine)
+#: and the spare's after-fork work compete for the CPUs with the child just started and
+#: with the caller: on 2 vCPUs that held the caller's loop off its CPU for 1.5 ms.
+#: (The environment variable is read by the server, for tests and measurements.)
+SPARE_DELAY = float(os.environ.get("GIPC_FORKSERVER_SPARE_DELAY", "0.01"))
 #: The most descriptors one message can carry (Linux's SCM_MAX_FD), less the three of
 #: every start request.
 MAX_HANDLE_FDS = 253 - 3
@@ -115,6 +144,18 @@ class _Server:
         self.owner = os.getpid()
         self.dead = False
         self._send_lock = gevent.lock.Semaphore()
+        #: What the server sent us (offers of spares), read at each start, and the
+        #: descriptors that came with it, in order; the latest spare offered.
+        self._inbox = bytearray()
+        self._inbox_fds: List[int] = []
+        self._offer: Optional[_Offer] = None
+        #: Offers read so far, and starts sent to the server whose pid has not come yet:
+        #: while one is on its way, the server may hand it the spare it offered last (if
+        #: we had not read that offer when we sent it), so no offer is used meanwhile.
+        self._offers_seen = 0
+        self._asking = 0
+        #: Threads may start children at once; draining and taking never wait.
+        self._offer_lock = threading.Lock()
         _child.parent_only_fds.add(ours.fileno())
         # Queued in the socket (a few KiB, far below its buffer), where the server reads it
         # once it has started. Sent before the socket is non-blocking, so it never waits on
@@ -148,17 +189,130 @@ class _Server:
                 self.close()
                 raise GIPCError(f"gipc's fork server (pid {self.pid}) is gone: {exc}") from exc
 
+    def take_offer(self) -> Optional["_Offer"]:
+        """The spare the server offered last, if nobody took it yet (the caller then hands
+        it the start itself: the server is not on the way). Reads what the server sent
+        meanwhile, never waits; finding the server's end, forgets the server."""
+        with self._offer_lock:
+            self._drain()
+            if self._asking:
+                return None
+            offer, self._offer = self._offer, None
+        return offer
+
+    def begin_asking(self) -> int:
+        """A start request is about to go to the server; returns how many offers we have
+        read (sent with it: the server may give it a spare whose offer we have not)."""
+        with self._offer_lock:
+            self._asking += 1
+            return self._offers_seen
+
+    def end_asking(self) -> None:
+        """That start's pid came (an offer the server took for it was withdrawn before:
+        its word "taken" precedes the pid), or it failed."""
+        with self._offer_lock:
+            self._asking -= 1
+
+    def _drain(self) -> None:
+        while not self.dead:
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(
+                    self.sock, 4096, 16, getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+                )
+            except BlockingIOError:
+                return
+            except OSError:
+                data, fds = b"", []
+            _child.parent_only_fds.update(fds)
+            self._inbox_fds += fds
+            if not data:  # the server is gone
+                self.close()
+                return
+            self._inbox += data
+            while len(self._inbox) >= _LENGTH.size:
+                (length,) = _LENGTH.unpack_from(self._inbox)
+                if len(self._inbox) < _LENGTH.size + length:
+                    break
+                body = pickle.loads(bytes(self._inbox[_LENGTH.size : _LENGTH.size + length]))
+                del self._inbox[: _LENGTH.size + length]
+                if body[0] == "spare" and len(self._inbox_fds) >= 2:
+                    self._offers_seen += 1
+                    pidfd, sock = self._inbox_fds[:2]
+                    del self._inbox_fds[:2]
+                    if self._offer is not None:
+                        self._offer.close()  # an older one: the server has moved on
+                    self._offer = _Offer(body[1], pidfd, sock)
+                elif body[0] == "taken" and self._offer is not None:
+                    if self._offer.pid == body[1]:  # given to a start sent to the server
+                        self._offer.close()
+                        self._offer = None
+
     def close(self) -> None:
         """Forgets the server: closing the control socket ends it (if it still runs)."""
         if self.dead:
             return
         self.dead = True
-        if self.owner == os.getpid():
+        mine = self.owner == os.getpid()
+        if mine:
             _child.parent_only_fds.discard(self.sock.fileno())
         self.sock.close()
+        self._forget_offers(mine)
         # It is our child: no zombie. It exits at once (its socket closed) or is gone.
-        if not _reaped(self.pid):
+        if mine and not _reaped(self.pid):
             gevent.spawn(_reap_soon, self.pid)
+
+    def _forget_offers(self, mine: bool = True) -> None:
+        """Closes the descriptors of spares offered and not taken (a spare ends when its
+        socket's last holder closes it)."""
+        offer, self._offer = self._offer, None
+        if offer is not None:
+            offer.close(mine)
+        fds, self._inbox_fds = self._inbox_fds, []
+        for fd in fds:
+            if mine:
+                _child.parent_only_fds.discard(fd)
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class _Offer:
+    """A spare the server forked ahead, as its caller knows it: its pid, its pidfd, and
+    a socket to it, where the caller sends a start request (what the server would)."""
+
+    def __init__(self, pid: int, pidfd: int, sock: int) -> None:
+        self.pid = pid
+        self.pidfd = pidfd
+        self.sock = sock
+
+    def hand_over(self, fds: Sequence[int]) -> bool:
+        """Sends the start request to the spare (never waits: its socket is empty); False
+        if it is gone (then the caller asks the server). Closes the socket either way."""
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+        flags = socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
+        sock = socket.socket(fileno=self.sock)
+        try:
+            sock.sendmsg([b"s"], ancillary, flags)
+            return True
+        except OSError:  # EPIPE, ECONNRESET: it died meanwhile
+            return False
+        finally:
+            _child.parent_only_fds.discard(self.sock)
+            sock.close()
+            self.sock = -1
+
+    def close(self, mine: bool = True) -> None:
+        for fd in (self.pidfd, self.sock):
+            if fd < 0:
+                continue
+            if mine:
+                _child.parent_only_fds.discard(fd)
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.pidfd = self.sock = -1
 
 
 def _framed(message: Any) -> bytes:
@@ -211,6 +365,8 @@ def _forget_server_after_fork() -> None:
             server.sock.close()
         except OSError:
             pass
+        server._offer_lock = threading.Lock()
+        server._forget_offers()
 
 
 os.register_at_fork(after_in_child=_forget_server_after_fork)
@@ -244,6 +400,8 @@ class ForkServerPopen(CooperativePopen):
 
     _pidfd: Optional[int] = None
     _status_fd = -1
+    #: Whether the exit watcher is on the pidfd (else on the status socket).
+    _on_pidfd = False
 
     def _launch(self, process_obj: "_GProcess") -> None:
         startup = StartupData(process_obj, self, self.method)
@@ -258,16 +416,27 @@ class ForkServerPopen(CooperativePopen):
         self._ended = False
         opened: List[int] = []
         status: Optional[socket.socket] = None
+        feeder: Optional[Feeder] = None
+        data_w = -1
         try:
             status, child_status = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             opened.append(child_status.detach())
             child_r, parent_w = os.pipe()  # the child's parent_process().sentinel
             opened += (child_r, parent_w)
             data_r, data_w = os.pipe()
-            opened += (data_r, data_w)
+            opened.append(data_r)
+            # Fed before the request goes, but for the last byte: the child finds its data
+            # waiting when it wakes (fewer wake-ups), and runs nothing before we know its
+            # pid (with a spare offered we know it already: released at once).
+            feeder = Feeder(data_w, startup.payload, hold_back=1)
+            feeder.start()
             fds = [data_r, child_r, opened[0], *startup.handle_fds]
-            self._server = _send_start_request(fds)
+            self._server, offer = _send_start_request(fds)
         except BaseException:
+            if feeder is not None:
+                feeder.cancel()
+            elif data_w >= 0:
+                os.close(data_w)
             for fd in opened:
                 os.close(fd)
             if status is not None:
@@ -277,11 +446,14 @@ class ForkServerPopen(CooperativePopen):
             os.close(fd)
         status.setblocking(False)
         self._status_fd = status.detach()
+        if offer is not None:
+            # The spare took it: we knew its pid before, and it runs the child now.
+            self._pidfd = offer.pidfd
+            self._adopt(offer.pid, self._status_fd, (self._status_fd, parent_w, offer.pidfd))
+            feeder.release()
+            _log.debug("started child %s (pid %d, forkserver)", process_obj.name, self.pid)
+            return
         self._adopt(-1, self._status_fd, (self._status_fd, parent_w))
-        # Fed at once, but for the last byte: the child reads while its pid is on its way
-        # to us, and runs nothing before we know it exists.
-        feeder = Feeder(data_w, startup.payload, hold_back=1)
-        feeder.start()
         try:
             self.pid = self._await_pid()
         except BaseException:
@@ -290,6 +462,8 @@ class ForkServerPopen(CooperativePopen):
             feeder.cancel()
             self._release()
             raise
+        finally:
+            self._server.end_asking()
         feeder.release()
         _log.debug("started child %s (pid %d, forkserver)", process_obj.name, self.pid)
 
@@ -299,6 +473,11 @@ class ForkServerPopen(CooperativePopen):
             if len(self._records) >= _RECORD.size:
                 tag, value = _RECORD.unpack_from(self._records)
                 del self._records[: _RECORD.size]
+                if tag == FAILED:
+                    raise GIPCError(
+                        f"gipc's fork server could not start the child: {HANDOVER_TRIES} "
+                        "children forked for it died before they could be handed the start"
+                    )
                 if tag != PID:
                     raise GIPCError(f"gipc's fork server sent record {tag} before a pid")
                 pid: int = value
@@ -351,11 +530,28 @@ class ForkServerPopen(CooperativePopen):
             return self._child_code if self._child_code is not None else 255
         return None
 
+    def _watch_exit(self) -> None:
+        # On the pidfd while there is one: the child writes EXITED before it ends, so when
+        # the pidfd says it is gone the record is already in the socket, and a join wakes
+        # once, when the child has ended. Watching the socket instead woke it for EXITED
+        # (the child still exiting, the pidfd not yet readable) and again for the server's
+        # REAPED, which waits for the server to be woken by SIGCHLD: ~1 ms more per join.
+        self._on_pidfd = self._pidfd is not None
+        fd = self._pidfd if self._pidfd is not None else self._status_fd
+        self._exit_watcher = io_watcher(fd, READ)
+        self._exit_watcher.start(self._on_exit_readable)
+
     def _reap_or_retry(self) -> None:
-        # The socket stays the whole story: the server's REAPED record, or its end, makes
-        # it readable again (no timer: the exit status is not late, only not yet sent).
-        if self.poll() is None and self._exit_watcher is not None:
-            self._exit_watcher.start(self._on_exit_readable)
+        if self.poll() is not None or self._exit_watcher is None:
+            return
+        if self._on_pidfd and _has_ended(self._pidfd):
+            # Gone without its EXITED record (killed by a signal): the socket tells the
+            # rest, the server's REAPED record or its end.
+            self._exit_watcher.close()
+            self._exit_watcher = io_watcher(self._status_fd, READ)
+            self._on_pidfd = False
+        # No timer: the exit status is not late, only not yet sent.
+        self._exit_watcher.start(self._on_exit_readable)
 
     def _send_signal(self, sig: int) -> None:
         if self.poll() is not None:
@@ -391,15 +587,41 @@ def _receive_records(fd: int) -> Tuple[bytes, List[int]]:
     return data, fds
 
 
-def _send_start_request(fds: Sequence[int]) -> _Server:
+def _send_start_request(fds: Sequence[int]) -> Tuple[_Server, Optional[_Offer]]:
+    """Hands the start request to the spare the server offered, if there is one (the
+    offer it returns); else sends it to the server, which answers with a PID record."""
     server = _current_server()
+    offer = server.take_offer()
+    if server.dead:  # found gone: a new one (which has offered nothing yet)
+        server = _current_server()
+    while offer is not None:
+        if offer.hand_over(fds):
+            # The server reports REAPED on the status socket (a child killed by a signal
+            # writes nothing): it gets it from us, as the spare may die before it could
+            # pass it on. Never waited for; a server gone meanwhile is found next start.
+            try:
+                server.send(("used", offer.pid), fds[2:3])
+            except GIPCError:
+                pass
+            return server, offer
+        offer.close()  # it died: the server forks another
+        offer = server.take_offer()
+    seen = server.begin_asking()
     try:
-        server.send(("start",), fds)
-    except GIPCError:
+        server.send(("start", seen), fds)
+    except BaseException as exc:
+        server.end_asking()
+        if not isinstance(exc, GIPCError):
+            raise
         # It died since the last start: nothing of this start reached it; one new server.
         server = _current_server()
-        server.send(("start",), fds)
-    return server
+        seen = server.begin_asking()
+        try:
+            server.send(("start", seen), fds)
+        except BaseException:
+            server.end_asking()
+            raise
+    return server, None
 
 
 # ---------------------------------------------------------------------------------------
@@ -431,8 +653,38 @@ def serve() -> None:
     selector.register(wake_r, selectors.EVENT_READ)
     own_fds = [control.fileno(), wake_r, wake_w, selector.fileno()]
     spare: Optional[_Spare] = None
+    #: Spares offered to the caller whose word (their start's status socket, or their
+    #: end) has not come yet, by pid.
+    offered: Dict[int, _Spare] = {}
+    offers_sent = [0]
+    #: Wait statuses of children reaped before the caller's word that it used them.
+    unclaimed: Dict[int, int] = {}
+    # The next spare is forked once the child just started has ended, or SPARE_DELAY after
+    # its start, whichever comes first: not while it runs (see SPARE_DELAY).
+    spare_due: Optional[float] = None
+    awaited: Optional[int] = None
+
+    def schedule_spare(started: Optional[int]) -> None:
+        nonlocal spare_due, awaited
+        if started is not None:
+            awaited = started
+        due = time.monotonic() + (SPARE_DELAY if started is not None else 0.0)
+        spare_due = due if spare_due is None else min(spare_due, due)
+
+    def spare_reported(offer: _Spare) -> None:
+        """An offered spare's word: the caller handed it a start, or it died unused."""
+        nonlocal spare
+        if offered.pop(offer.pid, None) is None:
+            return  # already heard (its socket's event came in the same batch)
+        selector.unregister(offer.sock)
+        used = _take_report(offer)
+        if offer is spare:
+            spare = None
+            schedule_spare(offer.pid if used else None)
+
     while True:
-        for key, _ in selector.select():
+        timeout = None if spare_due is None else max(0.0, spare_due - time.monotonic())
+        for key, _ in selector.select(timeout):
             if key.fileobj is control:
                 message = _receive(control)
                 if message is None:  # the caller is gone (and with us, any spare)
@@ -441,21 +693,123 @@ def serve() -> None:
                 if body[0] == "init":
                     _init(body[1], body[2])
                     spare = _Spare(own_fds, children)
+                    # The first start is often queued behind "init": this spare is its.
+                    if not select.select([control], [], [], 0)[0]:
+                        offers_sent[0] += _offer(control, spare, selector, offered)
                 elif body[0] == "start":
-                    spare = _start(fds, spare, children, own_fds)
+                    # A spare offered to the caller is the caller's to hand a start to,
+                    # unless the caller had not read that offer when it sent this (it
+                    # uses none before this start's pid comes: we withdraw it first).
+                    own = spare if spare is not None and spare.pid not in offered else None
+                    if own is None and spare is not None and body[-1] < offers_sent[0]:
+                        own = spare
+                        offered.pop(spare.pid, None)
+                        selector.unregister(spare.sock)
+                        try:
+                            control.sendmsg([_framed(("taken", spare.pid))])
+                        except OSError:
+                            pass
+                    started = _start(fds, own, children, own_fds)
+                    if own is not None and (started is own or own.dead):
+                        spare = None
+                    if started is not None:
+                        started.close()
+                    if spare is None:
+                        schedule_spare(started.pid if started is not None else None)
+                elif body[0] == "used":
+                    _claim(body[1], fds, children, unclaimed)
                 else:
                     for received in fds:
                         os.close(received)
+            elif isinstance(key.data, _Spare):
+                spare_reported(key.data)
             else:
                 try:
                     while os.read(wake_r, 4096):
                         pass
                 except BlockingIOError:
                     pass
-                _reap(children)
+                # A used spare's word before its end is reaped (the next spare waits
+                # for that end).
+                for offer in [o for o in offered.values() if _has_ended(o.pidfd)]:
+                    spare_reported(offer)
+                if awaited in _reap(children, unclaimed):
+                    spare_due = time.monotonic()
+        if spare is None and spare_due is not None and time.monotonic() >= spare_due:
+            spare, spare_due, awaited = _Spare(own_fds, children), None, None
+            unclaimed.pop(spare.pid, None)  # an old child's, whose pid came round again
+            offers_sent[0] += _offer(control, spare, selector, offered)
+
+
+def _offer(
+    control: socket.socket,
+    spare: _Spare,
+    selector: selectors.BaseSelector,
+    offered: Dict[int, _Spare],
+) -> int:
+    """Tells the caller about ``spare`` ahead of its next start: its pid, its pidfd and
+    (a copy of) our end of its socket, on which the caller hands it a start request
+    itself. The spare sends back, on that socket, the start's status socket (for REAPED).
+    Without a pidfd the caller could not tell the spare's end: no offer. Returns how many
+    offers were sent (0 or 1)."""
+    if spare.pidfd is None:
+        return 0
+    ancillary = [
+        (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [spare.pidfd, spare.sock.fileno()]))
+    ]
+    try:
+        control.sendmsg([_framed(("spare", spare.pid))], ancillary)
+    except OSError:
+        return 0  # the caller is gone: we see it next
+    offered[spare.pid] = spare
+    selector.register(spare.sock, selectors.EVENT_READ, spare)
+    return 1
+
+
+def _take_report(spare: _Spare) -> bool:
+    """An offered spare's word (it is readable, or has ended): that the caller handed it
+    a start, or its end unused. True if it was used."""
+    try:
+        spare.sock.setblocking(False)
+        data = spare.sock.recv(1)
+    except OSError:
+        data = b""
+    spare.close()
+    return bool(data)
+
+
+def _claim(
+    pid: int, fds: List[int], children: Dict[int, int], unclaimed: Dict[int, int]
+) -> None:
+    """The caller's word that it handed offered spare ``pid`` a start, with that start's
+    status socket: REAPED goes there (at once if the child has been reaped already)."""
+    if not fds:
+        return
+    status_w, *extra = fds
+    for fd in extra:
+        os.close(fd)
+    os.set_blocking(status_w, False)
+    status = unclaimed.pop(pid, None)
+    if status is None:
+        children[pid] = status_w
+        return
+    try:
+        os.write(status_w, _RECORD.pack(REAPED, status))
+    except OSError:
+        pass
+    os.close(status_w)
 
 
 def _receive(control: socket.socket) -> Optional[Tuple[Any, List[int]]]:
+    """The caller's next message, or None once the caller is gone: its end closed (with
+    offers of ours unread in it, that reads as ECONNRESET)."""
+    try:
+        return _receive_message(control)
+    except OSError:
+        return None
+
+
+def _receive_message(control: socket.socket) -> Optional[Tuple[Any, List[int]]]:
     header, fds, flags, _ = socket.recv_fds(control, _LENGTH.size, MAX_HANDLE_FDS + 3)
     if not header:
         return None
@@ -519,10 +873,12 @@ class _Spare:
 
     Forking, the child's after-fork work and its signal reset take about a millisecond
     (pages copied on first write, on a virtual machine): done between starts, not while a
-    caller waits. Each start request is handed to the waiting spare with its descriptors,
-    and a new spare is forked for the next one. A spare that died meanwhile is replaced by
-    a child forked there and then. It ends, unused, when the server does (its socket
-    closes), and holds no descriptor of the server's but its own end of that socket."""
+    caller waits. Each start request is handed to the waiting spare with its descriptors;
+    the next spare is forked when the child has ended (or ``SPARE_DELAY`` later), so that
+    the fork does not compete with the child and the caller for the CPUs. A start that
+    finds no spare (none yet, or it died meanwhile) gets a child forked there and then. It
+    ends, unused, when the server does (its socket closes), and holds no descriptor of the
+    server's but its own end of that socket."""
 
     def __init__(self, own_fds: List[int], children: Dict[int, int]) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -532,6 +888,7 @@ class _Spare:
             _run_spare(theirs, [*own_fds, *children.values()])  # never returns
         theirs.close()
         self.sock = ours
+        self.dead = False
         self.pidfd: Optional[int] = None
         try:
             self.pidfd = os.pidfd_open(self.pid)
@@ -545,6 +902,7 @@ class _Spare:
             self.sock.sendmsg([b"s"], ancillary)
             return True
         except OSError:
+            self.dead = True
             self.close()
             return False
 
@@ -568,6 +926,13 @@ def _run_spare(sock: socket.socket, inherited: List[int]) -> None:
                 pass
         _child.restore_default_signals()
         data, fds, _flags, _addr = socket.recv_fds(sock, 1, MAX_HANDLE_FDS + 3)
+        if data and len(fds) >= 3:
+            # To the server: this offered spare was used (the next may be forked); one the
+            # server handed a start to fails harmlessly (the server closed its end).
+            try:
+                sock.send(b"r", socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0))
+            except OSError:
+                pass
         sock.close()
         if not data or len(fds) < 3:  # the server ended: nothing to run
             for fd in fds:
@@ -593,15 +958,21 @@ def _start(
     fds: List[int], spare: Optional[_Spare], children: Dict[int, int], own_fds: List[int]
 ) -> Optional[_Spare]:
     """Hands a start request to the spare (or, if there is none or it died, to a child
-    forked now), tells the caller its pid, and forks the next spare. Returns that spare."""
+    forked now) and tells the caller its pid. Returns the child that took it (``spare``
+    or the one forked now; closed by the caller), or None."""
     if len(fds) < 3:
         for fd in fds:
             os.close(fd)
-        return spare
+        return None
     child = spare
     if child is None or not child.hand_over(fds):
-        child = _Spare(own_fds, children)
-        if not child.hand_over(fds):  # it died at once: the caller sees the server's word
+        child = _fork_and_hand_over(fds, own_fds, children)
+        if child is None:
+            # Not the server's death: it says so, and the caller fails just this start.
+            try:
+                os.write(fds[2], _RECORD.pack(FAILED, 0))
+            except OSError:
+                pass
             for fd in fds:
                 os.close(fd)
             return None
@@ -621,25 +992,55 @@ def _start(
             status.sendmsg([_RECORD.pack(PID, child.pid)], ancillary)
     except OSError:
         pass  # the caller gave up on this start; the child finds no start-up data
-    finally:
-        child.close()
-    return _Spare(own_fds, children)
+    return child
 
 
-def _reap(children: Dict[int, int]) -> None:
-    while children:
+def _fork_and_hand_over(
+    fds: List[int], own_fds: List[int], children: Dict[int, int]
+) -> Optional[_Spare]:
+    """A child forked now and handed the start request. One that died before the handover
+    is replaced by another (it was not the server that failed, and the caller's request
+    is still whole), up to ``HANDOVER_TRIES`` children; None if none took it."""
+    for _ in range(HANDOVER_TRIES):
+        child = _Spare(own_fds, children)
+        _doom_for_test(child)
+        if child.hand_over(fds):
+            return child
+    return None
+
+
+def _doom_for_test(child: _Spare) -> None:
+    """Tests only (``_DOOMED_ENV``): the child dies, and is gone, before its handover."""
+    doomed = int(os.environ.get(_DOOMED_ENV) or 0)
+    if doomed <= 0:
+        return
+    os.environ[_DOOMED_ENV] = str(doomed - 1)
+    os.kill(child.pid, signal.SIGKILL)
+    select.select([child.sock], [], [], 10)  # its end closed: readable, at EOF
+
+
+def _reap(children: Dict[int, int], unclaimed: Dict[int, int]) -> List[int]:
+    """Reaps every child that ended (a dead spare too), and tells the started ones'
+    callers; returns the pids reaped. The status of one not known as started is kept
+    (the last few) for the caller's word that it handed that spare a start."""
+    reaped: List[int] = []
+    while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            return reaped
         except OSError as exc:
             if exc.errno == errno.EINTR:
                 continue
-            return
+            return reaped
         if pid == 0:
-            return
+            return reaped
+        reaped.append(pid)
         status_w = children.pop(pid, None)
         if status_w is None:
+            unclaimed[pid] = status
+            while len(unclaimed) > 64:
+                del unclaimed[next(iter(unclaimed))]
             continue
         try:
             os.write(status_w, _RECORD.pack(REAPED, status))
