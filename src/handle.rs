@@ -441,12 +441,11 @@ impl Writer {
     }
 }
 
-#[pymethods]
 impl Writer {
     /// Queues one frame and writes what the descriptor takes now. Returns `DONE`,
     /// `WOULD_BLOCK` (wait until writable, then `try_flush`) or `YIELD` (let the loop run,
-    /// then `try_flush`).
-    fn try_send(
+    /// then `try_flush`). Python calls it as `Writer.try_send`, through `crate::fastcall`.
+    pub fn try_send(
         &mut self,
         py: Python<'_>,
         kind: u8,
@@ -462,7 +461,10 @@ impl Writer {
         }
         status(py, progress)
     }
+}
 
+#[pymethods]
+impl Writer {
     /// Like `try_send` for a list of payloads, all written with as few system calls as the
     /// descriptor allows.
     fn try_send_many(

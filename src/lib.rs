@@ -3,6 +3,7 @@
 
 mod buffer;
 mod errors;
+mod fastcall;
 mod handle;
 mod signals;
 
@@ -13,6 +14,7 @@ use pyo3::prelude::*;
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<handle::Reader>()?;
     m.add_class::<handle::Writer>()?;
+    fastcall::install(&m.py().get_type::<handle::Writer>())?;
     m.add_function(wrap_pyfunction!(handle::channel, m)?)?;
     m.add_function(wrap_pyfunction!(handle::reader_from_fds, m)?)?;
     m.add_function(wrap_pyfunction!(handle::writer_from_fds, m)?)?;

@@ -109,9 +109,10 @@ class Writer:
     @property
     def mid_frame(self) -> bool:
         """True when a frame is partly written: closing now would tear it."""
-    def try_send(self, kind: int, payload: Buffer) -> int:
+    def try_send(self, kind: int, payload: Buffer, /) -> int:
         """Queues one frame and writes what the descriptor takes now: DONE, WOULD_BLOCK
         (wait until writable, then try_flush) or YIELD (let the loop run, then try_flush).
+        Positional arguments only (a "fastcall" method: no tuple per call).
 
         ``payload`` is ``bytes`` or any object with a contiguous buffer, held (exported)
         until written and written from where it lies; anything else raises TypeError."""
