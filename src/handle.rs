@@ -451,6 +451,12 @@ impl Writer {
         kind: u8,
         payload: &Bound<'_, PyAny>,
     ) -> PyResult<Py<PyAny>> {
+        let progress = self.send(kind, payload)?;
+        status(py, progress)
+    }
+
+    /// `try_send`'s work, for Rust callers.
+    pub fn send(&mut self, kind: u8, payload: &Bound<'_, PyAny>) -> PyResult<Progress> {
         open_end(&self.end)?;
         let held = HeldBytes::from_object(payload)?;
         let kind = kind_from(kind)?;
@@ -459,7 +465,7 @@ impl Writer {
         if progress == Progress::WouldBlock && self.make_room()? {
             progress = self.flush_once()?;
         }
-        status(py, progress)
+        Ok(progress)
     }
 }
 
