@@ -130,17 +130,23 @@ impl PutPath {
 }
 
 /// Where a `put` goes on from here.
-enum Route {
+enum Route<'py> {
     /// Written whole, or queued with this progress to finish under the lock.
     Sent(Progress),
-    /// The handle's Python `put` does it all (locked handle, other codecs, other payloads).
+    /// Another greenlet does I/O on the handle: this frame waits for the lock.
+    Locked(gipc_wire::frame::Kind, Bound<'py, PyAny>),
+    /// The handle's Python `put` does it all (other codecs, other payloads).
     Python,
     /// A message that holds handles (`_put_with_handles`).
     WithHandles,
 }
 
-fn route(py: Python<'_>, path: &PutPath, o: &Borrowed<'_, '_, PyAny>) -> PyResult<Route> {
-    if path.codecs == Codecs::Other || path.locked.bind(py).call0()?.is_truthy()? {
+fn route<'py>(
+    py: Python<'py>,
+    path: &PutPath,
+    o: &Borrowed<'_, 'py, PyAny>,
+) -> PyResult<Route<'py>> {
+    if path.codecs == Codecs::Other {
         return Ok(Route::Python);
     }
     let (kind, payload) = if o.is_exact_instance_of::<pyo3::types::PyBytes>() {
@@ -160,6 +166,10 @@ fn route(py: Python<'_>, path: &PutPath, o: &Borrowed<'_, '_, PyAny>) -> PyResul
             Err(err) => return Err(err),
         }
     };
+    // Looked at after pickling, as the Python code does (pickling may run any code).
+    if path.locked.bind(py).call0()?.is_truthy()? {
+        return Ok(Route::Locked(kind, payload));
+    }
     let progress = path
         .writer
         .bind(py)
@@ -227,6 +237,9 @@ unsafe fn put(
         Route::Sent(Progress::Done) => return Ok(py.None().into_ptr()),
         Route::Sent(progress) => {
             handle.call_method1(pyo3::intern!(py, "_put_unfinished"), (progress as u8,))
+        }
+        Route::Locked(kind, payload) => {
+            handle.call_method1(pyo3::intern!(py, "_put_locked"), (kind as u8, payload))
         }
         Route::Python => handle.call_method1(pyo3::intern!(py, "_put_python"), (o,)),
         Route::WithHandles => handle.call_method1(pyo3::intern!(py, "_put_with_handles"), (o,)),

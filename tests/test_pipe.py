@@ -201,9 +201,10 @@ class TestPutPaths:
 
             holder = gevent.spawn(hold)
             gevent.sleep(0)
-            assert "_put_python" in self.python_calls(lambda: w.put(b"x"))
+            calls = self.python_calls(lambda: w.put({"a": 1}))
+            assert "_put_locked" in calls and "_put_python" not in calls  # pickled once
             holder.get()
-            assert r.get() == b"x"
+            assert r.get() == {"a": 1}
 
     def test_a_put_that_must_wait_finishes_in_order(self):
         with gipc.pipe() as (r, w):
@@ -217,6 +218,27 @@ class TestPutPaths:
             assert r.get() == b"after"
             first.get()
             after.get()
+
+    def test_the_lock_is_looked_at_after_pickling(self):
+        """As in Python: pickling may run code that lets another greenlet start I/O."""
+        with gipc.pipe() as (r, w):
+            stop = gevent.event.Event()
+
+            def hold():
+                with w._lock:
+                    stop.wait()
+
+            class Switches:
+                def __reduce__(self):
+                    gevent.spawn(hold)
+                    gevent.sleep(0)  # it takes the lock now
+                    assert w._lock.locked()
+                    gevent.spawn_later(0.01, stop.set)
+                    return (str, ("switched",))
+
+            calls = self.python_calls(lambda: w.put(Switches()))
+            assert "_put_locked" in calls
+            assert r.get() == "switched"
 
     def test_arguments_are_those_of_the_python_method(self):
         with gipc.pipe() as (r, w):

@@ -491,12 +491,16 @@ class _GIPCWriter(_GIPCHandle):
                 # Handles in the message: pickled again, their descriptors sent with it.
                 return self._put_with_handles(o)
         if self._busy.locked():
-            with self._lock:
-                self._finish(self._core.try_send(kind, payload))
+            self._put_locked(kind, payload)
             return
         status = self._core.try_send(kind, payload)
         if status != DONE:
             self._put_unfinished(status)
+
+    def _put_locked(self, kind: int, payload: BytesLike) -> None:
+        """``put`` of a frame while another greenlet does I/O on the handle: behind it."""
+        with self._lock:
+            self._finish(self._core.try_send(kind, payload))
 
     def _put_unfinished(self, status: int) -> None:
         """Finishes a ``put`` whose message is queued, under the lock."""
