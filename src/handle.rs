@@ -441,17 +441,22 @@ impl Writer {
     }
 }
 
-#[pymethods]
 impl Writer {
     /// Queues one frame and writes what the descriptor takes now. Returns `DONE`,
     /// `WOULD_BLOCK` (wait until writable, then `try_flush`) or `YIELD` (let the loop run,
-    /// then `try_flush`).
-    fn try_send(
+    /// then `try_flush`). Python calls it as `Writer.try_send`, through `crate::fastcall`.
+    pub fn try_send(
         &mut self,
         py: Python<'_>,
         kind: u8,
         payload: &Bound<'_, PyAny>,
     ) -> PyResult<Py<PyAny>> {
+        let progress = self.send(kind, payload)?;
+        status(py, progress)
+    }
+
+    /// `try_send`'s work, for Rust callers.
+    pub fn send(&mut self, kind: u8, payload: &Bound<'_, PyAny>) -> PyResult<Progress> {
         open_end(&self.end)?;
         let held = HeldBytes::from_object(payload)?;
         let kind = kind_from(kind)?;
@@ -460,9 +465,12 @@ impl Writer {
         if progress == Progress::WouldBlock && self.make_room()? {
             progress = self.flush_once()?;
         }
-        status(py, progress)
+        Ok(progress)
     }
+}
 
+#[pymethods]
+impl Writer {
     /// Like `try_send` for a list of payloads, all written with as few system calls as the
     /// descriptor allows.
     fn try_send_many(

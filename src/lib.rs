@@ -3,6 +3,7 @@
 
 mod buffer;
 mod errors;
+mod fastcall;
 mod handle;
 mod signals;
 
@@ -13,10 +14,13 @@ use pyo3::prelude::*;
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<handle::Reader>()?;
     m.add_class::<handle::Writer>()?;
+    fastcall::install(&m.py().get_type::<handle::Writer>())?;
     m.add_function(wrap_pyfunction!(handle::channel, m)?)?;
     m.add_function(wrap_pyfunction!(handle::reader_from_fds, m)?)?;
     m.add_function(wrap_pyfunction!(handle::writer_from_fds, m)?)?;
     m.add_function(wrap_pyfunction!(signals::reset_signal_state, m)?)?;
+    m.add_class::<fastcall::PutPath>()?;
+    m.add_function(wrap_pyfunction!(fastcall::install_put, m)?)?;
     m.add("DONE", Progress::Done as u8)?;
     m.add("WOULD_BLOCK", Progress::WouldBlock as u8)?;
     m.add("YIELD", Progress::Yield as u8)?;

@@ -80,6 +80,23 @@ def test_bad_kind_and_bad_payload_queue_nothing(channel):
     assert reader.try_recv() == _core.WOULD_BLOCK
 
 
+def test_try_send_checks_its_arguments(channel):
+    reader, writer = channel
+    for args in [(), (_core.KIND_BYTES,), (_core.KIND_BYTES, b"x", b"y")]:
+        with pytest.raises(TypeError, match="two positional arguments"):
+            writer.try_send(*args)
+    with pytest.raises(TypeError, match="two positional arguments"):
+        writer.try_send(_core.KIND_BYTES, payload=b"x")  # type: ignore[call-arg]
+    with pytest.raises(OverflowError):
+        writer.try_send(300, b"x")
+    with pytest.raises(TypeError, match="doesn't apply"):
+        type(writer).try_send(reader, _core.KIND_BYTES, b"x")  # type: ignore[arg-type]
+    assert reader.try_recv() == _core.WOULD_BLOCK
+    writer.close()
+    with pytest.raises(GIPCClosed):
+        writer.try_send(_core.KIND_BYTES, b"x")
+
+
 def test_a_full_channel_says_would_block_and_flushes_later(channel):
     reader, writer = channel
     status = writer.try_send(_core.KIND_ENCODED, bytes(8 << 20))

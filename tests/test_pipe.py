@@ -3,9 +3,11 @@ process (greenlet to greenlet). Cross-process behaviour is in test_process.py.""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import pickle
+import sys
 import time
 
 import gevent
@@ -151,6 +153,105 @@ class TestCodecs:
             assert w._core.try_send(kind, pickle.dumps([b"x"])) == _core.DONE
             with pytest.raises(GIPCError, match=f"refused a frame of kind {kind}"):
                 r.get()
+
+
+class TestPutPaths:
+    """``put`` runs in ``_core`` for the common cases, in Python for the rest."""
+
+    @staticmethod
+    def python_calls(call):
+        """The names of the Python functions ``call()`` runs (as ``sys.setprofile`` sees
+        them)."""
+        names = []
+
+        def profile(frame, event, arg):
+            if event == "call":
+                names.append(frame.f_code.co_name)
+
+        sys.setprofile(profile)
+        try:
+            call()
+        finally:
+            sys.setprofile(None)
+        return names
+
+    @pytest.mark.parametrize("codecs", ["pickle", "raw"])
+    def test_the_common_case_runs_no_python_code(self, codecs):
+        kwargs = {} if codecs == "pickle" else {"encoder": None, "decoder": None}
+        with gipc.pipe(**kwargs) as (r, w):
+            assert self.python_calls(lambda: w.put(b"x")) == ["<lambda>"]
+            if codecs == "pickle":
+                assert self.python_calls(lambda: w.put({"a": 1})) == ["<lambda>"]
+            assert r.get() == b"x"
+            if codecs == "pickle":
+                assert r.get() == {"a": 1}
+
+    def test_the_other_cases_take_the_python_way(self):
+        with gipc.pipe(encoder=None, decoder=None) as (r, w):
+            assert "_put_python" in self.python_calls(lambda: w.put(bytearray(b"ba")))
+            assert r.get() == b"ba"
+        with gipc.pipe(encoder=str.encode, decoder=bytes.decode) as (r, w):
+            assert "_put_python" in self.python_calls(lambda: w.put("text"))
+            assert r.get() == "text"
+        with gipc.pipe() as (r, w):
+
+            def hold():  # as another greenlet waiting inside put does
+                with w._lock:
+                    gevent.sleep(0.02)
+
+            holder = gevent.spawn(hold)
+            gevent.sleep(0)
+            calls = self.python_calls(lambda: w.put({"a": 1}))
+            assert "_put_locked" in calls and "_put_python" not in calls  # pickled once
+            holder.get()
+            assert r.get() == {"a": 1}
+
+    def test_a_put_that_must_wait_finishes_in_order(self):
+        with gipc.pipe() as (r, w):
+            messages = [bytes([i]) * 1000 for i in range(200)]  # more than a pipe holds
+            first = gevent.spawn(lambda: [w.put(m) for m in messages])
+            gevent.sleep(0.01)
+            assert w._lock.locked()  # waiting for room, under the lock
+            after = gevent.spawn(w.put, b"after")  # must queue behind, through the lock
+            gevent.sleep(0)
+            assert [r.get() for _ in messages] == messages
+            assert r.get() == b"after"
+            first.get()
+            after.get()
+
+    def test_the_lock_is_looked_at_after_pickling(self):
+        """As in Python: pickling may run code that lets another greenlet start I/O."""
+        with gipc.pipe() as (r, w):
+            stop = gevent.event.Event()
+
+            def hold():
+                with w._lock:
+                    stop.wait()
+
+            class Switches:
+                def __reduce__(self):
+                    gevent.spawn(hold)
+                    gevent.sleep(0)  # it takes the lock now
+                    assert w._lock.locked()
+                    gevent.spawn_later(0.01, stop.set)
+                    return (str, ("switched",))
+
+            calls = self.python_calls(lambda: w.put(Switches()))
+            assert "_put_locked" in calls
+            assert r.get() == "switched"
+
+    def test_arguments_are_those_of_the_python_method(self):
+        with gipc.pipe() as (r, w):
+            w.put(o=b"named")
+            assert r.get() == b"named"
+            for args, kwargs in [((), {}), ((1, 2), {}), ((), {"x": 1}), ((1,), {"o": 2})]:
+                with pytest.raises(TypeError):
+                    w.put(*args, **kwargs)
+            assert "Encode ``o``" in w.put.__doc__
+            assert str(inspect.signature(w.put)) == "(o)"
+            w.close()
+            with pytest.raises(GIPCClosed):
+                w.put(b"x")
 
 
 class TestBatches:

@@ -2,7 +2,7 @@
 and the Python layer waits on gevent's hub."""
 
 import sys
-from typing import List, Tuple, Union, final
+from typing import Any, Callable, List, Tuple, Union, final
 
 if sys.version_info >= (3, 12):
     from collections.abc import Buffer
@@ -16,6 +16,7 @@ __all__ = [
     "KIND_BYTES",
     "KIND_ENCODED",
     "KIND_HANDLES",
+    "PutPath",
     "REPLY_SPIN_US",
     "Reader",
     "WOULD_BLOCK",
@@ -23,6 +24,7 @@ __all__ = [
     "YIELD",
     "__version__",
     "channel",
+    "install_put",
     "reader_from_fds",
     "reset_signal_state",
     "writer_from_fds",
@@ -109,9 +111,10 @@ class Writer:
     @property
     def mid_frame(self) -> bool:
         """True when a frame is partly written: closing now would tear it."""
-    def try_send(self, kind: int, payload: Buffer) -> int:
+    def try_send(self, kind: int, payload: Buffer, /) -> int:
         """Queues one frame and writes what the descriptor takes now: DONE, WOULD_BLOCK
         (wait until writable, then try_flush) or YIELD (let the loop run, then try_flush).
+        Positional arguments only (a "fastcall" method: no tuple per call).
 
         ``payload`` is ``bytes`` or any object with a contiguous buffer, held (exported)
         until written and written from where it lies; anything else raises TypeError."""
@@ -164,3 +167,28 @@ def reset_signal_state() -> List[int]:
     """Every signal's disposition to SIG_DFL at the C level, except SIGPIPE, SIGKILL and
     SIGSTOP, and every signal unblocked in the calling thread; returns the signals whose
     disposition was not SIG_DFL before."""
+
+class PutPath:
+    """What a writer handle's ``put`` (installed by :func:`install_put`) needs, looked up
+    once per handle, as its ``_fast`` attribute."""
+
+    def __init__(
+        self,
+        writer: Writer,
+        locked: Callable[[], bool],
+        codecs: str,
+        dumps: Callable[[Any, int], bytes],
+        protocol: int,
+        not_picklable: type,
+    ) -> None:
+        """``locked``: the handle lock's; ``codecs``: "pickle" (``bytes`` as KIND_BYTES,
+        anything else pickled with ``dumps``), "raw" (``bytes`` as KIND_ENCODED) or "other"
+        (all of ``put`` in Python); ``not_picklable``: what ``dumps`` raises for a message
+        that holds handles."""
+
+def install_put(cls: type) -> None:
+    """Replaces ``cls.put`` (keeping its docstring) with one that does the common cases
+    without a Python frame: no greenlet doing I/O on the handle (``_fast.locked()``), a
+    ``bytes`` message or (pickle codecs) one that pickles, written at once. It calls the
+    instance's ``_put_unfinished(status)`` when the message is queued,
+    ``_put_with_handles(o)`` for a message with handles and ``_put_python(o)`` for the rest."""

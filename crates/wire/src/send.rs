@@ -153,56 +153,63 @@ impl<P: AsRef<[u8]>> Sender<P> {
             return Ok(self.flush_lanes(sink, bulk)?);
         }
         let header = encode_lane_header(kind, len as u64, Lane::Frame)?;
-        self.budget.begin_call();
-        let result = self.write_direct(header, payload, sink);
-        self.budget.end_call();
+        if self.budget.begin_short_call() {
+            self.queue_direct(header, payload, 0);
+            return Ok(Progress::Yield);
+        }
+        let (result, short) = self.write_direct(header, payload, sink);
+        if short {
+            self.budget.end_short_call();
+        } else {
+            self.budget.end_call();
+        }
         Ok(result?)
     }
 
+    fn queue_direct(&mut self, header: [u8; HEADER_LEN], payload: P, written: usize) {
+        self.queue.push_back(Pending {
+            header,
+            payload,
+            written,
+            lane: Lane::Frame,
+            fds: Vec::new(),
+        });
+    }
+
+    /// The single write of [`Sender::push_and_flush`], and whether that was all the call did
+    /// (a short call for the budget).
     fn write_direct<W: WriteSink>(
         &mut self,
         header: [u8; HEADER_LEN],
         payload: P,
         sink: &mut W,
-    ) -> io::Result<Progress> {
-        let queue = |tx: &mut Self, payload: P, written: usize| {
-            tx.queue.push_back(Pending {
-                header,
-                payload,
-                written,
-                lane: Lane::Frame,
-                fds: Vec::new(),
-            });
-        };
-        if self.budget.spend(SYSCALL_WEIGHT) {
-            queue(self, payload, 0);
-            return Ok(Progress::Yield);
-        }
+    ) -> (io::Result<Progress>, bool) {
         self.scratch.clear();
         self.scratch.extend_from_slice(&header);
         self.scratch.extend_from_slice(payload.as_ref());
         let total = self.scratch.len();
-        match sink.write_some(&[IoSlice::new(&self.scratch)]) {
+        let result = match sink.write_some(&[IoSlice::new(&self.scratch)]) {
             Ok(n) if n == total => Ok(Progress::Done),
             Ok(0) => {
-                queue(self, payload, 0);
+                self.queue_direct(header, payload, 0);
                 Ok(self.would_block())
             }
             Ok(n) => {
                 // The rest goes out from the payload itself, like any queued frame's.
-                queue(self, payload, n);
-                self.flush_queue(sink, &mut None::<&mut W>)
+                self.queue_direct(header, payload, n);
+                return (self.flush_queue(sink, &mut None::<&mut W>), false);
             }
             Err(err) => {
                 // Queued, as `push` then a failed flush leaves it.
-                queue(self, payload, 0);
+                self.queue_direct(header, payload, 0);
                 if err.kind() == io::ErrorKind::WouldBlock {
                     Ok(self.would_block())
                 } else {
                     Err(err)
                 }
             }
-        }
+        };
+        (result, true)
     }
 
     /// Queues one frame that carries descriptors, on a channel whose descriptors go on a
