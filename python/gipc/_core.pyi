@@ -168,19 +168,20 @@ def reset_signal_state() -> List[int]:
     SIGSTOP, and every signal unblocked in the calling thread; returns the signals whose
     disposition was not SIG_DFL before."""
 
+@final
 class PutPath:
     """What a writer handle's ``put`` (installed by :func:`install_put`) needs, looked up
     once per handle, as its ``_fast`` attribute."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         writer: Writer,
         locked: Callable[[], bool],
         codecs: str,
         dumps: Callable[[Any, int], bytes],
         protocol: int,
         not_picklable: type,
-    ) -> None:
+    ) -> "PutPath":
         """``locked``: the handle lock's; ``codecs``: "pickle" (``bytes`` as KIND_BYTES,
         anything else pickled with ``dumps``), "raw" (``bytes`` as KIND_ENCODED) or "other"
         (all of ``put`` in Python); ``not_picklable``: what ``dumps`` raises for a message
