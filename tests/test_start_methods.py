@@ -293,6 +293,22 @@ class TestForkServer:
         assert waited < 4, "the join waited for the stopped server"
         assert p.exitcode == 6
 
+    def test_a_join_on_the_child_s_word_finds_its_descriptors_closed(self):
+        """The join returns on the child's EXITED record, without waiting for the kernel
+        to tear down its address space (slow for a child that grew: 256 MiB here), so the
+        child closes every descriptor of its before it writes that record: a pipe it held
+        and never closed reads as ended as soon as the join returns."""
+        with gipc.pipe() as (told, tell), gipc.pipe() as (result, held):
+            p = gipc.start_process(
+                exit_big_when_told, args=(told, 0), kwargs={"hold": held},
+                start_method="forkserver",
+            )
+            tell.put(None)
+            p.join(10)
+            assert p.exitcode == 0
+            with pytest.raises(EOFError):
+                result.get(timeout=0)
+
     def test_a_child_outlives_its_server_and_still_reports_its_exit(self):
         p = gipc.start_process(exit_with_after, args=(5, 0.5), start_method="forkserver")
         server = _forkserver.server_pid()
@@ -369,10 +385,11 @@ class TestForkServer:
         _forkserver._server = None
         monkeypatch.setenv("GIPC_FORKSERVER_TEST_DOOMED", "1")
         try:
-            gipc.start_process(noop, start_method="forkserver").join()
+            first = gipc.start_process(noop, start_method="forkserver")
+            first.join()  # on its word: it may still be tearing down its address space
             server = _forkserver.server_pid()
             assert server is not None
-            spare = _wait_spare(server, not_pids=set())
+            spare = _wait_spare(server, not_pids={first.pid})
             os.kill(spare, signal.SIGKILL)  # no spare: the next start forks its child
             _wait_ended(spare)
             p = gipc.start_process(exit_with, args=(7,), start_method="forkserver")
@@ -489,7 +506,7 @@ class TestForkServer:
 _BALLAST = []
 
 
-def exit_big_when_told(reader: "gipc.gipc._GIPCHandle", code: int) -> None:
+def exit_big_when_told(reader: "gipc.gipc._GIPCHandle", code: int, hold: object = None) -> None:
     reader.get()
     ballast = bytearray(256 << 20)
     ballast[::4096] = b"\x01" * len(range(0, len(ballast), 4096))  # every page resident

@@ -33,10 +33,12 @@ had not read the last offer, to that spare, withdrawn first). Server → caller,
 on that child's status socket: 8-byte records ``(tag, value)``: ``PID`` (with the child's
 pidfd attached where the system has them; only for a start sent to the server), or
 ``FAILED`` if no child could be given the start; then ``EXITED`` (the child's own exit
-code, written by the child just before it ends) and ``REAPED`` (the wait status, written
-by the server when it reaps the child). With a pidfd, ``EXITED`` and the pidfd's word that
-the process is gone are enough (a join watches the pidfd: one wake-up); ``REAPED`` is what
-a child killed by a signal (which writes nothing) is known by. The child is not the
+code, written by the child as its last act, once every other descriptor of its is closed)
+and ``REAPED`` (the wait status, written by the server when it reaps the child). A join
+watches the status socket and ends on ``EXITED`` (one wake-up; the kernel's teardown of
+the child's address space, ~0.5 ms or more, is not waited for); ``REAPED`` is what a child
+killed by a signal (which writes nothing) is known by. The pidfd is for signals: it names
+exactly that child, whatever reuses its pid. The child is not the
 caller's own, so ``waitpid`` cannot tell the caller its exit: these records do. If the
 server dies, a child it started still reports ``EXITED`` (or, killed by a signal, just
 closes the socket: exit code 255), and starts in flight to it fail with a ``GIPCError``
@@ -400,8 +402,6 @@ class ForkServerPopen(CooperativePopen):
 
     _pidfd: Optional[int] = None
     _status_fd = -1
-    #: Whether the exit watcher is on the pidfd (else on the status socket).
-    _on_pidfd = False
 
     def _launch(self, process_obj: "_GProcess") -> None:
         startup = StartupData(process_obj, self, self.method)
@@ -522,35 +522,20 @@ class ForkServerPopen(CooperativePopen):
                 self._status = value
         if self._status is not None:
             return os.waitstatus_to_exitcode(self._status)
-        if self._child_code is not None and _has_ended(self._pidfd):
-            # Its own word, and the system's that it is gone: no need to wait for the
-            # server to reap it and say so (one process wake-up less per join).
+        if self._child_code is not None:
+            # Its own last word, written with every other descriptor of its closed: it
+            # runs nothing more. Neither its teardown nor the server's reaping is waited
+            # for (the server reaps it; it never was our child).
             return self._child_code
         if self._ended:  # the server died: the child's own word, if it had its say
             return self._child_code if self._child_code is not None else 255
         return None
 
     def _watch_exit(self) -> None:
-        # On the pidfd while there is one: the child writes EXITED before it ends, so when
-        # the pidfd says it is gone the record is already in the socket, and a join wakes
-        # once, when the child has ended. Watching the socket instead woke it for EXITED
-        # (the child still exiting, the pidfd not yet readable) and again for the server's
-        # REAPED, which waits for the server to be woken by SIGCHLD: ~1 ms more per join.
-        self._on_pidfd = self._pidfd is not None
-        fd = self._pidfd if self._pidfd is not None else self._status_fd
-        self._exit_watcher = io_watcher(fd, READ)
-        self._exit_watcher.start(self._on_exit_readable)
-
-    def _reap_or_retry(self) -> None:
-        if self.poll() is not None or self._exit_watcher is None:
-            return
-        if self._on_pidfd and _has_ended(self._pidfd):
-            # Gone without its EXITED record (killed by a signal): the socket tells the
-            # rest, the server's REAPED record or its end.
-            self._exit_watcher.close()
-            self._exit_watcher = io_watcher(self._status_fd, READ)
-            self._on_pidfd = False
-        # No timer: the exit status is not late, only not yet sent.
+        # On the status socket: the child's EXITED record ends a join at once (one
+        # wake-up); a child killed by a signal writes none, and the server's REAPED record
+        # (or the socket's end, if the server died too) comes instead.
+        self._exit_watcher = io_watcher(self._status_fd, READ)
         self._exit_watcher.start(self._on_exit_readable)
 
     def _send_signal(self, sig: int) -> None:
@@ -949,9 +934,33 @@ def _run_spare(sock: socket.socket, inherited: List[int]) -> None:
     finally:
         try:
             if status_w >= 0:
+                # Every other descriptor closed first: a join returns on this record, and
+                # then the child's ends of its pipes (its stdio too) must be closed already.
+                # What is left, the kernel tearing down the address space (~0.5 ms for the
+                # server's image, more for a child that grew), no longer delays the join.
+                _close_fds_except(status_w)
                 os.write(status_w, _RECORD.pack(EXITED, code))
         finally:
             os._exit(code)
+
+
+def _close_fds_except(keep: int) -> None:
+    """Closes every descriptor of this process but ``keep``. Lists the open ones (Python
+    3.9's ``os.closerange`` tries every number up to its bound, one system call each)."""
+    for directory in ("/proc/self/fd", "/dev/fd"):
+        try:
+            fds = [int(name) for name in os.listdir(directory)]
+            break
+        except OSError:
+            continue
+    else:
+        fds = list(range(os.sysconf("SC_OPEN_MAX")))
+    for fd in fds:
+        if fd != keep:
+            try:
+                os.close(fd)
+            except OSError:  # the listing's own descriptor, closed already
+                pass
 
 
 def _start(
