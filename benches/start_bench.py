@@ -7,7 +7,8 @@ event-loop stall seen by a greenlet ticking every millisecond meanwhile. For spa
 child that is handed a pipe and writes to it once: the common case, in which a spawned gipc
 child imports gevent too. multiprocessing's own ``spawn`` and ``forkserver`` ``Process`` run
 beside them (their ``start()`` and ``join()`` block the caller: their stall is the whole
-time, not shown).
+time, not shown). The first row starts nothing: its stall is the ticker's own lateness on
+this machine at that moment, the floor under every other row's stall.
 
     python benches/start_bench.py [--sizes 0,1,2,4] [--runs 20] [--pause 5] [--json out.json]
 
@@ -155,7 +156,21 @@ def measure(
     }
 
 
+def _idle_case() -> Callable[[], None]:
+    """No start at all: a 2 ms sleep, about as long as a fork server's start + join. Its
+    stall is the floor of the stall column on this machine at this moment (the ticker's
+    own lateness: timer slack, and a virtual CPU not given back at once), against which
+    the other rows' stalls are read."""
+    import gevent
+
+    def run() -> None:
+        gevent.sleep(0.002)
+
+    return run
+
+
 CASES = {
+    "no start (2 ms sleep)": (_idle_case, True),
     "gipc fork": (lambda: _gipc_case("fork"), True),
     "gipc forkserver": (lambda: _gipc_case("forkserver"), True),
     "gipc spawn": (lambda: _gipc_case("spawn"), True),
