@@ -175,7 +175,10 @@ impl Reader {
             .attempt(|| receive_once(py, rx, end, transport, fds))?
         {
             Some(answer) => Ok(answer),
-            None => status(py, Progress::WouldBlock),
+            None => {
+                self.rx.will_wait();
+                status(py, Progress::WouldBlock)
+            }
         }
     }
 

@@ -631,6 +631,15 @@ def test_message_larger_than_two_gib():
         assert len(got) == size and got[-1] == 1 and got == payload
 
 
+def _put_paced(writer, count: int, pause: float) -> None:
+    """``count`` messages (their numbers), ``pause`` seconds apart, waited on the CPU."""
+    for i in range(count):
+        until = time.perf_counter() + pause
+        while time.perf_counter() < until:
+            pass
+        writer.put(i)
+
+
 def _put_after(writer, delay: float, message) -> None:
     gevent.sleep(delay)
     writer.put(message)
@@ -684,6 +693,31 @@ class TestReplySpin:
             p.join()
             assert isinstance(frame, tuple), frame
             assert pickle.loads(frame[1]) == "late"
+
+    def test_a_reader_that_keeps_up_by_spinning_still_yields(self, monkeypatch):
+        """A stream whose reader keeps up, catching each message with a spin, still gives
+        the event loop its turns: looking again on the CPU is not a wait. (Each look that
+        found nothing once started a new time slice, and such a stream never yielded: a
+        100,000-message stream stalled the loop for 30-50 ms.)"""
+        from gipc import _handles
+
+        yields = []
+        real = _handles._yield_to_loop
+
+        def counting_yield() -> None:
+            yields.append(1)
+            real()
+
+        monkeypatch.setattr(_handles, "_yield_to_loop", counting_yield)
+        with gipc.pipe() as (r, w):
+            # 20 us between two messages: the reader is always ahead, and spins for each.
+            p = gipc.start_process(_put_paced, args=(w, 5000, 20e-6))
+            for i in range(5000):
+                assert r.get() == i
+            p.join()
+        assert p.exitcode == 0
+        # ~0.1 s of stream in 0.5 ms slices: about 200 yields (none before the fix).
+        assert len(yields) >= 10, len(yields)
 
     def test_spinning_get_keeps_its_timeout_and_end_of_stream(self):
         with gipc.pipe(duplex=True) as (a, b):

@@ -228,6 +228,14 @@ impl<B: PayloadBuf> Receiver<B> {
         })
     }
 
+    /// The caller is about to wait on the hub after `WouldBlock` (not to look again on
+    /// the CPU): that wait is the event loop's turn, and the next call starts a new slice.
+    /// A reader that spins and catches the next message never calls this, so the time it
+    /// spends keeping up with a stream adds up, and asks for yields, as a busy stream's.
+    pub fn will_wait(&mut self) {
+        self.budget.reset();
+    }
+
     /// The descriptor to wait for after `WouldBlock`: the bulk lane while a payload is
     /// coming on it, else the frame lane.
     pub fn waiting_lane(&self) -> Lane {
@@ -398,8 +406,8 @@ impl<B: PayloadBuf> Receiver<B> {
 
     fn would_block_or(&mut self, err: io::Error) -> Result<Step<B>, RecvError> {
         if err.kind() == io::ErrorKind::WouldBlock {
-            // The caller is about to wait on the hub: that is the yield.
-            self.budget.reset();
+            // Not a new slice yet: the caller may look again at once (a spin) rather than
+            // wait on the hub, and the slice goes on until it does (`Receiver::will_wait`).
             Ok(Step::WouldBlock)
         } else {
             Err(RecvError::Io(err))
@@ -772,6 +780,30 @@ mod tests {
                 Event::Yield => yields += 1,
                 Event::WouldBlock => break,
                 Event::Message { .. } => unreachable!(),
+            }
+        }
+        assert_eq!(next, 20_000);
+        assert!(yields > 100, "only {yields} yields");
+    }
+
+    #[test]
+    fn a_reader_that_looks_again_instead_of_waiting_still_asks_for_yields() {
+        // A reader that keeps up with its writer by spinning sees "would block" between
+        // two messages and looks again on the CPU: the event loop has had no turn, so the
+        // slice goes on. (It used to start over at every "would block": a stream read that
+        // way never yielded, and stalled the loop for its whole length.)
+        let frames: Vec<Vec<u8>> = (0..20_000u32)
+            .map(|i| frame(Kind::Encoded, &i.to_le_bytes()))
+            .collect();
+        let mut src = ScriptedSource::paced(&frames);
+        let slice = std::time::Duration::from_micros(5);
+        let mut rx = Receiver::new(u64::MAX, Budget::new(Some(slice)));
+        let (mut yields, mut next) = (0, 0u32);
+        while !src.is_exhausted() {
+            match rx.poll_lanes(&mut src, NO_BULK, alloc).unwrap() {
+                Event::Message { .. } => next += 1,
+                Event::Yield => yields += 1,
+                Event::WouldBlock => {} // look again at once, as a spin does
             }
         }
         assert_eq!(next, 20_000);

@@ -9,6 +9,8 @@ use crate::io::{ReadSource, WriteSink};
 enum Piece {
     Data(Vec<u8>),
     Fail(io::ErrorKind),
+    /// "Would block" once, then the next piece (a writer a little behind its reader).
+    Pause,
 }
 
 /// A source that hands out scripted pieces, each possibly over several reads, then says
@@ -39,6 +41,16 @@ impl ScriptedSource {
 
     pub fn chunks(data: &[u8], size: usize) -> Self {
         Self::from_pieces(data.chunks(size).map(|c| Piece::Data(c.to_vec())).collect())
+    }
+
+    /// Each of `pieces` in one read, with a "would block" after each.
+    pub fn paced(pieces: &[Vec<u8>]) -> Self {
+        Self::from_pieces(
+            pieces
+                .iter()
+                .flat_map(|p| [Piece::Data(p.clone()), Piece::Pause])
+                .collect(),
+        )
     }
 
     pub fn failing(kind: io::ErrorKind) -> Self {
@@ -77,6 +89,10 @@ impl ReadSource for ScriptedSource {
                 None if self.eof => return Ok(0),
                 None => return Err(io::ErrorKind::WouldBlock.into()),
                 Some(Piece::Fail(kind)) => return Err((*kind).into()),
+                Some(Piece::Pause) => {
+                    self.pieces.pop_front();
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
                 Some(Piece::Data(data)) if data.is_empty() => {
                     self.pieces.pop_front();
                 }
