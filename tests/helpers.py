@@ -6,9 +6,11 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from typing import List
 
 import gevent
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,3 +66,23 @@ def fd_targets(pid: int) -> List[str]:
         except OSError:
             pass
     return out
+
+
+def wait_gone(pid: int, timeout: float = 10.0) -> None:
+    """Waits until process ``pid`` no longer exists, reaping it if it is a zombie of ours;
+    fails the test after ``timeout`` seconds. For a process someone else reaps (a fork
+    server's child) or that is dying as the test goes on."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return  # a zombie of ours, reaped
+        except ChildProcessError:
+            pass  # not ours: its parent reaps it
+        if time.monotonic() > deadline:
+            pytest.fail(f"process {pid} is still there after {timeout} s")
+        time.sleep(0.01)

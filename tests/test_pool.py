@@ -24,7 +24,7 @@ from gipc.pool import (
     _encode_task,
 )
 from conftest import START_METHOD
-from helpers import Ticker, run_python
+from helpers import Ticker, run_python, wait_gone
 
 # --- Task functions (module level, so they pickle by reference) ---------------------------
 
@@ -477,21 +477,12 @@ def test_context_manager_leaves_nothing_behind():
     if START_METHOD == "forkserver":
         # The fork server's children, not ours: each worker's join returned on its last
         # word (code run, every descriptor closed), and the server reaps it right after.
-        deadline = time.monotonic() + 10
-        while any(_exists(pid) for pid in pids) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        for pid in pids:
+            wait_gone(pid)
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     # (the autouse fixture also checks for descriptors and children left behind)
-
-
-def _exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_bad_arguments():

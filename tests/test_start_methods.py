@@ -20,7 +20,7 @@ from gipc import GIPCError, _forkserver
 from gipc._process import resolve_start_method
 
 from conftest import LINUX, child_pids
-from helpers import run_python
+from helpers import run_python, wait_gone
 
 NON_FORK = ["spawn", "forkserver"]
 
@@ -199,7 +199,7 @@ class TestForkServer:
         old = _forkserver.server_pid()
         assert old is not None
         os.kill(old, signal.SIGKILL)
-        _wait_gone(old)  # dead for a while, not dying as the next start reaches it
+        wait_gone(old)  # dead for a while, not dying as the next start reaches it
         p = gipc.start_process(exit_with, args=(3,), start_method="forkserver")
         p.join()
         assert p.exitcode == 3
@@ -271,7 +271,7 @@ class TestForkServer:
         p = gipc.start_process(noop, start_method="forkserver")  # a new one
         p.join()
         assert p.exitcode == 0
-        _wait_gone(server)
+        wait_gone(server)
 
     def test_a_join_ends_on_the_child_s_own_word_without_the_server(self):
         """A child that exits normally is joined on its EXITED record and its pidfd, not the
@@ -316,7 +316,7 @@ class TestForkServer:
         os.kill(server, signal.SIGKILL)
         p.join(10)
         assert p.exitcode == 5
-        _wait_gone(server)
+        wait_gone(server)
 
     def test_the_server_ends_with_its_caller(self):
         result = run_python(
@@ -343,7 +343,7 @@ class TestForkServer:
         )
         assert result.returncode == 0, result.stderr
         server, *spares = (int(pid) for pid in result.stdout.split()[-2:])
-        _wait_gone(server)
+        wait_gone(server)
         assert len(spares) == 1
         _wait_ended(spares[0])  # the waiting spare child goes with it
 
@@ -401,7 +401,7 @@ class TestForkServer:
             _forkserver._close_at_exit()  # the next test's server has no hook
             _forkserver._server = None
             if hooked is not None:
-                _wait_gone(hooked)
+                wait_gone(hooked)
 
     def test_the_next_spare_is_forked_when_the_started_child_has_ended(self, monkeypatch):
         """Not while the child runs: the fork would compete with it and with the caller
@@ -427,7 +427,7 @@ class TestForkServer:
             _forkserver._close_at_exit()  # the next test's server forks as usual
             _forkserver._server = None
             if hooked is not None:
-                _wait_gone(hooked)
+                wait_gone(hooked)
 
     def test_threads_whose_first_starts_meet_share_one_server(self, monkeypatch):
         """Two OS threads start their first fork-server child at once: one server starts
@@ -580,22 +580,6 @@ def _wait_ended(pid: int) -> None:
             return
         time.sleep(0.05)
     pytest.fail(f"process {pid} is still running")
-
-
-def _wait_gone(pid: int) -> None:
-    for _ in range(200):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        if pid in child_pids():
-            try:  # a zombie of ours: reap it
-                if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                    return
-            except ChildProcessError:
-                return
-        time.sleep(0.05)
-    pytest.fail(f"process {pid} is still there")
 
 
 def start_grandchild_then_die(seconds: float) -> None:
