@@ -3,7 +3,9 @@
 For each amount of extra touched memory in the caller (default 0, 1, 2 and 4 GiB), each
 start method starts and joins a no-op child ``--runs`` times (after one warm-up start, so a
 fork server is already up), and reports the median time and, for gipc, the caller's longest
-event-loop stall seen by a greenlet ticking every millisecond meanwhile. For spawn, also a
+event-loop stall seen by a greenlet ticking every millisecond meanwhile, with the CPU time
+the caller's thread used within that stall (little of it: the caller was waiting for a
+CPU, not running gipc's code; a fork's stall is all CPU). For spawn, also a
 child that is handed a pipe and writes to it once: the common case, in which a spawned gipc
 child imports gevent too. multiprocessing's own ``spawn`` and ``forkserver`` ``Process`` run
 beside them (their ``start()`` and ``join()`` block the caller: their stall is the whole
@@ -104,27 +106,37 @@ def _mp_case(method: str) -> Callable[[], None]:
 
 
 class _StallMeter:
+    """The longest gap between two ticks of a greenlet that sleeps 1 ms (so an idle loop
+    shows ~1.1 ms), and how much CPU the caller's thread used within that gap: a gap
+    with little of it is the caller waiting for a CPU (the child, the server and the
+    caller share the machine's), not the caller's code holding the loop."""
+
     def __init__(self) -> None:
         import gevent
 
         self.worst = 0.0
+        self.worst_cpu = 0.0
         self._running = True
         self._greenlet = gevent.spawn(self._tick)
+
+    def reset(self) -> None:
+        self.worst = self.worst_cpu = 0.0
 
     def _tick(self) -> None:
         import gevent
 
-        last = time.perf_counter()
+        last, last_cpu = time.perf_counter(), time.thread_time()
         while self._running:
             gevent.sleep(0.001)
-            now = time.perf_counter()
-            self.worst = max(self.worst, now - last)
-            last = now
+            now, cpu = time.perf_counter(), time.thread_time()
+            if now - last > self.worst:
+                self.worst, self.worst_cpu = now - last, cpu - last_cpu
+            last, last_cpu = now, cpu
 
-    def stop(self) -> float:
+    def stop(self) -> "tuple[float, float]":
         self._running = False
         self._greenlet.join()
-        return self.worst
+        return self.worst, self.worst_cpu
 
 
 def measure(
@@ -143,16 +155,18 @@ def measure(
         started = time.perf_counter()
         run()
         times.append(time.perf_counter() - started)
-    stalls: List[float] = []
+    stalls: List["tuple[float, float]"] = []
     for _ in range(runs if stall else 0):
         meter = _StallMeter()
         gevent.sleep(0.005)  # the meter's first tick has happened
-        meter.worst = 0.0
+        meter.reset()
         run()
         stalls.append(meter.stop())
+    worst = max(stalls) if stalls else None
     return {
         "ms": statistics.median(times) * 1e3,
-        "stall_ms": max(stalls) * 1e3 if stalls else None,
+        "stall_ms": worst[0] * 1e3 if worst else None,
+        "stall_cpu_ms": worst[1] * 1e3 if worst else None,
     }
 
 
@@ -213,9 +227,8 @@ def main() -> None:
             result = measure(run, args.runs, stall, args.pause / 1e3)
             results.setdefault(name, {})[str(gib)] = result
         del ballast
-    header = "| start + join (median ms; max stall ms) | " + " | ".join(
-        f"{g:g} GiB" for g in sizes
-    ) + " |"
+    title = "start + join: median ms (longest stall ms / the caller's CPU in it)"
+    header = f"| {title} | " + " | ".join(f"{g:g} GiB" for g in sizes) + " |"
     print(header)
     print("|" + "---|" * (len(sizes) + 1))
     for name in names:
@@ -224,7 +237,7 @@ def main() -> None:
             r = results[name][str(gib)]
             cell = f"{r['ms']:.1f}"
             if r["stall_ms"] is not None:
-                cell += f" ({r['stall_ms']:.1f})"
+                cell += f" ({r['stall_ms']:.1f} / {r['stall_cpu_ms']:.2f})"
             cells.append(cell)
         print(f"| {name} | " + " | ".join(cells) + " |")
     if args.json:
