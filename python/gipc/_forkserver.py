@@ -940,8 +940,19 @@ def _run_spare(sock: socket.socket, inherited: List[int]) -> None:
                 # server's image, more for a child that grew), no longer delays the join.
                 _close_fds_except(status_w)
                 os.write(status_w, _RECORD.pack(EXITED, code))
+                # That write woke the caller's join as a "sync" wake-up: Linux may queue
+                # the caller on this CPU, expecting the writer to sleep now, but the
+                # teardown follows (0.5-3 ms here) and the caller's loop would wait for
+                # it unless another CPU pulled it over. Yielding lets the caller run first.
+                _yield_cpu()
         finally:
             os._exit(code)
+
+
+def _yield_cpu() -> None:
+    yield_cpu = getattr(os, "sched_yield", None)
+    if yield_cpu is not None:
+        yield_cpu()
 
 
 def _close_fds_except(keep: int) -> None:
