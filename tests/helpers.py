@@ -42,13 +42,13 @@ class Ticker:
 
 
 def run_python(code: str, *args: str, env_extra: "dict[str, str] | None" = None,
-               timeout: float = 60) -> subprocess.CompletedProcess:
+               timeout: float = 60, flags: "tuple[str, ...]" = ()) -> subprocess.CompletedProcess:
     """Runs ``code`` in a fresh interpreter (for monkey-patching and exit behaviour, which
-    must not leak into the test process)."""
+    must not leak into the test process), with interpreter ``flags`` before ``-c``."""
     env = dict(os.environ)
     env.update(env_extra or {})
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code), *args],
+        [sys.executable, *flags, "-c", textwrap.dedent(code), *args],
         capture_output=True,
         text=True,
         timeout=timeout,

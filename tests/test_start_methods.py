@@ -181,6 +181,26 @@ class TestNonForkChildren:
             assert len(channels) == 2, state["fds"]
 
 
+    def test_the_child_finds_gipc_where_the_caller_found_it(self, method):
+        # Neither gipc nor gevent is importable without the program's own sys.path entries
+        # (-I -S: no PYTHONPATH, no site-packages; as for a vendored copy, an application
+        # bundle): the child, whose command line imports gipc first, must search where the
+        # caller did.
+        roots = sorted({os.path.dirname(os.path.dirname(m.__file__)) for m in (gipc, gevent)})
+        result = run_python(
+            f"""
+            import sys
+            sys.path[:0] = {roots!r}
+            import gipc, time
+            p = gipc.start_process(time.sleep, args=(0,), start_method={method!r})
+            p.join(30)
+            print("exitcode", p.exitcode)
+            """,
+            flags=("-I", "-S"),
+        )
+        assert "exitcode 0" in result.stdout, result.stdout + result.stderr
+
+
 def _forkserver_pid():
     pid = _forkserver.server_pid()
     return [pid] if pid is not None else []

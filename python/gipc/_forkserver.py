@@ -74,7 +74,7 @@ from gevent.socket import wait_read, wait_write
 from . import _child
 from ._hub import READ, io_watcher
 from ._popen import CooperativePopen
-from ._startup import Feeder, StartupData, preparation_data
+from ._startup import Feeder, StartupData, child_command, preparation_data
 from ._startup_child import run_child
 from .exceptions import GIPCError
 
@@ -128,14 +128,9 @@ class _Server:
         kind = socket.SOCK_STREAM
         ours, theirs = socket.socketpair(socket.AF_UNIX, kind)
         try:
-            args = [
-                mp_spawn.get_executable(),
-                *mp_util._args_from_interpreter_flags(),  # type: ignore[attr-defined]
-                "-c",
-                "from gipc._forkserver import serve; serve()",
-                _FLAG,
-                str(theirs.fileno()),
-            ]
+            args = child_command(
+                "from gipc._forkserver import serve; serve()", _FLAG, str(theirs.fileno())
+            )
             self.pid: int = mp_util.spawnv_passfds(args[0], args, [theirs.fileno()])
         except BaseException:
             ours.close()

@@ -9,7 +9,8 @@ the new interpreter imports its way up to reading it.
 
 The child's command line::
 
-    python [interpreter flags] -c 'from gipc._startup_child import spawn_main; spawn_main()'
+    python [interpreter flags] -c 'import sys; sys.path[:] = [the caller's path];
+        from gipc._startup_child import spawn_main; spawn_main()'
         --gipc-spawn DATA_FD PARENT_SENTINEL EXIT_FD HANDLE_FDS
 """
 
@@ -17,12 +18,11 @@ from __future__ import annotations
 
 import logging
 import os
-from multiprocessing import spawn as mp_spawn
 from multiprocessing import util as mp_util
 from typing import TYPE_CHECKING, List
 
 from ._popen import CooperativePopen, open_pidfd
-from ._startup import Feeder, StartupData, format_fds
+from ._startup import Feeder, StartupData, child_command, format_fds
 from ._startup_child import SPAWN_FLAG
 
 if TYPE_CHECKING:
@@ -49,17 +49,14 @@ class SpawnPopen(CooperativePopen):
             data_r, data_w = os.pipe()
             opened += (data_r, data_w)
             passed = [data_r, child_r, child_w, *startup.handle_fds]
-            args = [
-                mp_spawn.get_executable(),
-                *mp_util._args_from_interpreter_flags(),  # type: ignore[attr-defined]
-                "-c",
+            args = child_command(
                 "from gipc._startup_child import spawn_main; spawn_main()",
                 SPAWN_FLAG,
                 str(data_r),
                 str(child_r),
                 str(child_w),
                 format_fds(startup.handle_fds),
-            ]
+            )
             pid = mp_util.spawnv_passfds(args[0], args, passed)
         except BaseException:
             for fd in opened:

@@ -71,6 +71,33 @@ def preparation_data(name: str) -> Dict[str, Any]:
     return data
 
 
+#: Longest ``-c`` code a child's command line carries with the caller's ``sys.path`` in
+#: it (Linux takes 128 KiB per argument); a longer path is left to the start-up data.
+_MAX_CODE = 64 * 1024
+
+
+def child_command(entry: str, *argv: str) -> List[Any]:
+    """The command line of a new interpreter (a spawned child, the fork server) that runs
+    the Python statement ``entry`` with ``argv`` after ``-c``: this interpreter, its flags,
+    and first of all the caller's ``sys.path``, so that gipc (and gevent, for the server)
+    are imported from where the caller found them: a ``sys.path`` changed at run time (a
+    vendored copy, an application bundle), a relative entry, ``PYTHONPATH`` under ``-I``.
+    The executable comes first, as multiprocessing gives it (bytes or str).
+    multiprocessing's spawn needs none of this, its child imports only the standard library
+    before it reads the caller's path; ours imports gipc first."""
+    path = [mp_process.ORIGINAL_DIR if p == "" else p for p in sys.path]  # type: ignore[attr-defined]
+    code = f"import sys; sys.path[:] = {path!r}; {entry}"
+    if len(code) > _MAX_CODE:
+        code = entry
+    return [
+        mp_spawn.get_executable(),
+        *mp_util._args_from_interpreter_flags(),  # type: ignore[attr-defined]
+        "-c",
+        code,
+        *argv,
+    ]
+
+
 class StartupData:
     """The bytes a new child reads first, and the descriptors that go with them (the
     passed handles', in the order the pickle refers to them)."""
