@@ -64,6 +64,21 @@ def report_state(writer: "gipc.gipc._GIPCHandle") -> None:
     )
 
 
+def use_multiprocessing_objects(conn, sock, notes) -> None:
+    conn.send("over the connection")
+    sock.sendall(b"over the socket")
+    notes.send(conn.recv() + 1)
+
+
+class Box:
+    def __init__(self, handle: object) -> None:
+        self.handle = handle
+
+
+def report_kept(box: Box, writer: "gipc.gipc._GIPCWriter") -> None:
+    writer.put((type(box.handle).__name__, box.handle.closed))
+
+
 def _descriptors() -> dict:
     """Descriptor -> what it is (Linux)."""
     found = {}
@@ -199,6 +214,37 @@ class TestNonForkChildren:
             flags=("-I", "-S"),
         )
         assert "exitcode 0" in result.stdout, result.stdout + result.stderr
+
+
+    def test_multiprocessing_objects_travel_as_with_multiprocessing_spawn(self, method):
+        # Connections and a socket: multiprocessing's reducers ship their descriptors to a
+        # child being started (reduction.DupFd), as for Value, Array and queues; pickled
+        # without them, a Connection was a bare descriptor number, written into whatever
+        # the child had opened under it.
+        import socket
+
+        ctx = multiprocessing.get_context("spawn")
+        gipc.start_process(noop, start_method=method).join()  # a fork server is up
+        before = _descriptors()
+        ours, theirs = ctx.Pipe()
+        notes_r, notes_w = ctx.Pipe(duplex=False)
+        sock_here, sock_there = socket.socketpair()
+        p = gipc.start_process(
+            use_multiprocessing_objects, args=(theirs, sock_there, notes_w), start_method=method
+        )
+        assert ours.poll(30) and ours.recv() == "over the connection"
+        ours.send(41)
+        assert notes_r.poll(30) and notes_r.recv() == 42
+        sock_here.settimeout(30)
+        assert sock_here.recv(100) == b"over the socket"
+        p.join()
+        assert p.exitcode == 0
+        # As with multiprocessing: the caller's objects stay open (they are the caller's).
+        assert not theirs.closed and not notes_w.closed and sock_there.fileno() >= 0
+        for conn in (ours, theirs, notes_r, notes_w, sock_here, sock_there):
+            conn.close()
+        if LINUX:
+            assert set(_descriptors()) == set(before)
 
 
 def _forkserver_pid():
@@ -607,6 +653,27 @@ def start_grandchild_then_die(seconds: float) -> None:
     written)."""
     gipc.start_process(time.sleep, args=(seconds,), start_method="fork")
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.parametrize("method", ["fork", *NON_FORK])
+@pytest.mark.parametrize("duplex", [False, True])
+def test_a_handle_kept_as_an_attribute_is_closed_in_the_child_and_stays_here(method, duplex):
+    # Only handles in args/kwargs (and containers in them) are passed; one kept inside
+    # another object is closed in the child, as a forked child has it, and stays the
+    # caller's, whatever the start method.
+    if duplex:
+        kept, other_end = gipc.pipe(duplex=True)
+    else:
+        other_end, kept = gipc.pipe()
+    with gipc.pipe() as (r, w):
+        p = gipc.start_process(report_kept, args=(Box(kept), w), start_method=method)
+        assert r.get(timeout=30) == (type(kept).__name__, True)
+        p.join()
+    assert p.exitcode == 0 and not kept.closed
+    kept.put("still ours")
+    assert other_end.get(timeout=5) == "still ours"
+    kept.close()
+    other_end.close()
 
 
 @pytest.mark.parametrize("method", ["fork", *NON_FORK])

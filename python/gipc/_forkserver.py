@@ -399,7 +399,7 @@ class ForkServerPopen(CooperativePopen):
     _status_fd = -1
 
     def _launch(self, process_obj: "_GProcess") -> None:
-        startup = StartupData(process_obj, self, self.method)
+        startup = StartupData(process_obj, self.method)
         if len(startup.handle_fds) > MAX_HANDLE_FDS:
             raise GIPCError(
                 f"a fork server child can be passed at most {MAX_HANDLE_FDS} descriptors "

@@ -39,7 +39,7 @@ class SpawnPopen(CooperativePopen):
     method = "spawn"
 
     def _launch(self, process_obj: "_GProcess") -> None:
-        startup = StartupData(process_obj, self, self.method)
+        startup = StartupData(process_obj, self.method)
         opened: List[int] = []
         try:
             parent_r, child_w = os.pipe()  # the caller's sentinel; the child's exit code

@@ -25,10 +25,12 @@ from multiprocessing import context as mp_context
 from multiprocessing import process as mp_process
 from multiprocessing import spawn as mp_spawn
 from multiprocessing import util as mp_util
-from typing import TYPE_CHECKING, Any, Dict, List, Sequence, Set
+from multiprocessing.reduction import ForkingPickler
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Set
 
 from . import _child
-from ._transfer import HandlePickler
+from ._startup_child import REFERENCES_KEY
+from ._transfer import HandlePickler, InheritedFd
 from ._hub import WRITE, io_watcher, run_soon
 from .exceptions import GIPCTypeError
 
@@ -98,32 +100,65 @@ def child_command(entry: str, *argv: str) -> List[Any]:
     ]
 
 
+class StartupPickler(HandlePickler, ForkingPickler):
+    """The process object's pickler: gipc handles as references (the passed ones travel,
+    any other is a closed handle in the child, as a forked child has it), and
+    multiprocessing's own reducers (a ``Connection``, a socket, shared memory), whose
+    descriptors travel beside the handles' (see :class:`_ChildStart`)."""
+
+
+class _ChildStart:
+    """What multiprocessing asks of "the popen of the child being started" while its data is
+    pickled (``context.get_spawning_popen()``): that there is one (an authentication key
+    pickles only then), and the two names ``reduction.DupFd`` uses: a descriptor an
+    argument holds (a ``Connection``, a queue's pipe, the memory of ``Value``/``Array``)
+    goes to the child beside the handles' and stays open here, as with multiprocessing's
+    spawn."""
+
+    DupFd = InheritedFd
+
+    def __init__(self) -> None:
+        #: The pickler at work, which ships the descriptors.
+        self.pickler: Optional[HandlePickler] = None
+
+    def duplicate_for_child(self, fd: int) -> int:
+        if self.pickler is None:
+            raise RuntimeError("no child start is being pickled")
+        return self.pickler.add_descriptor(fd)
+
+
 class StartupData:
     """The bytes a new child reads first, and the descriptors that go with them (the
-    passed handles', in the order the pickle refers to them)."""
+    passed handles' and multiprocessing objects', in the order the pickle refers to them)."""
 
-    def __init__(self, process: "_GProcess", popen: Any, method: str) -> None:
-        buffer = io.BytesIO()
-        pickler = HandlePickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
+    def __init__(self, process: "_GProcess", method: str) -> None:
+        passed = set(process._gipc_handles)
+        body = io.BytesIO()
+        pickler = StartupPickler(body, pickle.HIGHEST_PROTOCOL, passed)
+        start = _ChildStart()
         # multiprocessing pickles an authentication key (in the preparation data, and the
         # process's own in its `_config`) only for a child being started: it asks who is
         # starting one.
-        mp_context.set_spawning_popen(popen)
+        mp_context.set_spawning_popen(start)  # type: ignore[arg-type]
         try:
-            pickle.dump(preparation_data(process.name), buffer, protocol=pickle.HIGHEST_PROTOCOL)
+            start.pickler = pickler
             pickler.dump(process)
+            prep = preparation_data(process.name)
+            if pickler.met_references:
+                prep[REFERENCES_KEY] = True
+            head = pickle.dumps(prep, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
             raise GIPCTypeError(
                 f"cannot start a child with start method {method!r}: "
-                f"{_culprit(process, method)} must be picklable, and is not ({exc})"
+                f"{_culprit(process, start, passed)} must be picklable, and is not ({exc})"
             ) from exc
         finally:
             mp_context.set_spawning_popen(None)
-        self.payload = buffer.getvalue()
+        self.payload = head + body.getvalue()
         self.handle_fds: List[int] = list(pickler.fds)
 
 
-def _culprit(process: "_GProcess", method: str) -> str:
+def _culprit(process: "_GProcess", start: _ChildStart, passed: Set[Any]) -> str:
     """Names what could not be pickled: the target, an argument, or a keyword argument."""
     target = process._target  # type: ignore[attr-defined]
     candidates = [(f"the target {target!r}", target)]
@@ -134,7 +169,8 @@ def _culprit(process: "_GProcess", method: str) -> str:
     ]
     for what, obj in candidates:
         try:
-            HandlePickler(io.BytesIO(), protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+            start.pickler = StartupPickler(io.BytesIO(), pickle.HIGHEST_PROTOCOL, passed)
+            start.pickler.dump(obj)
         except Exception:
             return what
     return "the process object"

@@ -27,6 +27,11 @@ if TYPE_CHECKING:
 #: The flag after ``-c`` on a spawned child's command line (see ``_popen_spawn``).
 SPAWN_FLAG = "--gipc-spawn"
 
+#: Key of the preparation data that says the process pickle refers to gipc handles (a
+#: handle that travels, or a closed one) or to descriptors beside it: the child then
+#: unpickles it with ``_transfer.HandleUnpickler``.
+REFERENCES_KEY = "gipc_references"
+
 
 def spawn_main() -> None:
     """The spawned interpreter's entry point: default signals, then the process."""
@@ -59,15 +64,16 @@ def run_child(
     with os.fdopen(data_fd, "rb", closefd=True) as stream:
         current._inheriting = True  # type: ignore[attr-defined]
         try:
-            mp_spawn.prepare(pickle.load(stream))
-            if handle_fds:
+            prep = pickle.load(stream)
+            references = prep.pop(REFERENCES_KEY, False)
+            mp_spawn.prepare(prep)
+            if handle_fds or references:
                 from ._transfer import HandleUnpickler
 
                 process = HandleUnpickler(stream, handle_fds).load()
             else:
-                # Nothing to rebuild: every reference the caller's pickler made carries a
-                # descriptor. Without handles, gevent is imported only if the target
-                # needs it (a stray reference is an UnpicklingError, not a guess).
+                # Nothing to rebuild (the caller says so: REFERENCES_KEY). Without handles,
+                # gevent is imported only if the target needs it.
                 process = pickle.load(stream)
         except EOFError:
             # Torn: the caller gave up on this start (interrupted while it waited for the

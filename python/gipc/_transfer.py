@@ -19,7 +19,7 @@ import io
 import os
 import pickle
 import struct
-from typing import Any, Dict, List, Sequence, Set, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from . import _core
 from ._handles import (
@@ -76,19 +76,53 @@ class HandlePickler(pickle.Pickler):
     pickled.
     """
 
-    def __init__(self, file: Any, protocol: int = _PICKLE_PROTOCOL) -> None:
+    def __init__(
+        self,
+        file: Any,
+        protocol: int = _PICKLE_PROTOCOL,
+        passed: "Optional[Set[_GIPCHandle]]" = None,
+    ) -> None:
         super().__init__(file, protocol)
         self.handles: List[AnyHandle] = []
         self.fds: List[int] = []
         #: id() of each handle (duplex handles and their parts) met -> its number.
         self._numbers: Dict[int, int] = {}
+        #: If given, the only handles that travel (a duplex handle by its two parts): any
+        #: other is a closed handle on the other side, as a forked child has it.
+        self._passed = passed
 
     def persistent_id(self, obj: Any) -> Any:
         if isinstance(obj, _PASSABLE):
+            if self._passed is not None and not self._travels(obj):
+                return self._closed_reference(obj)
             return self._reference(obj, top=True)
         if isinstance(obj, DescriptorCarrier):
             return self._carried(obj)
         return None
+
+    def add_descriptor(self, fd: int) -> int:
+        """Ships ``fd`` (which stays open here) beside the pickle; returns its index
+        there, for an :class:`InheritedFd`."""
+        self.fds.append(fd)
+        return len(self.fds) - 1
+
+    def _travels(self, handle: AnyHandle) -> bool:
+        assert self._passed is not None
+        if isinstance(handle, _GIPCDuplexHandle):
+            return all(part in self._passed for part in handle._parts())
+        return handle in self._passed
+
+    def _closed_reference(self, handle: AnyHandle) -> Tuple[str, int, Any]:
+        number = self._numbers.get(id(handle))
+        if number is not None:
+            return (_HANDLE_TAG, number, None)
+        number = self._numbers[id(handle)] = len(self._numbers)
+        return (_HANDLE_TAG, number, ("closed", type(handle).__name__))
+
+    @property
+    def met_references(self) -> bool:
+        """Whether the pickle refers to handles (closed ones included) or carried objects."""
+        return bool(self._numbers)
 
     def _carried(self, obj: DescriptorCarrier) -> Tuple[str, int, Any]:
         number = self._numbers.get(id(obj))
@@ -189,6 +223,13 @@ class HandleUnpickler(pickle.Unpickler):
         self._handles: Dict[int, AnyHandle] = {}
         self._carried: Dict[int, Any] = {}
 
+    def load(self) -> Any:
+        _loading.append(self)
+        try:
+            return super().load()
+        finally:
+            _loading.pop()
+
     def persistent_load(self, pid: Any) -> Any:
         if isinstance(pid, tuple) and len(pid) == 3 and pid[0] == _CARRIED_TAG:
             return self._load_carried(pid[1], pid[2])
@@ -208,6 +249,8 @@ class HandleUnpickler(pickle.Unpickler):
 
     def _build(self, description: Tuple[Any, ...]) -> AnyHandle:
         kind = description[0]
+        if kind == "closed":
+            return _closed_handle(description[1])
         if kind == "duplex":
             reader = self.persistent_load(description[1])
             writer = self.persistent_load(description[2])
@@ -259,6 +302,49 @@ class HandleUnpickler(pickle.Unpickler):
                 f"({len(self.fds)} descriptors came)"
             )
         return [self.fds[i] for i in indices]
+
+
+def _closed_handle(class_name: str) -> AnyHandle:
+    """A closed handle of the class named (of a pair made and closed at once)."""
+    from ._handles import pipe
+
+    if class_name == "_GIPCDuplexHandle":
+        duplex = pipe(duplex=True)[0]
+        for part in duplex._parts():
+            part._release()
+        return duplex
+    reader, writer = pipe()
+    reader._release()
+    writer._release()
+    if class_name == "_GIPCReader":
+        return reader
+    if class_name == "_GIPCWriter":
+        return writer
+    raise pickle.UnpicklingError(f"unknown kind of handle {class_name!r}")
+
+
+#: The unpickler rebuilding a child's process object, for :class:`InheritedFd`.
+_loading: List["HandleUnpickler"] = []
+
+
+class InheritedFd:
+    """A descriptor that multiprocessing's reducers (``reduction.DupFd``: a
+    ``Connection``, a queue's pipe, the memory behind ``Value``/``Array``) ship to a
+    child being started, by its index among the descriptors beside the pickle: what
+    ``duplicate_for_child`` gave them (see ``_startup``)."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def detach(self) -> int:
+        """This process's descriptor, now owned by the caller (called while the process
+        object is unpickled)."""
+        if not _loading:
+            raise RuntimeError("a descriptor of a child's start-up data used outside its start")
+        unpickler = _loading[-1]
+        (fd,) = unpickler._take([self.index])
+        unpickler.taken.add(self.index)
+        return fd
 
 
 def dumps_with_handles(obj: Any) -> Tuple[bytes, List[AnyHandle], List[int]]:
