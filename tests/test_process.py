@@ -384,9 +384,12 @@ if __name__ == "__main__":
         "multiprocessing.set_start_method('spawn')",
         "multiprocessing.set_start_method('forkserver')",
         "from gevent import monkey; monkey.patch_all()",
+        "from gevent import monkey; monkey.patch_all(); multiprocessing.set_start_method('spawn')",
+        "from gevent import monkey; monkey.patch_all(); "
+        "multiprocessing.set_start_method('forkserver')",
         "pass",
     ],
-    ids=["spawn", "forkserver", "patch_all", "plain"],
+    ids=["spawn", "forkserver", "patch_all", "patch_all-spawn", "patch_all-forkserver", "plain"],
 )
 def test_independent_of_start_method_and_monkey_patching(setup, tmp_path):
     script = tmp_path / "scenario.py"

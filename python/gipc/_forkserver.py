@@ -48,6 +48,7 @@ server's end of the control socket closed and launches a new server.
 
 from __future__ import annotations
 
+import _socket
 import array
 import atexit
 import errno
@@ -69,6 +70,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import gevent
 import gevent.lock
+from gevent import monkey
 from gevent.socket import wait_read, wait_write
 
 from . import _child
@@ -109,6 +111,19 @@ MAX_HANDLE_FDS = 253 - 3
 _preload: List[str] = ["__main__"]
 
 
+#: The standard library's socket class, whatever gevent.monkey.patch_all() made of
+#: ``socket.socket``: gevent's waits on the hub where this module must not wait (the caller
+#: reads only what is there and waits on its own terms; the server and its children run no
+#: hub).
+_Socket: Any = monkey.get_original("socket", "socket")
+
+
+def _socketpair() -> Tuple[socket.socket, socket.socket]:
+    """A connected pair of Unix stream sockets of the standard library's class."""
+    one, two = _socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    return _Socket(fileno=one.detach()), _Socket(fileno=two.detach())
+
+
 def set_forkserver_preload(module_names: Sequence[str]) -> None:
     """Modules the fork server imports once, when it starts, so that children forked from
     it find them imported. ``"__main__"`` (the default) is the caller's main module,
@@ -125,8 +140,7 @@ class _Server:
     """The fork server as its caller sees it: the control socket and the server's pid."""
 
     def __init__(self) -> None:
-        kind = socket.SOCK_STREAM
-        ours, theirs = socket.socketpair(socket.AF_UNIX, kind)
+        ours, theirs = _socketpair()
         try:
             args = child_command(
                 "from gipc._forkserver import serve; serve()", _FLAG, str(theirs.fileno())
@@ -288,7 +302,7 @@ class _Offer:
         if it is gone (then the caller asks the server). Closes the socket either way."""
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
         flags = socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
-        sock = socket.socket(fileno=self.sock)
+        sock = _Socket(fileno=self.sock)
         try:
             sock.sendmsg([b"s"], ancillary, flags)
             return True
@@ -414,7 +428,7 @@ class ForkServerPopen(CooperativePopen):
         feeder: Optional[Feeder] = None
         data_w = -1
         try:
-            status, child_status = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            status, child_status = _socketpair()
             opened.append(child_status.detach())
             child_r, parent_w = os.pipe()  # the child's parent_process().sentinel
             opened += (child_r, parent_w)
@@ -559,7 +573,7 @@ def _has_ended(pidfd: Optional[int]) -> bool:
 def _receive_records(fd: int) -> Tuple[bytes, List[int]]:
     """What the status socket ``fd`` has now (BlockingIOError if nothing), and the
     descriptors that came with it."""
-    sock = socket.socket(fileno=fd)
+    sock = _Socket(fileno=fd)
     try:
         data, fds, _flags, _addr = socket.recv_fds(sock, 4096, 1)
     finally:
@@ -617,7 +631,7 @@ def serve() -> None:
     # What every child unpickles (its process object, and with capture=True its outcome
     # pipe), imported once here rather than in each child.
     from . import _outcome, _process  # noqa: F401
-    control = socket.socket(fileno=int(fd))
+    control: socket.socket = _Socket(fileno=int(fd))
     control.setblocking(True)
     # Ctrl-C in a terminal reaches the whole process group: the server outlives it (its
     # callers decide), as multiprocessing's does.
@@ -861,7 +875,7 @@ class _Spare:
     server's but its own end of that socket."""
 
     def __init__(self, own_fds: List[int], children: Dict[int, int]) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours, theirs = _socketpair()
         self.pid = os.fork()
         if self.pid == 0:
             ours.close()
@@ -998,7 +1012,7 @@ def _start(
     os.set_blocking(status_w, False)
     children[child.pid] = status_w
     try:
-        with socket.socket(fileno=os.dup(status_w)) as status:
+        with _Socket(fileno=os.dup(status_w)) as status:
             ancillary = (
                 [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [child.pidfd]))]
                 if child.pidfd is not None
