@@ -4,7 +4,7 @@
 //! here; `OSError`s keep their errno, so `EPIPE` arrives as `BrokenPipeError`.
 
 use gipc_wire::frame::FrameError;
-use gipc_wire::io::EndError;
+use gipc_wire::io::{EndError, FdsError};
 use gipc_wire::recv::RecvError;
 use pyo3::exceptions::{PyEOFError, PyMemoryError, PyOSError};
 use pyo3::PyErr;
@@ -41,6 +41,12 @@ pub fn recv_error(err: RecvError) -> PyErr {
         RecvError::Alloc { .. } => PyMemoryError::new_err(err.to_string()),
         RecvError::Torn { .. } | RecvError::Frame(_) => GIPCError::new_err(err.to_string()),
     }
+}
+
+/// A message whose descriptors did not all come: `GIPCError`, saying why if the kernel
+/// dropped them (the receiving process at its descriptor limit).
+pub fn fds_error(err: FdsError) -> PyErr {
+    GIPCError::new_err(err.to_string())
 }
 
 pub fn frame_error(err: FrameError) -> PyErr {

@@ -1,7 +1,6 @@
 //! The objects Python drives: one reader and one writer per channel. Each call does what the
 //! descriptor allows right now and reports the rest; waiting is the Python layer's job.
 
-use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::time::Duration;
@@ -10,8 +9,8 @@ use gipc_wire::budget::{Budget, DEFAULT_SLICE};
 use gipc_wire::frame::Kind;
 use gipc_wire::growth::{grow_pipe, Grown};
 use gipc_wire::io::{
-    channel_ends, check_end, set_nonblocking_cloexec, End, FdReader, FdWriter, SocketReader,
-    Transport, BULK_MIN, MAX_FDS,
+    channel_ends, check_end, set_nonblocking_cloexec, End, FdReader, FdWriter, FdsError,
+    ReceivedFds, SocketReader, Transport, BULK_MIN, MAX_FDS,
 };
 use gipc_wire::recv::{Event, Payload, PayloadBuf, Receiver};
 use gipc_wire::send::{Progress, SendError, Sender};
@@ -155,8 +154,9 @@ pub struct Reader {
     rx: Receiver<FillingBytes>,
     spin: SpinPolicy,
     /// Descriptors received on a socket lane and not yet handed out with their message
-    /// (see `Kind::Handles`); closed with the reader.
-    fds: VecDeque<OwnedFd>,
+    /// (see `Kind::Handles`), with a mark where the kernel dropped some; closed with the
+    /// reader.
+    fds: ReceivedFds,
 }
 
 #[pymethods]
@@ -281,7 +281,7 @@ fn receive_once(
     rx: &mut Receiver<FillingBytes>,
     end: &End,
     transport: Transport,
-    fds: &mut VecDeque<OwnedFd>,
+    fds: &mut ReceivedFds,
 ) -> PyResult<Option<Py<PyAny>>> {
     let alloc = |len| FillingBytes::allocate(py, len);
     let event = match (transport, &end.bulk) {
@@ -324,25 +324,28 @@ fn receive_once(
 }
 
 /// The descriptors of a `Kind::Handles` message, whose payload starts with their count, as
-/// numbers the caller now owns; `GIPCError` when they did not all come (then those that did
-/// are closed: the stream's descriptors are out of step for good).
-fn take_fds(payload: &[u8], fds: &mut VecDeque<OwnedFd>) -> PyResult<Vec<i32>> {
+/// numbers the caller now owns; `GIPCError` when they did not all come. The message is
+/// consumed either way, and those of its descriptors that came are closed: one whose
+/// descriptors the kernel dropped (the process at its descriptor limit) fails alone, and
+/// the messages behind it are read normally (see `ReceivedFds`).
+fn take_fds(payload: &[u8], fds: &mut ReceivedFds) -> PyResult<Vec<i32>> {
     let count = payload
         .get(..4)
         .map(|raw| u32::from_le_bytes(raw.try_into().expect("four bytes")) as usize);
-    match count {
-        Some(count) if count <= fds.len() => {
-            Ok(fds.drain(..count).map(IntoRawFd::into_raw_fd).collect())
-        }
-        _ => {
+    let taken = match count {
+        Some(count) => fds.take(count),
+        // Not even a count: no gipc writer sent this, and no descriptor can be matched.
+        None => {
             let came = fds.len();
             fds.clear();
-            Err(errors::GIPCError::new_err(format!(
-                "a message that carries descriptors came without them ({came} came): is the \
-                 writer a pipe-only channel, or not gipc?"
-            )))
+            Err(FdsError::Missing { came })
         }
-    }
+    };
+    Ok(taken
+        .map_err(errors::fds_error)?
+        .into_iter()
+        .map(IntoRawFd::into_raw_fd)
+        .collect())
 }
 
 /// The descriptors of an end that is open, else `GIPCClosed`.
@@ -662,7 +665,7 @@ pub fn reader_from_fds(
         transport,
         rx: Receiver::resume(max_message_size, budget, buffered),
         spin: SpinPolicy::for_streams(Some(REPLY_SPIN)),
-        fds: VecDeque::new(),
+        fds: ReceivedFds::new(),
     })
 }
 
@@ -686,7 +689,7 @@ pub fn channel(transport: &str, max_message_size: u64) -> PyResult<(Reader, Writ
             transport,
             rx: Receiver::new(max_message_size, Budget::new(Some(DEFAULT_SLICE))),
             spin: SpinPolicy::for_streams(Some(REPLY_SPIN)),
-            fds: VecDeque::new(),
+            fds: ReceivedFds::new(),
         },
         Writer::new(transport, write_end),
     ))

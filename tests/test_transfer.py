@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 import subprocess
 import sys
 import textwrap
@@ -504,3 +505,73 @@ def test_put_many_carries_handles_too():
         moved_w.put("through the moved writer")
         assert inner_r.get() == "through the moved writer"
         moved_w.close()
+
+
+# A message with handles that reaches a process at its descriptor limit.
+
+LARGE_AFTER_LOSS = b"x" * 100_000  # the bulk lane on a hybrid channel
+
+
+def _receive_at_the_descriptor_limit(r, out):
+    """In a child: take one message with handles while this process is at its descriptor
+    limit (RLIMIT_NOFILE: the kernel cannot install the descriptors and drops them), then,
+    with room again, the messages behind it; report what came to ``out``."""
+    import resource
+
+    r.get(timeout=10)  # warm up: the hub and its loop exist before the limit is lowered
+    before = open_fd_count()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # Room for a few new descriptors only (and for those below the limit now free).
+    resource.setrlimit(resource.RLIMIT_NOFILE, (before + 4, hard))
+    out.put("at the limit")
+    try:
+        first = ("returned", repr(r.get(timeout=10)))
+    except BaseException as error:  # whatever it is, the parent says what went wrong
+        first = ("raised", type(error).__name__, str(error))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    after_loss = open_fd_count()
+    later = []
+    try:
+        for _ in range(3):
+            message = r.get(timeout=5)
+            later.append(message == LARGE_AFTER_LOSS or message)
+        writer = r.get(timeout=5)
+        writer.put("through a handle that came after the loss")
+        writer.close()
+    except BaseException as error:  # a second error, or a wedged channel (Timeout)
+        later.append(("raised", type(error).__name__, str(error)))
+    out.put({"first": first, "fds": (before, after_loss, open_fd_count()), "later": later})
+
+
+class TestDescriptorsTheKernelDropped:
+    def test_the_message_fails_once_and_every_later_message_arrives(self, transport):
+        with gipc.pipe() as (r, w), gipc.pipe() as (out_r, out_w), gipc.pipe() as (x_r, x_w):
+            p = gipc.start_process(_receive_at_the_descriptor_limit, args=(r, out_w))
+            try:
+                w.put("warm-up")
+                assert out_r.get(timeout=30) == "at the limit"
+                pairs = [gipc.pipe() for _ in range(40)]
+                w.put([end for pair in pairs for end in pair])
+                w.put("small 1")
+                w.put(LARGE_AFTER_LOSS)
+                w.put("small 2")
+                w.put(x_w)
+                report = out_r.get(timeout=60)
+                assert report["later"] == ["small 1", True, "small 2"], report
+                assert x_r.get(timeout=10) == "through a handle that came after the loss"
+            finally:
+                p.join(timeout=30)
+        assert p.exitcode == 0
+        # One clear error, naming the likely cause.
+        outcome, name, text = report["first"]
+        assert (outcome, name) == ("raised", "GIPCError"), report["first"]
+        assert "RLIMIT_NOFILE" in text and "lost" in text, text
+        per_handle = 2 if transport == "hybrid" else 1  # hybrid: a pipe and a socket
+        came, sent = re.search(r"(\d+) of its (\d+) came", text).groups()
+        assert int(sent) == 80 * per_handle and int(came) < int(sent), text
+        # The message is consumed and the stream in step: the next ones arrive, small and
+        # large, and a handle behind them works (checked above, before the child is gone).
+        # The descriptors that did come are closed; none leaked.
+        before, after_loss, at_end = report["fds"]
+        assert after_loss == before and at_end == before, report["fds"]

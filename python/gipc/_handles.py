@@ -354,7 +354,9 @@ class _GIPCReader(_GIPCHandle):
 
         Raises:
             EOFError: every write end is closed and no message is left.
-            GIPCError: a torn or corrupt message, or one above ``max_message_size``.
+            GIPCError: a torn or corrupt message, or one above ``max_message_size``; or
+                one with handles whose descriptors the kernel dropped (this process at its
+                ``RLIMIT_NOFILE``): that message only, the next ``get`` goes on.
             GIPCClosed: the handle is closed.
             gevent.Timeout: the timeout expired.
         """

@@ -358,53 +358,173 @@ impl WriteSink for FdWriter<'_> {
     }
 }
 
+/// Descriptors received on a socket lane (`SCM_RIGHTS`) and not yet handed out with their
+/// message, in the order they came, with a mark where the kernel dropped some.
+///
+/// A writer sends a message's descriptors with the first of its bytes on the socket lane, in
+/// one `sendmsg` (see `send::Sender::push_with_fds`), and the kernel ends a `recvmsg` after
+/// the bytes that carry descriptors: they come in stream order, one message's at a time,
+/// and each `Kind::Handles` message takes from the front as many as its payload says. When
+/// the kernel cannot install them all (`MSG_CTRUNC`: the receiving process is at its
+/// descriptor limit, `RLIMIT_NOFILE`, or the message had more than the reader has room
+/// for), the mark after those that did come tells their message that it lost some, so it
+/// fails alone and takes no descriptor of the messages behind it.
+#[derive(Debug, Default)]
+pub struct ReceivedFds {
+    queue: VecDeque<Received>,
+}
+
+#[derive(Debug)]
+enum Received {
+    Fd(OwnedFd),
+    /// The descriptors of one message end here, some of them lost.
+    Truncated,
+}
+
+/// Why a message that carries descriptors cannot have them ([`ReceivedFds::take`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FdsError {
+    /// The kernel dropped some of them on the way in (`MSG_CTRUNC`).
+    Truncated { expected: usize, came: usize },
+    /// Fewer came than the message says, with no sign of loss: they were never sent.
+    Missing { came: usize },
+}
+
+impl std::fmt::Display for FdsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FdsError::Truncated { expected, came } => write!(
+                f,
+                "the descriptors of a message carrying gipc handles were lost on the way in: \
+                 {came} of its {expected} came, the kernel dropped the rest (MSG_CTRUNC), most \
+                 likely because this process is at its limit of open descriptors \
+                 (RLIMIT_NOFILE, `ulimit -n`), or the message had more descriptors than this \
+                 process could take. The message is dropped (the descriptors that came are \
+                 closed); the next message is read normally"
+            ),
+            FdsError::Missing { came } => write!(
+                f,
+                "a message that carries descriptors came without them ({came} came): is the \
+                 writer a pipe-only channel, or not gipc?"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for FdsError {}
+
+impl ReceivedFds {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// True when nothing is waiting for its message: no descriptor, and no mark of a loss.
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// How many descriptors are waiting for their message.
+    pub fn len(&self) -> usize {
+        self.queue
+            .iter()
+            .filter(|r| matches!(r, Received::Fd(_)))
+            .count()
+    }
+
+    /// Closes every descriptor waiting, and forgets the marks.
+    pub fn clear(&mut self) {
+        self.queue.clear();
+    }
+
+    /// The `count` descriptors of the next message that carries some, which the caller now
+    /// owns. On an error those of its descriptors that came are closed: a loss the kernel
+    /// marked costs that message only; descriptors missing without a mark (never sent)
+    /// leave none behind, since none can be matched to a message any more.
+    pub fn take(&mut self, count: usize) -> Result<Vec<OwnedFd>, FdsError> {
+        let mut taken = Vec::with_capacity(count);
+        while taken.len() < count {
+            match self.queue.pop_front() {
+                Some(Received::Fd(fd)) => taken.push(fd),
+                // `taken` drops here: the descriptors that came close.
+                Some(Received::Truncated) => {
+                    return Err(FdsError::Truncated {
+                        expected: count,
+                        came: taken.len(),
+                    })
+                }
+                None => return Err(FdsError::Missing { came: taken.len() }),
+            }
+        }
+        Ok(taken)
+    }
+
+    fn push(&mut self, fd: OwnedFd) {
+        self.queue.push_back(Received::Fd(fd));
+    }
+
+    fn mark_truncated(&mut self) {
+        self.queue.push_back(Received::Truncated);
+    }
+}
+
 /// Reads from a socket, keeping the descriptors that come with the bytes (`SCM_RIGHTS`),
 /// in order, in `received`; they are close-on-exec.
 pub struct SocketReader<'a> {
     pub fd: BorrowedFd<'a>,
-    pub received: &'a mut VecDeque<OwnedFd>,
+    pub received: &'a mut ReceivedFds,
 }
 
 impl ReadSource for SocketReader<'_> {
     fn read_some(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
         let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
-        let mut control = RecvAncillaryBuffer::new(&mut space);
-        #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
-        let flags = RecvFlags::CMSG_CLOEXEC;
-        #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
-        let flags = RecvFlags::empty();
-        let received = loop {
-            match recvmsg(
-                self.fd,
-                &mut [io::IoSliceMut::new(buf)],
-                &mut control,
-                flags,
-            ) {
-                Err(rustix::io::Errno::INTR) => continue,
-                other => break other.map_err(io::Error::from)?,
-            }
-        };
-        for message in control.drain() {
-            if let RecvAncillaryMessage::ScmRights(fds) = message {
-                for fd in fds {
-                    #[cfg(not(any(
-                        target_os = "linux",
-                        target_os = "android",
-                        target_os = "freebsd"
-                    )))]
-                    let _ = rustix::io::fcntl_setfd(&fd, FdFlags::CLOEXEC);
-                    self.received.push_back(fd);
-                }
-            }
-        }
-        if received.flags.contains(rustix::net::ReturnFlags::CTRUNC) {
-            return Err(io::Error::other(
-                "descriptors were lost: more came with one message than gipc sends",
-            ));
-        }
-        Ok(received.bytes)
+        recv_with_fds(self.fd, buf, self.received, &mut space)
     }
+}
+
+/// One `recvmsg` from `fd` into `buf`, with `space` for the control message (room for
+/// [`MAX_FDS`] descriptors in [`SocketReader`]; less in tests, to make the kernel drop
+/// some). The descriptors that come go into `received`.
+///
+/// When the kernel could not deliver them all (`MSG_CTRUNC`), the bytes read are still
+/// returned: they are the stream's, and dropping them would put every later frame out of
+/// step (on a hybrid channel, a bulk-lane payload would be filled from the next one's
+/// bytes, and the reader would wait for ever). The loss is marked in `received` for the
+/// message those bytes begin, which then fails on its own (see [`ReceivedFds::take`]).
+fn recv_with_fds(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+    received: &mut ReceivedFds,
+    space: &mut [std::mem::MaybeUninit<u8>],
+) -> io::Result<usize> {
+    use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    let mut control = RecvAncillaryBuffer::new(space);
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
+    let flags = RecvFlags::CMSG_CLOEXEC;
+    #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
+    let flags = RecvFlags::empty();
+    let message = loop {
+        match recvmsg(fd, &mut [io::IoSliceMut::new(buf)], &mut control, flags) {
+            Err(rustix::io::Errno::INTR) => continue,
+            other => break other.map_err(io::Error::from)?,
+        }
+    };
+    for cmsg in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(fds) = cmsg {
+            for fd in fds {
+                #[cfg(not(any(
+                    target_os = "linux",
+                    target_os = "android",
+                    target_os = "freebsd"
+                )))]
+                let _ = rustix::io::fcntl_setfd(&fd, FdFlags::CLOEXEC);
+                received.push(fd);
+            }
+        }
+    }
+    if message.flags.contains(rustix::net::ReturnFlags::CTRUNC) {
+        received.mark_truncated();
+    }
+    Ok(message.bytes)
 }
 
 #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
@@ -607,7 +727,7 @@ mod tests {
             let progress = tx.flush_lanes(&mut sink, bulk_sink.as_mut()).unwrap();
             assert_eq!(progress, crate::send::Progress::Done);
 
-            let mut received = VecDeque::new();
+            let mut received = ReceivedFds::new();
             let mut rx: Receiver<Vec<u8>> = Receiver::new(u64::MAX, Budget::new(None));
             let mut messages = Vec::new();
             for _ in 0..10 {
@@ -644,7 +764,9 @@ mod tests {
                 "both descriptors are in by the end of their frame"
             );
             // They are new descriptors for the same pipe, close-on-exec.
-            let (got_r, got_w) = (received.pop_front().unwrap(), received.pop_front().unwrap());
+            let mut fds = received.take(2).unwrap().into_iter();
+            let (got_r, got_w) = (fds.next().unwrap(), fds.next().unwrap());
+            assert!(received.is_empty());
             assert!(rustix::io::fcntl_getfd(&got_r)
                 .unwrap()
                 .contains(FdFlags::CLOEXEC));
@@ -652,6 +774,236 @@ mod tests {
             let mut buf = [0u8; 1];
             assert_eq!(rustix::io::read(&pr, &mut buf).unwrap(), 1);
         }
+    }
+
+    /// Control space for one descriptor (two, once aligned, on 64-bit Linux): less than the
+    /// tests below send with one message, so the kernel drops the rest and says so
+    /// (`MSG_CTRUNC`), as it does for a receiver at its descriptor limit (`RLIMIT_NOFILE`).
+    type TightSpace = [std::mem::MaybeUninit<u8>; rustix::cmsg_space!(ScmRights(1))];
+
+    fn tight_space() -> TightSpace {
+        [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))]
+    }
+
+    /// A socket lane read as [`SocketReader`] does, with [`tight_space`].
+    struct TightSocketReader<'a> {
+        fd: BorrowedFd<'a>,
+        received: &'a mut ReceivedFds,
+    }
+
+    impl ReadSource for TightSocketReader<'_> {
+        fn read_some(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            recv_with_fds(self.fd, buf, self.received, &mut tight_space())
+        }
+    }
+
+    /// `n` copies of `fd`.
+    fn copies(fd: &OwnedFd, n: usize) -> Vec<OwnedFd> {
+        (0..n).map(|_| fd.try_clone().unwrap()).collect()
+    }
+
+    /// True when no copy of `write_end` is open anywhere (none leaked): its pipe's read end
+    /// `read_end`, non-blocking, is at end of stream.
+    fn all_closed(read_end: &OwnedFd) -> bool {
+        matches!(rustix::io::read(read_end, &mut [0u8; 1]), Ok(0))
+    }
+
+    #[test]
+    fn a_truncated_control_message_keeps_its_bytes_and_marks_the_loss() {
+        let (r, w) = channel(Transport::Socket).unwrap();
+        let (pr, pw) = channel(Transport::Pipe).unwrap();
+        let (qr, qw) = channel(Transport::Pipe).unwrap();
+        let mut writer = FdWriter::new(w.as_fd(), Transport::Socket);
+        writer.write_some(&[IoSlice::new(b"before|")]).unwrap();
+        let lost = copies(&pw, 5);
+        writer
+            .write_with_fds(&[IoSlice::new(b"lost|")], &borrow(&lost))
+            .unwrap();
+        let kept = copies(&qw, 1);
+        writer
+            .write_with_fds(&[IoSlice::new(b"kept")], &borrow(&kept))
+            .unwrap();
+        drop((lost, kept, pw, qw));
+
+        let mut received = ReceivedFds::new();
+        let (mut bytes, mut buf) = (Vec::new(), [0u8; 64]);
+        loop {
+            match recv_with_fds(r.as_fd(), &mut buf, &mut received, &mut tight_space()) {
+                Ok(n) => bytes.extend_from_slice(&buf[..n]),
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+                Err(err) => panic!("{err}"),
+            }
+        }
+        // Every byte, those read with the truncated control message too: the stream is
+        // in step.
+        assert_eq!(bytes, b"before|lost|kept");
+        let came = received.len() - 1; // the last message's one came whole
+        assert!(
+            came < 5,
+            "the kernel dropped none of 5 descriptors: {came} came"
+        );
+        match received.take(5) {
+            Err(err @ FdsError::Truncated { expected: 5, .. }) => {
+                assert_eq!(err, FdsError::Truncated { expected: 5, came });
+                assert!(err.to_string().contains("RLIMIT_NOFILE"), "{err}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Those that came are closed: no copy of the write end is left.
+        assert!(all_closed(&pr));
+        // The next message's descriptor is its own, and works.
+        let next = received.take(1).unwrap();
+        assert!(received.is_empty());
+        rustix::io::write(&next[0], b"!").unwrap();
+        assert_eq!(rustix::io::read(&qr, &mut buf).unwrap(), 1);
+    }
+
+    #[test]
+    fn a_message_whose_descriptors_were_dropped_fails_alone_and_the_rest_arrive() {
+        use crate::budget::Budget;
+        use crate::frame::Kind;
+        use crate::recv::{Event, Payload, Receiver};
+        use crate::send::{Progress, Sender};
+        for transport in [Transport::Socket, Transport::Hybrid] {
+            let (r, w) = channel_ends(transport).unwrap();
+            let mut tx = match w.bulk {
+                Some(_) => Sender::with_bulk_lane(Budget::new(None), BULK_MIN),
+                None => Sender::new(Budget::new(None)),
+            };
+            let (pr, pw) = channel(Transport::Pipe).unwrap();
+            let (qr, qw) = channel(Transport::Pipe).unwrap();
+            let large = vec![7u8; 100_000]; // the bulk lane's, on a hybrid channel
+            tx.push(Kind::Encoded, b"before".to_vec()).unwrap();
+            tx.push_with_fds(Kind::Handles, b"\x05\0\0\0lost".to_vec(), copies(&pw, 5))
+                .unwrap();
+            tx.push(Kind::Encoded, b"small".to_vec()).unwrap();
+            tx.push(Kind::Bytes, large.clone()).unwrap();
+            tx.push_with_fds(Kind::Handles, b"\x01\0\0\0kept".to_vec(), copies(&qw, 1))
+                .unwrap();
+            tx.push(Kind::Encoded, b"last".to_vec()).unwrap();
+            let mut sink = FdWriter::new(w.frame.as_fd(), transport.frame_lane());
+            let mut bulk_sink = w
+                .bulk
+                .as_ref()
+                .map(|b| FdWriter::new(b.as_fd(), Transport::Socket));
+            let progress = tx.flush_lanes(&mut sink, bulk_sink.as_mut()).unwrap();
+            assert_eq!(progress, Progress::Done);
+            drop((pw, qw));
+
+            // Each message as the extension hands it out: a `Handles` one takes its
+            // descriptors the moment it is complete.
+            let mut received = ReceivedFds::new();
+            let mut rx: Receiver<Vec<u8>> = Receiver::new(u64::MAX, Budget::new(None));
+            let mut messages = Vec::new();
+            for _ in 0..50 {
+                let event = match &r.bulk {
+                    None => rx.poll_lanes(
+                        &mut TightSocketReader {
+                            fd: r.frame.as_fd(),
+                            received: &mut received,
+                        },
+                        None::<&mut FdReader<'_>>,
+                        |n| Some(vec![0; n]),
+                    ),
+                    Some(bulk) => rx.poll_lanes(
+                        &mut FdReader(r.frame.as_fd()),
+                        Some(&mut TightSocketReader {
+                            fd: bulk.as_fd(),
+                            received: &mut received,
+                        }),
+                        |n| Some(vec![0; n]),
+                    ),
+                };
+                if let Event::Message { kind, payload } = event.unwrap() {
+                    let data = match payload {
+                        Payload::Buffered(b) => b.to_vec(),
+                        Payload::Owned(v) => v,
+                    };
+                    let fds = (kind == Kind::Handles).then(|| {
+                        let count = u32::from_le_bytes(data[..4].try_into().unwrap());
+                        received.take(count as usize)
+                    });
+                    messages.push((kind, data, fds));
+                }
+            }
+            let texts: Vec<&[u8]> = messages.iter().map(|m| &m.1[..]).collect();
+            assert_eq!(
+                texts,
+                [
+                    &b"before"[..],
+                    b"\x05\0\0\0lost",
+                    b"small",
+                    &large,
+                    b"\x01\0\0\0kept",
+                    b"last"
+                ],
+                "{transport:?}"
+            );
+            assert!(
+                matches!(
+                    messages[1].2,
+                    Some(Err(FdsError::Truncated { expected: 5, came })) if came < 5
+                ),
+                "{transport:?}: {:?}",
+                messages[1].2
+            );
+            assert!(
+                all_closed(&pr),
+                "{transport:?}: a dropped message's descriptor leaked"
+            );
+            let Some(Ok(kept)) = &messages[4].2 else {
+                panic!("{transport:?}: {:?}", messages[4].2)
+            };
+            assert_eq!(kept.len(), 1);
+            rustix::io::write(&kept[0], b"!").unwrap();
+            assert_eq!(rustix::io::read(&qr, &mut [0u8; 1]).unwrap(), 1);
+            assert!(received.is_empty(), "{transport:?}");
+        }
+    }
+
+    #[test]
+    fn each_message_takes_its_own_descriptors_even_after_a_loss() {
+        let fd = || channel(Transport::Pipe).unwrap().0;
+        let mut received = ReceivedFds::new();
+        // Three messages' descriptors in before any message is taken: 2 that came whole,
+        // 1 of 3 (the kernel dropped 2), then 1.
+        received.push(fd());
+        received.push(fd());
+        received.push(fd());
+        received.mark_truncated();
+        received.push(fd());
+        assert_eq!(received.len(), 4);
+        // A message without descriptors takes nothing, not even a mark.
+        assert!(received.take(0).unwrap().is_empty());
+        assert_eq!(received.take(2).unwrap().len(), 2);
+        assert_eq!(
+            received.take(3).unwrap_err(),
+            FdsError::Truncated {
+                expected: 3,
+                came: 1
+            }
+        );
+        assert_eq!(received.take(1).unwrap().len(), 1);
+        assert!(received.is_empty());
+        // None of a message's descriptors could be installed: the mark alone.
+        received.mark_truncated();
+        assert!(!received.is_empty());
+        assert_eq!(
+            received.take(4).unwrap_err(),
+            FdsError::Truncated {
+                expected: 4,
+                came: 0
+            }
+        );
+        // Fewer than announced and no mark: never sent; none is left to a later message.
+        received.push(fd());
+        let err = received.take(2).unwrap_err();
+        assert_eq!(err, FdsError::Missing { came: 1 });
+        assert!(
+            err.to_string().contains("came without them (1 came)"),
+            "{err}"
+        );
+        assert!(received.is_empty());
     }
 
     #[test]
