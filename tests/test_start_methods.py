@@ -145,6 +145,13 @@ class TestNonForkChildren:
         p.join()
         assert p.exitcode == 0 and not p.is_alive()
 
+    @pytest.mark.parametrize("code, reported", [(256, 0), (-1, 255), (1000, 232)])
+    def test_exit_codes_are_what_the_system_reports(self, method, code, reported):
+        # As multiprocessing and a fork child report them: the low 8 bits.
+        p = gipc.start_process(exit_with, args=(code,), start_method=method)
+        p.join()
+        assert p.exitcode == reported
+
     @pytest.mark.parametrize(
         "stop, expected",
         [("terminate", -signal.SIGTERM), ("kill", -signal.SIGKILL), ("interrupt", -signal.SIGINT)],
@@ -495,6 +502,105 @@ class TestForkServer:
             if hooked is not None:
                 wait_gone(hooked)
 
+    def test_a_child_forked_for_its_start_holds_nothing_of_the_server(self, monkeypatch):
+        """A start that finds no spare (another start just took it) gets a child forked
+        there and then, while the server holds the request's descriptors and its spares':
+        none of them goes on into the child (a pipe end the child closes must read EOF)."""
+        _forkserver._close_at_exit()  # a server whose next spare waits for the child's end
+        _forkserver._server = None
+        monkeypatch.setenv("GIPC_FORKSERVER_SPARE_DELAY", "60")
+        try:
+            with gipc.pipe() as (hold_r, hold_w):
+                taker = gipc.start_process(wait_for_word, args=(hold_r,),
+                                           start_method="forkserver")
+                with gipc.pipe() as (r, w):
+                    p = gipc.start_process(report_state, args=(w,), start_method="forkserver")
+                    state = r.get(timeout=30)
+                    p.join(30)
+                hold_w.put(None)
+                taker.join(30)
+            assert p.exitcode == 0 and taker.exitcode == 0
+            channels = {
+                fd: what
+                for fd, what in state["fds"].items()
+                if fd not in state["own"] and what.startswith(("pipe:", "socket:", "anon_inode:"))
+            }
+            assert len(channels) == 2, state["fds"]  # its parent sentinel, its status socket
+        finally:
+            hooked = _forkserver.server_pid()
+            _forkserver._close_at_exit()
+            _forkserver._server = None
+            if hooked is not None:
+                wait_gone(hooked)
+
+    def test_a_signal_sent_before_the_child_reset_its_dispositions_waits_for_them(
+        self, monkeypatch
+    ):
+        """The server ignores SIGINT; a child it forks has the server's dispositions until
+        its start-up code puts the defaults back. It is forked with every signal blocked,
+        so that an interrupt() in that window is delivered afterwards, to the default
+        action. (A preloaded module makes every fork sleep 0.3 s: the window is open.)"""
+        _forkserver._close_at_exit()
+        _forkserver._server = None
+        monkeypatch.setenv("GIPC_FORKSERVER_SPARE_DELAY", "60")
+        monkeypatch.setattr(_forkserver, "_preload", ["slow_forked_start"])
+        try:
+            with gipc.pipe() as (hold_r, hold_w):
+                taker = gipc.start_process(wait_for_word, args=(hold_r,),
+                                           start_method="forkserver")
+                p = gipc.start_process(sleep_for, args=(30,), start_method="forkserver")
+                p.interrupt()
+                p.join(30)
+                hold_w.put(None)
+                taker.join(30)
+            assert p.exitcode == -signal.SIGINT
+        finally:
+            hooked = _forkserver.server_pid()
+            _forkserver._close_at_exit()
+            _forkserver._server = None
+            if hooked is not None:
+                wait_gone(hooked)
+
+    def test_offers_cut_short_by_the_descriptor_limit_leave_later_starts_whole(self):
+        """At its limit of open descriptors, the caller receives the server's next offer
+        without its descriptors (MSG_CTRUNC): that offer is dropped, and every start after
+        the limit is raised again works, with no descriptor left behind. (The offers'
+        descriptors went out of step with their messages: every other start failed.)"""
+        result = run_python(
+            """
+            import os, resource, sys, gevent, gipc
+            def start(code):
+                p = gipc.start_process(sys.exit, args=(code,), start_method="forkserver")
+                p.join(10)
+                return p.exitcode
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            start(0)
+            gevent.sleep(0.05)
+            used = {int(fd) for fd in os.listdir("/proc/self/fd")}
+            limit, free = 0, 0
+            while free < 6:  # room for a start's own descriptors, not for the next offer
+                free += limit not in used
+                limit += 1
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+            start(5)
+            gevent.sleep(0.05)  # the next offer arrives meanwhile, cut short
+            try:
+                start(5)
+            except gipc.GIPCError:
+                pass
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            codes, counts = [], set()
+            for _ in range(4):
+                gevent.sleep(0.05)
+                codes.append(start(6))
+                counts.add(len(os.listdir("/proc/self/fd")))
+            print(codes, len(counts))
+            """
+        )
+        assert result.stdout.strip().splitlines()[-1:] == ["[6, 6, 6, 6] 1"], (
+            result.stdout + result.stderr
+        )
+
     def test_threads_whose_first_starts_meet_share_one_server(self, monkeypatch):
         """Two OS threads start their first fork-server child at once: one server starts
         (a second would be lost, with its descriptor). The first start is held inside the
@@ -578,6 +684,10 @@ def exit_big_when_told(reader: "gipc.gipc._GIPCHandle", code: int, hold: object 
     ballast[::4096] = b"\x01" * len(range(0, len(ballast), 4096))  # every page resident
     _BALLAST.append(ballast)
     sys.exit(code)
+
+
+def wait_for_word(reader: "gipc.gipc._GIPCHandle") -> None:
+    reader.get()
 
 
 def exit_with_after(code: int, seconds: float) -> None:

@@ -236,6 +236,12 @@ class ChildStart:
             os.close(self.devnull_fd)
 
 
+def exit_status(code: int) -> int:
+    """What the system reports of ``_exit(code)``: its low 8 bits (``sys.exit(256)`` is 0,
+    ``sys.exit(-1)`` 255), and ``os._exit`` takes no int beyond a C int."""
+    return code & 0xFF
+
+
 def run_forked(bootstrap: Callable[[], int]) -> int:
     """Runs ``bootstrap`` (a process's start-up and target) in a forked child, around the
     atexit functions as multiprocessing's fork and forkserver children do on this Python."""

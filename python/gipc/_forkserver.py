@@ -66,7 +66,7 @@ import time
 from multiprocessing import process as mp_process
 from multiprocessing import spawn as mp_spawn
 from multiprocessing import util as mp_util
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import gevent
 import gevent.lock
@@ -102,6 +102,9 @@ _DOOMED_ENV = "GIPC_FORKSERVER_TEST_DOOMED"
 #: with the caller: on 2 vCPUs that held the caller's loop off its CPU for 1.5 ms.
 #: (The environment variable is read by the server, for tests and measurements.)
 SPARE_DELAY = float(os.environ.get("GIPC_FORKSERVER_SPARE_DELAY", "0.01"))
+#: Seconds before the server tries again to fork a spare the system refused (EMFILE,
+#: EAGAIN): starts meanwhile get a child forked for them, or a clear error.
+SPARE_RETRY = 0.1
 #: The most descriptors one message can carry (Linux's SCM_MAX_FD), less the three of
 #: every start request.
 MAX_HANDLE_FDS = 253 - 3
@@ -187,6 +190,7 @@ class _Server:
         data = memoryview(_framed(message))
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         with self._send_lock:  # whole messages: a partial send is finished before the next
+            whole = len(data)
             try:
                 while data:
                     try:
@@ -199,6 +203,13 @@ class _Server:
             except OSError as exc:
                 self.close()
                 raise GIPCError(f"gipc's fork server (pid {self.pid}) is gone: {exc}") from exc
+            except BaseException:
+                # Interrupted (a timeout, a kill) while it waited to send the rest: a message
+                # cut short would garble every later one. This server is dropped (it ends
+                # with its socket) and the next start launches another.
+                if len(data) < whole:
+                    self.close()
+                raise
 
     def take_offer(self) -> Optional["_Offer"]:
         """The spare the server offered last, if nobody took it yet (the caller then hands
@@ -233,8 +244,13 @@ class _Server:
             except BlockingIOError:
                 return
             except OSError:
-                data, fds = b"", []
+                data, fds, _flags = b"", [], 0
             _child.parent_only_fds.update(fds)
+            if _flags & getattr(socket, "MSG_CTRUNC", 0) and len(fds) < 2:
+                # An offer's two descriptors did not all fit (this process is at its limit
+                # of open descriptors): placeholders keep the next offers' descriptors with
+                # their messages, and this offer is dropped when its message is read.
+                fds = fds + [-1] * (2 - len(fds))
             self._inbox_fds += fds
             if not data:  # the server is gone
                 self.close()
@@ -250,6 +266,9 @@ class _Server:
                     self._offers_seen += 1
                     pidfd, sock = self._inbox_fds[:2]
                     del self._inbox_fds[:2]
+                    if pidfd < 0 or sock < 0:  # it came without them: unusable
+                        _Offer(body[1], pidfd, sock).close()
+                        continue
                     if self._offer is not None:
                         self._offer.close()  # an older one: the server has moved on
                     self._offer = _Offer(body[1], pidfd, sock)
@@ -257,6 +276,13 @@ class _Server:
                     if self._offer.pid == body[1]:  # given to a start sent to the server
                         self._offer.close()
                         self._offer = None
+
+    def alive(self) -> bool:
+        """Whether the server's end of the control socket is still open (reads what it
+        sent meanwhile, never waits)."""
+        with self._offer_lock:
+            self._drain()
+        return not self.dead
 
     def close(self) -> None:
         """Forgets the server: closing the control socket ends it (if it still runs)."""
@@ -483,6 +509,11 @@ class ForkServerPopen(CooperativePopen):
                 tag, value = _RECORD.unpack_from(self._records)
                 del self._records[: _RECORD.size]
                 if tag == FAILED:
+                    if value:
+                        raise GIPCError(
+                            "gipc's fork server could not fork the child: "
+                            f"{os.strerror(value)} (errno {value})"
+                        )
                     raise GIPCError(
                         f"gipc's fork server could not start the child: {HANDOVER_TRIES} "
                         "children forked for it died before they could be handed the start"
@@ -492,6 +523,13 @@ class ForkServerPopen(CooperativePopen):
                 pid: int = value
                 return pid
             if self._ended:
+                if self._server.alive():
+                    # It dropped the request: its descriptors did not all reach it.
+                    raise GIPCError(
+                        "gipc's fork server could not take this start: the descriptors of "
+                        "the request did not reach it (is it at its limit of open "
+                        "descriptors, RLIMIT_NOFILE?)"
+                    )
                 self._server.close()
                 raise GIPCError(
                     "gipc's fork server died before starting the child; "
@@ -658,6 +696,26 @@ def serve() -> None:
     spare_due: Optional[float] = None
     awaited: Optional[int] = None
 
+    def held() -> List[int]:
+        """Every descriptor the server holds now: none of them goes on into a child."""
+        fds = [*own_fds, *children.values()]
+        for other in (spare, *offered.values()):
+            if other is not None:
+                fds.append(other.sock.fileno())
+                if other.pidfd is not None:
+                    fds.append(other.pidfd)
+        return [fd for fd in fds if fd >= 0]
+
+    def new_spare() -> Optional[_Spare]:
+        """A spare forked now; None if the system refused (no descriptor, no process
+        left: tried again a little later, and the starts meanwhile fork their own)."""
+        nonlocal spare_due
+        try:
+            return _Spare(held())
+        except OSError:
+            spare_due = time.monotonic() + SPARE_RETRY
+            return None
+
     def schedule_spare(started: Optional[int]) -> None:
         nonlocal spare_due, awaited
         if started is not None:
@@ -686,9 +744,9 @@ def serve() -> None:
                 body, fds = message
                 if body[0] == "init":
                     _init(body[1], body[2])
-                    spare = _Spare(own_fds, children)
+                    spare = new_spare()
                     # The first start is often queued behind "init": this spare is its.
-                    if not select.select([control], [], [], 0)[0]:
+                    if spare is not None and not select.select([control], [], [], 0)[0]:
                         offers_sent[0] += _offer(control, spare, selector, offered)
                 elif body[0] == "start":
                     # A spare offered to the caller is the caller's to hand a start to,
@@ -703,7 +761,7 @@ def serve() -> None:
                             control.sendmsg([_framed(("taken", spare.pid))])
                         except OSError:
                             pass
-                    started = _start(fds, own, children, own_fds)
+                    started = _start(fds, own, children, held)
                     if own is not None and (started is own or own.dead):
                         spare = None
                     if started is not None:
@@ -730,9 +788,11 @@ def serve() -> None:
                 if awaited in _reap(children, unclaimed):
                     spare_due = time.monotonic()
         if spare is None and spare_due is not None and time.monotonic() >= spare_due:
-            spare, spare_due, awaited = _Spare(own_fds, children), None, None
-            unclaimed.pop(spare.pid, None)  # an old child's, whose pid came round again
-            offers_sent[0] += _offer(control, spare, selector, offered)
+            spare_due, awaited = None, None
+            spare = new_spare()
+            if spare is not None:
+                unclaimed.pop(spare.pid, None)  # an old child's, whose pid came round again
+                offers_sent[0] += _offer(control, spare, selector, offered)
 
 
 def _offer(
@@ -874,12 +934,24 @@ class _Spare:
     ends, unused, when the server does (its socket closes), and holds no descriptor of the
     server's but its own end of that socket."""
 
-    def __init__(self, own_fds: List[int], children: Dict[int, int]) -> None:
+    def __init__(self, inherited: List[int]) -> None:
+        """``inherited``: the server's descriptors, which the child closes at once."""
         ours, theirs = _socketpair()
-        self.pid = os.fork()
+        # Forked with every signal blocked, as start_process forks: one sent to the child
+        # before it has put back the default dispositions (the server ignores SIGINT)
+        # waits, and meets the default action once the child unblocks it.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            self.pid = os.fork()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            ours.close()
+            theirs.close()
+            raise
         if self.pid == 0:
             ours.close()
-            _run_spare(theirs, [*own_fds, *children.values()])  # never returns
+            _run_spare(theirs, inherited)  # never returns
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         theirs.close()
         self.sock = ours
         self.dead = False
@@ -935,7 +1007,7 @@ def _run_spare(sock: socket.socket, inherited: List[int]) -> None:
             return
         data_r, parent_sentinel, status_w, *handle_fds = fds
         _child.parent_only_fds.add(status_w)  # no grandchild of ours holds it
-        code = run_child(data_r, handle_fds, parent_sentinel, forked=True)
+        code = _child.exit_status(run_child(data_r, handle_fds, parent_sentinel, forked=True))
     except BaseException:
         import traceback
 
@@ -984,7 +1056,10 @@ def _close_fds_except(keep: int) -> None:
 
 
 def _start(
-    fds: List[int], spare: Optional[_Spare], children: Dict[int, int], own_fds: List[int]
+    fds: List[int],
+    spare: Optional[_Spare],
+    children: Dict[int, int],
+    held: Callable[[], List[int]],
 ) -> Optional[_Spare]:
     """Hands a start request to the spare (or, if there is none or it died, to a child
     forked now) and tells the caller its pid. Returns the child that took it (``spare``
@@ -995,11 +1070,15 @@ def _start(
         return None
     child = spare
     if child is None or not child.hand_over(fds):
-        child = _fork_and_hand_over(fds, own_fds, children)
+        error = 0
+        try:
+            child = _fork_and_hand_over(fds, held)
+        except OSError as exc:  # no descriptor or process left
+            child, error = None, exc.errno or 0
         if child is None:
             # Not the server's death: it says so, and the caller fails just this start.
             try:
-                os.write(fds[2], _RECORD.pack(FAILED, 0))
+                os.write(fds[2], _RECORD.pack(FAILED, error))
             except OSError:
                 pass
             for fd in fds:
@@ -1024,14 +1103,14 @@ def _start(
     return child
 
 
-def _fork_and_hand_over(
-    fds: List[int], own_fds: List[int], children: Dict[int, int]
-) -> Optional[_Spare]:
+def _fork_and_hand_over(fds: List[int], held: Callable[[], List[int]]) -> Optional[_Spare]:
     """A child forked now and handed the start request. One that died before the handover
     is replaced by another (it was not the server that failed, and the caller's request
     is still whole), up to ``HANDOVER_TRIES`` children; None if none took it."""
     for _ in range(HANDOVER_TRIES):
-        child = _Spare(own_fds, children)
+        # The request's descriptors are the server's too until the handover. An OSError
+        # (no descriptor or process left) fails this start with its reason.
+        child = _Spare([*held(), *fds])
         _doom_for_test(child)
         if child.hand_over(fds):
             return child

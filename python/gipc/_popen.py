@@ -270,7 +270,7 @@ class ForkPopen(CooperativePopen):
                 # Our own exit report is no grandchild's to hold: one that outlived us
                 # would keep the sentinel from telling our parent that we are gone.
                 _child.parent_only_fds.add(child_w)
-                code = start.run()  # resets the signals, then unblocks them
+                code = _child.exit_status(start.run())  # resets the signals, unblocks them
             except BaseException:  # gipc's own start-up failed: say why before exiting
                 import traceback
 

@@ -29,7 +29,7 @@ from multiprocessing.reduction import ForkingPickler
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Set
 
 from . import _child
-from ._startup_child import REFERENCES_KEY
+from ._startup_child import REFERENCES_KEY, frame_startup_data
 from ._transfer import HandlePickler, InheritedFd
 from ._hub import WRITE, io_watcher, run_soon
 from .exceptions import GIPCTypeError
@@ -154,7 +154,7 @@ class StartupData:
             ) from exc
         finally:
             mp_context.set_spawning_popen(None)
-        self.payload = head + body.getvalue()
+        self.payload = frame_startup_data(head, body.getvalue())
         self.handle_fds: List[int] = list(pickler.fds)
 
 

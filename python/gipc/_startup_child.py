@@ -11,6 +11,7 @@ multiprocessing's own spawn takes.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import sys
@@ -22,7 +23,7 @@ from . import _child
 # anything else of gipc's, and typing would be ~5% of its start-up (see _startup_child).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import List, Sequence
+    from typing import Any, List, Optional, Sequence, Tuple
 
 #: The flag after ``-c`` on a spawned child's command line (see ``_popen_spawn``).
 SPAWN_FLAG = "--gipc-spawn"
@@ -43,7 +44,9 @@ def spawn_main() -> None:
     _child.parent_only_fds.add(int(exit_fd))  # no grandchild of ours holds our exit report
     code = 1
     try:
-        code = run_child(int(data_fd), parse_fds(handle_fds), int(parent_sentinel), forked=False)
+        code = _child.exit_status(
+            run_child(int(data_fd), parse_fds(handle_fds), int(parent_sentinel), forked=False)
+        )
     finally:
         try:
             os.write(int(exit_fd), _child.EXIT_CODE.pack(code))
@@ -62,31 +65,59 @@ def run_child(
     as multiprocessing's forkserver does), not a fresh interpreter that exits normally."""
     current = mp_process.current_process()
     with os.fdopen(data_fd, "rb", closefd=True) as stream:
-        current._inheriting = True  # type: ignore[attr-defined]
-        try:
-            prep = pickle.load(stream)
-            references = prep.pop(REFERENCES_KEY, False)
-            mp_spawn.prepare(prep)
-            if handle_fds or references:
-                from ._transfer import HandleUnpickler
+        data = read_startup_data(stream)
+    if data is None:
+        # Torn: the caller gave up on this start (interrupted while it waited for the
+        # fork server to say the child's pid). Nothing to run, nothing to say.
+        return 1
+    current._inheriting = True  # type: ignore[attr-defined]
+    try:
+        prep = pickle.loads(data[0])
+        references = prep.pop(REFERENCES_KEY, False)
+        mp_spawn.prepare(prep)
+        if handle_fds or references:
+            from ._transfer import HandleUnpickler
 
-                process = HandleUnpickler(stream, handle_fds).load()
-            else:
-                # Nothing to rebuild (the caller says so: REFERENCES_KEY). Without handles,
-                # gevent is imported only if the target needs it.
-                process = pickle.load(stream)
-        except EOFError:
-            # Torn: the caller gave up on this start (interrupted while it waited for the
-            # fork server to say the child's pid). Nothing to run, nothing to say.
-            return 1
-        finally:
-            del current._inheriting  # type: ignore[attr-defined]
+            process = HandleUnpickler(io.BytesIO(data[1]), handle_fds).load()
+        else:
+            # Nothing to rebuild (the caller says so: REFERENCES_KEY). Without handles,
+            # gevent is imported only if the target needs it.
+            process = pickle.loads(data[1])
+    finally:
+        del current._inheriting  # type: ignore[attr-defined]
 
     def bootstrap() -> int:
         code: int = process._bootstrap(parent_sentinel=parent_sentinel)
         return code
 
     return _child.run_forked(bootstrap) if forked else bootstrap()
+
+
+#: Bytes of each length before the two pickles of the start-up data (little-endian).
+LENGTH_BYTES = 8
+
+
+def frame_startup_data(head: bytes, body: bytes) -> bytes:
+    """The start-up data as it travels: each pickle after its length, so that the child
+    tells a start its caller abandoned (the data cut short) from a pickle that fails."""
+    head_size = len(head).to_bytes(LENGTH_BYTES, "little")
+    body_size = len(body).to_bytes(LENGTH_BYTES, "little")
+    return b"".join((head_size, head, body_size, body))
+
+
+def read_startup_data(stream: Any) -> Optional[Tuple[bytes, bytes]]:
+    """The two pickles of the start-up data, or None if it ends early."""
+    parts = []
+    for _ in range(2):
+        header = stream.read(LENGTH_BYTES)
+        if len(header) < LENGTH_BYTES:
+            return None
+        size = int.from_bytes(header, "little")
+        part = stream.read(size)
+        if len(part) < size:
+            return None
+        parts.append(part)
+    return parts[0], parts[1]
 
 
 def parse_fds(text: str) -> List[int]:
