@@ -669,6 +669,25 @@ class TestHandlesInAMessageThatWaits:
             x_w.put("fine")
             assert x_r.get(timeout=1) == "fine"
 
+    def test_the_reader_of_the_very_pipe_cannot_travel_on_it(self, monkeypatch):
+        # Told apart by the frame lane, an OS pipe: "hybrid" (the default) only. The two
+        # ends of a "socket" channel's socket pair do not say they belong together.
+        monkeypatch.setattr(_handles, "TRANSPORT", "hybrid")
+        with gipc.pipe() as (r, w):
+            with pytest.raises(GIPCError, match="reader of that very pipe"):
+                w.put(["text", r])
+            assert not r.closed
+            with pytest.raises(gevent.Timeout):
+                r.get(timeout=0.05)  # nothing was sent
+            w.put("fine")
+            assert r.get() == "fine"
+        with gipc.pipe(duplex=True) as (a, b):
+            with pytest.raises(GIPCError, match="very pipe"):
+                a.put(b)  # b reads what a writes
+            assert not b.closed
+            a.put("fine")
+            assert b.get() == "fine"
+
     def test_errors_of_put_speak_of_a_message_not_a_child(self, transport):
         with gipc.pipe() as (r, w), gipc.pipe() as (x_r, x_w):
             gone, _ = gipc.pipe()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import stat
 import struct
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
@@ -79,7 +80,7 @@ class HandlePickler(pickle.Pickler):
 
     Raises (from ``dump``): ``GIPCClosed``/``GIPCLocked`` for a closed handle or one a
     greenlet is using (the ``sender`` itself included), ``GIPCError`` for one that cannot
-    move now or whose codec cannot be pickled.
+    move now or whose codec cannot be pickled, or the reader of the ``sender``'s own pipe.
     """
 
     def __init__(
@@ -149,6 +150,11 @@ class HandlePickler(pickle.Pickler):
         if handle is sender:
             raise GIPCLocked(f"cannot send {handle!r} in a message on itself")
         handle._check_passable(_IN_A_MESSAGE)
+        if isinstance(handle, _GIPCReader) and _same_pipe(handle, sender):
+            raise GIPCError(
+                f"cannot send {handle!r} in a message on {sender!r}: it is the reader of that "
+                "very pipe, so nothing could ever read the message"
+            )
         if not handle._lock.try_acquire():
             # Taken since the check, by another OS thread.
             raise GIPCLocked(f"cannot {_IN_A_MESSAGE.format(repr(handle))}: a greenlet is using it")
@@ -191,6 +197,19 @@ class HandlePickler(pickle.Pickler):
 
 #: How errors about a handle in a message say what was tried (``_check_passable``).
 _IN_A_MESSAGE = "send {} in a message"
+
+
+def _same_pipe(reader: _GIPCReader, writer: _GIPCWriter) -> bool:
+    """Whether ``reader`` reads what ``writer`` writes. Known where the frame lane is an OS
+    pipe (the "hybrid" and "pipe" transports): both ends of one pipe are one inode, in any
+    process. The two ends of a socket pair are not, so on the "socket" transport this says
+    False."""
+    try:
+        a = os.fstat(reader._core.fileno())
+        b = os.fstat(writer._core.fileno())
+    except (OSError, GIPCError):
+        return False
+    return stat.S_ISFIFO(a.st_mode) and (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _codec_state(handle: _GIPCHandle, role: str, codec: Any, default: Any, action: str) -> Any:
