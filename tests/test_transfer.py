@@ -575,3 +575,206 @@ class TestDescriptorsTheKernelDropped:
         # The descriptors that did come are closed; none leaked.
         before, after_loss, at_end = report["fds"]
         assert after_loss == before and at_end == before, report["fds"]
+
+
+# Handles in a message while its put waits or is interrupted: held by that put (other
+# greenlets wait to use them, cannot close them) until the message's first bytes go out,
+# closed from then on whatever happens to the put, left to the sender if nothing went.
+
+FILLER = b"f" * 8192  # below the bulk lane's threshold: fills the frame lane
+
+
+def jam_through_another_writer(w):
+    """Fills ``w``'s channel through a second writer of it (as another process sharing it
+    would), so ``w`` has nothing queued but a put on it must wait. Returns the greenlet that
+    keeps writing FILLER (it finishes once the reader takes ``count`` of them) and
+    ``count``. Its last message may stay partly written: nothing may be written on ``w``
+    before that greenlet is done."""
+    other = _GIPCWriter(
+        gipc._core.writer_from_fds(w._core.transport, [os.dup(fd) for fd in w._core.filenos()]),
+        None,
+        True,
+    )
+    count = (64 << 20) // len(FILLER)  # more than any pipe or socket buffer holds
+
+    def write_all():
+        for _ in range(count):
+            other.put(FILLER)
+        other.close()
+
+    jammer = gevent.spawn(write_all)
+    gevent.sleep(0.05)
+    assert not jammer.ready(), "the channel took everything: nothing to wait for"
+    return jammer, count
+
+
+def jam_own_queue(w):
+    """Fills ``w``'s channel with its own messages until one stays queued, not all written
+    (what a put interrupted mid-message leaves): the next put waits for its rest. Returns
+    that put's greenlet (none) and the count of FILLER messages."""
+    count = 0
+    while True:
+        status = w._core.try_send(gipc._core.KIND_BYTES, FILLER)
+        count += 1
+        while status == gipc._core.YIELD:
+            status = w._core.try_flush()
+        if status == gipc._core.WOULD_BLOCK:
+            return None, count
+
+
+def drain_filler(r, count):
+    for _ in range(count):
+        assert r.get(timeout=5) == FILLER
+
+
+class TestHandlesInAMessageThatWaits:
+    def test_handles_are_held_while_put_waits_and_closed_once_sent(self, transport):
+        with gipc.pipe() as (r, w):
+            x_r, x_w = gipc.pipe()
+            x_w.put("m1")
+            x_w.put("m2")
+            assert x_r.get() == "m1"  # "m2" may now sit in x_r's buffer: it travels
+            _, count = jam_own_queue(w)  # the put waits to write the rest first
+            sender = gevent.spawn(w.put, ("handles", x_r, x_w))
+            gevent.sleep(0.05)
+            assert not sender.ready() and not x_r.closed and not x_w.closed
+            # Held by the waiting put: closing is refused, I/O waits behind it.
+            with pytest.raises(GIPCLocked):
+                x_r.close()
+            with pytest.raises(GIPCLocked):
+                x_w.close()
+            with gipc.pipe() as (_, elsewhere):
+                with pytest.raises(GIPCLocked, match="in a message"):
+                    elsewhere.put(x_r)  # nor can another message take it
+            local_get = gevent.spawn(x_r.get)
+            local_put = gevent.spawn(x_w.put, "from the sender's side")
+            gevent.sleep(0.05)
+            assert not local_get.ready() and not local_put.ready()
+            drain_filler(r, count)
+            tag, moved_r, moved_w = r.get(timeout=5)
+            sender.join(timeout=5)
+            assert sender.successful() and tag == "handles"
+            assert x_r.closed and x_w.closed
+            # Those that waited find them gone, and took nothing.
+            local_get.join(timeout=5)
+            local_put.join(timeout=5)
+            assert isinstance(local_get.exception, GIPCClosed)
+            assert isinstance(local_put.exception, GIPCClosed)
+            assert moved_r.get(timeout=1) == "m2"  # delivered once, here only
+            moved_w.put("m3")
+            assert moved_r.get(timeout=1) == "m3"
+            moved_r.close()
+            moved_w.close()
+
+    def test_handles_close_when_the_first_bytes_go_not_after_the_last(self, transport):
+        with gipc.pipe() as (r, w):
+            x_r, x_w = gipc.pipe()
+            x_w.put("m1")
+            x_w.put("m2")
+            assert x_r.get() == "m1"
+            sender = gevent.spawn(w.put, (x_r, BIG))  # more than the channel holds
+            gevent.sleep(0.05)
+            assert not sender.ready()
+            assert x_r.closed  # on its way: the sender cannot take "m2" any more
+            with pytest.raises(GIPCClosed):
+                x_r.get(timeout=0.1)
+            moved_r, blob = r.get(timeout=5)
+            sender.join(timeout=5)
+            assert sender.successful() and blob == BIG
+            assert moved_r.get(timeout=1) == "m2"
+            moved_r.close()
+            x_w.close()
+
+    def test_a_put_interrupted_after_the_first_bytes_hands_the_handles_over(self, transport):
+        with gipc.pipe() as (r, w):
+            x_r, x_w = gipc.pipe()
+            with pytest.raises(gevent.Timeout):
+                with gevent.Timeout(0.05):
+                    w.put((x_r, BIG))  # more than the channel holds: cannot finish
+            assert x_r.closed  # its descriptors went with the first bytes
+            after = gevent.spawn(w.put, "next")  # writes the rest first
+            moved_r, blob = r.get(timeout=5)
+            assert blob == BIG and r.get(timeout=5) == "next"
+            after.join(timeout=5)
+            x_w.put("a")
+            x_w.put("b")
+            assert moved_r.get(timeout=1) == "a"  # the only reader of that pipe
+            assert moved_r.get(timeout=1) == "b"
+            moved_r.close()
+            x_w.close()
+
+    @pytest.mark.parametrize("jam", [jam_through_another_writer, jam_own_queue])
+    def test_a_put_interrupted_before_any_byte_sends_nothing_and_keeps_the_handles(
+        self, transport, jam
+    ):
+        with gipc.pipe() as (r, w), gipc.pipe() as (x_r, x_w):
+            jammer, count = jam(w)
+            with pytest.raises(gevent.Timeout):
+                with gevent.Timeout(0.05):
+                    w.put(("handles", x_r, x_w))
+            assert not x_r.closed and not x_w.closed
+            x_w.put("still the sender's")
+            assert x_r.get(timeout=1) == "still the sender's"
+            if jammer is None:
+                # Writes the rest of what jam_own_queue left in w, then "after".
+                after = gevent.spawn(w.put, "after")
+                drain_filler(r, count)
+            else:
+                # The other writer's last message first: two writers of one channel are
+                # atomic with respect to each other only for small enough writes.
+                drain_filler(r, count)
+                jammer.join(timeout=5)
+                assert jammer.successful()
+                after = gevent.spawn(w.put, "after")
+            assert r.get(timeout=5) == "after"  # the interrupted message never comes
+            with pytest.raises(gevent.Timeout):
+                r.get(timeout=0.05)
+            after.join(timeout=5)
+
+    def test_a_failed_put_leaves_the_handles_usable(self, transport):
+        with gipc.pipe() as (r, w), gipc.pipe() as (x_r, x_w):
+            r.close()
+            with pytest.raises(BrokenPipeError):
+                w.put([x_r, x_w])
+            assert not x_r.closed and not x_w.closed
+            x_w.put("fine")
+            assert x_r.get(timeout=1) == "fine"
+
+    def test_the_reader_of_the_very_pipe_cannot_travel_on_it(self, monkeypatch):
+        # Told apart by the frame lane, an OS pipe: "hybrid" (the default) only. The two
+        # ends of a "socket" channel's socket pair do not say they belong together.
+        monkeypatch.setattr(_handles, "TRANSPORT", "hybrid")
+        with gipc.pipe() as (r, w):
+            with pytest.raises(GIPCError, match="reader of that very pipe"):
+                w.put(["text", r])
+            assert not r.closed
+            with pytest.raises(gevent.Timeout):
+                r.get(timeout=0.05)  # nothing was sent
+            w.put("fine")
+            assert r.get() == "fine"
+        with gipc.pipe(duplex=True) as (a, b):
+            with pytest.raises(GIPCError, match="very pipe"):
+                a.put(b)  # b reads what a writes
+            assert not b.closed
+            a.put("fine")
+            assert b.get() == "fine"
+
+    def test_errors_of_put_speak_of_a_message_not_a_child(self, transport):
+        with gipc.pipe() as (r, w), gipc.pipe() as (x_r, x_w):
+            gone, _ = gipc.pipe()
+            gone.close()
+            _.close()
+            with pytest.raises(GIPCClosed, match="in a message") as closed:
+                w.put(gone)
+            assert "child" not in str(closed.value)
+            writing = gevent.spawn(x_w.put, BIG)
+            gevent.sleep(0.05)  # inside put(), holding x_w's lock
+            with pytest.raises(GIPCLocked, match="in a message") as locked:
+                w.put({"w": x_w})
+            assert "child" not in str(locked.value)
+            with pytest.raises(GIPCLocked, match="on itself"):
+                w.put(w)
+            assert x_r.get(timeout=5) == BIG
+            writing.join(timeout=5)
+            with pytest.raises(gevent.Timeout):
+                r.get(timeout=0.05)  # none of them sent anything

@@ -102,6 +102,16 @@ def _yield_to_loop() -> None:
 
     yield_to_loop()
 
+def _original_poll() -> Any:
+    """``select.poll``, gevent.monkey's patching undone (gevent's would yield to the hub)."""
+    if "gevent.monkey" in sys.modules:
+        from gevent.monkey import get_original
+
+        return get_original("select", "poll")
+    import select
+
+    return select.poll
+
 #: Every open handle of this process, so a forked child can close those it was not given.
 _open_handles: "weakref.WeakSet[_GIPCHandle]" = weakref.WeakSet()
 
@@ -164,6 +174,23 @@ class _HandleLock:
             queue.release()
             raise
         return waited
+
+    def try_acquire(self) -> bool:
+        """Takes the lock only if that needs no wait (nobody holds it or queues for it in
+        this thread); True if taken. For a handle that travels in a message: held by the
+        ``put`` that sends it, never waited for."""
+        ident = _thread_ident()
+        queue = self._queues.get(ident)
+        if queue is None:
+            from gevent.lock import Semaphore
+
+            queue = self._queues.setdefault(ident, Semaphore())
+        if not queue.acquire(blocking=False):
+            return False
+        if not self.held.acquire(False):
+            queue.release()
+            return False
+        return True
 
     def release(self) -> None:
         self.held.release()
@@ -296,11 +323,13 @@ class _GIPCHandle:
             self._watcher_fd = fd
         wait_for(self._watcher)
 
-    def _check_passable(self) -> None:
+    def _check_passable(self, action: str = "pass {} to a child") -> None:
+        """Raises unless the handle can travel now; ``action`` (formatted with the handle)
+        says where to, for the error."""
         if self._closed:
-            raise GIPCClosed(f"cannot pass {self!r} to a child: it is closed")
+            raise GIPCClosed(f"cannot {action.format(repr(self))}: it is closed")
         if self._lock.locked():
-            raise GIPCLocked(f"cannot pass {self!r} to a child: a greenlet is using it")
+            raise GIPCLocked(f"cannot {action.format(repr(self))}: a greenlet is using it")
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         return _refuse_pickling(self)
@@ -521,7 +550,9 @@ class _GIPCWriter(_GIPCHandle):
             TypeError: the pipe has no encoder and ``o`` is not bytes-like, or the encoder
                 did not return a bytes-like object (both also ``GIPCError``).
             BrokenPipeError: no reader is left.
-            GIPCClosed: the handle is closed.
+            GIPCClosed: the handle is closed, or a handle in ``o`` is.
+            GIPCLocked: a handle in ``o`` is in use by another greenlet, or is this writer.
+            GIPCError: a handle in ``o`` cannot travel (see the README: handles in messages).
         """
         self._put_python(o)  # replaced below the class, by _core's
 
@@ -564,25 +595,79 @@ class _GIPCWriter(_GIPCHandle):
     def _put_with_handles(self, o: Any) -> None:
         """``put(o)`` where ``o`` holds gipc handles: their descriptors travel with the
         message (``SCM_RIGHTS`` on the channel's socket lane), the reader gets working
-        handles, and this process's copies are closed once the message is written, as
-        ``start_process`` closes what it passes to a child."""
+        handles, and this process's copies are closed, as ``start_process`` closes what it
+        passes to a child.
+
+        The handles are held from the moment they are pickled (each one's lock taken, see
+        ``dumps_message``): another greenlet's ``get``/``put`` on one waits, its ``close``
+        raises ``GIPCLocked``. The message is queued only once nothing else is queued and
+        every lane of the channel takes bytes, so that its first bytes go out at once. From
+        then on it is on its way (the core holds copies of the descriptors, which go with
+        the first bytes of its payload): the handles are closed, and only then let go, so a
+        greenlet waiting for one finds it closed. A ``put`` that fails or is interrupted
+        before that lets them go open, and sends nothing."""
         if self._core.transport == "pipe":
             raise GIPCError(
                 f"cannot put gipc handles on {self!r}: a 'pipe' channel has no socket to "
                 "carry their descriptors (use the 'hybrid' or 'socket' transport)"
             )
-        with self._lock:
-            # Under the lock, so nothing reads from or writes to the handles in between.
-            # This writer, if it is in the message, is locked and refuses to travel.
-            from ._transfer import dumps_message
+        from ._transfer import dumps_message
 
-            payload, handles, fds = dumps_message(o)
-            self._finish(self._core.try_send_fds(KIND_HANDLES, payload, fds))
-        for handle in handles:
-            parts = handle._parts() if isinstance(handle, _GIPCDuplexHandle) else (handle,)
-            for part in parts:
-                if not part.closed:
-                    part._release()
+        with self._lock:
+            payload, _, fds, held = dumps_message(o, self)
+            core = self._core
+            sent = False
+            try:
+                # What an interrupted put left queued goes first: then this message is
+                # the front frame, and ``mid_frame`` says whether any of it went out.
+                self._finish(core.try_flush())
+                self._wait_writable()
+                try:
+                    status = core.try_send_fds(KIND_HANDLES, payload, fds)
+                except BaseException:
+                    # A write that failed (no reader left) wrote nothing: the frame
+                    # stays queued, unreachable, and the handles stay the caller's.
+                    sent = core.mid_frame
+                    raise
+                sent = True
+                # A YIELD before the first write (this slice was used up) starts a fresh
+                # slice, whose first write is always made: make it now, not after a turn
+                # of the loop in which the put could be interrupted.
+                while status == YIELD and not core.mid_frame:
+                    status = core.try_flush()
+                # A WOULD_BLOCK with nothing written (another process filled the channel
+                # since we looked) leaves the frame queued: it goes before the next
+                # message, whatever happens to this put, so it counts as sent.
+            finally:
+                for handle in held:
+                    if sent and not handle.closed:
+                        handle._release()
+                    handle._lock.release()
+            self._finish(status)
+
+    def _wait_writable(self) -> None:
+        """Waits until each lane of the channel takes bytes (or has an error, which the next
+        write reports)."""
+        import select
+
+        fds = self._core.filenos()
+        while True:
+            poll = _original_poll()()
+            for fd in fds:
+                poll.register(fd, select.POLLOUT)
+            ready = {fd for fd, events in poll.poll(0) if events}
+            blocked = [fd for fd in fds if fd not in ready]
+            if not blocked:
+                return
+            from gevent import get_hub
+
+            from ._hub import io_watcher, wait_for
+
+            watcher = io_watcher(blocked[0], WRITE, get_hub())
+            try:
+                wait_for(watcher)
+            finally:
+                watcher.close()
 
     def put_many(self, items: Iterable[Any]) -> None:
         """Write several messages at once; the reader gets them one by one, in order, from

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import stat
 import struct
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
@@ -32,7 +33,7 @@ from ._handles import (
     _pickle_dumps,
     _pickle_loads,
 )
-from .exceptions import GIPCError
+from .exceptions import GIPCError, GIPCLocked
 
 _HANDLE_TAG = "gipc.handle"
 #: A KIND_HANDLES payload starts with the count of its descriptors (see `_core`).
@@ -71,9 +72,15 @@ class HandlePickler(pickle.Pickler):
     handles are not closed: the caller closes them once the descriptors are sent, and must
     not use them meanwhile (a reader's buffered messages travel in the pickle).
 
+    ``sender``: the writer that will ``put`` the message (``None``: the handles go to a
+    child). Then each reader and writer met is also held, its lock taken as it is
+    described, and listed in ``held``: no other greenlet uses it until the caller releases
+    it (see ``_GIPCWriter._put_with_handles``). The caller releases ``held`` after a failed
+    ``dump`` too.
+
     Raises (from ``dump``): ``GIPCClosed``/``GIPCLocked`` for a closed handle or one a
-    greenlet is using, ``GIPCError`` for one that cannot move now or whose codec cannot be
-    pickled.
+    greenlet is using (the ``sender`` itself included), ``GIPCError`` for one that cannot
+    move now or whose codec cannot be pickled, or the reader of the ``sender``'s own pipe.
     """
 
     def __init__(
@@ -81,10 +88,18 @@ class HandlePickler(pickle.Pickler):
         file: Any,
         protocol: int = _PICKLE_PROTOCOL,
         passed: "Optional[Set[_GIPCHandle]]" = None,
+        *,
+        sender: Optional[_GIPCWriter] = None,
     ) -> None:
         super().__init__(file, protocol)
         self.handles: List[AnyHandle] = []
         self.fds: List[int] = []
+        self.sender = sender
+        self.held: List[_GIPCHandle] = []
+        #: What errors say was tried with a handle, formatted with it (the first for those
+        #: about its codec).
+        self._action = "pass {} to another process" if sender is None else _IN_A_MESSAGE
+        self._short_action = "pass {}" if sender is None else _IN_A_MESSAGE
         #: id() of each handle (duplex handles and their parts) met -> its number.
         self._numbers: Dict[int, int] = {}
         #: If given, the only handles that travel (a duplex handle by its two parts): any
@@ -156,13 +171,32 @@ class HandlePickler(pickle.Pickler):
             description = self._describe_writer(handle)
         return (_HANDLE_TAG, number, description)
 
+    def _claim(self, handle: _GIPCHandle) -> None:
+        """Checks that ``handle`` can travel now; for a message, also holds it."""
+        sender = self.sender
+        if sender is None:
+            handle._check_passable()
+            return
+        if handle is sender:
+            raise GIPCLocked(f"cannot send {handle!r} in a message on itself")
+        handle._check_passable(_IN_A_MESSAGE)
+        if isinstance(handle, _GIPCReader) and _same_pipe(handle, sender):
+            raise GIPCError(
+                f"cannot send {handle!r} in a message on {sender!r}: it is the reader of that "
+                "very pipe, so nothing could ever read the message"
+            )
+        if not handle._lock.try_acquire():
+            # Taken since the check, by another OS thread.
+            raise GIPCLocked(f"cannot {_IN_A_MESSAGE.format(repr(handle))}: a greenlet is using it")
+        self.held.append(handle)
+
     def _describe_reader(self, reader: _GIPCReader) -> Tuple[Any, ...]:
-        reader._check_passable()
-        decoder = _codec_state(reader, "decoder", reader._decoder, _pickle_loads)
+        self._claim(reader)
+        decoder = _codec_state(reader, "decoder", reader._decoder, _pickle_loads, self._action)
         try:
             transport, buffered = reader._core.transfer_state()
         except GIPCError as error:
-            raise GIPCError(f"cannot pass {reader!r}: {error}") from None
+            raise GIPCError(f"cannot {self._short_action.format(repr(reader))}: {error}") from None
         return (
             "reader",
             self._ship(reader),
@@ -176,12 +210,12 @@ class HandlePickler(pickle.Pickler):
         )
 
     def _describe_writer(self, writer: _GIPCWriter) -> Tuple[Any, ...]:
-        writer._check_passable()
-        encoder = _codec_state(writer, "encoder", writer._encoder, _pickle_dumps)
+        self._claim(writer)
+        encoder = _codec_state(writer, "encoder", writer._encoder, _pickle_dumps, self._action)
         try:
             transport = writer._core.transfer_state()
         except GIPCError as error:
-            raise GIPCError(f"cannot pass {writer!r}: {error}") from None
+            raise GIPCError(f"cannot {self._short_action.format(repr(writer))}: {error}") from None
         return ("writer", self._ship(writer), transport, encoder, writer._default_codecs)
 
     def _ship(self, handle: _GIPCHandle) -> List[int]:
@@ -191,9 +225,27 @@ class HandlePickler(pickle.Pickler):
         return list(range(start, len(self.fds)))
 
 
-def _codec_state(handle: _GIPCHandle, role: str, codec: Any, default: Any) -> Any:
+#: How errors about a handle in a message say what was tried (``_check_passable``).
+_IN_A_MESSAGE = "send {} in a message"
+
+
+def _same_pipe(reader: _GIPCReader, writer: _GIPCWriter) -> bool:
+    """Whether ``reader`` reads what ``writer`` writes. Known where the frame lane is an OS
+    pipe (the "hybrid" and "pipe" transports): both ends of one pipe are one inode, in any
+    process. The two ends of a socket pair are not, so on the "socket" transport this says
+    False."""
+    try:
+        a = os.fstat(reader._core.fileno())
+        b = os.fstat(writer._core.fileno())
+    except (OSError, GIPCError):
+        return False
+    return stat.S_ISFIFO(a.st_mode) and (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _codec_state(handle: _GIPCHandle, role: str, codec: Any, default: Any, action: str) -> Any:
     """How a handle's encoder or decoder travels: ``None``, the default pickle codec's
-    marker, or the callable itself once it is known to pickle."""
+    marker, or the callable itself once it is known to pickle. ``action`` says, for the
+    error, what was tried with the handle."""
     if codec is None:
         return None
     if codec is default:
@@ -202,7 +254,7 @@ def _codec_state(handle: _GIPCHandle, role: str, codec: Any, default: Any) -> An
         pickle.dumps(codec, _PICKLE_PROTOCOL)
     except Exception as error:
         raise GIPCError(
-            f"cannot pass {handle!r} to another process: its {role} {codec!r} cannot be "
+            f"cannot {action.format(repr(handle))}: its {role} {codec!r} cannot be "
             f"pickled ({type(error).__name__}: {error}); use a module-level function"
         ) from None
     return codec
@@ -378,11 +430,23 @@ def loads_with_handles(data: Any, fds: Sequence[int]) -> Any:
                     pass
 
 
-def dumps_message(obj: Any) -> Tuple[bytes, List[AnyHandle], List[int]]:
-    """A ``KIND_HANDLES`` payload for ``obj``: the count of its descriptors, then the pickle
-    (see ``_core``); with the handles met and the descriptors to send beside it."""
-    data, handles, fds = dumps_with_handles(obj)
-    return _FD_COUNT.pack(len(fds)) + data, handles, fds
+def dumps_message(
+    obj: Any, sender: _GIPCWriter
+) -> Tuple[bytes, List[AnyHandle], List[int], List[_GIPCHandle]]:
+    """A ``KIND_HANDLES`` payload for ``obj``, to be put on ``sender``: the count of its
+    descriptors, then the pickle (see ``_core``); with the handles met, the descriptors to
+    send beside it, and the readers and writers now held (locked) for the caller, who
+    releases them (see :class:`HandlePickler`). On error none is held."""
+    file = io.BytesIO()
+    pickler = HandlePickler(file, sender=sender)
+    try:
+        pickler.dump(obj)
+    except BaseException:
+        for handle in pickler.held:
+            handle._lock.release()
+        raise
+    data = file.getvalue()
+    return _FD_COUNT.pack(len(pickler.fds)) + data, pickler.handles, pickler.fds, pickler.held
 
 
 def loads_message(payload: bytes, fds: Sequence[int]) -> Any:

@@ -10,8 +10,9 @@ class GIPCClosed(GIPCError):
 
 
 class GIPCLocked(GIPCError):
-    """Raised upon an attempt to close (or pass to a child) a handle that another greenlet
-    is currently using for I/O."""
+    """Raised upon an attempt to close (or pass to a child, or put in a message) a handle
+    that another greenlet is currently using for I/O, or that a waiting ``put`` is
+    sending."""
 
 
 class GIPCTypeError(GIPCError, TypeError):
