@@ -145,6 +145,18 @@ class TestNonForkChildren:
         p.join()
         assert p.exitcode == 0 and not p.is_alive()
 
+    def test_large_start_up_data_reaches_the_child_while_the_caller_s_loop_waits(self, method):
+        # More start-up data than a pipe holds (1 MiB of arguments), and a caller that
+        # polls with time.sleep (no event loop runs meanwhile): the child gets its data
+        # all the same, as with multiprocessing's spawn. (It was fed from the hub only.)
+        p = gipc.start_process(exit_with_length, args=(b"x" * (1 << 20) + b"y" * 5,),
+                               start_method=method)
+        deadline = time.monotonic() + 30
+        while p.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert p.exitcode == 5
+        p.join()
+
     @pytest.mark.parametrize("code, reported", [(256, 0), (-1, 255), (1000, 232)])
     def test_exit_codes_are_what_the_system_reports(self, method, code, reported):
         # As multiprocessing and a fork child report them: the low 8 bits.
@@ -684,6 +696,10 @@ def exit_big_when_told(reader: "gipc.gipc._GIPCHandle", code: int, hold: object 
     ballast[::4096] = b"\x01" * len(range(0, len(ballast), 4096))  # every page resident
     _BALLAST.append(ballast)
     sys.exit(code)
+
+
+def exit_with_length(blob: bytes) -> None:
+    sys.exit(len(blob) % 256)
 
 
 def wait_for_word(reader: "gipc.gipc._GIPCHandle") -> None:

@@ -778,3 +778,21 @@ class TestHandlesInAMessageThatWaits:
             writing.join(timeout=5)
             with pytest.raises(gevent.Timeout):
                 r.get(timeout=0.05)  # none of them sent anything
+
+
+def test_a_message_with_more_descriptors_than_one_message_carries_is_refused_whole():
+    # 130 writers of the default transport: 260 descriptors, above Linux's 253 per message.
+    pairs = [gipc.pipe() for _ in range(130)]
+    try:
+        with gipc.pipe() as (r, w):
+            with pytest.raises(GIPCError, match="more than one message carries"):
+                w.put([writer for _, writer in pairs])
+            w.put("next")
+            assert r.get(timeout=5) == "next"  # nothing of the refused one was sent
+        for reader, writer in pairs:  # still the caller's, and working
+            writer.put(1)
+            assert reader.get(timeout=5) == 1
+    finally:
+        for reader, writer in pairs:
+            reader.close()
+            writer.close()

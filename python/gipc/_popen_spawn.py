@@ -4,8 +4,8 @@ Launched as ``multiprocessing``'s spawn launches one (``util.spawnv_passfds``: v
 exec where the Python supports it, every descriptor closed in the child except those named),
 so it costs the same whatever the caller's size, never forks a threaded caller's state, and
 inherits exactly: the start-up data pipe, its two sentinels, and the descriptors of the
-handles it was passed. The start-up data (``_startup``) is then written from the hub while
-the new interpreter imports its way up to reading it.
+handles it was passed. The start-up data (``_startup.Feeder``) is then written while the
+new interpreter imports its way up to reading it.
 
 The child's command line::
 

@@ -6,10 +6,10 @@ data (``sys.path``, working directory, the main module to import as ``__mp_main_
 and then the process object itself, whose gipc handles become references to descriptors
 that travel beside the data (``_transfer.HandlePickler``). Whatever cannot be pickled is
 refused here, in the caller, with an error that names it. ``Feeder`` then writes the bytes
-into a pipe from gevent's hub, as the child reads them: the caller's event loop never waits
-for a child to read its start-up data.
+into a pipe as the child reads them (what does not fit at once, from a thread of its own):
+the caller never waits for a child to read its start-up data, and needs no running loop.
 
-In the child: ``_child.run_started`` reads both pickles, prepares the interpreter as
+In the child: ``_startup_child.run_child`` reads both pickles, prepares the interpreter as
 ``multiprocessing``'s spawn does, rebuilds the handles on the descriptors it was given,
 and runs ``Process._bootstrap``.
 """
@@ -20,18 +20,18 @@ import io
 import os
 import pickle
 import reprlib
+import select
 import sys
 from multiprocessing import context as mp_context
 from multiprocessing import process as mp_process
 from multiprocessing import spawn as mp_spawn
 from multiprocessing import util as mp_util
 from multiprocessing.reduction import ForkingPickler
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Set
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from . import _child
 from ._startup_child import REFERENCES_KEY, frame_startup_data
 from ._transfer import HandlePickler, InheritedFd
-from ._hub import WRITE, io_watcher, run_soon
 from .exceptions import GIPCTypeError
 
 if TYPE_CHECKING:
@@ -187,51 +187,94 @@ def _short_repr(obj: Any) -> str:
     return f"{text:.60}"
 
 
-#: Feeders still writing: kept alive until done (nothing else refers to them).
-_feeding: Set["Feeder"] = set()
+def _originals() -> Tuple[Any, Any, Any]:
+    """``_thread.start_new_thread``, ``_thread.allocate_lock`` and ``select.poll`` as the
+    standard library has them (gevent.monkey's would be greenlets and hub waits)."""
+    if "gevent.monkey" in sys.modules:
+        from gevent.monkey import get_original
+
+        return (
+            get_original("_thread", "start_new_thread"),
+            get_original("_thread", "allocate_lock"),
+            get_original("select", "poll"),
+        )
+    import _thread
+    import select
+
+    return _thread.start_new_thread, _thread.allocate_lock, select.poll
 
 
 class Feeder:
-    """Writes ``data`` into the non-blocking descriptor ``fd`` from gevent's hub, as fast
-    as the reader takes it, then closes ``fd``. No greenlet: an io watcher whose callback
-    writes. A reader that goes away (the child died) ends it quietly: the child's exit
-    code tells that story.
+    """Writes ``data`` into the non-blocking descriptor ``fd`` as the child reads it, then
+    closes ``fd``; the caller never waits for the child. What the pipe takes at once is
+    written at once (start-up data up to the pipe's 64 KiB: the common case, no thread);
+    the rest by a thread of its own, which needs nothing of the caller (no running hub: a
+    program that polls ``is_alive()`` with ``time.sleep``, or that starts a child in one
+    thread and joins it in another, gets its child started as with multiprocessing) and
+    holds the GIL only between writes. A reader that goes away (the child died) ends it
+    quietly: the child's exit code tells that story.
 
-    ``hold_back`` bytes at the end wait for ``release()``: the child can read (and
-    unpickle) all but the last of its start-up data before the caller knows it exists,
-    and cannot run anything until then; ``cancel()`` instead leaves it a torn pickle."""
+    ``hold_back`` bytes at the end wait for ``release()``: the child can read all but the
+    last of its start-up data before the caller knows it exists, and cannot run anything
+    until then; ``cancel()`` instead leaves it a torn start-up (it exits quietly)."""
+
+    #: Longest wait for the pipe between two looks at ``cancel()``, in milliseconds.
+    _POLL_MS = 100
 
     def __init__(self, fd: int, data: bytes, hold_back: int = 0) -> None:
         self.fd = fd
         self.view = memoryview(data)
         self.held = hold_back
-        self.watcher: Any = None
+        self._cancelled = False
+        self._thread_started = False
+        start_thread, allocate_lock, self._poll = _originals()
+        self._start_thread = start_thread
+        #: Guards ``held``, ``_cancelled`` and the descriptor's closing between the caller
+        #: and the thread; ``_wake`` is released to wake a thread that waits for release().
+        self._lock = allocate_lock()
+        self._wake = allocate_lock()
+        self._wake.acquire()
         _child.parent_only_fds.add(fd)
         os.set_blocking(fd, False)
 
     def start(self) -> None:
-        if self._write():
-            return
-        if self.watcher is None:
-            self.watcher = io_watcher(self.fd, WRITE)
-            _feeding.add(self)
-        if len(self.view) > self.held:
-            self.watcher.start(self._on_writable)
+        with self._lock:
+            if self.fd < 0 or self._thread_started:
+                return
+            if self._write_available():
+                return
+            self._thread_started = True
+        self._start_thread(self._run, ())
 
     def release(self) -> None:
         """Lets the held-back bytes go."""
-        self.held = 0
-        if self.fd >= 0:
-            self.start()
+        with self._lock:
+            self.held = 0
+            if not self._thread_started:
+                if self.fd >= 0:
+                    self._write_available()
+                return
+        self._wake_thread()
 
     def cancel(self) -> None:
-        """Stops writing and closes the descriptor."""
-        self.view = memoryview(b"")
-        self._close()
+        """Stops writing and closes the descriptor (the thread's, if one writes: it closes
+        it itself, never under a write of its own)."""
+        with self._lock:
+            self._cancelled = True
+            if not self._thread_started:
+                self._close()
+                return
+        self._wake_thread()
 
-    def _write(self) -> bool:
-        """Writes what the pipe takes; True once finished (all written, or the reader is
-        gone), with the descriptor closed."""
+    def _wake_thread(self) -> None:
+        try:
+            self._wake.release()
+        except RuntimeError:  # awake already
+            pass
+
+    def _write_available(self) -> bool:
+        """Writes what the pipe takes now, without waiting; True once finished (all written,
+        or the reader is gone), with the descriptor closed. Called with ``_lock`` held."""
         try:
             while len(self.view) > self.held:
                 written = os.write(self.fd, self.view[: len(self.view) - self.held])
@@ -245,20 +288,39 @@ class Feeder:
         self._close()
         return True
 
-    def _on_writable(self) -> None:
-        if not self._write() and len(self.view) <= self.held:
-            self.watcher.stop()  # until release()
+    def _run(self) -> None:
+        """The thread: writes as the pipe takes it (its own descriptor from now on: only
+        it writes, and it closes it), waits for release() before the held-back bytes."""
+        poller = self._poll()
+        poller.register(self.fd, select.POLLOUT)
+        try:
+            while True:
+                with self._lock:
+                    if self._cancelled:
+                        return
+                    end = len(self.view) - self.held
+                if end <= 0:
+                    if not self.view:
+                        return  # all written
+                    self._wake.acquire()  # until release() or cancel()
+                    continue
+                try:
+                    written = os.write(self.fd, self.view[:end])
+                except BlockingIOError:
+                    poller.poll(self._POLL_MS)
+                    continue
+                except OSError:  # EPIPE: the child is gone
+                    return
+                self.view = self.view[written:]
+        finally:
+            with self._lock:
+                self._close()
 
     def _close(self) -> None:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
+            self.view = memoryview(b"")
             _child.close_fd(fd)
-        watcher, self.watcher = self.watcher, None
-        if watcher is not None:
-            watcher.stop()
-            # Closing a watcher inside its own callback is not safe on every loop.
-            run_soon(watcher.close)
-        _feeding.discard(self)
 
 
 def format_fds(fds: Sequence[int]) -> str:

@@ -36,6 +36,8 @@ from ._handles import (
 from .exceptions import GIPCError, GIPCLocked
 
 _HANDLE_TAG = "gipc.handle"
+#: The most descriptors one message carries (Linux's SCM_MAX_FD; ``_core`` checks it too).
+MAX_MESSAGE_FDS = 253
 #: A KIND_HANDLES payload starts with the count of its descriptors (see `_core`).
 _FD_COUNT = struct.Struct("<I")
 #: Stands for the default pickle codec in a description: the other side's own
@@ -441,6 +443,13 @@ def dumps_message(
     pickler = HandlePickler(file, sender=sender)
     try:
         pickler.dump(obj)
+        if len(pickler.fds) > MAX_MESSAGE_FDS:
+            raise GIPCError(
+                f"cannot send {len(pickler.handles)} handles in one message: their "
+                f"{len(pickler.fds)} descriptors are more than one message carries "
+                f"({MAX_MESSAGE_FDS}, Linux's SCM_MAX_FD; a handle of the default 'hybrid' "
+                "transport has two): send them in several messages"
+            )
     except BaseException:
         for handle in pickler.held:
             handle._lock.release()
