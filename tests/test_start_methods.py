@@ -673,6 +673,32 @@ class TestForkServer:
                     assert not flags & 0x10000, "a listening socket"  # __SO_ACCEPTCON
                     assert path == [], f"a named socket: {path}"
 
+    def test_the_server_keeps_no_status_socket_for_a_child_that_has_ended(self, monkeypatch):
+        """The caller's word that it handed a spare a start ("used", with the start's status
+        socket) naming a child the server had handed a start itself and has reaped (what a
+        spare given two requests leaves behind): the socket gets that child's REAPED record
+        and its end at once, not a place in the server for ever."""
+        monkeypatch.setattr(_forkserver._Server, "take_offer", lambda self: None)
+        p = gipc.start_process(exit_with, args=(3,), start_method="forkserver")
+        p.join(30)
+        assert p.exitcode == 3
+        wait_gone(p.pid)  # reaped by the server
+        assert _said_used(p.pid) == [(_forkserver.REAPED, 3 << 8)]
+
+    def test_a_second_word_for_a_running_child_leaves_both_joins_an_end(self, monkeypatch):
+        """The same word naming a child the server handed a start itself, still running: a
+        second status socket for one child. The child's own start still hears its end (it
+        dies by a signal here: no word of its own, only the server's REAPED), and so does
+        the second socket; the server keeps neither."""
+        monkeypatch.setattr(_forkserver._Server, "take_offer", lambda self: None)
+        p = gipc.start_process(sleep_for, args=(30,), start_method="forkserver")
+        told = gevent.spawn(_said_used, p.pid)
+        gevent.sleep(0.2)  # the server has the word
+        p.kill()
+        p.join(10)
+        assert p.exitcode == -signal.SIGKILL
+        assert told.get(timeout=10) == [(_forkserver.REAPED, signal.SIGKILL)]
+
 
 #: Kept by exit_big_when_told until the process ends: its teardown takes a while.
 _BALLAST = []
@@ -721,6 +747,36 @@ def _state(pid: int) -> "tuple[str, int] | None":
     except OSError:
         return None
     return fields[0], int(fields[1])
+
+
+def _said_used(pid: int) -> "list[tuple[int, int]]":
+    """Tells this process's fork server that a start was handed its child ``pid`` (the
+    caller's "used"), with a new status socket; the records that socket gets until the
+    server closes it (failing after 10 seconds)."""
+    ours, theirs = _forkserver._socketpair()
+    try:
+        _forkserver._server.send(("used", pid), [theirs.fileno()])
+        theirs.close()
+        received = b""
+        deadline = time.monotonic() + 10
+        ours.setblocking(False)
+        while True:
+            try:
+                data = ours.recv(64)
+            except BlockingIOError:
+                assert time.monotonic() < deadline, f"the server keeps it: {received!r}"
+                gevent.sleep(0.01)
+                continue
+            if not data:
+                break
+            received += data
+        return [
+            _forkserver._RECORD.unpack_from(received, offset)
+            for offset in range(0, len(received), _forkserver._RECORD.size)
+        ]
+    finally:
+        theirs.close()
+        ours.close()
 
 
 def _wait_spare(server: int, not_pids: "set[int]") -> int:
