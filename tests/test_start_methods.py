@@ -673,6 +673,60 @@ class TestForkServer:
                     assert not flags & 0x10000, "a listening socket"  # __SO_ACCEPTCON
                     assert path == [], f"a named socket: {path}"
 
+    def test_a_start_interrupted_before_the_server_answered_leaves_its_spare_alone(
+        self, monkeypatch
+    ):
+        """A start sent to the server before the caller read the server's latest offer may
+        be answered with that offered spare. Interrupted (a timeout, a kill) before that
+        answer, it must not let the next start hand the same spare its own request: the
+        spare runs the one it reads first, and the other start's child never runs (its
+        join hangs, or reports the other's exit). Here a preloaded module makes the server
+        pause around the offer and every child it forks slow to read its request, and the
+        next start's hand-over to the spare is late (in the wild: another CPU's timing)."""
+        _forkserver._close_at_exit()
+        _forkserver._server = None
+        monkeypatch.setenv("GIPC_FORKSERVER_SPARE_DELAY", "60")
+        monkeypatch.setattr(_forkserver, "_preload", ["slow_offers"])
+        real_hand_over = _forkserver._Offer.hand_over
+
+        def late_hand_over(offer, fds):  # type: ignore[no-untyped-def]
+            gevent.sleep(0.6)  # the server answers the interrupted start meanwhile
+            return real_hand_over(offer, fds)
+
+        monkeypatch.setattr(_forkserver._Offer, "hand_over", late_hand_over)
+        try:
+            first = gipc.start_process(noop, start_method="forkserver")
+            first.join(30)
+            server = _forkserver.server_pid()
+            assert server is not None
+            # Forked once the first child ended; its offer comes after the server's pause.
+            _wait_spare(server, not_pids={first.pid})
+            interrupted = gevent.spawn(
+                gipc.start_process, exit_with, args=(99,), start_method="forkserver"
+            )
+            gevent.sleep(0.05)  # its request is on its way, sent before the offer
+            assert not interrupted.ready()
+            deadline = time.monotonic() + 10
+            while _forkserver._server._offer is None:  # the offer arrives
+                assert time.monotonic() < deadline, "no offer came"
+                assert _forkserver._server.alive()
+                gevent.sleep(0.01)
+            interrupted.kill()  # before the server (pausing) has answered it
+            assert isinstance(interrupted.value, gevent.GreenletExit)
+            p = gipc.start_process(exit_with, args=(7,), start_method="forkserver")
+            p.join(30)
+            assert p.exitcode == 7
+            # The interrupted start's answer came: offers are used again.
+            assert _forkserver._server._asking == 0
+        finally:
+            hooked = _forkserver.server_pid()
+            if hooked is not None:
+                _forkserver._server._forget_offers()  # the spare given away, if unread
+            _forkserver._close_at_exit()
+            _forkserver._server = None
+            if hooked is not None:
+                wait_gone(hooked)
+
     def test_the_server_keeps_no_status_socket_for_a_child_that_has_ended(self, monkeypatch):
         """The caller's word that it handed a spare a start ("used", with the start's status
         socket) naming a child the server had handed a start itself and has reaped (what a

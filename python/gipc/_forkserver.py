@@ -489,22 +489,41 @@ class ForkServerPopen(CooperativePopen):
             _log.debug("started child %s (pid %d, forkserver)", process_obj.name, self.pid)
             return
         self._adopt(-1, self._status_fd, (self._status_fd, parent_w))
+        self._answered = False
         try:
             self.pid = self._await_pid()
         except BaseException:
-            # No child (the server died), or the start was interrupted: a child that was
-            # forked reads a torn start-up pickle and exits.
+            # No child (the server said so, or died), or the start was interrupted (a
+            # timeout, a kill): a child that was forked reads a torn start-up pickle and
+            # exits.
             feeder.cancel()
-            self._release()
+            if self._answered:
+                self._release()
+                self._server.end_asking()
+            else:
+                self._abandon_start()
             raise
-        finally:
-            self._server.end_asking()
+        self._server.end_asking()
         feeder.release()
         _log.debug("started child %s (pid %d, forkserver)", process_obj.name, self.pid)
+
+    def _abandon_start(self) -> None:
+        """A start interrupted before the server's answer. The request is still on its
+        way: the server may yet hand it the spare it offered last, which the caller may
+        have read meanwhile. Ending "asking" now would let the next start hand that same
+        spare its own request (one spare, two requests: one of them never runs). So the
+        status socket goes to a greenlet that waits for the answer, and only then ends
+        "asking"; meanwhile other starts go through the server."""
+        status_fd = self._status_fd
+        self._parent_fds = tuple(fd for fd in self._parent_fds if fd != status_fd)
+        self._release()  # the rest (the parent sentinel's write end), and the watchers
+        gevent.spawn(_await_abandoned_answer, self._server, status_fd, os.getpid())
 
     def _await_pid(self) -> int:
         while True:
             self._read_records()
+            if self._records or self._ended:
+                self._answered = True  # whatever follows: the server's word is in
             if len(self._records) >= _RECORD.size:
                 tag, value = _RECORD.unpack_from(self._records)
                 del self._records[: _RECORD.size]
@@ -597,6 +616,40 @@ class ForkServerPopen(CooperativePopen):
         except ProcessLookupError:
             pass
 
+
+
+#: Seconds an interrupted start's answer is waited for (see ``_await_abandoned_answer``).
+ABANDONED_ANSWER_WAIT = 60.0
+
+
+def _await_abandoned_answer(server: _Server, status_fd: int, owner: int) -> None:
+    """For a start interrupted before the server answered it: waits for that answer on
+    its status socket (a PID or FAILED record, or the socket's end: the server dropped
+    the request or died), then ends the start's "asking" and closes the socket. The
+    server's answer comes after its word that it took the offered spare ("taken", on the
+    control socket), so the next start knows that spare is gone. With no answer in
+    ``ABANDONED_ANSWER_WAIT`` seconds, "asking" is never ended: no offer of that server's
+    is used again (its starts all go through it: slower, never handed twice)."""
+    answered = False
+    try:
+        with gevent.Timeout(ABANDONED_ANSWER_WAIT, False):
+            while os.getpid() == owner:
+                try:
+                    _data, fds = _receive_records(status_fd)
+                except BlockingIOError:
+                    wait_read(status_fd)
+                    continue
+                except OSError:
+                    fds = []
+                for fd in fds:  # the child's pidfd: not needed
+                    os.close(fd)
+                answered = True  # a record, or the socket's end
+                break
+    finally:
+        if os.getpid() == owner:  # not in a forked child (there it is closed already)
+            _child.close_fd(status_fd)
+            if answered:
+                server.end_asking()
 
 
 def _has_ended(pidfd: Optional[int]) -> bool:
