@@ -685,6 +685,86 @@ class TestForkServer:
                     assert not flags & 0x10000, "a listening socket"  # __SO_ACCEPTCON
                     assert path == [], f"a named socket: {path}"
 
+    def test_a_start_interrupted_before_the_server_answered_leaves_its_spare_alone(
+        self, monkeypatch
+    ):
+        """A start sent to the server before the caller read the server's latest offer may
+        be answered with that offered spare. Interrupted (a timeout, a kill) before that
+        answer, it must not let the next start hand the same spare its own request: the
+        spare runs the one it reads first, and the other start's child never runs (its
+        join hangs, or reports the other's exit). Here a preloaded module makes the server
+        pause around the offer and every child it forks slow to read its request, and the
+        next start's hand-over to the spare is late (in the wild: another CPU's timing)."""
+        _forkserver._close_at_exit()
+        _forkserver._server = None
+        monkeypatch.setenv("GIPC_FORKSERVER_SPARE_DELAY", "60")
+        monkeypatch.setattr(_forkserver, "_preload", ["slow_offers"])
+        real_hand_over = _forkserver._Offer.hand_over
+
+        def late_hand_over(offer, fds):  # type: ignore[no-untyped-def]
+            gevent.sleep(0.6)  # the server answers the interrupted start meanwhile
+            return real_hand_over(offer, fds)
+
+        monkeypatch.setattr(_forkserver._Offer, "hand_over", late_hand_over)
+        try:
+            first = gipc.start_process(noop, start_method="forkserver")
+            first.join(30)
+            server = _forkserver.server_pid()
+            assert server is not None
+            # Forked once the first child ended; its offer comes after the server's pause.
+            _wait_spare(server, not_pids={first.pid})
+            interrupted = gevent.spawn(
+                gipc.start_process, exit_with, args=(99,), start_method="forkserver"
+            )
+            gevent.sleep(0.05)  # its request is on its way, sent before the offer
+            assert not interrupted.ready()
+            deadline = time.monotonic() + 10
+            while _forkserver._server._offer is None:  # the offer arrives
+                assert time.monotonic() < deadline, "no offer came"
+                assert _forkserver._server.alive()
+                gevent.sleep(0.01)
+            interrupted.kill()  # before the server (pausing) has answered it
+            assert isinstance(interrupted.value, gevent.GreenletExit)
+            p = gipc.start_process(exit_with, args=(7,), start_method="forkserver")
+            p.join(30)
+            assert p.exitcode == 7
+            # The interrupted start's answer came: offers are used again.
+            assert _forkserver._server._asking == 0
+        finally:
+            hooked = _forkserver.server_pid()
+            if hooked is not None:
+                _forkserver._server._forget_offers()  # the spare given away, if unread
+            _forkserver._close_at_exit()
+            _forkserver._server = None
+            if hooked is not None:
+                wait_gone(hooked)
+
+    def test_the_server_keeps_no_status_socket_for_a_child_that_has_ended(self, monkeypatch):
+        """The caller's word that it handed a spare a start ("used", with the start's status
+        socket) naming a child the server had handed a start itself and has reaped (what a
+        spare given two requests leaves behind): the socket gets that child's REAPED record
+        and its end at once, not a place in the server for ever."""
+        monkeypatch.setattr(_forkserver._Server, "take_offer", lambda self: None)
+        p = gipc.start_process(exit_with, args=(3,), start_method="forkserver")
+        p.join(30)
+        assert p.exitcode == 3
+        wait_gone(p.pid)  # reaped by the server
+        assert _said_used(p.pid) == [(_forkserver.REAPED, 3 << 8)]
+
+    def test_a_second_word_for_a_running_child_leaves_both_joins_an_end(self, monkeypatch):
+        """The same word naming a child the server handed a start itself, still running: a
+        second status socket for one child. The child's own start still hears its end (it
+        dies by a signal here: no word of its own, only the server's REAPED), and so does
+        the second socket; the server keeps neither."""
+        monkeypatch.setattr(_forkserver._Server, "take_offer", lambda self: None)
+        p = gipc.start_process(sleep_for, args=(30,), start_method="forkserver")
+        told = gevent.spawn(_said_used, p.pid)
+        gevent.sleep(0.2)  # the server has the word
+        p.kill()
+        p.join(10)
+        assert p.exitcode == -signal.SIGKILL
+        assert told.get(timeout=10) == [(_forkserver.REAPED, signal.SIGKILL)]
+
 
 #: Kept by exit_big_when_told until the process ends: its teardown takes a while.
 _BALLAST = []
@@ -737,6 +817,36 @@ def _state(pid: int) -> "tuple[str, int] | None":
     except OSError:
         return None
     return fields[0], int(fields[1])
+
+
+def _said_used(pid: int) -> "list[tuple[int, int]]":
+    """Tells this process's fork server that a start was handed its child ``pid`` (the
+    caller's "used"), with a new status socket; the records that socket gets until the
+    server closes it (failing after 10 seconds)."""
+    ours, theirs = _forkserver._socketpair()
+    try:
+        _forkserver._server.send(("used", pid), [theirs.fileno()])
+        theirs.close()
+        received = b""
+        deadline = time.monotonic() + 10
+        ours.setblocking(False)
+        while True:
+            try:
+                data = ours.recv(64)
+            except BlockingIOError:
+                assert time.monotonic() < deadline, f"the server keeps it: {received!r}"
+                gevent.sleep(0.01)
+                continue
+            if not data:
+                break
+            received += data
+        return [
+            _forkserver._RECORD.unpack_from(received, offset)
+            for offset in range(0, len(received), _forkserver._RECORD.size)
+        ]
+    finally:
+        theirs.close()
+        ours.close()
 
 
 def _wait_spare(server: int, not_pids: "set[int]") -> int:

@@ -489,22 +489,41 @@ class ForkServerPopen(CooperativePopen):
             _log.debug("started child %s (pid %d, forkserver)", process_obj.name, self.pid)
             return
         self._adopt(-1, self._status_fd, (self._status_fd, parent_w))
+        self._answered = False
         try:
             self.pid = self._await_pid()
         except BaseException:
-            # No child (the server died), or the start was interrupted: a child that was
-            # forked reads a torn start-up pickle and exits.
+            # No child (the server said so, or died), or the start was interrupted (a
+            # timeout, a kill): a child that was forked reads a torn start-up pickle and
+            # exits.
             feeder.cancel()
-            self._release()
+            if self._answered:
+                self._release()
+                self._server.end_asking()
+            else:
+                self._abandon_start()
             raise
-        finally:
-            self._server.end_asking()
+        self._server.end_asking()
         feeder.release()
         _log.debug("started child %s (pid %d, forkserver)", process_obj.name, self.pid)
+
+    def _abandon_start(self) -> None:
+        """A start interrupted before the server's answer. The request is still on its
+        way: the server may yet hand it the spare it offered last, which the caller may
+        have read meanwhile. Ending "asking" now would let the next start hand that same
+        spare its own request (one spare, two requests: one of them never runs). So the
+        status socket goes to a greenlet that waits for the answer, and only then ends
+        "asking"; meanwhile other starts go through the server."""
+        status_fd = self._status_fd
+        self._parent_fds = tuple(fd for fd in self._parent_fds if fd != status_fd)
+        self._release()  # the rest (the parent sentinel's write end), and the watchers
+        gevent.spawn(_await_abandoned_answer, self._server, status_fd, os.getpid())
 
     def _await_pid(self) -> int:
         while True:
             self._read_records()
+            if self._records or self._ended:
+                self._answered = True  # whatever follows: the server's word is in
             if len(self._records) >= _RECORD.size:
                 tag, value = _RECORD.unpack_from(self._records)
                 del self._records[: _RECORD.size]
@@ -599,6 +618,40 @@ class ForkServerPopen(CooperativePopen):
 
 
 
+#: Seconds an interrupted start's answer is waited for (see ``_await_abandoned_answer``).
+ABANDONED_ANSWER_WAIT = 60.0
+
+
+def _await_abandoned_answer(server: _Server, status_fd: int, owner: int) -> None:
+    """For a start interrupted before the server answered it: waits for that answer on
+    its status socket (a PID or FAILED record, or the socket's end: the server dropped
+    the request or died), then ends the start's "asking" and closes the socket. The
+    server's answer comes after its word that it took the offered spare ("taken", on the
+    control socket), so the next start knows that spare is gone. With no answer in
+    ``ABANDONED_ANSWER_WAIT`` seconds, "asking" is never ended: no offer of that server's
+    is used again (its starts all go through it: slower, never handed twice)."""
+    answered = False
+    try:
+        with gevent.Timeout(ABANDONED_ANSWER_WAIT, False):
+            while os.getpid() == owner:
+                try:
+                    _data, fds = _receive_records(status_fd)
+                except BlockingIOError:
+                    wait_read(status_fd)
+                    continue
+                except OSError:
+                    fds = []
+                for fd in fds:  # the child's pidfd: not needed
+                    os.close(fd)
+                answered = True  # a record, or the socket's end
+                break
+    finally:
+        if os.getpid() == owner:  # not in a forked child (there it is closed already)
+            _child.close_fd(status_fd)
+            if answered:
+                server.end_asking()
+
+
 def _has_ended(pidfd: Optional[int]) -> bool:
     """Whether the process of ``pidfd`` has ended (a pidfd is readable from then on)."""
     if pidfd is None:
@@ -679,7 +732,9 @@ def serve() -> None:
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
-    children: Dict[int, int] = {}  # pid -> the server's end of its status socket
+    #: pid -> the server's ends of its start's status socket (one; two only if a spare
+    #: was ever handed two requests: both hear its end, neither is kept after it).
+    children: Dict[int, List[int]] = {}
     selector = selectors.DefaultSelector()
     selector.register(control, selectors.EVENT_READ)
     selector.register(wake_r, selectors.EVENT_READ)
@@ -689,8 +744,9 @@ def serve() -> None:
     #: end) has not come yet, by pid.
     offered: Dict[int, _Spare] = {}
     offers_sent = [0]
-    #: Wait statuses of children reaped before the caller's word that it used them.
-    unclaimed: Dict[int, int] = {}
+    #: Wait statuses of the children reaped lately, by pid: for the caller's word that it
+    #: used a spare, if that word comes after the spare's end.
+    reaped_lately: Dict[int, int] = {}
     # The next spare is forked once the child just started has ended, or SPARE_DELAY after
     # its start, whichever comes first: not while it runs (see SPARE_DELAY).
     spare_due: Optional[float] = None
@@ -698,7 +754,7 @@ def serve() -> None:
 
     def held() -> List[int]:
         """Every descriptor the server holds now: none of them goes on into a child."""
-        fds = [*own_fds, *children.values()]
+        fds = [*own_fds, *(fd for fds in children.values() for fd in fds)]
         for other in (spare, *offered.values()):
             if other is not None:
                 fds.append(other.sock.fileno())
@@ -762,6 +818,8 @@ def serve() -> None:
                         except OSError:
                             pass
                     started = _start(fds, own, children, held)
+                    if started is not None:  # an old child's pid, come round again
+                        reaped_lately.pop(started.pid, None)
                     if own is not None and (started is own or own.dead):
                         spare = None
                     if started is not None:
@@ -769,7 +827,7 @@ def serve() -> None:
                     if spare is None:
                         schedule_spare(started.pid if started is not None else None)
                 elif body[0] == "used":
-                    _claim(body[1], fds, children, unclaimed)
+                    _claim(body[1], fds, children, reaped_lately)
                 else:
                     for received in fds:
                         os.close(received)
@@ -785,13 +843,13 @@ def serve() -> None:
                 # for that end).
                 for offer in [o for o in offered.values() if _has_ended(o.pidfd)]:
                     spare_reported(offer)
-                if awaited in _reap(children, unclaimed):
+                if awaited in _reap(children, reaped_lately):
                     spare_due = time.monotonic()
         if spare is None and spare_due is not None and time.monotonic() >= spare_due:
             spare_due, awaited = None, None
             spare = new_spare()
             if spare is not None:
-                unclaimed.pop(spare.pid, None)  # an old child's, whose pid came round again
+                reaped_lately.pop(spare.pid, None)  # an old child's pid, come round again
                 offers_sent[0] += _offer(control, spare, selector, offered)
 
 
@@ -833,19 +891,21 @@ def _take_report(spare: _Spare) -> bool:
 
 
 def _claim(
-    pid: int, fds: List[int], children: Dict[int, int], unclaimed: Dict[int, int]
+    pid: int, fds: List[int], children: Dict[int, List[int]], reaped_lately: Dict[int, int]
 ) -> None:
     """The caller's word that it handed offered spare ``pid`` a start, with that start's
-    status socket: REAPED goes there (at once if the child has been reaped already)."""
+    status socket: REAPED goes there (at once if the child has been reaped already).
+    Whatever the word names (a child the server handed a start itself, reaped or not),
+    the socket is never kept past that child's end."""
     if not fds:
         return
     status_w, *extra = fds
     for fd in extra:
         os.close(fd)
     os.set_blocking(status_w, False)
-    status = unclaimed.pop(pid, None)
+    status = reaped_lately.get(pid)
     if status is None:
-        children[pid] = status_w
+        children.setdefault(pid, []).append(status_w)
         return
     try:
         os.write(status_w, _RECORD.pack(REAPED, status))
@@ -1058,7 +1118,7 @@ def _close_fds_except(keep: int) -> None:
 def _start(
     fds: List[int],
     spare: Optional[_Spare],
-    children: Dict[int, int],
+    children: Dict[int, List[int]],
     held: Callable[[], List[int]],
 ) -> Optional[_Spare]:
     """Hands a start request to the spare (or, if there is none or it died, to a child
@@ -1089,7 +1149,7 @@ def _start(
         if fd != status_w:
             os.close(fd)
     os.set_blocking(status_w, False)
-    children[child.pid] = status_w
+    children.setdefault(child.pid, []).append(status_w)
     try:
         with _Socket(fileno=os.dup(status_w)) as status:
             ancillary = (
@@ -1127,10 +1187,11 @@ def _doom_for_test(child: _Spare) -> None:
     select.select([child.sock], [], [], 10)  # its end closed: readable, at EOF
 
 
-def _reap(children: Dict[int, int], unclaimed: Dict[int, int]) -> List[int]:
+def _reap(children: Dict[int, List[int]], reaped_lately: Dict[int, int]) -> List[int]:
     """Reaps every child that ended (a dead spare too), and tells the started ones'
-    callers; returns the pids reaped. The status of one not known as started is kept
-    (the last few) for the caller's word that it handed that spare a start."""
+    callers; returns the pids reaped. Every child's status is kept (the last few hundred)
+    for a word of the caller's that it handed that child a start, if it comes later: the
+    socket it brings gets REAPED at once, rather than wait for a child that is gone."""
     reaped: List[int] = []
     while True:
         try:
@@ -1144,14 +1205,13 @@ def _reap(children: Dict[int, int], unclaimed: Dict[int, int]) -> List[int]:
         if pid == 0:
             return reaped
         reaped.append(pid)
-        status_w = children.pop(pid, None)
-        if status_w is None:
-            unclaimed[pid] = status
-            while len(unclaimed) > 64:
-                del unclaimed[next(iter(unclaimed))]
-            continue
-        try:
-            os.write(status_w, _RECORD.pack(REAPED, status))
-        except OSError:
-            pass
-        os.close(status_w)
+        reaped_lately.pop(pid, None)  # kept in the order reaped
+        reaped_lately[pid] = status
+        while len(reaped_lately) > 256:
+            del reaped_lately[next(iter(reaped_lately))]
+        for status_w in children.pop(pid, []):
+            try:
+                os.write(status_w, _RECORD.pack(REAPED, status))
+            except OSError:
+                pass
+            os.close(status_w)
