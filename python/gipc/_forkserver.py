@@ -416,6 +416,7 @@ def _close_at_exit() -> None:
     if server is not None and not server.dead and server.owner == os.getpid():
         server.dead = True
         server.sock.close()
+        server._forget_offers()  # an offered spare's descriptors (it ends with the server)
 
 
 atexit.register(_close_at_exit)
