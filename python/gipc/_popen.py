@@ -180,6 +180,13 @@ class CooperativePopen:
     def wait(self, timeout: Optional[float] = None) -> Optional[int]:
         """Waits cooperatively for the child to exit, at most ``timeout`` seconds."""
         if self.poll() is not None:
+            if self._hub is not None:
+                # Reaped by another thread, which queued the clean-up on the watchers' hub:
+                # done now if that is this thread's (a join returns with them closed).
+                with self._lock:
+                    mine = self._watchers_home()[1]
+                if mine:
+                    self._release()
             return self.returncode
         if timeout is not None and timeout <= 0:
             return None
