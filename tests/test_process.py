@@ -651,6 +651,21 @@ def test_a_child_whose_watching_thread_ended_is_cleaned_up(
     assert "Traceback" not in err and "failed with" not in err, err
 
 
+def test_a_join_that_timed_out_leaves_no_watcher_running():
+    # A started watcher holds the hub: gevent's libuv loop, for one, is not destroyed
+    # before it fires (a thread that destroys its hub would wait for the child).
+    p = gipc.start_process(sleep_for, args=(30,))
+    p.join(0.01)
+    watcher = p._popen._exit_watcher
+    assert p.is_alive() and watcher is not None and not watcher.active
+    joiner = gevent.spawn(p.join)
+    gevent.sleep(0.05)
+    assert watcher.active  # while a join waits
+    p.kill()
+    joiner.join(10)
+    assert joiner.dead and p.exitcode == -signal.SIGKILL
+
+
 STRESS_THREADS = """
 import multiprocessing, sys, threading
 import gevent

@@ -128,6 +128,8 @@ class CooperativePopen:
         self._exit_watcher: Any = None
         self._retry_timer: Any = None
         self._retry_delay = 0.001  # libuv timers have millisecond resolution
+        #: Joins waiting in ``_hub``'s thread: the exit watcher runs only while one does.
+        self._waiting = 0
         #: Set in ``_hub``'s thread once the child is reaped: its waiting joins return.
         self._exited = gevent.event.Event()
         self._parent_pid = os.getpid()
@@ -197,8 +199,23 @@ class CooperativePopen:
             exited = self._exited
         if not watching:
             return self._wait_by_polling(timeout)
-        exited.wait(clamp_timeout(timeout))
+        self._waiting += 1
+        try:
+            exited.wait(clamp_timeout(timeout))
+        finally:
+            self._waiting -= 1
+            if not self._waiting and self.returncode is None:
+                # Nobody waits any more: a started watcher would hold the hub (gevent's
+                # libuv loop will not even be destroyed before it fires).
+                self._pause_watching()
         return self.returncode
+
+    def _pause_watching(self) -> None:
+        timer, self._retry_timer = self._retry_timer, None
+        if timer is not None:
+            timer.close()
+        if self._exit_watcher is not None:
+            self._exit_watcher.stop()
 
     # One io watcher on the exit descriptor per child, however many greenlets join it; its
     # callbacks run in the hub and reap the child (no greenlet of its own: fewer switches,
@@ -223,9 +240,12 @@ class CooperativePopen:
             self._hub = get_hub()
             self._hub_thread = weakref.ref(_thread_mark(), self._on_hub_thread_exit)
             self._exited = gevent.event.Event()
+            self._waiting = 0
             self._retry_delay = 0.001
         if self._exit_watcher is None:
             self._watch_exit()
+        elif not self._exit_watcher.active and self._retry_timer is None:
+            self._exit_watcher.start(self._on_exit_readable)  # paused, or about to retry
         return True
 
     def _watchers_home(self) -> Tuple[Any, bool]:
@@ -281,7 +301,7 @@ class CooperativePopen:
         run_soon(self._reap_or_retry)
 
     def _reap_or_retry(self) -> None:
-        if self.poll() is not None:
+        if self.poll() is not None or not self._waiting or self._retry_timer is not None:
             return
         # The descriptor fired a moment before the exit status is ready (the sentinel closes
         # before the child is a zombie; gevent's own SIGCHLD bookkeeping may lag the pidfd):
@@ -297,7 +317,7 @@ class CooperativePopen:
         timer, self._retry_timer = self._retry_timer, None
         if timer is not None:
             timer.close()
-        if self.poll() is None and self._exit_watcher is not None:
+        if self.poll() is None and self._exit_watcher is not None and self._waiting:
             self._exit_watcher.start(self._on_exit_readable)
 
     def _send_signal(self, sig: int) -> None:
