@@ -98,8 +98,9 @@ class ChildStart:
     def __init__(self, process: Any) -> None:
         # Imported here, not at the top: a spawned child imports this module too, and needs
         # no gevent unless its target does (see ``_startup_child``).
-        from ._hub import fresh_hub_after_fork
+        from ._hub import fresh_hub_after_fork, resolve_hub_settings
 
+        resolve_hub_settings()
         self.fresh_hub_after_fork = fresh_hub_after_fork
         self.process = process
         self.parent_process: Any = None

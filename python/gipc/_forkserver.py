@@ -605,9 +605,7 @@ class ForkServerPopen(CooperativePopen):
         self._exit_watcher = io_watcher(self._status_fd, READ)
         self._exit_watcher.start(self._on_exit_readable)
 
-    def _send_signal(self, sig: int) -> None:
-        if self.poll() is not None:
-            return
+    def _signal(self, sig: int) -> None:
         try:
             if self._pidfd is not None:
                 # Exactly our child, even if its pid was reused since.

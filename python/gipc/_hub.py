@@ -180,6 +180,20 @@ def fresh_hub_after_fork() -> None:
     _LOOP_SETTING.value = _first_loop
 
 
+def resolve_hub_settings() -> None:
+    """In a parent about to fork: the gevent settings that a forked child's first hub
+    reads (its loop class and libev backend, its context formatter), resolved now. The
+    first read of each imports a module, and another thread of the parent may be making
+    its own first hub, in the middle of that import: a child forked then would wait for
+    ever for the import's lock, held by a thread the child does not have. Here the parent
+    waits for that thread instead, and the child finds the settings resolved (a read after
+    the first costs a dictionary look-up)."""
+    from gevent._config import config
+
+    for name in ("loop", "libev_backend", "format_context"):
+        getattr(config, name)
+
+
 def _first_loop(flags: object = None, default: Optional[bool] = None) -> object:
     """Stands in for the loop class until a forked child makes its first loop: retires the
     inherited one first. (Until then ``gevent.config.loop`` reads as this function, and the

@@ -13,6 +13,17 @@ not this process's own, how its end is learned (``_try_reap``):
 Each child is watched on one descriptor (a pidfd on Linux, else its exit sentinel), by one
 io watcher whose callbacks run in the hub, however many greenlets join it; a child that is
 not ours is never reaped here.
+
+**Threads.** ``multiprocessing`` polls every child of the process from whichever thread
+starts a process or asks ``active_children()`` (``process._cleanup()``), and any thread
+may call ``is_alive()``, ``join()`` or ``close()``. So a popen is polled from any thread,
+under its lock: the exit is learned (and the child reaped) exactly once. Its watchers
+belong to the hub that made them (the first to wait for the child) and are used and
+closed in that hub's thread only; so are the descriptors they watch. A thread that learns
+of the exit elsewhere hands the clean-up to that hub's loop (thread-safely); a join from
+another thread polls on its own hub. If that thread has ended (or destroyed its hub), the
+next thread to poll, join or close the child cleans up, or the ending thread itself when
+the exit was already known.
 """
 
 from __future__ import annotations
@@ -24,9 +35,21 @@ import sys
 import weakref
 from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Tuple
 
+import gevent
 import gevent.event
+from gevent.hub import get_hub
+from gevent.monkey import get_original
+
 from . import _child, _handles
-from ._hub import READ, clamp_timeout, io_watcher, run_soon, timer_watcher
+from ._hub import (
+    READ,
+    clamp_timeout,
+    deadline_after,
+    io_watcher,
+    run_soon,
+    seconds_left,
+    timer_watcher,
+)
 
 if TYPE_CHECKING:
     from ._handles import _GIPCHandle
@@ -44,6 +67,34 @@ _ALL_SIGNALS = signal.valid_signals()
 #: Process monitors of this process's live children, so a forked child can close the
 #: descriptors that watch its siblings.
 live_popens: "weakref.WeakSet[CooperativePopen]" = weakref.WeakSet()
+
+#: The OS thread's own, whatever gevent.monkey made of threads (see _handles).
+_allocate_lock = get_original("_thread", "allocate_lock")
+_thread_local: Any = get_original("_thread", "_local")()
+
+
+class _ThreadMark:
+    """One per OS thread, held by a thread-local: a weak reference to it dies, and its
+    callback runs in that thread, as the thread ends."""
+
+    __slots__ = ("__weakref__",)
+
+
+def _thread_mark() -> _ThreadMark:
+    try:
+        mark: _ThreadMark = _thread_local.mark
+    except AttributeError:
+        mark = _thread_local.mark = _ThreadMark()
+    return mark
+
+
+def _close_watchers(watchers: Iterable[Any]) -> None:
+    for watcher in watchers:
+        if watcher is not None:
+            try:
+                watcher.close()
+            except Exception:  # its loop was destroyed: nothing left to close
+                pass
 
 
 class CooperativePopen:
@@ -66,10 +117,22 @@ class CooperativePopen:
         self._exit_fd: Optional[int] = None
         #: Descriptors closed by ``_release`` (registered in ``_child.parent_only_fds``).
         self._parent_fds: Tuple[int, ...] = ()
+        #: Held, by any thread, while the child is reaped, a signal is sent to it, or its
+        #: watchers and descriptors are made or taken for closing: never across a switch.
+        self._lock = _allocate_lock()
+        #: The hub whose loop has this child's watchers (the first to wait for it; None
+        #: until then), and a weak reference to its thread's mark (dead once that thread
+        #: has ended).
+        self._hub: Any = None
+        self._hub_thread: "Optional[weakref.ref[_ThreadMark]]" = None
         self._exit_watcher: Any = None
         self._retry_timer: Any = None
         self._retry_delay = 0.001  # libuv timers have millisecond resolution
+        #: Joins waiting in ``_hub``'s thread: the exit watcher runs only while one does.
+        self._waiting = 0
+        #: Set in ``_hub``'s thread once the child is reaped: its waiting joins return.
         self._exited = gevent.event.Event()
+        self._parent_pid = os.getpid()
         flush_std_streams()
         self._launch(process_obj)
 
@@ -87,19 +150,24 @@ class CooperativePopen:
         live_popens.add(self)
 
     def poll(self, flag: int = os.WNOHANG) -> Optional[int]:
-        """Reaps the child if it has exited; never blocks, whatever ``flag`` says."""
+        """Reaps the child if it has exited; never blocks, whatever ``flag`` says. Any
+        thread may ask (multiprocessing polls every child from the thread that starts
+        another): one reaps, and the clean-up is done where it may be (``_release``)."""
         if self.returncode is None:
-            code = self._try_reap()
-            if code is None:
-                return None
-            self.returncode = code
+            with self._lock:
+                if self.returncode is not None:
+                    return self.returncode
+                code = self._try_reap()
+                if code is None:
+                    return None
+                self.returncode = code
             _log.debug("child pid %d exited with code %d", self.pid, code)
-            self._release()
-            self._exited.set()  # whoever reaped it, every waiting join() returns
+            self._release()  # whoever reaped it, every waiting join() returns
         return self.returncode
 
     def _try_reap(self) -> Optional[int]:
-        """The child's exit code if it has ended, else None; never blocks."""
+        """The child's exit code if it has ended, else None; never blocks. Called with the
+        lock held."""
         try:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
         except ChildProcessError:
@@ -114,17 +182,112 @@ class CooperativePopen:
     def wait(self, timeout: Optional[float] = None) -> Optional[int]:
         """Waits cooperatively for the child to exit, at most ``timeout`` seconds."""
         if self.poll() is not None:
+            if self._hub is not None:
+                # Reaped by another thread, which queued the clean-up on the watchers' hub:
+                # done now if that is this thread's (a join returns with them closed).
+                with self._lock:
+                    mine = self._watchers_home()[1]
+                if mine:
+                    self._release()
             return self.returncode
         if timeout is not None and timeout <= 0:
             return None
-        if self._exit_watcher is None:
-            self._watch_exit()
-        self._exited.wait(clamp_timeout(timeout))
+        with self._lock:
+            if self.returncode is not None:
+                return self.returncode
+            watching = self._watch_here()
+            exited = self._exited
+        if not watching:
+            return self._wait_by_polling(timeout)
+        self._waiting += 1
+        try:
+            exited.wait(clamp_timeout(timeout))
+        finally:
+            self._waiting -= 1
+            if not self._waiting and self.returncode is None:
+                # Nobody waits any more: a started watcher would hold the hub (gevent's
+                # libuv loop will not even be destroyed before it fires).
+                self._pause_watching()
         return self.returncode
+
+    def _pause_watching(self) -> None:
+        timer, self._retry_timer = self._retry_timer, None
+        if timer is not None:
+            timer.close()
+        if self._exit_watcher is not None:
+            self._exit_watcher.stop()
 
     # One io watcher on the exit descriptor per child, however many greenlets join it; its
     # callbacks run in the hub and reap the child (no greenlet of its own: fewer switches,
-    # and fewer pages written in the parent while the child exits).
+    # and fewer pages written in the parent while the child exits). It belongs to the hub
+    # of the thread that first waits; a join in another thread polls (``_wait_by_polling``).
+
+    def _watch_here(self) -> bool:
+        """With the lock held and the child not reaped: makes sure this thread's hub
+        watches the child; False if another live thread's hub does."""
+        loop, mine = self._watchers_home()
+        if loop is not None:
+            return False
+        if not mine:
+            # None yet, or the hub that had them or its thread is gone: this thread's hub
+            # takes over (the watchers of a loop that nobody runs any more are closed here;
+            # those of a destroyed hub went with it).
+            hub = self._hub
+            orphans = (self._exit_watcher, self._retry_timer)
+            self._exit_watcher = self._retry_timer = None
+            if hub is not None and hub.loop is not None:
+                _close_watchers(orphans)
+            self._hub = get_hub()
+            self._hub_thread = weakref.ref(_thread_mark(), self._on_hub_thread_exit)
+            self._exited = gevent.event.Event()
+            self._waiting = 0
+            self._retry_delay = 0.001
+        if self._exit_watcher is None:
+            self._watch_exit()
+        elif not self._exit_watcher.active and self._retry_timer is None:
+            self._exit_watcher.start(self._on_exit_readable)  # paused, or about to retry
+        return True
+
+    def _watchers_home(self) -> Tuple[Any, bool]:
+        """With the lock held: where the watchers, and the descriptors they watch, may be
+        closed. ``(loop, False)``: only in the thread of another live hub, whose loop that
+        is. ``(None, True)``: here, this thread's hub has them. ``(None, False)``: here too,
+        as nobody else runs their loop (there are none; their thread has ended; their hub
+        was destroyed)."""
+        hub = self._hub
+        if hub is None or hub.loop is None or self._hub_thread is None:
+            return None, False
+        owner = self._hub_thread()
+        if owner is None:  # that thread has ended
+            return None, False
+        if owner is _thread_mark():
+            return None, True
+        return hub.loop, False
+
+    def _wait_by_polling(self, timeout: Optional[float]) -> Optional[int]:
+        """A join in a thread other than the one whose hub watches the child: polls on this
+        thread's hub, from every millisecond to every 50 ms."""
+        deadline = deadline_after(timeout)
+        delay = 0.001
+        while self.poll() is None:
+            left = seconds_left(deadline)
+            if left is not None and left <= 0:
+                return None
+            gevent.sleep(delay if left is None else max(min(delay, left), 0.001))
+            delay = min(delay * 2, 0.05)
+        return self.returncode
+
+    def _on_hub_thread_exit(self, mark: "weakref.ref[_ThreadMark]") -> None:
+        """Runs in the thread of the hub that has the watchers, as that thread ends. An exit
+        another thread learned of had its clean-up queued on this loop, which will not run
+        again: done now. (A child still running is cleaned up by whoever polls it next.)"""
+        if os.getpid() != self._parent_pid or self._hub_thread is not mark:
+            return  # a forked child's copy (the child forgets it), or no longer its hub
+        if self.returncode is not None:
+            try:
+                self._release()
+            except Exception:  # nobody to tell, as the thread ends
+                pass
 
     def _watch_exit(self) -> None:
         fd = self._exit_fd if self._exit_fd is not None else self.sentinel
@@ -133,11 +296,12 @@ class CooperativePopen:
 
     def _on_exit_readable(self) -> None:
         # Reaping closes the descriptor and its watcher: not inside the watcher's callback.
-        self._exit_watcher.stop()
+        if self._exit_watcher is not None:
+            self._exit_watcher.stop()
         run_soon(self._reap_or_retry)
 
     def _reap_or_retry(self) -> None:
-        if self.poll() is not None:
+        if self.poll() is not None or not self._waiting or self._retry_timer is not None:
             return
         # The descriptor fired a moment before the exit status is ready (the sentinel closes
         # before the child is a zombie; gevent's own SIGCHLD bookkeeping may lag the pidfd):
@@ -153,15 +317,21 @@ class CooperativePopen:
         timer, self._retry_timer = self._retry_timer, None
         if timer is not None:
             timer.close()
-        if self.poll() is None and self._exit_watcher is not None:
+        if self.poll() is None and self._exit_watcher is not None and self._waiting:
             self._exit_watcher.start(self._on_exit_readable)
 
     def _send_signal(self, sig: int) -> None:
-        if self.poll() is None:
-            try:
-                os.kill(self.pid, sig)
-            except ProcessLookupError:
-                pass
+        if self.poll() is not None:
+            return
+        with self._lock:  # not after another thread reaped it (its pid may be reused)
+            if self.returncode is None:
+                self._signal(sig)
+
+    def _signal(self, sig: int) -> None:
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
 
     def interrupt(self) -> None:
         """SIGINT, for ``Process.interrupt()`` (new in Python 3.14, offered by gipc on every
@@ -193,27 +363,54 @@ class CooperativePopen:
         return (code & 0xFF) << 8
 
     def _release(self, in_child: bool = False) -> None:
-        """Closes every descriptor the parent holds for this child, and its watchers. In a
-        forked child both are only forgotten: the watchers belong to the parent's loop, and
-        the descriptors are closed with every other of ``_child.parent_only_fds``."""
+        """Closes every descriptor the parent holds for this child, and its watchers, once:
+        in the thread of the hub that has the watchers (asked to from any other thread,
+        through that hub's loop), or here if no live hub of another thread has them. Then
+        the joins waiting in that hub return. In a forked child both are only forgotten:
+        the watchers belong to the parent's loop, and the descriptors are closed with
+        every other of ``_child.parent_only_fds`` (and the lock may have been held by
+        another thread of the parent at the fork: not taken)."""
         live_popens.discard(self)
-        watchers = (self._exit_watcher, self._retry_timer)
-        self._exit_watcher = self._retry_timer = None
-        if not in_child:
-            for watcher in watchers:
-                if watcher is not None:
-                    watcher.close()
-        fds, self._parent_fds = self._parent_fds, ()
-        if self._exit_fd is not None:
-            fds += (self._exit_fd,)
-            self._exit_fd = None
         if in_child:
+            self._exit_watcher = self._retry_timer = self._hub = self._hub_thread = None
+            self._parent_fds = ()
+            self._exit_fd = None
             return
+        with self._lock:
+            loop, mine = self._watchers_home()
+            if loop is None:
+                watchers, fds = self._take()
+        if loop is not None:
+            try:
+                loop.run_callback_threadsafe(self._release)
+                return
+            except Exception:  # that hub was destroyed meanwhile: its watchers with it
+                with self._lock:
+                    self._exit_watcher = self._retry_timer = None
+                    watchers, fds = self._take()
+                    watchers = ()
+        _close_watchers(watchers)
         for fd in fds:
             try:
                 _child.close_fd(fd)
             except OSError:
                 pass
+        if mine:
+            self._exited.set()
+
+    def _take(self) -> Tuple[Tuple[Any, ...], Tuple[int, ...]]:
+        """With the lock held: the watchers to close here (none of a destroyed hub's) and
+        the descriptors, both forgotten, so that they are closed exactly once."""
+        hub = self._hub
+        watchers: Tuple[Any, ...] = (self._exit_watcher, self._retry_timer)
+        if hub is not None and hub.loop is None:
+            watchers = ()
+        self._exit_watcher = self._retry_timer = self._hub = self._hub_thread = None
+        fds, self._parent_fds = self._parent_fds, ()
+        if self._exit_fd is not None:
+            fds += (self._exit_fd,)
+            self._exit_fd = None
+        return watchers, fds
 
 
 class ForkPopen(CooperativePopen):
