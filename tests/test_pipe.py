@@ -711,23 +711,31 @@ class TestReplySpin:
         100,000-message stream stalled the loop for 30-50 ms.)"""
         from gipc import _handles
 
-        yields = []
-        real = _handles._yield_to_loop
+        turns = []  # the loop's turns: a yield, or a real wait (when the writer lags)
+        real_yield = _handles._yield_to_loop
+        real_wait = _handles._GIPCHandle._wait
 
         def counting_yield() -> None:
-            yields.append(1)
-            real()
+            turns.append("yield")
+            real_yield()
+
+        def counting_wait(handle) -> None:
+            turns.append("wait")
+            real_wait(handle)
 
         monkeypatch.setattr(_handles, "_yield_to_loop", counting_yield)
+        monkeypatch.setattr(_handles._GIPCHandle, "_wait", counting_wait)
         with gipc.pipe() as (r, w):
-            # 20 us between two messages: the reader is always ahead, and spins for each.
+            # 20 us between two messages: the reader is ahead, and spins for each (on a
+            # loaded machine the writer lags at times, and the reader waits instead).
             p = gipc.start_process(_put_paced, args=(w, 5000, 20e-6))
             for i in range(5000):
                 assert r.get() == i
             p.join()
         assert p.exitcode == 0
-        # ~0.1 s of stream in 0.5 ms slices: about 200 yields (none before the fix).
-        assert len(yields) >= 10, len(yields)
+        # ~0.1 s of stream in 0.5 ms slices: about 200 turns (before the fix, none: every
+        # message was caught by a spin, and a spin never ended the slice).
+        assert len(turns) >= 10, turns
 
     def test_spinning_get_keeps_its_timeout_and_end_of_stream(self):
         with gipc.pipe(duplex=True) as (a, b):
