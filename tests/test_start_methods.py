@@ -5,12 +5,14 @@ life, and who may talk to it."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
 import sys
 import threading
 import time
+from typing import Iterator
 
 import gevent
 import pytest
@@ -266,6 +268,23 @@ class TestNonForkChildren:
             assert set(_descriptors()) == set(before)
 
 
+@contextlib.contextmanager
+def _own_server() -> Iterator[None]:
+    """A fork server of the test's own: the running one is closed first, so the next start
+    launches one with the test's settings (environment, preloads, hooks); closed, and
+    gone, at the end, so the next test's server is started as usual."""
+    _forkserver._close_at_exit()
+    _forkserver._server = None
+    try:
+        yield
+    finally:
+        started = _forkserver.server_pid()
+        _forkserver._close_at_exit()  # with any spare it offered
+        _forkserver._server = None
+        if started is not None:
+            wait_gone(started)
+
+
 def _forkserver_pid():
     pid = _forkserver.server_pid()
     return [pid] if pid is not None else []
@@ -466,10 +485,8 @@ class TestForkServer:
         dies before it is handed the start, the server forks another: the start succeeds,
         and the server is not taken for dead. The server's test hook kills the first such
         child and waits for its end before the handover."""
-        _forkserver._close_at_exit()  # a server started with the hook set
-        _forkserver._server = None
         monkeypatch.setenv("GIPC_FORKSERVER_TEST_DOOMED", "1")
-        try:
+        with _own_server():
             first = gipc.start_process(noop, start_method="forkserver")
             first.join()  # on its word: it may still be tearing down its address space
             server = _forkserver.server_pid()
@@ -481,20 +498,12 @@ class TestForkServer:
             p.join(10)
             assert p.exitcode == 7
             assert _forkserver.server_pid() == server
-        finally:
-            hooked = _forkserver.server_pid()
-            _forkserver._close_at_exit()  # the next test's server has no hook
-            _forkserver._server = None
-            if hooked is not None:
-                wait_gone(hooked)
 
     def test_the_next_spare_is_forked_when_the_started_child_has_ended(self, monkeypatch):
         """Not while the child runs: the fork would compete with it and with the caller
         for the CPUs. (Here the fallback delay is long: only the child's end triggers it.)"""
-        _forkserver._close_at_exit()  # a server started with a long fallback delay
-        _forkserver._server = None
         monkeypatch.setenv("GIPC_FORKSERVER_SPARE_DELAY", "60")
-        try:
+        with _own_server():
             with gipc.pipe() as (reader, writer):
                 p = gipc.start_process(exit_big_when_told, args=(reader, 0),
                                        start_method="forkserver")
@@ -507,21 +516,13 @@ class TestForkServer:
                 p.join(10)
             assert p.exitcode == 0
             _wait_spare(server, not_pids={p.pid})
-        finally:
-            hooked = _forkserver.server_pid()
-            _forkserver._close_at_exit()  # the next test's server forks as usual
-            _forkserver._server = None
-            if hooked is not None:
-                wait_gone(hooked)
 
     def test_a_child_forked_for_its_start_holds_nothing_of_the_server(self, monkeypatch):
         """A start that finds no spare (another start just took it) gets a child forked
         there and then, while the server holds the request's descriptors and its spares':
         none of them goes on into the child (a pipe end the child closes must read EOF)."""
-        _forkserver._close_at_exit()  # a server whose next spare waits for the child's end
-        _forkserver._server = None
         monkeypatch.setenv("GIPC_FORKSERVER_SPARE_DELAY", "60")
-        try:
+        with _own_server():
             with gipc.pipe() as (hold_r, hold_w):
                 taker = gipc.start_process(wait_for_word, args=(hold_r,),
                                            start_method="forkserver")
@@ -538,12 +539,6 @@ class TestForkServer:
                 if fd not in state["own"] and what.startswith(("pipe:", "socket:", "anon_inode:"))
             }
             assert len(channels) == 2, state["fds"]  # its parent sentinel, its status socket
-        finally:
-            hooked = _forkserver.server_pid()
-            _forkserver._close_at_exit()
-            _forkserver._server = None
-            if hooked is not None:
-                wait_gone(hooked)
 
     def test_a_signal_sent_before_the_child_reset_its_dispositions_waits_for_them(
         self, monkeypatch
@@ -552,11 +547,9 @@ class TestForkServer:
         its start-up code puts the defaults back. It is forked with every signal blocked,
         so that an interrupt() in that window is delivered afterwards, to the default
         action. (A preloaded module makes every fork sleep 0.3 s: the window is open.)"""
-        _forkserver._close_at_exit()
-        _forkserver._server = None
         monkeypatch.setenv("GIPC_FORKSERVER_SPARE_DELAY", "60")
         monkeypatch.setattr(_forkserver, "_preload", ["slow_forked_start"])
-        try:
+        with _own_server():
             with gipc.pipe() as (hold_r, hold_w):
                 taker = gipc.start_process(wait_for_word, args=(hold_r,),
                                            start_method="forkserver")
@@ -566,12 +559,6 @@ class TestForkServer:
                 hold_w.put(None)
                 taker.join(30)
             assert p.exitcode == -signal.SIGINT
-        finally:
-            hooked = _forkserver.server_pid()
-            _forkserver._close_at_exit()
-            _forkserver._server = None
-            if hooked is not None:
-                wait_gone(hooked)
 
     def test_offers_cut_short_by_the_descriptor_limit_leave_later_starts_whole(self):
         """At its limit of open descriptors, the caller receives the server's next offer
@@ -695,8 +682,6 @@ class TestForkServer:
         join hangs, or reports the other's exit). Here a preloaded module makes the server
         pause around the offer and every child it forks slow to read its request, and the
         next start's hand-over to the spare is late (in the wild: another CPU's timing)."""
-        _forkserver._close_at_exit()
-        _forkserver._server = None
         monkeypatch.setenv("GIPC_FORKSERVER_SPARE_DELAY", "60")
         monkeypatch.setattr(_forkserver, "_preload", ["slow_offers"])
         real_hand_over = _forkserver._Offer.hand_over
@@ -706,7 +691,7 @@ class TestForkServer:
             return real_hand_over(offer, fds)
 
         monkeypatch.setattr(_forkserver._Offer, "hand_over", late_hand_over)
-        try:
+        with _own_server():
             first = gipc.start_process(noop, start_method="forkserver")
             first.join(30)
             server = _forkserver.server_pid()
@@ -730,14 +715,6 @@ class TestForkServer:
             assert p.exitcode == 7
             # The interrupted start's answer came: offers are used again.
             assert _forkserver._server._asking == 0
-        finally:
-            hooked = _forkserver.server_pid()
-            if hooked is not None:
-                _forkserver._server._forget_offers()  # the spare given away, if unread
-            _forkserver._close_at_exit()
-            _forkserver._server = None
-            if hooked is not None:
-                wait_gone(hooked)
 
     def test_the_server_keeps_no_status_socket_for_a_child_that_has_ended(self, monkeypatch):
         """The caller's word that it handed a spare a start ("used", with the start's status
