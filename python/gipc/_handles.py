@@ -123,9 +123,11 @@ if "gevent.monkey" in sys.modules:
 
     _allocate_lock = get_original("_thread", "allocate_lock")
     _thread_ident = get_original("_thread", "get_ident")
+    _start_new_thread = get_original("_thread", "start_new_thread")
 else:
     _allocate_lock = _thread.allocate_lock
     _thread_ident = _thread.get_ident
+    _start_new_thread = _thread.start_new_thread
 
 
 class _HandleLock:

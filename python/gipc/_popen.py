@@ -69,7 +69,7 @@ _ALL_SIGNALS = signal.valid_signals()
 live_popens: "weakref.WeakSet[CooperativePopen]" = weakref.WeakSet()
 
 #: The OS thread's own, whatever gevent.monkey made of threads (see _handles).
-_allocate_lock = get_original("_thread", "allocate_lock")
+_allocate_lock = _handles._allocate_lock
 _thread_local: Any = get_original("_thread", "_local")()
 
 

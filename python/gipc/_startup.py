@@ -27,10 +27,11 @@ from multiprocessing import process as mp_process
 from multiprocessing import spawn as mp_spawn
 from multiprocessing import util as mp_util
 from multiprocessing.reduction import ForkingPickler
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Set
 
 from . import _child
 from ._startup_child import REFERENCES_KEY, frame_startup_data
+from ._handles import _allocate_lock, _original_poll, _start_new_thread
 from ._transfer import HandlePickler, InheritedFd
 from .exceptions import GIPCTypeError
 
@@ -187,23 +188,6 @@ def _short_repr(obj: Any) -> str:
     return f"{text:.60}"
 
 
-def _originals() -> Tuple[Any, Any, Any]:
-    """``_thread.start_new_thread``, ``_thread.allocate_lock`` and ``select.poll`` as the
-    standard library has them (gevent.monkey's would be greenlets and hub waits)."""
-    if "gevent.monkey" in sys.modules:
-        from gevent.monkey import get_original
-
-        return (
-            get_original("_thread", "start_new_thread"),
-            get_original("_thread", "allocate_lock"),
-            get_original("select", "poll"),
-        )
-    import _thread
-    import select
-
-    return _thread.start_new_thread, _thread.allocate_lock, select.poll
-
-
 class Feeder:
     """Writes ``data`` into the non-blocking descriptor ``fd`` as the child reads it, then
     closes ``fd``; the caller never waits for the child. What the pipe takes at once is
@@ -227,12 +211,10 @@ class Feeder:
         self.held = hold_back
         self._cancelled = False
         self._thread_started = False
-        start_thread, allocate_lock, self._poll = _originals()
-        self._start_thread = start_thread
         #: Guards ``held``, ``_cancelled`` and the descriptor's closing between the caller
         #: and the thread; ``_wake`` is released to wake a thread that waits for release().
-        self._lock = allocate_lock()
-        self._wake = allocate_lock()
+        self._lock = _allocate_lock()
+        self._wake = _allocate_lock()
         self._wake.acquire()
         _child.parent_only_fds.add(fd)
         os.set_blocking(fd, False)
@@ -244,7 +226,7 @@ class Feeder:
             if self._write_available():
                 return
             self._thread_started = True
-        self._start_thread(self._run, ())
+        _start_new_thread(self._run, ())
 
     def release(self) -> None:
         """Lets the held-back bytes go."""
@@ -291,7 +273,7 @@ class Feeder:
     def _run(self) -> None:
         """The thread: writes as the pipe takes it (its own descriptor from now on: only
         it writes, and it closes it), waits for release() before the held-back bytes."""
-        poller = self._poll()
+        poller = _original_poll()()  # select.poll, gevent.monkey undone
         poller.register(self.fd, select.POLLOUT)
         try:
             while True:
