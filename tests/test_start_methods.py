@@ -159,6 +159,26 @@ class TestNonForkChildren:
         assert p.exitcode == 5
         p.join()
 
+    def test_a_start_whose_data_fits_the_pipe_starts_no_thread(self, method, monkeypatch):
+        # The fork server's start holds back the last byte until the pid is known; that
+        # byte waited in a thread of its own, one OS thread per start (CPU in the caller,
+        # and a threaded caller for a fork started meanwhile).
+        from gipc import _startup
+
+        threads = []
+
+        def counting(function, args):
+            threads.append(function)
+            return real(function, args)
+
+        real = _startup._start_new_thread
+        monkeypatch.setattr(_startup, "_start_new_thread", counting)
+        for _ in range(3):
+            p = gipc.start_process(exit_with_length, args=(b"x" * 1000,), start_method=method)
+            p.join()
+            assert p.exitcode == 1000 % 256
+        assert threads == []
+
     @pytest.mark.parametrize("code, reported", [(256, 0), (-1, 255), (1000, 232)])
     def test_exit_codes_are_what_the_system_reports(self, method, code, reported):
         # As multiprocessing and a fork child report them: the low 8 bits.
@@ -1071,3 +1091,96 @@ def test_a_pool_refuses_what_its_workers_could_not_receive(method):
         gipc.ProcessPool(1, decoder=lambda b: b, start_method=method)
     with pytest.raises(ValueError, match="contradicts"):
         gipc.ProcessPool(1, start_method="fork", mp_context=multiprocessing.get_context("spawn"))
+
+
+@pytest.mark.skipif(not LINUX, reason="F_GETPIPE_SZ")
+class TestFeeder:
+    """The start-up data writer, alone: what the pipe takes is written at once, the rest
+    (or held-back bytes the pipe cannot take when released) by a thread."""
+
+    def _feed(self, monkeypatch, size_beyond_pipe: int, hold_back: int, fill_first: bool):
+        import fcntl
+
+        from gipc import _startup
+
+        threads = []
+        real = _startup._start_new_thread
+
+        def counting(function, args):
+            threads.append(function)
+            return real(function, args)
+
+        monkeypatch.setattr(_startup, "_start_new_thread", counting)
+        r, w = os.pipe()
+        try:
+            capacity = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+            data = os.urandom(capacity + size_beyond_pipe)
+            feeder = _startup.Feeder(w, data, hold_back=hold_back)
+            feeder.start()
+            started_before_release = len(threads)
+            if not fill_first:
+                first = os.read(r, capacity)  # room for the held-back bytes
+            else:
+                first = b""
+            feeder.release()
+            os.set_blocking(r, True)
+            received = bytearray(first)
+            while True:
+                chunk = os.read(r, 1 << 16)
+                if not chunk:
+                    break  # the feeder closed its end: all written
+                received += chunk
+            return bytes(received) == data, started_before_release, len(threads)
+        finally:
+            os.close(r)
+
+    def test_held_back_bytes_the_pipe_takes_at_release_need_no_thread(self, monkeypatch):
+        assert self._feed(monkeypatch, 1, hold_back=1, fill_first=False) == (True, 0, 0)
+
+    def test_held_back_bytes_a_full_pipe_refuses_at_release_go_from_a_thread(self, monkeypatch):
+        # The pipe is full when release() comes: the last byte cannot wait in the caller
+        # (it never waits for the child), so a thread writes it as the reader drains.
+        assert self._feed(monkeypatch, 1, hold_back=1, fill_first=True) == (True, 0, 1)
+
+    def test_more_than_the_pipe_takes_goes_from_a_thread_at_once(self, monkeypatch):
+        assert self._feed(monkeypatch, 4096, hold_back=1, fill_first=True) == (True, 1, 1)
+
+    def test_a_thread_that_fails_closes_the_pipe(self, monkeypatch):
+        # Whatever goes wrong in the thread (here: no poll object), the descriptor is
+        # closed: the child reads a torn start-up and exits, it does not wait for ever.
+        import fcntl
+
+        from gipc import _startup
+
+        done = threading.Event()
+        failures = []
+        real = _startup._start_new_thread
+
+        def failing_poll():
+            raise OSError("no poll here")
+
+        def run_then_signal(function, args):
+            def wrapped():
+                try:
+                    function(*args)
+                except OSError as error:
+                    failures.append(error)
+                finally:
+                    done.set()
+
+            return real(wrapped, ())
+
+        monkeypatch.setattr(_startup, "_original_poll", lambda: failing_poll)
+        monkeypatch.setattr(_startup, "_start_new_thread", run_then_signal)
+        r, w = os.pipe()
+        try:
+            capacity = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+            feeder = _startup.Feeder(w, b"x" * (capacity * 2))
+            feeder.start()
+            assert done.wait(10)
+            assert [str(e) for e in failures] == ["no poll here"]
+            assert feeder.fd == -1
+            while os.read(r, 1 << 16):
+                pass  # what was written before; then EOF: the write end is closed
+        finally:
+            os.close(r)

@@ -198,9 +198,10 @@ class Feeder:
     holds the GIL only between writes. A reader that goes away (the child died) ends it
     quietly: the child's exit code tells that story.
 
-    ``hold_back`` bytes at the end wait for ``release()``: the child can read all but the
-    last of its start-up data before the caller knows it exists, and cannot run anything
-    until then; ``cancel()`` instead leaves it a torn start-up (it exits quietly)."""
+    ``hold_back`` bytes at the end wait for ``release()`` (which writes them at once when
+    the pipe takes them, no thread either): the child can read all but the last of its
+    start-up data before the caller knows it exists, and cannot run anything until then;
+    ``cancel()`` instead leaves it a torn start-up (it exits quietly)."""
 
     #: Longest wait for the pipe between two looks at ``cancel()``, in milliseconds.
     _POLL_MS = 100
@@ -223,20 +224,27 @@ class Feeder:
         with self._lock:
             if self.fd < 0 or self._thread_started:
                 return
-            if self._write_available():
-                return
+            if self._write_available() or len(self.view) <= self.held:
+                return  # done, or only the held-back bytes wait: release() writes them
             self._thread_started = True
         _start_new_thread(self._run, ())
 
     def release(self) -> None:
-        """Lets the held-back bytes go."""
+        """Lets the held-back bytes go: written at once when the pipe takes them (the
+        common case: no thread), else by the thread."""
         with self._lock:
             self.held = 0
-            if not self._thread_started:
-                if self.fd >= 0:
-                    self._write_available()
+            if self._thread_started:
+                wake = True
+            elif self.fd < 0 or self._write_available():
                 return
-        self._wake_thread()
+            else:
+                wake = False
+                self._thread_started = True
+        if wake:
+            self._wake_thread()
+        else:
+            _start_new_thread(self._run, ())
 
     def cancel(self) -> None:
         """Stops writing and closes the descriptor (the thread's, if one writes: it closes
@@ -273,9 +281,9 @@ class Feeder:
     def _run(self) -> None:
         """The thread: writes as the pipe takes it (its own descriptor from now on: only
         it writes, and it closes it), waits for release() before the held-back bytes."""
-        poller = _original_poll()()  # select.poll, gevent.monkey undone
-        poller.register(self.fd, select.POLLOUT)
         try:
+            poller = _original_poll()()  # select.poll, gevent.monkey undone
+            poller.register(self.fd, select.POLLOUT)
             while True:
                 with self._lock:
                     if self._cancelled:
