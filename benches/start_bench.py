@@ -4,8 +4,9 @@ For each amount of extra touched memory in the caller (default 0, 1, 2 and 4 GiB
 start method starts and joins a no-op child ``--runs`` times (after one warm-up start, so a
 fork server is already up), and reports the median time and, for gipc, the caller's longest
 event-loop stall seen by a greenlet ticking every millisecond meanwhile, with the CPU time
-the caller's thread used within that stall (little of it: the caller was waiting for a
-CPU, not running gipc's code; a fork's stall is all CPU). For spawn, also a
+the caller's thread used within that stall and the time it spent runnable but waiting for
+a CPU (Linux's schedstat run_delay): a fork's stall is all the caller's CPU; the others'
+are mostly the wait, the kernel having queued the woken caller behind the child. For spawn, also a
 child that is handed a pipe and writes to it once: the common case, in which a spawned gipc
 child imports gevent too. multiprocessing's own ``spawn`` and ``forkserver`` ``Process`` run
 beside them (their ``start()`` and ``join()`` block the caller: their stall is the whole
@@ -105,38 +106,48 @@ def _mp_case(method: str) -> Callable[[], None]:
     return run
 
 
+def _queued() -> float:
+    """Seconds this thread has spent runnable but waiting for a CPU (Linux's schedstat
+    ``run_delay``); 0 where the kernel does not say."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 class _StallMeter:
     """The longest gap between two ticks of a greenlet that sleeps 1 ms (so an idle loop
-    shows ~1.1 ms), and how much CPU the caller's thread used within that gap: a gap
-    with little of it is the caller waiting for a CPU (the child, the server and the
-    caller share the machine's), not the caller's code holding the loop."""
+    shows ~1.1 ms), how much CPU the caller's thread used within that gap, and how long
+    it waited for a CPU in it (runnable, not running: the child, the server and the
+    caller share the machine's CPUs). A gap that is mostly the latter is the kernel's
+    placement, not the caller's code holding the loop."""
 
     def __init__(self) -> None:
         import gevent
 
-        self.worst = 0.0
-        self.worst_cpu = 0.0
+        self.worst = (0.0, 0.0, 0.0)
         self._running = True
         self._greenlet = gevent.spawn(self._tick)
 
     def reset(self) -> None:
-        self.worst = self.worst_cpu = 0.0
+        self.worst = (0.0, 0.0, 0.0)
 
     def _tick(self) -> None:
         import gevent
 
-        last, last_cpu = time.perf_counter(), time.thread_time()
+        last, last_cpu, last_queued = time.perf_counter(), time.thread_time(), _queued()
         while self._running:
             gevent.sleep(0.001)
-            now, cpu = time.perf_counter(), time.thread_time()
-            if now - last > self.worst:
-                self.worst, self.worst_cpu = now - last, cpu - last_cpu
-            last, last_cpu = now, cpu
+            now, cpu, queued = time.perf_counter(), time.thread_time(), _queued()
+            if now - last > self.worst[0]:
+                self.worst = (now - last, cpu - last_cpu, queued - last_queued)
+            last, last_cpu, last_queued = now, cpu, queued
 
-    def stop(self) -> "tuple[float, float]":
+    def stop(self) -> "tuple[float, float, float]":
         self._running = False
         self._greenlet.join()
-        return self.worst, self.worst_cpu
+        return self.worst
 
 
 def measure(
@@ -155,7 +166,7 @@ def measure(
         started = time.perf_counter()
         run()
         times.append(time.perf_counter() - started)
-    stalls: List["tuple[float, float]"] = []
+    stalls: List["tuple[float, float, float]"] = []
     for _ in range(runs if stall else 0):
         meter = _StallMeter()
         gevent.sleep(0.005)  # the meter's first tick has happened
@@ -167,6 +178,7 @@ def measure(
         "ms": statistics.median(times) * 1e3,
         "stall_ms": worst[0] * 1e3 if worst else None,
         "stall_cpu_ms": worst[1] * 1e3 if worst else None,
+        "stall_queued_ms": worst[2] * 1e3 if worst else None,
     }
 
 
@@ -227,7 +239,10 @@ def main() -> None:
             result = measure(run, args.runs, stall, args.pause / 1e3)
             results.setdefault(name, {})[str(gib)] = result
         del ballast
-    title = "start + join: median ms (longest stall ms / the caller's CPU in it)"
+    title = (
+        "start + join: median ms (longest stall ms / the caller's CPU in it / its wait "
+        "for a CPU in it)"
+    )
     header = f"| {title} | " + " | ".join(f"{g:g} GiB" for g in sizes) + " |"
     print(header)
     print("|" + "---|" * (len(sizes) + 1))
@@ -237,7 +252,10 @@ def main() -> None:
             r = results[name][str(gib)]
             cell = f"{r['ms']:.1f}"
             if r["stall_ms"] is not None:
-                cell += f" ({r['stall_ms']:.1f} / {r['stall_cpu_ms']:.2f})"
+                cell += (
+                    f" ({r['stall_ms']:.1f} / {r['stall_cpu_ms']:.2f}"
+                    f" / {r['stall_queued_ms']:.2f})"
+                )
             cells.append(cell)
         print(f"| {name} | " + " | ".join(cells) + " |")
     if args.json:
