@@ -21,7 +21,7 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::PyType;
 
-use crate::handle::Writer;
+use crate::handle::{Reader, Received, Writer};
 
 /// `METH_FASTCALL | METH_KEYWORDS` (CPython's Include/methodobject.h, unchanged since 3.7).
 const FASTCALL_WITH_KEYWORDS: c_int = 0x0080 | ffi::METH_KEYWORDS;
@@ -247,6 +247,168 @@ unsafe fn put(
     Ok(result?.into_ptr())
 }
 
+/// How a reader handle turns a frame into an object (its decoder).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Decoder {
+    /// `pickle.loads`.
+    Pickle,
+    /// None: the payload as it came.
+    Raw,
+    /// A decoder of the application's: the handle's `_decode` calls it.
+    Other,
+}
+
+/// What the reader handle's `get` needs, looked up once per handle (its `_get_path`
+/// attribute): the common cases of `get` then run here, without a Python frame, and
+/// everything else in the handle's own Python code.
+#[pyclass(module = "gipc._core", frozen)]
+pub struct GetPath {
+    reader: Py<Reader>,
+    /// The bound `locked` method of the lock the handle holds while it does I/O.
+    locked: Py<PyAny>,
+    /// The handle's backlog (messages of a batch not returned yet): a deque, never replaced.
+    backlog: Py<PyAny>,
+    decoder: Decoder,
+    /// Whether `KIND_BYTES` frames are accepted as they are (both ends use pickle).
+    bytes_as_they_are: bool,
+    /// `pickle.loads`.
+    loads: Py<PyAny>,
+}
+
+#[pymethods]
+impl GetPath {
+    /// `decoder`: "pickle", "raw" or "other" (see `Decoder`).
+    #[new]
+    fn new(
+        reader: Py<Reader>,
+        locked: Py<PyAny>,
+        backlog: Py<PyAny>,
+        decoder: &str,
+        bytes_as_they_are: bool,
+        loads: Py<PyAny>,
+    ) -> PyResult<Self> {
+        let decoder = match decoder {
+            "pickle" => Decoder::Pickle,
+            "raw" => Decoder::Raw,
+            "other" => Decoder::Other,
+            _ => {
+                return Err(PyValueError::new_err(format!(
+                    "unknown decoder {decoder:?}"
+                )))
+            }
+        };
+        Ok(GetPath {
+            reader,
+            locked,
+            backlog,
+            decoder,
+            bytes_as_they_are,
+            loads,
+        })
+    }
+}
+
+/// `_GIPCReader.get`, called by PyO3's fastcall trampoline: with no timeout, no other
+/// greenlet doing I/O on the handle and no backlog, one look at the descriptors, and the
+/// message decoded here when pickle or no decoder does it; anything else in Python
+/// (`_get_python`, `_decode`, `_get_waiting`), as the Python method did it.
+///
+/// # Safety
+/// As for [`try_send`]; `slf` is a `_GIPCReader` (CPython checks it).
+unsafe fn get(
+    py: Python<'_>,
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargs: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> PyResult<*mut ffi::PyObject> {
+    // One optional argument, `timeout`, by position or by name, as the Python method took it.
+    // SAFETY: per this function's contract, `kwnames` is null or a tuple.
+    let by_name = unsafe { Borrowed::from_ptr_or_opt(py, kwnames) };
+    let named = match by_name {
+        None => 0,
+        Some(names) => {
+            let names = names.cast::<pyo3::types::PyTuple>()?;
+            if names.len() != 1 || !names.get_item(0)?.eq("timeout")? {
+                return Err(PyTypeError::new_err(
+                    "get() takes one optional argument (timeout)",
+                ));
+            }
+            1
+        }
+    };
+    if nargs + named > 1 {
+        return Err(PyTypeError::new_err(
+            "get() takes one optional argument (timeout)",
+        ));
+    }
+    // SAFETY: per this function's contract, `slf` and the `nargs + named` arguments are
+    // valid borrowed references for the duration of the call.
+    let handle = unsafe { Borrowed::from_ptr(py, slf) };
+    let timeout = if nargs + named == 1 {
+        // SAFETY: as above: one argument, by position or by name, is there.
+        Some(unsafe { Borrowed::from_ptr(py, *args) })
+    } else {
+        None
+    };
+    if let Some(timeout) = timeout.filter(|timeout| !timeout.is_none()) {
+        let result = handle.call_method1(pyo3::intern!(py, "_get_python"), (timeout,))?;
+        return Ok(result.into_ptr());
+    }
+    let path = handle.getattr(pyo3::intern!(py, "_get_path"))?;
+    let path = path.cast::<GetPath>()?.get();
+    if path.locked.bind(py).call0()?.is_truthy()? || path.backlog.bind(py).is_truthy()? {
+        let result = handle.call_method1(pyo3::intern!(py, "_get_python"), (py.None(),))?;
+        return Ok(result.into_ptr());
+    }
+    let received = path.reader.bind(py).try_borrow_mut()?.receive(py)?;
+    let result = match received {
+        Some(Received::Message { kind, payload }) => match (kind, path.decoder) {
+            (gipc_wire::frame::Kind::Encoded, Decoder::Pickle) => loads(py, path, &payload)?,
+            (gipc_wire::frame::Kind::Encoded, Decoder::Raw) => payload.into_any().into_bound(py),
+            (gipc_wire::frame::Kind::Bytes, _) if path.bytes_as_they_are => {
+                payload.into_any().into_bound(py)
+            }
+            _ => {
+                let frame = Received::Message { kind, payload }.into_python(py)?;
+                handle.call_method1(pyo3::intern!(py, "_decode"), (frame,))?
+            }
+        },
+        Some(handles @ Received::Handles { .. }) => {
+            let frame = handles.into_python(py)?;
+            handle.call_method1(pyo3::intern!(py, "_decode"), (frame,))?
+        }
+        Some(Received::Yield) => {
+            handle.call_method1(pyo3::intern!(py, "_get_waiting"), (Progress::Yield as u8,))?
+        }
+        None => handle.call_method1(
+            pyo3::intern!(py, "_get_waiting"),
+            (Progress::WouldBlock as u8,),
+        )?,
+    };
+    Ok(result.into_ptr())
+}
+
+/// `pickle.loads(payload)`, the arguments on the C stack (see [`dumps`]).
+fn loads<'py>(
+    py: Python<'py>,
+    path: &GetPath,
+    payload: &Py<pyo3::types::PyBytes>,
+) -> PyResult<Bound<'py, PyAny>> {
+    // SAFETY: two valid references (the GIL is held), then the null that ends the list;
+    // the result is a new reference or null with an exception set.
+    unsafe {
+        Bound::from_owned_ptr_or_err(
+            py,
+            ffi::PyObject_CallFunctionObjArgs(
+                path.loads.as_ptr(),
+                payload.as_ptr(),
+                std::ptr::null_mut::<ffi::PyObject>(),
+            ),
+        )
+    }
+}
+
 /// A method definition that CPython calls with the fastcall convention, never freed: it
 /// must outlive the class it is put in.
 fn fastcall_def(
@@ -310,5 +472,25 @@ pub fn install_put(class: &Bound<'_, PyType>) -> PyResult<()> {
         class,
         "put",
         fastcall_def(c"put", doc.into_raw(), trampoline),
+    )
+}
+
+/// Replaces `get` of the Python reader class (`gipc._handles._GIPCReader`) with the one
+/// above, keeping its docstring. Its instances must have `_get_path` (a `GetPath`),
+/// `_get_python`, `_get_waiting` and `_decode`.
+#[pyfunction]
+pub fn install_get(class: &Bound<'_, PyType>) -> PyResult<()> {
+    let doc: Option<String> = class.getattr("get")?.getattr("__doc__")?.extract()?;
+    let doc = format!(
+        "get($self, timeout=None)\n--\n\n{}",
+        doc.unwrap_or_default()
+    );
+    let doc =
+        std::ffi::CString::new(doc).map_err(|_| PyValueError::new_err("a docstring with a NUL"))?;
+    let trampoline = pyo3::get_trampoline_function!(fastcall_cfunction_with_keywords, get);
+    set_method(
+        class,
+        "get",
+        fastcall_def(c"get", doc.into_raw(), trampoline),
     )
 }

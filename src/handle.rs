@@ -168,17 +168,9 @@ impl Reader {
     /// that keeps paying off (see `gipc_wire::spin`): a reply that is on its way is then
     /// taken without a trip through the event loop.
     fn try_recv(&mut self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        let end = self.end.as_ref().ok_or_else(errors::closed)?;
-        let (rx, fds, transport) = (&mut self.rx, &mut self.fds, self.transport);
-        match self
-            .spin
-            .attempt(|| receive_once(py, rx, end, transport, fds))?
-        {
-            Some(answer) => Ok(answer),
-            None => {
-                self.rx.will_wait();
-                status(py, Progress::WouldBlock)
-            }
+        match self.receive(py)? {
+            Some(received) => received.into_python(py),
+            None => status(py, Progress::WouldBlock),
         }
     }
 
@@ -274,6 +266,45 @@ impl Reader {
     }
 }
 
+impl Reader {
+    /// `try_recv` for Rust callers (the handle's `get`, see `fastcall`): `None` for
+    /// `WOULD_BLOCK`.
+    pub(crate) fn receive(&mut self, py: Python<'_>) -> PyResult<Option<Received>> {
+        let end = self.end.as_ref().ok_or_else(errors::closed)?;
+        let (rx, fds, transport) = (&mut self.rx, &mut self.fds, self.transport);
+        let answer = self
+            .spin
+            .attempt(|| receive_once(py, rx, end, transport, fds))?;
+        if answer.is_none() {
+            self.rx.will_wait();
+        }
+        Ok(answer)
+    }
+}
+
+/// What one look at a reader's descriptors found.
+pub(crate) enum Received {
+    /// A message without descriptors.
+    Message { kind: Kind, payload: Py<PyBytes> },
+    /// A `Kind::Handles` message and the descriptors that came with it, now the caller's.
+    Handles { payload: Py<PyBytes>, fds: Vec<i32> },
+    /// Nothing yet, but the time slice is used up: let the event loop run first.
+    Yield,
+}
+
+impl Received {
+    /// As `try_recv` returns it: `(kind, payload)`, `(kind, payload, fds)` or `YIELD`.
+    pub(crate) fn into_python(self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        match self {
+            Received::Message { kind, payload } => (kind as u8, payload).into_py_any(py),
+            Received::Handles { payload, fds } => {
+                (Kind::Handles as u8, payload, fds).into_py_any(py)
+            }
+            Received::Yield => status(py, Progress::Yield),
+        }
+    }
+}
+
 /// One look at the descriptors: `Some(message or YIELD)`, or `None` when there is nothing.
 /// A socket lane is read with `recvmsg`, keeping the descriptors that come (into `fds`).
 fn receive_once(
@@ -282,7 +313,7 @@ fn receive_once(
     end: &End,
     transport: Transport,
     fds: &mut ReceivedFds,
-) -> PyResult<Option<Py<PyAny>>> {
+) -> PyResult<Option<Received>> {
     let alloc = |len| FillingBytes::allocate(py, len);
     let event = match (transport, &end.bulk) {
         (Transport::Socket, _) => {
@@ -308,18 +339,18 @@ fn receive_once(
     .map_err(errors::recv_error)?;
     match event {
         Event::Message { kind, payload } => {
-            let bytes = match payload {
+            let payload = match payload {
                 Payload::Buffered(data) => PyBytes::new(py, data).unbind(),
                 Payload::Owned(filled) => filled.owner,
             };
             if kind == Kind::Handles {
-                let taken = take_fds(bytes.bind(py).as_bytes(), fds)?;
-                return Ok(Some((kind as u8, bytes, taken).into_py_any(py)?));
+                let fds = take_fds(payload.bind(py).as_bytes(), fds)?;
+                return Ok(Some(Received::Handles { payload, fds }));
             }
-            Ok(Some((kind as u8, bytes).into_py_any(py)?))
+            Ok(Some(Received::Message { kind, payload }))
         }
         Event::WouldBlock => Ok(None),
-        Event::Yield => Ok(Some(status(py, Progress::Yield)?)),
+        Event::Yield => Ok(Some(Received::Yield)),
     }
 }
 

@@ -21,6 +21,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(signals::reset_signal_state, m)?)?;
     m.add_class::<fastcall::PutPath>()?;
     m.add_function(wrap_pyfunction!(fastcall::install_put, m)?)?;
+    m.add_class::<fastcall::GetPath>()?;
+    m.add_function(wrap_pyfunction!(fastcall::install_get, m)?)?;
     m.add("DONE", Progress::Done as u8)?;
     m.add("WOULD_BLOCK", Progress::WouldBlock as u8)?;
     m.add("YIELD", Progress::Yield as u8)?;

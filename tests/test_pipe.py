@@ -254,6 +254,78 @@ class TestPutPaths:
                 w.put(b"x")
 
 
+class TestGetPaths:
+    """``get`` runs in ``_core`` for the common cases, in Python for the rest."""
+
+    python_calls = staticmethod(TestPutPaths.python_calls)
+
+    @pytest.mark.parametrize("codecs", ["pickle", "raw"])
+    def test_the_common_case_runs_no_python_code(self, codecs):
+        kwargs = {} if codecs == "pickle" else {"encoder": None, "decoder": None}
+        with gipc.pipe(**kwargs) as (r, w):
+            w.put(b"x")
+            if codecs == "pickle":
+                w.put({"a": 1})
+            got = []
+            assert self.python_calls(lambda: got.append(r.get())) == ["<lambda>"]
+            if codecs == "pickle":
+                assert self.python_calls(lambda: got.append(r.get())) == ["<lambda>"]
+                assert got == [b"x", {"a": 1}]
+            else:
+                assert got == [b"x"]
+
+    def test_the_other_cases_take_the_python_way(self):
+        with gipc.pipe(encoder=str.encode, decoder=bytes.decode) as (r, w):
+            w.put("text")
+            got = []
+            assert "_decode" in self.python_calls(lambda: got.append(r.get()))
+            assert got == ["text"]
+        with gipc.pipe() as (r, w):
+            w.put(b"timed")
+            calls = self.python_calls(lambda: got.append(r.get(5)))
+            assert "_get_python" in calls and got[-1] == b"timed"
+            w.put_many([1, 2, 3])
+            assert r.get() == 1  # the batch: 2 and 3 wait in the backlog
+            calls = self.python_calls(lambda: got.append(r.get()))
+            assert "_next_from_backlog" in calls and got[-1] == 2
+            assert r.get() == 3
+
+            def hold():  # as another greenlet waiting inside get does
+                with r._lock:
+                    gevent.sleep(0.02)
+
+            w.put(b"behind")
+            holder = gevent.spawn(hold)
+            gevent.sleep(0)
+            calls = self.python_calls(lambda: got.append(r.get()))
+            assert "_get_python" in calls and got[-1] == b"behind"
+            holder.get()
+            gevent.spawn_later(0.01, w.put, b"later")
+            calls = self.python_calls(lambda: got.append(r.get()))
+            assert "_get_waiting" in calls and got[-1] == b"later"
+
+    def test_arguments_are_those_of_the_python_method(self):
+        with gipc.pipe() as (r, w):
+            for i in range(4):
+                w.put(i)
+            assert r.get(None) == 0
+            assert r.get(timeout=None) == 1
+            assert r.get(timeout=5) == 2
+            with gevent.Timeout(5) as started:
+                assert r.get(started) == 3
+            for args, kwargs in [((1, 2), {}), ((), {"x": 1}), ((1,), {"timeout": 2}),
+                                 ((), {"timeout": 1, "x": 2})]:
+                with pytest.raises(TypeError):
+                    r.get(*args, **kwargs)
+            with pytest.raises(gevent.Timeout):
+                r.get(timeout=0.01)
+            assert "Receive, decode" in r.get.__doc__
+            assert str(inspect.signature(r.get)) == "(timeout=None)"
+            r.close()
+            with pytest.raises(GIPCClosed):
+                r.get()
+
+
 class TestBatches:
     @pytest.mark.parametrize("codecs", ["default", "raw", "custom"])
     def test_put_many_preserves_order_and_mixes_with_put(self, codecs):

@@ -12,6 +12,7 @@ else:
 __all__ = [
     "BULK_MIN",
     "DONE",
+    "GetPath",
     "KIND_BATCH",
     "KIND_BYTES",
     "KIND_ENCODED",
@@ -24,6 +25,7 @@ __all__ = [
     "YIELD",
     "__version__",
     "channel",
+    "install_get",
     "install_put",
     "reader_from_fds",
     "reset_signal_state",
@@ -193,3 +195,30 @@ def install_put(cls: type) -> None:
     ``bytes`` message or (pickle codecs) one that pickles, written at once. It calls the
     instance's ``_put_unfinished(status)`` when the message is queued,
     ``_put_with_handles(o)`` for a message with handles and ``_put_python(o)`` for the rest."""
+
+@final
+class GetPath:
+    """What a reader handle's ``get`` (installed by :func:`install_get`) needs, looked up
+    once per handle, as its ``_get_path`` attribute."""
+
+    def __new__(
+        cls,
+        reader: Reader,
+        locked: Callable[[], bool],
+        backlog: Any,
+        decoder: str,
+        bytes_as_they_are: bool,
+        loads: Callable[[bytes], Any],
+    ) -> "GetPath":
+        """``locked``: the handle lock's; ``backlog``: the handle's deque of messages not
+        returned yet; ``decoder``: "pickle" (``loads``), "raw" (payloads as they came) or
+        "other" (the handle's ``_decode``); ``bytes_as_they_are``: whether KIND_BYTES
+        frames are returned as they came (both ends use pickle)."""
+
+def install_get(cls: type) -> None:
+    """Replaces ``cls.get`` (keeping its docstring) with one that does the common cases
+    without a Python frame: no timeout, no greenlet doing I/O on the handle
+    (``_get_path.locked()``), no backlog, a message there at once that pickle or no
+    decoder turns into the object. It calls the instance's ``_get_python(timeout)`` for a
+    timeout, a busy handle or a backlog, ``_decode(frame)`` for other frames and
+    ``_get_waiting(status)`` when it must wait."""
