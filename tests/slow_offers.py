@@ -7,12 +7,12 @@ which a start sent to the server before the offer is answered with that offered 
 import os
 import time
 
-from gipc import _forkserver
+from gipc import _forkserver_main
 
 PAUSE = 0.4
 CHILD_SLEEP = 1.5
 
-_real_offer = _forkserver._offer
+_real_offer = _forkserver_main._offer
 
 
 def _slow_offer(*args):  # type: ignore[no-untyped-def]
@@ -23,5 +23,5 @@ def _slow_offer(*args):  # type: ignore[no-untyped-def]
         time.sleep(PAUSE)
 
 
-_forkserver._offer = _slow_offer
+_forkserver_main._offer = _slow_offer  # where serve() looks it up
 os.register_at_fork(after_in_child=lambda: time.sleep(CHILD_SLEEP))

@@ -712,8 +712,10 @@ class TestForkServer:
 
         monkeypatch.setattr(_forkserver._Offer, "hand_over", late_hand_over)
         with _own_server():
-            first = gipc.start_process(noop, start_method="forkserver")
+            first = gipc.start_process(exit_unless_offers_slowed, start_method="forkserver")
             first.join(30)
+            # A preload that fails is skipped silently: without the pause there is no window.
+            assert first.exitcode == 0, "slow_offers did not patch the server's _offer"
             server = _forkserver.server_pid()
             assert server is not None
             # Forked once the first child ended; its offer comes after the server's pause.
@@ -781,6 +783,16 @@ def exit_with_length(blob: bytes) -> None:
 
 def wait_for_word(reader: "gipc.gipc._GIPCHandle") -> None:
     reader.get()
+
+
+def exit_unless_offers_slowed() -> None:
+    """In a child of a fork server that preloaded ``slow_offers``: exit code 0 if the
+    server's offers go through that module's pause (its patch replaced the function the
+    server's loop calls), else 1."""
+    from gipc import _forkserver_main
+
+    slow = sys.modules.get("slow_offers")
+    sys.exit(0 if slow is not None and _forkserver_main._offer is slow._slow_offer else 1)
 
 
 def exit_with_after(code: int, seconds: float) -> None:
