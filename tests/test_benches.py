@@ -1,0 +1,50 @@
+"""The benchmarks still run and print their tables, each in its smallest form. Figures are
+not checked (timings belong to benchmarks, not to tests): what is checked is that a
+benchmark the docs quote can be run again by a reader."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List
+
+BENCHES = Path(__file__).resolve().parent.parent / "benches"
+
+
+def run_bench(args: List[str]) -> str:
+    result = subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=dict(os.environ),
+        cwd=BENCHES.parent,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_start_bench_prints_its_table() -> None:
+    out = run_bench([
+        "benches/start_bench.py", "--sizes", "0", "--runs", "1", "--pause", "0",
+        "--only", "gipc fork,gipc forkserver,gipc spawn",
+    ])
+    rows = [line for line in out.splitlines() if line.startswith("| gipc ")]
+    assert len(rows) == 3, out
+    for row in rows:
+        # median (longest stall / the caller's CPU in it / its wait for a CPU in it)
+        cell = row.split("|")[2]
+        assert cell.count("/") == 2 and "(" in cell, row
+
+
+def test_bench_runs_a_quick_case_of_each_kind() -> None:
+    out = run_bench([
+        "benches/bench.py", "--quick", "--runs", "1", "--settle", "0", "--impl", "ours",
+        "--only", "small-pickled,pingpong,bulk-raw-64k,stall-recv-small,spawn",
+    ])
+    for label in ("small 100 B bytes, pickled", "ping-pong 100 B pickled", "bulk 64 KiB raw",
+                  "stall: parent recvs", "spawn+join no-op child"):
+        lines = [line for line in out.splitlines() if line.startswith(label)]
+        assert lines and not any(word in lines[0] for word in ("error", "timeout")), out
