@@ -86,3 +86,11 @@ def wait_gone(pid: int, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"process {pid} is still there after {timeout} s")
         time.sleep(0.01)
+
+
+def pipe_capacity(fd: int) -> int:
+    """The capacity of the pipe ``fd`` belongs to (Linux)."""
+    import fcntl
+
+    # F_GETPIPE_SZ: in fcntl from Python 3.10; Linux's value since 2.6.35.
+    return fcntl.fcntl(fd, getattr(fcntl, "F_GETPIPE_SZ", 1032))

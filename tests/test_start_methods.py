@@ -22,7 +22,7 @@ from gipc import GIPCError, _forkserver
 from gipc._process import resolve_start_method
 
 from conftest import LINUX, child_pids
-from helpers import run_python, wait_gone
+from helpers import pipe_capacity, run_python, wait_gone
 
 NON_FORK = ["spawn", "forkserver"]
 
@@ -1110,9 +1110,18 @@ class TestFeeder:
     """The start-up data writer, alone: what the pipe takes is written at once, the rest
     (or held-back bytes the pipe cannot take when released) by a thread."""
 
-    def _feed(self, monkeypatch, size_beyond_pipe: int, hold_back: int, fill_first: bool):
-        import fcntl
+    @staticmethod
+    def _pipe():
+        """A pipe's two ends and its capacity."""
+        r, w = os.pipe()
+        try:
+            return r, w, pipe_capacity(w)
+        except BaseException:
+            os.close(w)
+            os.close(r)
+            raise
 
+    def _feed(self, monkeypatch, size_beyond_pipe: int, hold_back: int, fill_first: bool):
         from gipc import _startup
 
         threads = []
@@ -1123,9 +1132,8 @@ class TestFeeder:
             return real(function, args)
 
         monkeypatch.setattr(_startup, "_start_new_thread", counting)
-        r, w = os.pipe()
+        r, w, capacity = self._pipe()
         try:
-            capacity = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
             data = os.urandom(capacity + size_beyond_pipe)
             feeder = _startup.Feeder(w, data, hold_back=hold_back)
             feeder.start()
@@ -1160,8 +1168,6 @@ class TestFeeder:
     def test_a_thread_that_fails_closes_the_pipe(self, monkeypatch):
         # Whatever goes wrong in the thread (here: no poll object), the descriptor is
         # closed: the child reads a torn start-up and exits, it does not wait for ever.
-        import fcntl
-
         from gipc import _startup
 
         done = threading.Event()
@@ -1184,9 +1190,8 @@ class TestFeeder:
 
         monkeypatch.setattr(_startup, "_original_poll", lambda: failing_poll)
         monkeypatch.setattr(_startup, "_start_new_thread", run_then_signal)
-        r, w = os.pipe()
+        r, w, capacity = self._pipe()
         try:
-            capacity = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
             feeder = _startup.Feeder(w, b"x" * (capacity * 2))
             feeder.start()
             assert done.wait(10)
