@@ -20,6 +20,7 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::PyType;
+use pyo3::{PyTraverseError, PyVisit};
 
 use crate::handle::{Reader, Received, Writer};
 
@@ -126,6 +127,15 @@ impl PutPath {
             protocol,
             not_picklable,
         })
+    }
+
+    /// What it holds, for the cycle collector (see `GetPath::__traverse__`).
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.writer)?;
+        visit.call(&self.locked)?;
+        visit.call(&self.dumps)?;
+        visit.call(&self.protocol)?;
+        visit.call(&self.not_picklable)
     }
 }
 
@@ -306,6 +316,17 @@ impl GetPath {
             loads,
         })
     }
+
+    /// What it holds, for the cycle collector: the handle's backlog can hold an error
+    /// whose traceback holds the handle (`get_many` parks one at the end of a stream), a
+    /// cycle through this object that the collector must see to free the handle. No
+    /// `__clear__`: clearing the handle's `__dict__`, part of any such cycle, drops this.
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.reader)?;
+        visit.call(&self.locked)?;
+        visit.call(&self.backlog)?;
+        visit.call(&self.loads)
+    }
 }
 
 /// `_GIPCReader.get`, called by PyO3's fastcall trampoline: with no timeout, no other
@@ -325,23 +346,33 @@ unsafe fn get(
     // One optional argument, `timeout`, by position or by name, as the Python method took it.
     // SAFETY: per this function's contract, `kwnames` is null or a tuple.
     let by_name = unsafe { Borrowed::from_ptr_or_opt(py, kwnames) };
+    // The errors Python gives for the method's signature, `get(self, timeout=None)`.
+    if nargs > 1 {
+        return Err(PyTypeError::new_err(format!(
+            "get() takes from 1 to 2 positional arguments but {} were given",
+            nargs + 1
+        )));
+    }
     let named = match by_name {
         None => 0,
         Some(names) => {
             let names = names.cast::<pyo3::types::PyTuple>()?;
-            if names.len() != 1 || !names.get_item(0)?.eq("timeout")? {
+            for name in names.iter() {
+                if !name.eq("timeout")? {
+                    return Err(PyTypeError::new_err(format!(
+                        "get() got an unexpected keyword argument {}",
+                        name.repr()?
+                    )));
+                }
+            }
+            if nargs + names.len() as ffi::Py_ssize_t > 1 {
                 return Err(PyTypeError::new_err(
-                    "get() takes one optional argument (timeout)",
+                    "get() got multiple values for argument 'timeout'",
                 ));
             }
-            1
+            names.len() as ffi::Py_ssize_t
         }
     };
-    if nargs + named > 1 {
-        return Err(PyTypeError::new_err(
-            "get() takes one optional argument (timeout)",
-        ));
-    }
     // SAFETY: per this function's contract, `slf` and the `nargs + named` arguments are
     // valid borrowed references for the duration of the call.
     let handle = unsafe { Borrowed::from_ptr(py, slf) };
