@@ -1,17 +1,21 @@
-//! `Writer.try_send` with CPython's "fastcall" convention: the arguments arrive as a C
-//! array, where PyO3's methods in this build receive a new tuple.
+//! The calls made once per message, with CPython's "fastcall" convention (the arguments
+//! arrive as a C array, where PyO3's methods in this build receive a new tuple): the core's
+//! `Writer.try_send`, and the handles' own `put` and `get` for their common cases, which
+//! then run without a Python frame either (`PutPath`, `GetPath`: what they need, looked up
+//! once per handle).
 //!
 //! The extension is one `abi3` build for CPython 3.9 and later, and the limited API of 3.9
 //! has no fastcall, so PyO3 gives every method with arguments `METH_VARARGS`: each call
 //! builds a tuple of its arguments, then PyO3 parses it against the signature, and the tuple
 //! is freed. For the call made once per `put` that was ~75 ns of ~615 (`try_send` in
-//! `benches/per_message.py same`, fastest rounds: 615 -> 538 ns; docs/performance.md). `METH_FASTCALL` itself is older than the limited
-//! API's name for it: every CPython since 3.7 calls such a method the same way, with the
-//! same flag value, which is what the limited API of 3.10 later made official. So this one
-//! method is defined by hand, with PyO3's own fastcall trampoline (the one PyO3 uses in
-//! builds that have the flag: it attaches PyO3's view of the interpreter and turns errors
-//! and panics into Python exceptions), and put into the class's dictionary when the module
-//! is initialised.
+//! `benches/per_message.py same`, fastest rounds: 615 -> 538 ns; docs/performance.md).
+//! `METH_FASTCALL` itself is older than the limited API's name for it: every CPython since
+//! 3.7 calls such a method the same way, with the same flag value, which is what the limited
+//! API of 3.10 later made official. So these methods are defined by hand, with PyO3's own
+//! fastcall trampoline (the one PyO3 uses in builds that have the flag: it attaches PyO3's
+//! view of the interpreter and turns errors and panics into Python exceptions), and put
+//! into the class's dictionary when the module is initialised (`try_send`) or when the
+//! Python module defines the handle classes (`install_put`, `install_get`).
 
 use std::os::raw::c_int;
 
