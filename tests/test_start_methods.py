@@ -179,6 +179,26 @@ class TestNonForkChildren:
             assert p.exitcode == 1000 % 256
         assert threads == []
 
+    def test_a_start_whose_feeding_thread_cannot_start_fails_cleanly(self, method,
+                                                                     monkeypatch):
+        # More start-up data than the pipe takes needs a thread; when the system refuses
+        # one, start_process says so, and nothing is left behind: no open pipe, no child
+        # waiting for ever for the rest of its data (the fixture checks descriptors and
+        # children). The thread's descriptor stayed open, so the spawned child waited.
+        from gipc import _startup
+
+        def refuse(function, args):
+            raise RuntimeError("can't start new thread")
+
+        monkeypatch.setattr(_startup, "_start_new_thread", refuse)
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            gipc.start_process(exit_with_length, args=(b"x" * (1 << 20),), start_method=method)
+        monkeypatch.undo()
+        p = gipc.start_process(exit_with_length, args=(b"x" * (1 << 20) + b"y",),
+                               start_method=method)
+        p.join(30)
+        assert p.exitcode == 1  # the next start is unaffected
+
     @pytest.mark.parametrize("code, reported", [(256, 0), (-1, 255), (1000, 232)])
     def test_exit_codes_are_what_the_system_reports(self, method, code, reported):
         # As multiprocessing and a fork child report them: the low 8 bits.

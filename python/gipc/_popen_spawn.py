@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from multiprocessing import util as mp_util
 from typing import TYPE_CHECKING, List
 
@@ -64,7 +65,25 @@ class SpawnPopen(CooperativePopen):
             raise
         for fd in (data_r, child_r, child_w):
             os.close(fd)
+        try:
+            Feeder(data_w, startup.payload).start()  # owns data_w from here on
+        except BaseException:
+            # Not fed (no thread for data the pipe does not take): the child would exit on
+            # its torn start-up with nobody to reap it. It goes now, and is reaped here.
+            _kill_and_reap(pid)
+            for fd in (parent_r, parent_w):
+                os.close(fd)
+            raise
         self._adopt(pid, parent_r, (parent_r, parent_w))
         self._exit_fd = open_pidfd(pid)
-        Feeder(data_w, startup.payload).start()  # owns data_w from here on
         _log.debug("started child %s (pid %d, spawn)", process_obj.name, pid)
+
+
+def _kill_and_reap(pid: int) -> None:
+    """Ends a child that was never handed to anyone: SIGKILL, then a wait that is short
+    (the kernel's teardown of a new interpreter)."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ChildProcessError, ProcessLookupError):
+        pass  # reaped by another's wait for any child (a SIGCHLD handler)

@@ -227,7 +227,7 @@ class Feeder:
             if self._write_available() or len(self.view) <= self.held:
                 return  # done, or only the held-back bytes wait: release() writes them
             self._thread_started = True
-        _start_new_thread(self._run, ())
+        self._start_thread()
 
     def release(self) -> None:
         """Lets the held-back bytes go: written at once when the pipe takes them (the
@@ -244,7 +244,19 @@ class Feeder:
         if wake:
             self._wake_thread()
         else:
+            self._start_thread()
+
+    def _start_thread(self) -> None:
+        """Starts the thread, which owns the descriptor from now on. If it cannot start
+        (the system refuses a thread), the descriptor is closed, not left to a thread that
+        does not exist: the child reads a torn start-up and exits, instead of waiting for
+        ever for the rest."""
+        try:
             _start_new_thread(self._run, ())
+        except BaseException:
+            with self._lock:
+                self._close()
+            raise
 
     def cancel(self) -> None:
         """Stops writing and closes the descriptor (the thread's, if one writes: it closes
