@@ -78,15 +78,34 @@ pub fn install(writer_class: &Bound<'_, PyType>) -> PyResult<()> {
     )
 }
 
-/// How a writer handle turns an object into a frame (its codecs).
+/// A handle's codec, as its fast path sees it: a writer's encoder (`PutPath`) or a
+/// reader's decoder (`GetPath`).
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Codecs {
-    /// pickle both ways: `bytes` go as they are (`KIND_BYTES`), the rest pickled.
+enum Codec {
+    /// pickle. A writer whose pipe uses pickle both ways sends `bytes` as they are
+    /// (`KIND_BYTES`) and pickles the rest; a reader unpickles with `pickle.loads`.
     Pickle,
-    /// No encoder: `bytes` go as they are (`KIND_ENCODED`), anything else is checked in Python.
+    /// None: a writer sends `bytes` as they are (`KIND_ENCODED`; anything else is checked
+    /// in Python); a reader returns the payload as it came.
     Raw,
-    /// An encoder of the application's: Python's `put` does everything.
+    /// The application's: a writer's Python `put` does everything, a reader's `_decode`
+    /// calls it.
     Other,
+}
+
+impl Codec {
+    /// From its name, "pickle", "raw" or "other", as the Python layer gives it;
+    /// `parameter` names the argument for the error.
+    fn from_name(name: &str, parameter: &str) -> PyResult<Self> {
+        match name {
+            "pickle" => Ok(Codec::Pickle),
+            "raw" => Ok(Codec::Raw),
+            "other" => Ok(Codec::Other),
+            _ => Err(PyValueError::new_err(format!(
+                "unknown {parameter} {name:?}"
+            ))),
+        }
+    }
 }
 
 /// What the writer handle's `put` needs, looked up once per handle (its `_fast` attribute):
@@ -97,7 +116,7 @@ pub struct PutPath {
     writer: Py<Writer>,
     /// The bound `locked` method of the lock the handle holds while it does I/O.
     locked: Py<PyAny>,
-    codecs: Codecs,
+    codecs: Codec,
     /// `pickle.dumps`, and the protocol to give it.
     dumps: Py<PyAny>,
     protocol: Py<PyAny>,
@@ -107,7 +126,7 @@ pub struct PutPath {
 
 #[pymethods]
 impl PutPath {
-    /// `codecs`: "pickle", "raw" or "other" (see `Codecs`).
+    /// `codecs`: "pickle", "raw" or "other" (see `Codec`).
     #[new]
     fn new(
         writer: Py<Writer>,
@@ -117,12 +136,7 @@ impl PutPath {
         protocol: Py<PyAny>,
         not_picklable: Py<PyAny>,
     ) -> PyResult<Self> {
-        let codecs = match codecs {
-            "pickle" => Codecs::Pickle,
-            "raw" => Codecs::Raw,
-            "other" => Codecs::Other,
-            _ => return Err(PyValueError::new_err(format!("unknown codecs {codecs:?}"))),
-        };
+        let codecs = Codec::from_name(codecs, "codecs")?;
         Ok(PutPath {
             writer,
             locked,
@@ -160,16 +174,16 @@ fn route<'py>(
     path: &PutPath,
     o: &Borrowed<'_, 'py, PyAny>,
 ) -> PyResult<Route<'py>> {
-    if path.codecs == Codecs::Other {
+    if path.codecs == Codec::Other {
         return Ok(Route::Python);
     }
     let (kind, payload) = if o.is_exact_instance_of::<pyo3::types::PyBytes>() {
         let kind = match path.codecs {
-            Codecs::Pickle => gipc_wire::frame::Kind::Bytes,
+            Codec::Pickle => gipc_wire::frame::Kind::Bytes,
             _ => gipc_wire::frame::Kind::Encoded,
         };
         (kind, Borrowed::to_owned(*o))
-    } else if path.codecs == Codecs::Raw {
+    } else if path.codecs == Codec::Raw {
         return Ok(Route::Python);
     } else {
         match dumps(py, path, o) {
@@ -261,17 +275,6 @@ unsafe fn put(
     Ok(result?.into_ptr())
 }
 
-/// How a reader handle turns a frame into an object (its decoder).
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Decoder {
-    /// `pickle.loads`.
-    Pickle,
-    /// None: the payload as it came.
-    Raw,
-    /// A decoder of the application's: the handle's `_decode` calls it.
-    Other,
-}
-
 /// What the reader handle's `get` needs, looked up once per handle (its `_get_path`
 /// attribute): the common cases of `get` then run here, without a Python frame, and
 /// everything else in the handle's own Python code.
@@ -282,7 +285,7 @@ pub struct GetPath {
     locked: Py<PyAny>,
     /// The handle's backlog (messages of a batch not returned yet): a deque, never replaced.
     backlog: Py<PyAny>,
-    decoder: Decoder,
+    decoder: Codec,
     /// Whether `KIND_BYTES` frames are accepted as they are (both ends use pickle).
     bytes_as_they_are: bool,
     /// `pickle.loads`.
@@ -291,7 +294,7 @@ pub struct GetPath {
 
 #[pymethods]
 impl GetPath {
-    /// `decoder`: "pickle", "raw" or "other" (see `Decoder`).
+    /// `decoder`: "pickle", "raw" or "other" (see `Codec`).
     #[new]
     fn new(
         reader: Py<Reader>,
@@ -301,16 +304,7 @@ impl GetPath {
         bytes_as_they_are: bool,
         loads: Py<PyAny>,
     ) -> PyResult<Self> {
-        let decoder = match decoder {
-            "pickle" => Decoder::Pickle,
-            "raw" => Decoder::Raw,
-            "other" => Decoder::Other,
-            _ => {
-                return Err(PyValueError::new_err(format!(
-                    "unknown decoder {decoder:?}"
-                )))
-            }
-        };
+        let decoder = Codec::from_name(decoder, "decoder")?;
         Ok(GetPath {
             reader,
             locked,
@@ -399,8 +393,8 @@ unsafe fn get(
     let received = path.reader.bind(py).try_borrow_mut()?.receive(py)?;
     let result = match received {
         Some(Received::Message { kind, payload }) => match (kind, path.decoder) {
-            (gipc_wire::frame::Kind::Encoded, Decoder::Pickle) => loads(py, path, &payload)?,
-            (gipc_wire::frame::Kind::Encoded, Decoder::Raw) => payload.into_any().into_bound(py),
+            (gipc_wire::frame::Kind::Encoded, Codec::Pickle) => loads(py, path, &payload)?,
+            (gipc_wire::frame::Kind::Encoded, Codec::Raw) => payload.into_any().into_bound(py),
             (gipc_wire::frame::Kind::Bytes, _) if path.bytes_as_they_are => {
                 payload.into_any().into_bound(py)
             }
