@@ -45,10 +45,21 @@ def run_python(code: str, *args: str, env_extra: "dict[str, str] | None" = None,
                timeout: float = 60, flags: "tuple[str, ...]" = ()) -> subprocess.CompletedProcess:
     """Runs ``code`` in a fresh interpreter (for monkey-patching and exit behaviour, which
     must not leak into the test process), with interpreter ``flags`` before ``-c``."""
+    return _run_interpreter([*flags, "-c", textwrap.dedent(code), *args], env_extra, timeout)
+
+
+def run_script(path: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Runs the script at ``path`` (relative to the repository) in a fresh interpreter."""
+    return _run_interpreter([path, *args], None, timeout)
+
+
+def _run_interpreter(arguments: "list[str]", env_extra: "dict[str, str] | None",
+                     timeout: float) -> subprocess.CompletedProcess:
+    """This interpreter with ``arguments``, in the repository, its output captured."""
     env = dict(os.environ)
     env.update(env_extra or {})
     return subprocess.run(
-        [sys.executable, *flags, "-c", textwrap.dedent(code), *args],
+        [sys.executable, *arguments],
         capture_output=True,
         text=True,
         timeout=timeout,

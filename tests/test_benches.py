@@ -4,33 +4,20 @@ benchmark the docs quote can be run again by a reader."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-from typing import List
-
-BENCHES = Path(__file__).resolve().parent.parent / "benches"
+from helpers import run_script
 
 
-def run_bench(args: List[str]) -> str:
-    result = subprocess.run(
-        [sys.executable, *args],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=dict(os.environ),
-        cwd=BENCHES.parent,
-    )
+def run_bench(*args: str) -> str:
+    result = run_script(*args, timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
 
 def test_start_bench_prints_its_table() -> None:
-    out = run_bench([
+    out = run_bench(
         "benches/start_bench.py", "--sizes", "0", "--runs", "1", "--pause", "0",
         "--only", "gipc fork,gipc forkserver,gipc spawn",
-    ])
+    )
     rows = [line for line in out.splitlines() if line.startswith("| gipc ")]
     assert len(rows) == 3, out
     for row in rows:
@@ -40,10 +27,10 @@ def test_start_bench_prints_its_table() -> None:
 
 
 def test_bench_runs_a_quick_case_of_each_kind() -> None:
-    out = run_bench([
+    out = run_bench(
         "benches/bench.py", "--quick", "--runs", "1", "--settle", "0", "--impl", "ours",
         "--only", "small-pickled,pingpong,bulk-raw-64k,stall-recv-small,spawn",
-    ])
+    )
     for label in ("small 100 B bytes, pickled", "ping-pong 100 B pickled", "bulk 64 KiB raw",
                   "stall: parent recvs", "spawn+join no-op child"):
         lines = [line for line in out.splitlines() if line.startswith(label)]
