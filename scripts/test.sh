@@ -21,7 +21,8 @@ if [ -z "${GIPC_SKIP_CARGO_TEST:-}" ]; then
     echo "-- Rust core tests"
     cargo test -q --workspace
 fi
-for loop in libev-cext libuv; do
+# GIPC_TEST_LOOPS narrows the loops (CI runs some CPython versions on one loop each).
+for loop in ${GIPC_TEST_LOOPS:-libev-cext libuv}; do
     echo "-- pytest on gevent loop: $loop ($("$PYTHON" --version))"
     eval GEVENT_LOOP=$loop "$PYTHON" -m pytest -p no:cacheprovider ${PYTEST_ARGS:-} tests
 done
