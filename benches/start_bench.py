@@ -3,15 +3,17 @@
 For each amount of extra touched memory in the caller (default 0, 1, 2 and 4 GiB), each
 start method starts and joins a no-op child ``--runs`` times (after one warm-up start, so a
 fork server is already up), and reports the median time and, for gipc, the caller's longest
-event-loop stall seen by a greenlet ticking every millisecond meanwhile, with the CPU time
-the caller's thread used within that stall and the time it spent runnable but waiting for
-a CPU (Linux's schedstat run_delay): a fork's stall is all the caller's CPU; the others'
-are mostly the wait, the kernel having queued the woken caller behind the child. For spawn, also a
-child that is handed a pipe and writes to it once: the common case, in which a spawned gipc
-child imports gevent too. multiprocessing's own ``spawn`` and ``forkserver`` ``Process`` run
-beside them (their ``start()`` and ``join()`` block the caller: their stall is the whole
-time, not shown). The first row starts nothing: its stall is the ticker's own lateness on
-this machine at that moment, the floor under every other row's stall.
+event-loop stall over as many more starts: the longest time an I/O event waited for the
+caller's loop (``stallmeter.py``: a kernel timer firing every 0.25 ms, watched by the loop
+as a socket would be), with the CPU time the caller's thread used within that stall and the
+time it spent runnable but waiting for a CPU (Linux's schedstat run_delay): a fork's stall
+is all the caller's CPU; the others' are mostly the wait, the kernel having queued the woken
+caller behind the child. For spawn, also a child that is handed a pipe and writes to it
+once: the common case, in which a spawned gipc child imports gevent too.
+multiprocessing's own ``spawn`` and ``forkserver`` ``Process`` run beside them (their
+``start()`` and ``join()`` block the caller: their stall is the whole time, not shown). The
+first row starts nothing: its stall is the loop's own lateness on this machine at that
+moment, the floor under every other row's stall.
 
     python benches/start_bench.py [--sizes 0,1,2,4] [--runs 20] [--pause 5] [--json out.json]
 
@@ -26,6 +28,8 @@ import multiprocessing
 import statistics
 import time
 from typing import Callable, Dict, List, Optional
+
+from stallmeter import StallMeter
 
 
 def noop() -> None:
@@ -106,56 +110,12 @@ def _mp_case(method: str) -> Callable[[], None]:
     return run
 
 
-def _queued() -> float:
-    """Seconds this thread has spent runnable but waiting for a CPU (Linux's schedstat
-    ``run_delay``); 0 where the kernel does not say."""
-    try:
-        with open("/proc/thread-self/schedstat") as f:
-            return int(f.read().split()[1]) / 1e9
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
-class _StallMeter:
-    """The longest gap between two ticks of a greenlet that sleeps 1 ms (so an idle loop
-    shows ~1.1 ms), how much CPU the caller's thread used within that gap, and how long
-    it waited for a CPU in it (runnable, not running: the child, the server and the
-    caller share the machine's CPUs). A gap that is mostly the latter is the kernel's
-    placement, not the caller's code holding the loop."""
-
-    def __init__(self) -> None:
-        import gevent
-
-        self.worst = (0.0, 0.0, 0.0)
-        self._running = True
-        self._greenlet = gevent.spawn(self._tick)
-
-    def reset(self) -> None:
-        self.worst = (0.0, 0.0, 0.0)
-
-    def _tick(self) -> None:
-        import gevent
-
-        last, last_cpu, last_queued = time.perf_counter(), time.thread_time(), _queued()
-        while self._running:
-            gevent.sleep(0.001)
-            now, cpu, queued = time.perf_counter(), time.thread_time(), _queued()
-            if now - last > self.worst[0]:
-                self.worst = (now - last, cpu - last_cpu, queued - last_queued)
-            last, last_cpu, last_queued = now, cpu, queued
-
-    def stop(self) -> "tuple[float, float, float]":
-        self._running = False
-        self._greenlet.join()
-        return self.worst
-
-
 def measure(
     run: Callable[[], None], runs: int, stall: bool, pause: float
 ) -> Dict[str, Optional[float]]:
     """The median of ``runs`` timed starts, each after ``pause`` seconds of idle caller,
-    then (for gipc) the longest stall over as many more starts with the ticker running: its
-    own wake-ups every millisecond would otherwise be counted in the times."""
+    then (for gipc) the longest stall over as many more starts with the stall meter running:
+    its own wake-ups would otherwise be counted in the times."""
     import gevent
 
     run()  # warm-up: imports, a fork server's start
@@ -168,8 +128,8 @@ def measure(
         times.append(time.perf_counter() - started)
     stalls: List["tuple[float, float, float]"] = []
     for _ in range(runs if stall else 0):
-        meter = _StallMeter()
-        gevent.sleep(0.005)  # the meter's first tick has happened
+        meter = StallMeter()
+        gevent.sleep(0.005)  # the meter's first service (its set-up) is behind it
         meter.reset()
         run()
         stalls.append(meter.stop())
@@ -184,9 +144,9 @@ def measure(
 
 def _idle_case() -> Callable[[], None]:
     """No start at all: a 2 ms sleep, about as long as a fork server's start + join. Its
-    stall is the floor of the stall column on this machine at this moment (the ticker's
-    own lateness: timer slack, and a virtual CPU not given back at once), against which
-    the other rows' stalls are read."""
+    stall is the floor of the stall column on this machine at this moment (the loop's own
+    lateness: timer slack, and a virtual CPU not given back at once), against which the
+    other rows' stalls are read."""
     import gevent
 
     def run() -> None:

@@ -37,6 +37,8 @@ import gevent
 import gevent.os
 import gevent.socket
 
+from stallmeter import StallMeter
+
 try:
     import gipc
 except ImportError:  # mp/ospipe still work; gipc impl will fail loudly.
@@ -439,32 +441,6 @@ def role_echo(end, p, ctl):
 CHILD_ROLES = {"recv": role_recv, "send": role_send, "echo": role_echo}
 
 
-class Ticker(object):
-    """Greenlet ticking every `interval` s; records the longest gap."""
-
-    def __init__(self, interval=0.001):
-        self.interval = interval
-        self.max_gap = 0.0
-        self.ticks = 0
-        self._stop = False
-        self._g = gevent.spawn(self._run)
-        gevent.sleep(0)  # let it take its first timestamp
-
-    def _run(self):
-        last = perf()
-        while not self._stop:
-            gevent.sleep(self.interval)
-            now = perf()
-            if now - last > self.max_gap:
-                self.max_gap = now - last
-            last = now
-            self.ticks += 1
-
-    def stop(self):
-        self._stop = True
-        self._g.join()
-
-
 # ---- parent-side workloads -------------------------------------------------
 
 def w_small(impl, p):
@@ -628,9 +604,9 @@ def w_spawn(impl, p):
 
 
 def w_stall(impl, p):
-    """Longest gap of a 1 ms ticker greenlet while the parent sends big
-    messages (mode=send), receives big ones (recv_big) or receives many
-    small ones (recv_small)."""
+    """The parent's longest event-loop stall (benches/stallmeter.py: how long an I/O event
+    waited for its loop) while it sends big messages (mode=send), receives big ones
+    (recv_big) or receives many small ones (recv_small)."""
     mode, size, count = p["mode"], p["size"], p["count"]
     if mode == "send":
         s = Session(impl, "recv", "p2c", p)
@@ -638,7 +614,9 @@ def w_stall(impl, p):
     else:
         s = Session(impl, "send", "c2p", p)
     s.ctl.recv()
-    tick = Ticker(p.get("interval", 0.001))
+    meter = StallMeter()
+    gevent.sleep(0.005)  # the meter's first service (its set-up) is behind it
+    meter.reset()
     t0 = perf()
     total = 0
     if mode == "send":
@@ -651,14 +629,15 @@ def w_stall(impl, p):
             del m
     st = s.ctl.recv()
     dt = perf() - t0
-    tick.stop()
+    stall, cpu, queued = meter.stop()
     s.finish()
     if mode == "send":
         total = st["bytes"]
     _check(total == size * count, "moved %r bytes, expected %r" %
            (total, size * count))
-    return dict(max_gap_ms=tick.max_gap * 1e3, ticks=tick.ticks, seconds=dt,
-                expected_ticks=int(dt / tick.interval))
+    return dict(stall_ms=stall * 1e3, stall_cpu_ms=cpu * 1e3,
+                stall_queued_ms=queued * 1e3, meter=meter.kind,
+                services=meter.services, seconds=dt)
 
 
 WORKLOADS = {

@@ -1,0 +1,222 @@
+"""How long the calling thread's gevent loop leaves an I/O event waiting: its stalls.
+
+A greenlet that sleeps 1 ms and times the gaps between its wake-ups does not measure that
+on its own: libev's epoll backend waits at least 1 ms whenever it waits at all (its
+``backend_mintime``), so when anything else wakes the loop in the middle of the ticker's
+millisecond (a child's pipe, a fork server's reply), the loop goes back to sleep for a full
+millisecond more, and the ticker's gap reads up to ~2 ms although the loop was idle and would
+have served any socket at once. (``python benches/stallmeter.py`` shows it: the ticker's
+median gap follows an unrelated 1.37 ms I/O wake-up.)
+
+So the meter here watches an I/O event, as a server's socket would be watched: a Linux
+``timerfd`` that fires every ``interval`` (0.25 ms) at known times, waited for by a greenlet
+through the loop like any descriptor. The kernel makes it readable on time whatever the
+loop's timers do; each time the greenlet runs, the first expiry it had not yet served tells
+how long that event waited: the *lateness*. The longest lateness in a window is the stall an
+I/O event met in it (less at most one interval: a stall can begin just after an expiry).
+For the worst one, the meter also reports the CPU time the thread used and the time it was
+runnable but waiting for a CPU (schedstat ``run_delay``) since the previous service.
+
+Linux only (``timerfd`` through ctypes, so that any CPython 3.9+ and gipc 1.x run it too);
+elsewhere :class:`StallMeter` falls back to the 1 ms ticker's gap, and says so in ``kind``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import time
+from typing import List, Optional, Tuple
+
+INTERVAL = 0.00025
+
+_CLOCK_MONOTONIC = 1
+_TFD_NONBLOCK = os.O_NONBLOCK
+_TFD_CLOEXEC = 0o2000000
+_TFD_TIMER_ABSTIME = 1
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class _Itimerspec(ctypes.Structure):
+    _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
+
+
+def _timespec(ns: int) -> _Timespec:
+    return _Timespec(ns // 1_000_000_000, ns % 1_000_000_000)
+
+
+def _libc() -> Optional[ctypes.CDLL]:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.timerfd_create  # noqa: B018 (present?)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+class _Schedstat:
+    """This thread's time runnable but not running, in seconds (0 where Linux does not say)."""
+
+    def __init__(self) -> None:
+        try:
+            self._fd: Optional[int] = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+        except OSError:
+            self._fd = None
+
+    def queued(self) -> float:
+        if self._fd is None:
+            return 0.0
+        try:
+            return int(os.pread(self._fd, 100, 0).split()[1]) / 1e9
+        except (OSError, IndexError, ValueError):
+            return 0.0
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class StallMeter:
+    """Started on creation, in the calling thread's loop; ``reset()`` forgets what was seen,
+    ``stop()`` ends it and returns the worst stall as (seconds, CPU seconds of the thread
+    within it, seconds it waited for a CPU within it)."""
+
+    def __init__(self, interval: float = INTERVAL) -> None:
+        import gevent
+
+        self.interval = interval
+        self.worst: Tuple[float, float, float] = (0.0, 0.0, 0.0)
+        self.services = 0
+        self._running = True
+        self._sched = _Schedstat()
+        libc = _libc()
+        self._fd = -1
+        if libc is not None:
+            self._fd = libc.timerfd_create(_CLOCK_MONOTONIC, _TFD_NONBLOCK | _TFD_CLOEXEC)
+        if self._fd < 0:
+            self.kind = "ticker"  # the 1 ms ticker's gaps, see the module docs
+            self._greenlet = gevent.spawn(self._tick)
+            return
+        self.kind = "timerfd"
+        period = int(interval * 1e9)
+        # Absolute expiry times on CLOCK_MONOTONIC (time.monotonic_ns's clock), so that
+        # expiry k is known exactly: start + k * period.
+        self._start_ns = time.monotonic_ns() + period
+        spec = _Itimerspec(_timespec(period), _timespec(self._start_ns))
+        if libc.timerfd_settime(self._fd, _TFD_TIMER_ABSTIME, ctypes.byref(spec), None) != 0:
+            err = ctypes.get_errno()
+            os.close(self._fd)
+            raise OSError(err, os.strerror(err))
+        self._period = period
+        self._greenlet = gevent.spawn(self._serve)
+
+    def reset(self) -> None:
+        self.worst = (0.0, 0.0, 0.0)
+        self.services = 0
+
+    def _serve(self) -> None:
+        from gevent.hub import get_hub
+
+        hub = get_hub()
+        watcher = hub.loop.io(self._fd, 1)
+        served = 0  # expiries read so far
+        last_cpu, last_queued = time.thread_time(), self._sched.queued()
+        try:
+            while self._running:
+                hub.wait(watcher)
+                now = time.monotonic_ns()
+                try:
+                    count = int.from_bytes(os.read(self._fd, 8), sys.byteorder)
+                except BlockingIOError:
+                    continue
+                # The oldest expiry not served before: (served + 1) counts from 1.
+                late = (now - (self._start_ns + served * self._period)) / 1e9
+                served += count
+                cpu, queued = time.thread_time(), self._sched.queued()
+                self.services += 1
+                if late > self.worst[0]:
+                    self.worst = (late, cpu - last_cpu, queued - last_queued)
+                last_cpu, last_queued = cpu, queued
+        finally:
+            watcher.close()
+
+    def _tick(self) -> None:
+        import gevent
+
+        last, last_cpu, last_queued = time.perf_counter(), time.thread_time(), self._sched.queued()
+        while self._running:
+            gevent.sleep(0.001)
+            now, cpu, queued = time.perf_counter(), time.thread_time(), self._sched.queued()
+            self.services += 1
+            if now - last > self.worst[0]:
+                self.worst = (now - last, cpu - last_cpu, queued - last_queued)
+            last, last_cpu, last_queued = now, cpu, queued
+
+    def stop(self) -> Tuple[float, float, float]:
+        self._running = False
+        if self.kind == "timerfd":
+            self._greenlet.kill()
+            os.close(self._fd)
+        else:
+            self._greenlet.join()
+        self._sched.close()
+        return self.worst
+
+
+def _demo() -> None:
+    """A 1 ms ticker alone, with and without an unrelated I/O wake-up every 1.37 ms, then
+    this meter over the same I/O: the ticker's gaps follow the other wake-ups (the loop's
+    timer granularity, read as stall), the meter's lateness does not."""
+    import gevent
+    from gevent.hub import get_hub
+
+    def other_io(period: float) -> None:
+        libc = _libc()
+        assert libc is not None
+        fd = libc.timerfd_create(_CLOCK_MONOTONIC, _TFD_NONBLOCK | _TFD_CLOEXEC)
+        ns = int(period * 1e9)
+        spec = _Itimerspec(_timespec(ns), _timespec(ns))
+        libc.timerfd_settime(fd, 0, ctypes.byref(spec), None)
+        watcher = get_hub().loop.io(fd, 1)
+        try:
+            while True:
+                get_hub().wait(watcher)
+                os.read(fd, 8)
+        finally:
+            watcher.close()
+            os.close(fd)
+
+    def ticker_gaps() -> List[float]:
+        gaps: List[float] = []
+        last = time.perf_counter()
+        for _ in range(2000):
+            gevent.sleep(0.001)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+        return sorted(gaps)
+
+    for with_io in (False, True):
+        extra = gevent.spawn(other_io, 0.00137) if with_io else None
+        gaps = ticker_gaps()
+        meter = StallMeter()
+        gevent.sleep(0.005)  # the meter's first service (its set-up) is behind it
+        meter.reset()
+        gevent.sleep(2)
+        late = meter.stop()[0]
+        if extra is not None:
+            extra.kill()
+        print(f"{'I/O every 1.37 ms' if with_io else 'idle loop':18s} 1 ms ticker's gap: "
+              f"median {gaps[len(gaps) // 2] * 1e3:.2f} ms, max {gaps[-1] * 1e3:.2f} ms | "
+              f"then the {meter.kind} meter for 2 s: longest stall {late * 1e3:.2f} ms")
+
+
+if __name__ == "__main__":
+    _demo()
