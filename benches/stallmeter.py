@@ -115,6 +115,8 @@ class StallMeter:
             os.close(self._fd)
             raise OSError(err, os.strerror(err))
         self._period = period
+        self._served = 0  # expiries read so far; the oldest not served is number _served
+        self._last_cpu, self._last_queued = time.thread_time(), self._sched.queued()
         self._greenlet = gevent.spawn(self._serve)
 
     def reset(self) -> None:
@@ -126,26 +128,29 @@ class StallMeter:
 
         hub = get_hub()
         watcher = hub.loop.io(self._fd, 1)
-        served = 0  # expiries read so far
-        last_cpu, last_queued = time.thread_time(), self._sched.queued()
         try:
             while self._running:
                 hub.wait(watcher)
-                now = time.monotonic_ns()
-                try:
-                    count = int.from_bytes(os.read(self._fd, 8), sys.byteorder)
-                except BlockingIOError:
-                    continue
-                # The oldest expiry not served before: (served + 1) counts from 1.
-                late = (now - (self._start_ns + served * self._period)) / 1e9
-                served += count
-                cpu, queued = time.thread_time(), self._sched.queued()
-                self.services += 1
-                if late > self.worst[0]:
-                    self.worst = (late, cpu - last_cpu, queued - last_queued)
-                last_cpu, last_queued = cpu, queued
+                self._account()
         finally:
             watcher.close()
+
+    def _account(self) -> None:
+        """Serves the expiries that are due: the oldest one not served before tells how long
+        it waited. Called by the meter's greenlet, and by ``stop()`` for a stall that lasts
+        until then (the caller's loop may not have run since)."""
+        now = time.monotonic_ns()
+        try:
+            count = int.from_bytes(os.read(self._fd, 8), sys.byteorder)
+        except BlockingIOError:
+            return  # none due
+        late = (now - (self._start_ns + self._served * self._period)) / 1e9
+        self._served += count
+        cpu, queued = time.thread_time(), self._sched.queued()
+        self.services += 1
+        if late > self.worst[0]:
+            self.worst = (late, cpu - self._last_cpu, queued - self._last_queued)
+        self._last_cpu, self._last_queued = cpu, queued
 
     def _tick(self) -> None:
         import gevent
@@ -162,6 +167,7 @@ class StallMeter:
     def stop(self) -> Tuple[float, float, float]:
         self._running = False
         if self.kind == "timerfd":
+            self._account()
             self._greenlet.kill()
             os.close(self._fd)
         else:
