@@ -157,6 +157,18 @@ class TestCodecs:
                 r.get()
 
 
+    @pytest.mark.parametrize("batch", [{"a": 1}, (1, 2), [], b"xy"], ids=repr)
+    def test_a_batch_frame_that_is_not_a_non_empty_list_is_refused(self, batch):
+        # put_many() sends a non-empty list; a peer that sends anything else gets a clear
+        # error (not a TypeError or IndexError from unpacking it), and the pipe goes on.
+        with gipc.pipe() as (r, w):
+            assert w._core.try_send(_core.KIND_BATCH, pickle.dumps(batch)) == _core.DONE
+            w.put("next")
+            with pytest.raises(GIPCError, match="refused a batch frame holding"):
+                r.get()
+            assert r.get() == "next"
+
+
 class TestPutPaths:
     """``put`` runs in ``_core`` for the common cases, in Python for the rest."""
 

@@ -521,6 +521,13 @@ class _GIPCReader(_GIPCHandle):
         if kind == KIND_BYTES:
             return payload
         items = _pickle_loads(payload)  # KIND_BATCH
+        if items.__class__ is not list or not items:
+            # put_many sends a non-empty list; anything else is not from a gipc writer.
+            raise GIPCError(
+                f"refused a batch frame holding {type(items).__name__}"
+                f"{' (empty)' if items == [] else ''}: put_many() sends a non-empty list "
+                "(is the writer another kind of pipe, or untrusted?)"
+            )
         self._backlog.extend(items[1:])
         return items[0]
 
