@@ -32,8 +32,8 @@ from typing import List, Optional, Tuple
 INTERVAL = 0.00025
 
 _CLOCK_MONOTONIC = 1
-_TFD_NONBLOCK = os.O_NONBLOCK
-_TFD_CLOEXEC = 0o2000000
+_TFD_NONBLOCK = os.O_NONBLOCK  # the same bits on Linux
+_TFD_CLOEXEC = os.O_CLOEXEC
 _TFD_TIMER_ABSTIME = 1
 
 
@@ -50,18 +50,42 @@ def _timespec(ns: int) -> _Timespec:
 
 
 def _libc() -> Optional[ctypes.CDLL]:
+    """The C library, with the signatures of the two timerfd calls; None off Linux."""
     if not sys.platform.startswith("linux"):
         return None
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.timerfd_create  # noqa: B018 (present?)
-        return libc
+        create, settime = libc.timerfd_create, libc.timerfd_settime
     except (OSError, AttributeError):
         return None
+    create.argtypes, create.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    settime.argtypes = [
+        ctypes.c_int, ctypes.c_int, ctypes.POINTER(_Itimerspec), ctypes.POINTER(_Itimerspec)
+    ]
+    settime.restype = ctypes.c_int
+    return libc
+
+
+def _timerfd(libc: ctypes.CDLL, first_ns: int, period_ns: int, absolute: bool) -> int:
+    """A non-blocking timer descriptor that first fires at ``first_ns`` (on CLOCK_MONOTONIC
+    if ``absolute``, else that long from now), then every ``period_ns``."""
+    fd = libc.timerfd_create(_CLOCK_MONOTONIC, _TFD_NONBLOCK | _TFD_CLOEXEC)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    spec = _Itimerspec(_timespec(period_ns), _timespec(first_ns))
+    flags = _TFD_TIMER_ABSTIME if absolute else 0
+    if libc.timerfd_settime(fd, flags, ctypes.byref(spec), None) != 0:
+        err = ctypes.get_errno()
+        os.close(fd)
+        raise OSError(err, os.strerror(err))
+    return fd
 
 
 class _Schedstat:
-    """This thread's time runnable but not running, in seconds (0 where Linux does not say)."""
+    """This thread's time on a CPU and its time runnable but not running, in seconds, from
+    one read of Linux's schedstat (the CPU time from ``thread_time`` where that is missing,
+    and no wait)."""
 
     def __init__(self) -> None:
         try:
@@ -69,13 +93,14 @@ class _Schedstat:
         except OSError:
             self._fd = None
 
-    def queued(self) -> float:
-        if self._fd is None:
-            return 0.0
-        try:
-            return int(os.pread(self._fd, 100, 0).split()[1]) / 1e9
-        except (OSError, IndexError, ValueError):
-            return 0.0
+    def read(self) -> Tuple[float, float]:
+        if self._fd is not None:
+            try:
+                fields = os.pread(self._fd, 100, 0).split()
+                return int(fields[0]) / 1e9, int(fields[1]) / 1e9
+            except (OSError, IndexError, ValueError):
+                pass
+        return time.thread_time(), 0.0
 
     def close(self) -> None:
         if self._fd is not None:
@@ -86,42 +111,47 @@ class _Schedstat:
 class StallMeter:
     """Started on creation, in the calling thread's loop; ``reset()`` forgets what was seen,
     ``stop()`` ends it and returns the worst stall as (seconds, CPU seconds of the thread
-    within it, seconds it waited for a CPU within it)."""
+    within it, seconds it waited for a CPU within it). It measures its own event: a loop
+    that runs two long callbacks in one turn makes a descriptor that became ready before
+    both wait for both, and the meter's event for the longer one at least.
 
-    def __init__(self, interval: float = INTERVAL) -> None:
+    Each service costs the loop thread tens of microseconds (4,000 a second: ~10% of a CPU
+    on libev, more on libuv), so time throughput without it, and stalls with it."""
+
+    def __init__(self, interval: float = INTERVAL, record: bool = False) -> None:
         import gevent
 
         self.interval = interval
         self.worst: Tuple[float, float, float] = (0.0, 0.0, 0.0)
         self.services = 0
+        #: Every stall seen (each service's lateness), with ``record=True``.
+        self.samples: Optional[List[float]] = [] if record else None
         self._running = True
-        self._sched = _Schedstat()
-        libc = _libc()
+        self._stopped = False
         self._fd = -1
-        if libc is not None:
-            self._fd = libc.timerfd_create(_CLOCK_MONOTONIC, _TFD_NONBLOCK | _TFD_CLOEXEC)
-        if self._fd < 0:
+        libc = _libc()
+        if libc is None:
             self.kind = "ticker"  # the 1 ms ticker's gaps, see the module docs
+            self._sched = _Schedstat()
+            self._last_cpu, self._last_queued = self._sched.read()
             self._greenlet = gevent.spawn(self._tick)
             return
         self.kind = "timerfd"
-        period = int(interval * 1e9)
+        self._period = int(interval * 1e9)
         # Absolute expiry times on CLOCK_MONOTONIC (time.monotonic_ns's clock), so that
         # expiry k is known exactly: start + k * period.
-        self._start_ns = time.monotonic_ns() + period
-        spec = _Itimerspec(_timespec(period), _timespec(self._start_ns))
-        if libc.timerfd_settime(self._fd, _TFD_TIMER_ABSTIME, ctypes.byref(spec), None) != 0:
-            err = ctypes.get_errno()
-            os.close(self._fd)
-            raise OSError(err, os.strerror(err))
-        self._period = period
+        self._start_ns = time.monotonic_ns() + self._period
+        self._fd = _timerfd(libc, self._start_ns, self._period, absolute=True)
+        self._sched = _Schedstat()
         self._served = 0  # expiries read so far; the oldest not served is number _served
-        self._last_cpu, self._last_queued = time.thread_time(), self._sched.queued()
+        self._last_cpu, self._last_queued = self._sched.read()
         self._greenlet = gevent.spawn(self._serve)
 
     def reset(self) -> None:
         self.worst = (0.0, 0.0, 0.0)
         self.services = 0
+        if self.samples is not None:
+            self.samples.clear()
 
     def _serve(self) -> None:
         from gevent.hub import get_hub
@@ -129,8 +159,10 @@ class StallMeter:
         hub = get_hub()
         watcher = hub.loop.io(self._fd, 1)
         try:
-            while self._running:
+            while True:
                 hub.wait(watcher)
+                if not self._running:
+                    return  # stop() has taken its last look: nothing after it counts
                 self._account()
         finally:
             watcher.close()
@@ -146,34 +178,48 @@ class StallMeter:
             return  # none due
         late = (now - (self._start_ns + self._served * self._period)) / 1e9
         self._served += count
-        cpu, queued = time.thread_time(), self._sched.queued()
+        self._note(late)
+
+    def _note(self, stall: float) -> None:
+        cpu, queued = self._sched.read()
         self.services += 1
-        if late > self.worst[0]:
-            self.worst = (late, cpu - self._last_cpu, queued - self._last_queued)
+        if self.samples is not None:
+            self.samples.append(stall)
+        if stall > self.worst[0]:
+            self.worst = (stall, cpu - self._last_cpu, queued - self._last_queued)
         self._last_cpu, self._last_queued = cpu, queued
 
     def _tick(self) -> None:
         import gevent
 
-        last, last_cpu, last_queued = time.perf_counter(), time.thread_time(), self._sched.queued()
+        last = time.perf_counter()
         while self._running:
             gevent.sleep(0.001)
-            now, cpu, queued = time.perf_counter(), time.thread_time(), self._sched.queued()
-            self.services += 1
-            if now - last > self.worst[0]:
-                self.worst = (now - last, cpu - last_cpu, queued - last_queued)
-            last, last_cpu, last_queued = now, cpu, queued
+            if not self._running:
+                return
+            now = time.perf_counter()
+            self._note(now - last)
+            last = now
 
     def stop(self) -> Tuple[float, float, float]:
+        """Ends the meter (once; later calls only return the result) and returns the worst
+        stall, including one that lasts until this call."""
+        if self._stopped:
+            return self.worst
+        self._stopped = True
         self._running = False
-        if self.kind == "timerfd":
-            self._account()
+        try:
+            if self.kind == "timerfd":
+                self._account()
+            worst = self.worst
             self._greenlet.kill()
-            os.close(self._fd)
-        else:
-            self._greenlet.join()
-        self._sched.close()
-        return self.worst
+        finally:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+            self._sched.close()
+        self.worst = worst
+        return worst
 
 
 def _demo() -> None:
@@ -186,10 +232,8 @@ def _demo() -> None:
     def other_io(period: float) -> None:
         libc = _libc()
         assert libc is not None
-        fd = libc.timerfd_create(_CLOCK_MONOTONIC, _TFD_NONBLOCK | _TFD_CLOEXEC)
         ns = int(period * 1e9)
-        spec = _Itimerspec(_timespec(ns), _timespec(ns))
-        libc.timerfd_settime(fd, 0, ctypes.byref(spec), None)
+        fd = _timerfd(libc, ns, ns, absolute=False)
         watcher = get_hub().loop.io(fd, 1)
         try:
             while True:
@@ -209,19 +253,25 @@ def _demo() -> None:
             last = now
         return sorted(gaps)
 
+    def ms(values: List[float]) -> str:
+        values = sorted(values)
+        return (f"median {values[len(values) // 2] * 1e3:.2f} ms, "
+                f"max {values[-1] * 1e3:.2f} ms")
+
     for with_io in (False, True):
         extra = gevent.spawn(other_io, 0.00137) if with_io else None
         gaps = ticker_gaps()
-        meter = StallMeter()
+        meter = StallMeter(record=True)
         gevent.sleep(0.005)  # the meter's first service (its set-up) is behind it
         meter.reset()
         gevent.sleep(2)
-        late = meter.stop()[0]
+        meter.stop()
         if extra is not None:
             extra.kill()
-        print(f"{'I/O every 1.37 ms' if with_io else 'idle loop':18s} 1 ms ticker's gap: "
-              f"median {gaps[len(gaps) // 2] * 1e3:.2f} ms, max {gaps[-1] * 1e3:.2f} ms | "
-              f"then the {meter.kind} meter for 2 s: longest stall {late * 1e3:.2f} ms")
+        print(f"{'I/O every 1.37 ms' if with_io else 'idle loop'}:\n"
+              f"  1 ms ticker, gaps:                 {ms(gaps)}\n"
+              f"  1 ms ticker, lateness (gap - 1 ms): {ms([g - 0.001 for g in gaps])}\n"
+              f"  {meter.kind} meter (2 s), lateness:   {ms(meter.samples or [0.0])}")
 
 
 if __name__ == "__main__":

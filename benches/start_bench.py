@@ -23,6 +23,7 @@ Figures, not pass/fail: the targets (issue 12) are read off the table.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import multiprocessing
 import statistics
@@ -145,8 +146,8 @@ def measure(
 def _idle_case() -> Callable[[], None]:
     """No start at all: a 2 ms sleep, about as long as a fork server's start + join. Its
     stall is the floor of the stall column on this machine at this moment (the loop's own
-    lateness: timer slack, and a virtual CPU not given back at once), against which the
-    other rows' stalls are read."""
+    lateness: a virtual CPU not given back at once, other tenants), against which the other
+    rows' stalls are read."""
     import gevent
 
     def run() -> None:
@@ -188,6 +189,7 @@ def main() -> None:
                         help="ms of idle caller before each timed start (0: back to back)")
     parser.add_argument("--json")
     args = parser.parse_args()
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     _compile_gipc()
     sizes = [float(s) for s in args.sizes.split(",")]
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(CASES)
@@ -220,7 +222,8 @@ def main() -> None:
         print(f"| {name} | " + " | ".join(cells) + " |")
     if args.json:
         with open(args.json, "w") as out:
-            json.dump({"sizes": sizes, "runs": args.runs, "results": results}, out, indent=1)
+            json.dump({"started": started, "sizes": sizes, "runs": args.runs,
+                       "results": results}, out, indent=1)
 
 
 if __name__ == "__main__":
