@@ -112,6 +112,7 @@ def measure(impl: str, workload: str, workers: int) -> dict:
     results = run_map(fn, items)
     elapsed = time.perf_counter() - start
     assert len(results) == len(items)
+    del results  # the second pass starts with the heap the first one had
     # The stall over a second pass with the meter running: its own wake-ups (~10% of a
     # CPU) would slow a cooperative pool's timed pass, and not a blocking one's.
     meter = StallMeter()
