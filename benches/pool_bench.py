@@ -70,7 +70,6 @@ def _close(impl: str, pool: object) -> None:
 
 
 def measure(impl: str, workload: str, workers: int) -> dict:
-    import gevent
     from stallmeter import StallMeter
 
     if impl.startswith("gipc"):
@@ -115,9 +114,7 @@ def measure(impl: str, workload: str, workers: int) -> dict:
     del results  # the second pass starts with the heap the first one had
     # The stall over a second pass with the meter running: its own wake-ups (~10% of a
     # CPU) would slow a cooperative pool's timed pass, and not a blocking one's.
-    meter = StallMeter()
-    gevent.sleep(0.005)  # the meter's first service (its set-up) is behind it
-    meter.reset()
+    meter = StallMeter.settled()
     run_map(fn, items)
     stall = meter.stop()[0]
     _close(impl, pool)

@@ -129,9 +129,7 @@ def measure(
         times.append(time.perf_counter() - started)
     stalls: List["tuple[float, float, float]"] = []
     for _ in range(runs if stall else 0):
-        meter = StallMeter()
-        gevent.sleep(0.005)  # the meter's first service (its set-up) is behind it
-        meter.reset()
+        meter = StallMeter.settled()
         run()
         stalls.append(meter.stop())
     worst = max(stalls) if stalls else None

@@ -614,9 +614,7 @@ def w_stall(impl, p):
     else:
         s = Session(impl, "send", "c2p", p)
     s.ctl.recv()
-    meter = StallMeter()
-    gevent.sleep(0.005)  # the meter's first service (its set-up) is behind it
-    meter.reset()
+    meter = StallMeter.settled()
     t0 = perf()
     total = 0
     if mode == "send":
