@@ -2,18 +2,19 @@
 
 For each amount of extra touched memory in the caller (default 0, 1, 2 and 4 GiB), each
 start method starts and joins a no-op child ``--runs`` times (after one warm-up start, so a
-fork server is already up), and reports the median time and, for gipc, the caller's longest
-event-loop stall over as many more starts: the longest time an I/O event waited for the
-caller's loop (``stallmeter.py``: a kernel timer firing every 0.25 ms, watched by the loop
-as a socket would be), with the CPU time the caller's thread used within that stall and the
-time it spent runnable but waiting for a CPU (Linux's schedstat run_delay): a fork's stall
-is all the caller's CPU; the others' are mostly the wait, the kernel having queued the woken
-caller behind the child. For spawn, also a child that is handed a pipe and writes to it
-once: the common case, in which a spawned gipc child imports gevent too.
-multiprocessing's own ``spawn`` and ``forkserver`` ``Process`` run beside them (their
-``start()`` and ``join()`` block the caller: their stall is the whole time, not shown). The
-first row starts nothing: its stall is the loop's own lateness on this machine at that
-moment, the floor under every other row's stall.
+fork server is already up; the cases take turns, one start of each per round), and reports
+the median time and, for gipc, the caller's longest event-loop stall over as many more
+starts: the longest time an I/O event waited for the caller's loop (``stallmeter.py``: a
+kernel timer firing every 0.25 ms, watched by the loop as a socket would be), with the CPU
+time the caller's thread used within that stall and the time it spent runnable but waiting
+for a CPU (Linux's schedstat run_delay): a fork's stall is all the caller's CPU; the
+others' are mostly the wait, the kernel having queued the woken caller behind the child.
+For spawn, also a child that is handed a pipe and writes to it once: the common case, in
+which a spawned gipc child imports gevent too. multiprocessing's own ``spawn`` and
+``forkserver`` ``Process`` run beside them (their ``start()`` and ``join()`` block the
+caller: their stall is the whole time, not shown). The first row starts nothing: its stall
+is the loop's own lateness on this machine at that moment, the floor under every other
+row's stall.
 
     python benches/start_bench.py [--sizes 0,1,2,4] [--runs 20] [--pause 5] [--json out.json]
 
@@ -112,33 +113,43 @@ def _mp_case(method: str) -> Callable[[], None]:
 
 
 def measure(
-    run: Callable[[], None], runs: int, stall: bool, pause: float
-) -> Dict[str, Optional[float]]:
-    """The median of ``runs`` timed starts, each after ``pause`` seconds of idle caller,
-    then (for gipc) the longest stall over as many more starts with the stall meter running:
-    its own wake-ups would otherwise be counted in the times."""
+    cases: Dict[str, "tuple[Callable[[], None], bool]"], runs: int, pause: float
+) -> Dict[str, Dict[str, Optional[float]]]:
+    """Per case: the median of ``runs`` timed starts, each after ``pause`` seconds of idle
+    caller, then (for gipc) the longest stall over as many more starts with the stall meter
+    running (its own wake-ups would otherwise be counted in the times). The timed starts
+    take turns, one of each case per round in an order that rotates, so that a drift of
+    the machine's speed (other tenants, a CPU's clock) falls on every case alike, not on
+    whichever ran in the slow minute."""
     import gevent
 
-    run()  # warm-up: imports, a fork server's start
-    times: List[float] = []
-    for _ in range(runs):
-        if pause:
-            gevent.sleep(pause)  # idle CPUs (costlier to wake) as between a service's starts
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    stalls: List["tuple[float, float, float]"] = []
-    for _ in range(runs if stall else 0):
-        meter = StallMeter.settled()
-        run()
-        stalls.append(meter.stop())
-    worst = max(stalls) if stalls else None
-    return {
-        "ms": statistics.median(times) * 1e3,
-        "stall_ms": worst[0] * 1e3 if worst else None,
-        "stall_cpu_ms": worst[1] * 1e3 if worst else None,
-        "stall_queued_ms": worst[2] * 1e3 if worst else None,
-    }
+    names = list(cases)
+    for run, _ in cases.values():
+        run()  # warm-up: imports, a fork server's start
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for round_ in range(runs):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            if pause:
+                gevent.sleep(pause)  # idle CPUs (costlier to wake) as between a service's starts
+            started = time.perf_counter()
+            cases[name][0]()
+            times[name].append(time.perf_counter() - started)
+    results: Dict[str, Dict[str, Optional[float]]] = {}
+    for name, (run, stall) in cases.items():
+        stalls: List["tuple[float, float, float]"] = []
+        for _ in range(runs if stall else 0):
+            meter = StallMeter.settled()
+            run()
+            stalls.append(meter.stop())
+        worst = max(stalls) if stalls else None
+        results[name] = {
+            "ms": statistics.median(times[name]) * 1e3,
+            "stall_ms": worst[0] * 1e3 if worst else None,
+            "stall_cpu_ms": worst[1] * 1e3 if worst else None,
+            "stall_queued_ms": worst[2] * 1e3 if worst else None,
+        }
+    return results
 
 
 def _idle_case() -> Callable[[], None]:
@@ -195,8 +206,7 @@ def main() -> None:
     results: Dict[str, Dict[str, Dict[str, Optional[float]]]] = {}
     for gib in sizes:
         ballast = _touched(gib)
-        for name, (run, stall) in cases.items():
-            result = measure(run, args.runs, stall, args.pause / 1e3)
+        for name, result in measure(cases, args.runs, args.pause / 1e3).items():
             results.setdefault(name, {})[str(gib)] = result
         del ballast
     title = (

@@ -999,6 +999,114 @@ def test_the_main_module_is_imported_in_the_child_as_mp_main(tmp_path, method, h
     assert name == "__mp_main__"
 
 
+MAIN_SCRIPT_AS_SEEN = """
+import multiprocessing, os, sys, gipc
+
+VERSION = 1
+
+def describe(writer):
+    main = sys.modules["__main__"]
+    seen = {k: repr(v) for k, v in vars(main).items() if k.startswith("__") and k != "__builtins__"}
+    seen["__builtins__"] = type(vars(main)["__builtins__"]).__name__
+    seen["same module"] = sys.modules["__mp_main__"] is main
+    seen["VERSION"] = VERSION
+    seen["opened the script"] = sys.main_script_opens.count(os.getpid())
+    writer.send(seen)
+
+if __name__ == "__main__":
+    r, w = multiprocessing.Pipe(duplex=False)  # what both kinds of child take
+    ours, method, *preload = sys.argv[1].split("-")
+    if not preload:
+        # gipc's fork server imports the main module once, at its start, for its children
+        # to find (test_the_fork_server_imports_the_main_module_once); here each child of
+        # either kind imports it.
+        gipc.set_forkserver_preload([])
+    if ours == "mp":
+        ctx = multiprocessing.get_context(method)
+        p = ctx.Process(target=describe, args=(w,))
+        p.start()
+    else:
+        p = gipc.start_process(describe, args=(w,), start_method=method)
+    first = r.recv()
+    p.join()
+    # The script changes on disk: the next child runs it as it is now, as with
+    # multiprocessing (whose child reads the script at its start).
+    with open(__file__) as f:
+        source = f.read()
+    with open(__file__, "w") as f:
+        f.write(source.replace("VERSION = 1", "VERSION = 2  # edited"))
+    if ours == "mp":
+        p = ctx.Process(target=describe, args=(w,))
+        p.start()
+    else:
+        p = gipc.start_process(describe, args=(w,), start_method=method)
+    second = r.recv()
+    p.join()
+    print(repr((first, second)))
+"""
+
+#: On the path first: every interpreter counts the opens of the main script (audit events).
+OPEN_COUNTER = """
+import os, sys
+_script = os.environ.get("GIPC_TEST_MAIN_SCRIPT")
+if _script:
+    sys.main_script_opens = []  # by pid: a fork server's child inherits the server's
+    def _count(event, args):
+        if event == "open" and args and args[0] == _script:
+            sys.main_script_opens.append(os.getpid())
+    sys.addaudithook(_count)
+"""
+
+
+def _what_children_saw_of_main(script, how):
+    """MAIN_SCRIPT_AS_SEEN written to ``script`` and run as ``how`` ("mp-spawn",
+    "gipc-forkserver"...): what each of its two children saw of the main module, and how
+    often it opened the script."""
+    import ast
+    import subprocess
+
+    site = script.parent / "site"
+    site.mkdir(parents=True)
+    (site / "sitecustomize.py").write_text(OPEN_COUNTER)
+    script.write_text(MAIN_SCRIPT_AS_SEEN)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), *sys.path]),
+               GIPC_TEST_MAIN_SCRIPT=str(script))
+    result = subprocess.run([sys.executable, str(script), how], capture_output=True,
+                            text=True, timeout=60, env=env, cwd=script.parent)
+    assert result.returncode == 0, result.stderr
+    return ast.literal_eval(result.stdout.strip())
+
+
+@pytest.mark.parametrize("method", NON_FORK)
+def test_a_child_runs_the_main_script_compiled_once_by_its_caller(tmp_path, method):
+    """multiprocessing's spawn child reads and compiles the main script (a script has no
+    .pyc: ~1 ms per 200 lines, per child); gipc's runs the code its caller compiled, as
+    the script is when the child starts, and its ``__mp_main__`` is the module
+    multiprocessing's child of the same method gets."""
+    mp_first, mp_second = _what_children_saw_of_main(tmp_path / "mp" / "main.py", f"mp-{method}")
+    first, second = _what_children_saw_of_main(tmp_path / "gipc" / "main.py", f"gipc-{method}")
+    assert mp_first["opened the script"] > 0  # the counter sees multiprocessing's reads
+    assert first["opened the script"] == second["opened the script"] == 0
+    versions = (first["VERSION"], second["VERSION"])
+    assert versions == (mp_first["VERSION"], mp_second["VERSION"]) == (1, 2)
+    for seen in (mp_first, first):
+        del seen["opened the script"], seen["VERSION"]
+    assert first == {k: v.replace("/mp/", "/gipc/") if isinstance(v, str) else v
+                     for k, v in mp_first.items()}
+
+
+def test_the_fork_server_imports_the_main_module_once(tmp_path):
+    """The fork server imports the caller's main module at its start (the default preload,
+    as multiprocessing documents for its own fork server, whose 3.9-3.13 code looks for a
+    key its preparation data does not have, and never does it): its children find it
+    imported, as it was when the server started."""
+    script = tmp_path / "main.py"
+    first, second = _what_children_saw_of_main(script, "gipc-forkserver-preload")
+    assert first["opened the script"] == second["opened the script"] == 0
+    assert first["VERSION"] == second["VERSION"] == 1
+    assert first["__name__"] == "'__mp_main__'" and first["__file__"] == repr(str(script))
+
+
 @pytest.mark.parametrize("method", NON_FORK)
 def test_a_main_module_without_the_guard_gets_multiprocessing_s_explanation(tmp_path, method):
     script = tmp_path / "unguarded.py"

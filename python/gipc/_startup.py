@@ -17,6 +17,7 @@ and runs ``Process._bootstrap``.
 from __future__ import annotations
 
 import io
+import marshal
 import os
 import pickle
 import reprlib
@@ -30,7 +31,7 @@ from multiprocessing.reduction import ForkingPickler
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Set
 
 from . import _child
-from ._startup_child import REFERENCES_KEY, frame_startup_data
+from ._startup_child import MAIN_CODE_KEY, REFERENCES_KEY, frame_startup_data, magic_number
 from ._handles import _allocate_lock, _original_poll, _start_new_thread
 from ._transfer import HandlePickler, InheritedFd
 from .exceptions import GIPCTypeError
@@ -72,6 +73,54 @@ def preparation_data(name: str) -> Dict[str, Any]:
                 main_path = os.path.join(mp_process.ORIGINAL_DIR, main_path)  # type: ignore[attr-defined]
             data["init_main_from_path"] = os.path.normpath(main_path)
     return data
+
+
+#: Largest main script whose code the caller compiles for its children (see ``main_code``):
+#: compiling takes ~0.1 ms per KiB, once per script, in the caller's event loop.
+_MAX_MAIN_SOURCE = 24 * 1024
+
+#: path -> ((mtime_ns, size) of the file compiled, its code marshalled or None).
+_main_codes: Dict[str, "tuple[tuple[int, int], Optional[bytes]]"] = {}
+
+
+def main_code(path: Optional[str]) -> Optional["tuple[bytes, bytes]"]:
+    """The main script at ``path`` compiled, for a child to run as ``__mp_main__``:
+    (the bytecode's magic number, the code marshalled), or None (no such script, too large,
+    not source, or it does not compile: the child then reads it itself, as multiprocessing's
+    does).
+
+    multiprocessing's spawn child reads and compiles the main script each time (a script
+    has no .pyc), ~1 ms for a 200-line script; here the caller compiles it once per version
+    of the file (its modification time and size are looked at on each start, so a child
+    runs the script as it is when the child starts), and each child only unmarshals it."""
+    if path is None:
+        return None
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    key = (stat.st_mtime_ns, stat.st_size)
+    cached = _main_codes.get(path)
+    if cached is None or cached[0] != key:
+        cached = (key, _compile_main(path, stat.st_size))
+        _main_codes[path] = cached
+    return None if cached[1] is None else (magic_number(), cached[1])
+
+
+def _compile_main(path: str, size: int) -> Optional[bytes]:
+    """``runpy.run_path``'s compile of a script, marshalled (None where it would not
+    compile source: a file too large to compile here, bytecode, an error)."""
+    if size > _MAX_MAIN_SOURCE:
+        return None
+    try:
+        with io.open_code(path) as stream:
+            source = stream.read(_MAX_MAIN_SOURCE + 1)
+        if len(source) > _MAX_MAIN_SOURCE or source[:4] == magic_number():
+            return None  # grew meanwhile; or a .pyc, which the child loads as it is
+        # As runpy compiles it: no compiler flags of this module's (its __future__ import).
+        return marshal.dumps(compile(source, path, "exec", dont_inherit=True))
+    except Exception:  # SyntaxError, ValueError (a NUL byte), OSError...: left to the child
+        return None
 
 
 #: Longest ``-c`` code a child's command line carries with the caller's ``sys.path`` in
@@ -147,6 +196,9 @@ class StartupData:
             prep = preparation_data(process.name)
             if pickler.met_references:
                 prep[REFERENCES_KEY] = True
+            code = main_code(prep.get("init_main_from_path"))
+            if code is not None:
+                prep[MAIN_CODE_KEY] = code
             head = pickle.dumps(prep, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
             raise GIPCTypeError(

@@ -33,6 +33,19 @@ SPAWN_FLAG = "--gipc-spawn"
 #: unpickles it with ``_transfer.HandleUnpickler``.
 REFERENCES_KEY = "gipc_references"
 
+#: Key of the preparation data that carries the main script compiled by the caller
+#: (``_startup.main_code``): (magic number, marshalled code).
+MAIN_CODE_KEY = "gipc_main_code"
+
+
+def magic_number() -> bytes:
+    """The magic number of this interpreter's bytecode (marshalled code of another
+    interpreter, say another executable set with ``multiprocessing.set_executable``, is not
+    run: the child then compiles its main script itself)."""
+    from importlib.util import MAGIC_NUMBER
+
+    return MAGIC_NUMBER
+
 
 def spawn_main() -> None:
     """The spawned interpreter's entry point: default signals, then the process."""
@@ -74,7 +87,11 @@ def run_child(
     try:
         prep = pickle.loads(data[0])
         references = prep.pop(REFERENCES_KEY, False)
-        mp_spawn.prepare(prep)
+        main_code = prep.pop(MAIN_CODE_KEY, None)
+        main_path = None if main_code is None else prep.pop("init_main_from_path", None)
+        mp_spawn.prepare(prep)  # the main module last, as prepare() does it
+        if main_path is not None:
+            import_main_from_code(main_path, main_code)
         if handle_fds or references:
             from ._transfer import HandleUnpickler
 
@@ -91,6 +108,34 @@ def run_child(
         return code
 
     return _child.run_forked(bootstrap) if forked else bootstrap()
+
+
+def import_main_from_code(path: str, main_code: Tuple[bytes, bytes]) -> None:
+    """``multiprocessing.spawn``'s import of the main script as ``__mp_main__``
+    (``_fixup_main_from_path``, the same in 3.9 to 3.13), with the code the caller compiled
+    (``_startup.main_code``) instead of the script read and compiled again here."""
+    magic, blob = main_code
+    if magic != magic_number():
+        mp_spawn._fixup_main_from_path(path)  # type: ignore[attr-defined]
+        return
+    current_main = sys.modules["__main__"]
+    if os.path.splitext(os.path.basename(path))[0] == "ipython":
+        return
+    if getattr(current_main, "__file__", None) == path:
+        return  # already the main module (a fork server that preloaded it)
+    import marshal
+    import runpy
+    import types
+
+    mp_spawn.old_main_modules.append(current_main)
+    main_module = types.ModuleType("__mp_main__")
+    # What runpy.run_path(path, run_name="__mp_main__") does with a script, minus reading
+    # and compiling it.
+    content = runpy._run_module_code(  # type: ignore[attr-defined]
+        marshal.loads(blob), None, "__mp_main__", pkg_name="", script_name=path
+    )
+    main_module.__dict__.update(content)
+    sys.modules["__main__"] = sys.modules["__mp_main__"] = main_module
 
 
 #: Bytes of each length before the two pickles of the start-up data (little-endian).
