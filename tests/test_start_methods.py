@@ -1021,12 +1021,15 @@ if __name__ == "__main__":
         # to find (test_the_fork_server_imports_the_main_module_once); here each child of
         # either kind imports it.
         gipc.set_forkserver_preload([])
-    if ours == "mp":
-        ctx = multiprocessing.get_context(method)
-        p = ctx.Process(target=describe, args=(w,))
+
+    def start():
+        if ours == "gipc":
+            return gipc.start_process(describe, args=(w,), start_method=method)
+        p = multiprocessing.get_context(method).Process(target=describe, args=(w,))
         p.start()
-    else:
-        p = gipc.start_process(describe, args=(w,), start_method=method)
+        return p
+
+    p = start()
     first = r.recv()
     p.join()
     # The script changes on disk: the next child runs it as it is now, as with
@@ -1035,11 +1038,7 @@ if __name__ == "__main__":
         source = f.read()
     with open(__file__, "w") as f:
         f.write(source.replace("VERSION = 1", "VERSION = 2  # edited"))
-    if ours == "mp":
-        p = ctx.Process(target=describe, args=(w,))
-        p.start()
-    else:
-        p = gipc.start_process(describe, args=(w,), start_method=method)
+    p = start()
     second = r.recv()
     p.join()
     print(repr((first, second)))
