@@ -15,7 +15,9 @@ Workloads, each after a warm-up that starts every worker:
 For tiny and bulk, the parent's longest event-loop stall is recorded over a second pass of
 the same tasks (``stallmeter.py``: how long an I/O event waited for the loop; the meter's
 own cost stays out of the timed pass): the stdlib pools block the event loop while the main
-greenlet waits on them.
+greenlet waits on them. Beside it, the longest garbage collection in that pass: a full one
+walks every object alive (the pending tasks of the map among them) and stalls the loop
+whatever the pool.
 
 Each (implementation, workload, run) runs in a fresh interpreter, so no pool's state leaks
 into another's figures. Ratios are computed inside each run, then the median is shown.
@@ -28,12 +30,15 @@ counted): ratios to fork workers.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+from typing import Iterator, List
 
 TINY_TASKS = 10_000
 BULK_TASKS = 200
@@ -67,6 +72,27 @@ def _close(impl: str, pool: object) -> None:
         pool.join()  # type: ignore[attr-defined]
     else:
         pool.shutdown(wait=True)  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def _longest_collection() -> Iterator[List[float]]:
+    """The longest garbage collection of the interpreter's while the block runs, in seconds
+    (``[0]`` of what it yields, read after the block): a full one, over every object alive,
+    is a stall of the event loop that no pool's code can split."""
+    longest = [0.0]
+    began = [0.0]
+
+    def timed(phase: str, info: dict) -> None:
+        if phase == "start":
+            began[0] = time.perf_counter()
+        else:
+            longest[0] = max(longest[0], time.perf_counter() - began[0])
+
+    gc.callbacks.append(timed)
+    try:
+        yield longest
+    finally:
+        gc.callbacks.remove(timed)
 
 
 def measure(impl: str, workload: str, workers: int) -> dict:
@@ -114,11 +140,12 @@ def measure(impl: str, workload: str, workers: int) -> dict:
     del results  # the second pass starts with the heap the first one had
     # The stall over a second pass with the meter running: its own wake-ups (~10% of a
     # CPU) would slow a cooperative pool's timed pass, and not a blocking one's.
-    meter = StallMeter.settled()
-    run_map(fn, items)
-    stall = meter.stop()[0]
+    with _longest_collection() as collections:
+        meter = StallMeter.settled()
+        run_map(fn, items)
+        stall = meter.stop()[0]
     _close(impl, pool)
-    out = {"seconds": elapsed, "stall_ms": stall * 1e3}
+    out = {"seconds": elapsed, "stall_ms": stall * 1e3, "gc_ms": collections[0] * 1e3}
     if moved is None:
         out["tasks_per_s"] = len(items) / elapsed
     else:
@@ -151,8 +178,10 @@ def main() -> None:
 
     rows = [("tiny", "tasks_per_s", "10,000 tiny tasks (tasks/s)"),
             ("tiny", "stall_ms", "  longest event-loop stall (ms)"),
+            ("tiny", "gc_ms", "  longest garbage collection (ms)"),
             ("bulk", "mb_per_s", "200 x 1 MiB in and out (MB/s)"),
             ("bulk", "stall_ms", "  longest event-loop stall (ms)"),
+            ("bulk", "gc_ms", "  longest garbage collection (ms)"),
             ("mixed", "four_long_s", "4 x 0.3 s after quick tasks (s)"),
             ("mixed", "mixed_s", "200 tasks, 1 in 4 takes 20 ms (s)")]
     print(f"\nprocess pools from a gevent program: {args.workers} workers, median of "
