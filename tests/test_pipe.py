@@ -168,6 +168,26 @@ class TestCodecs:
                 r.get()
             assert r.get() == "next"
 
+    def test_a_decoder_that_reads_its_own_handle_is_refused_not_left_waiting_for_itself(self):
+        # A decoder that calls get() on its own reader: the inner get takes the handle and
+        # the next message, whose decoding calls get() again, which would wait for the
+        # inner get, i.e. for ever. (The inner gets have timeout=2: without the refusal, one
+        # times out instead, and gevent's Timeout is what this test sees.)
+        def decoder(payload):
+            if payload == b"recurse":
+                return payload, reader.get(timeout=2)
+            return payload
+
+        with gipc.pipe(encoder=None, decoder=decoder) as (reader, w):
+            w.put(b"recurse")
+            w.put(b"recurse")
+            w.put(b"next")
+            with pytest.raises(GIPCLocked, match="already using the handle"):
+                reader.get()
+            # Both messages went to decoders that failed, as any decoder's error takes its
+            # message; the handle is free again, and the stream goes on.
+            assert reader.get() == b"next"
+
 
 class TestPutPaths:
     """``put`` runs in ``_core`` for the common cases, in Python for the rest."""

@@ -142,12 +142,14 @@ class _HandleLock:
     between threads ever take that path.
     """
 
-    __slots__ = ("held", "_queues")
+    __slots__ = ("held", "_queues", "_owner")
 
     def __init__(self) -> None:
         #: Locked while someone does I/O; handles read its ``locked()`` on their fast paths.
         self.held = _allocate_lock()
         self._queues: Dict[int, Semaphore] = {}
+        #: The greenlet that holds ``held`` (None when free).
+        self._owner: Any = None
 
     def locked(self) -> bool:
         return self.held.locked()  # type: ignore[no-any-return]
@@ -155,6 +157,16 @@ class _HandleLock:
     def acquire(self) -> bool:
         """Takes the lock; True if that meant waiting (other greenlets or threads ran
         meanwhile, so what the caller saw of the channel before may be stale)."""
+        from greenlet import getcurrent
+
+        current = getcurrent()
+        if self._owner is current:
+            # The greenlet using the handle asked for it again: a codec that calls get(),
+            # put() or close() on its own handle. Waiting would be waiting for itself.
+            raise GIPCLocked(
+                "this greenlet is already using the handle (a codec that uses its own "
+                "handle?): it would wait for itself for ever"
+            )
         ident = _thread_ident()
         queue = self._queues.get(ident)
         if queue is None:
@@ -175,6 +187,7 @@ class _HandleLock:
         except BaseException:
             queue.release()
             raise
+        self._owner = current
         return waited
 
     def try_acquire(self) -> bool:
@@ -192,9 +205,13 @@ class _HandleLock:
         if not self.held.acquire(False):
             queue.release()
             return False
+        from greenlet import getcurrent
+
+        self._owner = getcurrent()
         return True
 
     def release(self) -> None:
+        self._owner = None
         self.held.release()
         self._queues[_thread_ident()].release()
 
