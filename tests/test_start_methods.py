@@ -1015,8 +1015,8 @@ def describe(writer):
 
 if __name__ == "__main__":
     r, w = multiprocessing.Pipe(duplex=False)  # what both kinds of child take
-    ours, method, *preload = sys.argv[1].split("-")
-    if not preload:
+    ours, method, *options = sys.argv[1].split("-")
+    if "preload" not in options:
         # gipc's fork server imports the main module once, at its start, for its children
         # to find (test_the_fork_server_imports_the_main_module_once); here each child of
         # either kind imports it.
@@ -1036,8 +1036,16 @@ if __name__ == "__main__":
     # multiprocessing (whose child reads the script at its start).
     with open(__file__) as f:
         source = f.read()
-    with open(__file__, "w") as f:
-        f.write(source.replace("VERSION = 1", "VERSION = 2  # edited"))
+    if "samesize" in options:
+        # As `cp -p`, `rsync -t` or a package manager may leave it: another script of the
+        # same size and modification time.
+        before = os.stat(__file__)
+        with open(__file__, "w") as f:
+            f.write(source.replace("VERSION = 1", "VERSION = 2"))
+        os.utime(__file__, ns=(before.st_atime_ns, before.st_mtime_ns))
+    else:
+        with open(__file__, "w") as f:
+            f.write(source.replace("VERSION = 1", "VERSION = 2  # edited"))
     p = start()
     second = r.recv()
     p.join()
@@ -1057,10 +1065,10 @@ if _script:
 """
 
 
-def _what_children_saw_of_main(script, how):
+def _what_children_saw_of_main(script, how, flags=()):
     """MAIN_SCRIPT_AS_SEEN written to ``script`` and run as ``how`` ("mp-spawn",
-    "gipc-forkserver"...): what each of its two children saw of the main module, and how
-    often it opened the script."""
+    "gipc-forkserver", "gipc-spawn-samesize"...) by an interpreter with ``flags``: what
+    each of its two children saw of the main module, and how often it opened the script."""
     import ast
     import subprocess
 
@@ -1070,7 +1078,7 @@ def _what_children_saw_of_main(script, how):
     script.write_text(MAIN_SCRIPT_AS_SEEN)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), *sys.path]),
                GIPC_TEST_MAIN_SCRIPT=str(script))
-    result = subprocess.run([sys.executable, str(script), how], capture_output=True,
+    result = subprocess.run([sys.executable, *flags, str(script), how], capture_output=True,
                             text=True, timeout=60, env=env, cwd=script.parent)
     assert result.returncode == 0, result.stderr
     return ast.literal_eval(result.stdout.strip())
@@ -1094,11 +1102,53 @@ def test_a_child_runs_the_main_script_compiled_once_by_its_caller(tmp_path, meth
                      for k, v in mp_first.items()}
 
 
+@pytest.mark.parametrize("method", NON_FORK)
+def test_a_script_changed_to_one_of_the_same_size_and_time_is_run_as_it_is_now(tmp_path, method):
+    """The caller's compiled script is used only for the very bytes it was compiled from:
+    a copy that kept the size and modification time of the script it replaced is compiled
+    anew."""
+    first, second = _what_children_saw_of_main(tmp_path / "main.py", f"gipc-{method}-samesize")
+    assert (first["VERSION"], second["VERSION"]) == (1, 2)
+    assert first["opened the script"] == second["opened the script"] == 0
+
+
+@pytest.mark.parametrize("method", NON_FORK)
+def test_a_child_whose_interpreter_options_differ_compiles_the_script_itself(tmp_path, method):
+    """Code compiled under the caller's options (-O, -X no_debug_ranges,
+    int_max_str_digits...) is not run by a child started without them: an ``-X`` option
+    multiprocessing does not pass on, here, and the child reads the script as
+    multiprocessing's does."""
+    first, second = _what_children_saw_of_main(
+        tmp_path / "main.py", f"gipc-{method}", flags=["-X", "gipc_test_option"]
+    )
+    assert first["opened the script"] > 0 and second["opened the script"] > 0
+    assert (first["VERSION"], second["VERSION"]) == (1, 2)
+
+
+def test_a_main_script_that_is_not_a_regular_file_is_left_to_the_child(tmp_path):
+    """A FIFO (or a device) as the main script: reading it in the caller would block its
+    loop until someone writes; the child reads it itself, as multiprocessing's does."""
+    from gipc import _startup
+
+    fifo = tmp_path / "main.py"
+    os.mkfifo(fifo)
+    answer = []
+    reader = threading.Thread(target=lambda: answer.append(_startup.main_code(str(fifo))),
+                              daemon=True)
+    reader.start()
+    reader.join(5)
+    if reader.is_alive():  # blocked in open(): let it go, then fail
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(5)
+        pytest.fail("main_code() waited on a FIFO")
+    assert answer == [None]
+
+
 def test_the_fork_server_imports_the_main_module_once(tmp_path):
     """The fork server imports the caller's main module at its start (the default preload,
-    as multiprocessing documents for its own fork server, whose 3.9-3.13 code looks for a
-    key its preparation data does not have, and never does it): its children find it
-    imported, as it was when the server started."""
+    as multiprocessing documents for its own fork server, whose code before CPython 3.13.8
+    and 3.14.1 looked for a key its preparation data does not have, and never did it): its
+    children find it imported, as it was when the server started."""
     script = tmp_path / "main.py"
     first, second = _what_children_saw_of_main(script, "gipc-forkserver-preload")
     assert first["opened the script"] == second["opened the script"] == 0

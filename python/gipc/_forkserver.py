@@ -427,7 +427,9 @@ class ForkServerPopen(CooperativePopen):
     _status_fd = -1
 
     def _launch(self, process_obj: "_GProcess") -> None:
-        startup = StartupData(process_obj, self.method)
+        # The server imports the main module when it starts if "__main__" is preloaded
+        # (_preload as it is now: a server started before a change keeps its own).
+        startup = StartupData(process_obj, self.method, "__main__" in _preload)
         if len(startup.handle_fds) > MAX_HANDLE_FDS:
             raise GIPCError(
                 f"a fork server child can be passed at most {MAX_HANDLE_FDS} descriptors "

@@ -23,6 +23,7 @@ import pickle
 import reprlib
 import select
 import sys
+from stat import S_ISREG
 from multiprocessing import context as mp_context
 from multiprocessing import process as mp_process
 from multiprocessing import spawn as mp_spawn
@@ -31,7 +32,13 @@ from multiprocessing.reduction import ForkingPickler
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Set
 
 from . import _child
-from ._startup_child import MAIN_CODE_KEY, REFERENCES_KEY, frame_startup_data, magic_number
+from ._startup_child import (
+    MAIN_CODE_KEY,
+    REFERENCES_KEY,
+    code_key,
+    frame_startup_data,
+    magic_number,
+)
 from ._handles import _allocate_lock, _original_poll, _start_new_thread
 from ._transfer import HandlePickler, InheritedFd
 from .exceptions import GIPCTypeError
@@ -76,51 +83,59 @@ def preparation_data(name: str) -> Dict[str, Any]:
 
 
 #: Largest main script whose code the caller compiles for its children (see ``main_code``):
-#: compiling takes ~0.1 ms per KiB, once per script, in the caller's event loop.
+#: compiling takes 0.1-0.35 ms per KiB, once per version of the script, in the caller's loop.
 _MAX_MAIN_SOURCE = 24 * 1024
 
-#: path -> ((mtime_ns, size) of the file compiled, its code marshalled or None).
-_main_codes: Dict[str, "tuple[tuple[int, int], Optional[bytes]]"] = {}
+#: Largest compiled main script sent to a child: beyond it, the start-up data would no longer
+#: fit the pipe at once (a thread would write it), and the child had better compile it.
+_MAX_MAIN_CODE = 32 * 1024
+
+#: path -> (the source compiled, its code marshalled or None).
+_main_codes: Dict[str, "tuple[bytes, Optional[bytes]]"] = {}
 
 
-def main_code(path: Optional[str]) -> Optional["tuple[bytes, bytes]"]:
-    """The main script at ``path`` compiled, for a child to run as ``__mp_main__``:
-    (the bytecode's magic number, the code marshalled), or None (no such script, too large,
-    not source, or it does not compile: the child then reads it itself, as multiprocessing's
-    does).
+def main_code(path: Optional[str]) -> Optional["tuple[Any, bytes]"]:
+    """The main script at ``path`` compiled, for a child to run as ``__mp_main__``: (what
+    the code was compiled for, ``code_key()``; the code marshalled), or None (no such
+    script, not a regular file, too large, not source, or it does not compile: the child
+    then reads it itself, as multiprocessing's does).
 
     multiprocessing's spawn child reads and compiles the main script each time (a script
-    has no .pyc), ~1 ms for a 200-line script; here the caller compiles it once per version
-    of the file (its modification time and size are looked at on each start, so a child
-    runs the script as it is when the child starts), and each child only unmarshals it."""
+    has no .pyc), ~1 ms for a 200-line script. Here the caller reads the script at each
+    start (a few microseconds for 24 KiB), and compiles it only when its bytes changed:
+    a child runs the script as it is when the child starts, whatever its modification time
+    says (a copy that kept the old one, a switched symlink)."""
     if path is None:
         return None
     try:
         stat = os.stat(path)
-    except OSError:
-        return None
-    key = (stat.st_mtime_ns, stat.st_size)
-    cached = _main_codes.get(path)
-    if cached is None or cached[0] != key:
-        cached = (key, _compile_main(path, stat.st_size))
-        _main_codes[path] = cached
-    return None if cached[1] is None else (magic_number(), cached[1])
-
-
-def _compile_main(path: str, size: int) -> Optional[bytes]:
-    """``runpy.run_path``'s compile of a script, marshalled (None where it would not
-    compile source: a file too large to compile here, bytecode, an error)."""
-    if size > _MAX_MAIN_SOURCE:
-        return None
-    try:
+        # A FIFO or a device would block the caller's loop, or read differently each time.
+        if not S_ISREG(stat.st_mode) or stat.st_size > _MAX_MAIN_SOURCE:
+            return None
         with io.open_code(path) as stream:
             source = stream.read(_MAX_MAIN_SOURCE + 1)
-        if len(source) > _MAX_MAIN_SOURCE or source[:4] == magic_number():
-            return None  # grew meanwhile; or a .pyc, which the child loads as it is
-        # As runpy compiles it: no compiler flags of this module's (its __future__ import).
-        return marshal.dumps(compile(source, path, "exec", dont_inherit=True))
-    except Exception:  # SyntaxError, ValueError (a NUL byte), OSError...: left to the child
+    except (OSError, ValueError):  # ValueError: a NUL in the path
         return None
+    if len(source) > _MAX_MAIN_SOURCE:
+        return None  # grew meanwhile
+    cached = _main_codes.get(path)
+    if cached is None or cached[0] != source:
+        cached = (source, _compile_main(path, source))
+        _main_codes[path] = cached
+    return None if cached[1] is None else (code_key(), cached[1])
+
+
+def _compile_main(path: str, source: bytes) -> Optional[bytes]:
+    """``runpy.run_path``'s compile of a script, marshalled (None where it would not
+    compile source: bytecode, an error, code too large to send)."""
+    if source[:4] == magic_number():
+        return None  # a .pyc, which the child loads as it is
+    try:
+        # As runpy compiles it: no compiler flags of this module's (its __future__ import).
+        code = marshal.dumps(compile(source, path, "exec", dont_inherit=True))
+    except Exception:  # SyntaxError, ValueError (a NUL byte), a warning made an error...
+        return None  # left to the child, which says so as multiprocessing's would
+    return code if len(code) <= _MAX_MAIN_CODE else None
 
 
 #: Longest ``-c`` code a child's command line carries with the caller's ``sys.path`` in
@@ -181,7 +196,9 @@ class StartupData:
     """The bytes a new child reads first, and the descriptors that go with them (the
     passed handles' and multiprocessing objects', in the order the pickle refers to them)."""
 
-    def __init__(self, process: "_GProcess", method: str) -> None:
+    def __init__(
+        self, process: "_GProcess", method: str, main_imported_by_server: bool = False
+    ) -> None:
         passed = set(process._gipc_handles)
         body = io.BytesIO()
         pickler = StartupPickler(body, pickle.HIGHEST_PROTOCOL, passed)
@@ -196,7 +213,8 @@ class StartupData:
             prep = preparation_data(process.name)
             if pickler.met_references:
                 prep[REFERENCES_KEY] = True
-            code = main_code(prep.get("init_main_from_path"))
+            # A fork server that imported the main module gives its children that one.
+            code = None if main_imported_by_server else main_code(prep.get("init_main_from_path"))
             if code is not None:
                 prep[MAIN_CODE_KEY] = code
             head = pickle.dumps(prep, protocol=pickle.HIGHEST_PROTOCOL)

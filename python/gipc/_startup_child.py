@@ -34,17 +34,23 @@ SPAWN_FLAG = "--gipc-spawn"
 REFERENCES_KEY = "gipc_references"
 
 #: Key of the preparation data that carries the main script compiled by the caller
-#: (``_startup.main_code``): (magic number, marshalled code).
+#: (``_startup.main_code``): (``code_key()`` of the caller, marshalled code).
 MAIN_CODE_KEY = "gipc_main_code"
 
 
 def magic_number() -> bytes:
-    """The magic number of this interpreter's bytecode (marshalled code of another
-    interpreter, say another executable set with ``multiprocessing.set_executable``, is not
-    run: the child then compiles its main script itself)."""
+    """The magic number of this interpreter's bytecode."""
     from importlib.util import MAGIC_NUMBER
 
     return MAGIC_NUMBER
+
+
+def code_key() -> Any:
+    """What code compiled by this interpreter depends on: its bytecode's magic number, its
+    flags (``-O``, ``int_max_str_digits``...) and ``-X`` options (``no_debug_ranges``...).
+    A child whose own differ (another executable set with ``multiprocessing.set_executable``,
+    a flag multiprocessing does not pass on) compiles its main script itself."""
+    return (magic_number(), tuple(sys.flags), sorted(sys._xoptions.items()))
 
 
 def spawn_main() -> None:
@@ -110,12 +116,12 @@ def run_child(
     return _child.run_forked(bootstrap) if forked else bootstrap()
 
 
-def import_main_from_code(path: str, main_code: Tuple[bytes, bytes]) -> None:
+def import_main_from_code(path: str, main_code: Tuple[Any, bytes]) -> None:
     """``multiprocessing.spawn``'s import of the main script as ``__mp_main__``
     (``_fixup_main_from_path``, the same in 3.9 to 3.13), with the code the caller compiled
     (``_startup.main_code``) instead of the script read and compiled again here."""
-    magic, blob = main_code
-    if magic != magic_number():
+    key, blob = main_code
+    if key != code_key():
         mp_spawn._fixup_main_from_path(path)  # type: ignore[attr-defined]
         return
     current_main = sys.modules["__main__"]
