@@ -14,13 +14,16 @@ Sources of futures:
   dask-remote  the same cluster started in another process, as a remote scheduler would
            be: this process only runs the Dask client.
 Waiters: gipc.as_completed (cooperative) and concurrent.futures.as_completed (blocks the
-thread, hence the hub). A greenlet ticks every 1 ms throughout; its longest gap is the
-loop's longest stall, shown for the collection ("stall ms") and, apart, for the submissions
-that come before it ("submit stall": the program's own work, 100 submit() calls between two
-turns of the loop, whatever the waiter). "us/future" is the wall time over the number of
-futures, from the first submission (for "thread": from the start of the completions) to the
-last future collected. For "thread" that is the per-future cost of the wait; for the executors it is
-dominated by their own throughput, on which the waiter has little say.
+thread, hence the hub). Each measurement runs twice. The first is timed: "us/future" is the
+wall time over the number of futures, from the first submission (for "thread": from the
+start of the completions) to the last future collected. For "thread" that is the per-future
+cost of the wait; for the executors it is dominated by their own throughput, on which the
+waiter has little say. The second runs with the stall meter (``stallmeter.py``: how long an
+I/O event waited for the loop; its own cost, ~10% of a CPU, stays out of the timed run):
+the loop's longest stall during the collection ("stall ms") and, apart, during the
+submissions that come before it ("submit stall": the program's own work, 100 submit() calls
+between two turns of the loop, whatever the waiter); "services" is how often the meter's
+event was served in the collection (a loop blocked throughout serves it once, at the end).
 """
 
 from __future__ import annotations
@@ -33,9 +36,11 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, Iterable, Iterator, List
+from functools import partial
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
 import gevent
+from stallmeter import StallMeter
 
 import gipc
 from gipc._hub import yield_to_loop
@@ -50,49 +55,28 @@ def inc(x: int) -> int:
     return x + 1
 
 
-class Ticker:
-    def __init__(self) -> None:
-        self.max_gap = 0.0
-        self.ticks = 0
-        self._greenlet = gevent.spawn(self._run)
-
-    def _run(self) -> None:
-        last = time.perf_counter()
-        while True:
-            gevent.sleep(0.001)
-            now = time.perf_counter()
-            self.max_gap = max(self.max_gap, now - last)
-            self.ticks += 1
-            last = now
-
-    def reset(self) -> None:
-        gevent.sleep(0.002)
-        self.max_gap = 0.0
-        self.ticks = 0
-
-    def stop(self) -> None:
-        self._greenlet.kill()
-
-
-def collect(futures: List["cf.Future[Any]"], waiter: str, ticker: Ticker,
+def collect(futures: List["cf.Future[Any]"], waiter: str, meter: Optional[StallMeter],
             started: float) -> Dict[str, float]:
-    submit_stall = ticker.max_gap
-    ticker.max_gap = 0.0
+    """Collects ``futures`` with ``waiter``: the wall time per future, or (with a meter, which
+    has seen the submissions) the longest stalls of the submissions and of the collection."""
+    submit_stall = 0.0
+    if meter is not None:
+        submit_stall = meter.worst[0]
+        meter.reset()
     n = sum(1 for f in WAITERS[waiter](futures) if f.result() is not None)
     seconds = time.perf_counter() - started
     assert n == len(futures)
-    # The ticker's next tick measures the gap it is in: a loop blocked through the whole
-    # collection shows up there, not in any earlier gap.
-    gevent.sleep(0.001)
+    if meter is None:
+        return {"us_per_future": seconds / n * 1e6}
+    stall = meter.stop()[0]  # a loop blocked until now is counted by this last look
     return {
-        "us_per_future": seconds / n * 1e6,
         "submit_stall_ms": submit_stall * 1e3,
-        "longest_stall_ms": ticker.max_gap * 1e3,
-        "ticks": ticker.ticks,
+        "longest_stall_ms": stall * 1e3,
+        "services": meter.services,
     }
 
 
-def from_a_thread(tasks: int, waiter: str, ticker: Ticker) -> Dict[str, float]:
+def from_a_thread(tasks: int, waiter: str, metered: bool) -> Dict[str, float]:
     futures: List["cf.Future[Any]"] = [cf.Future() for _ in range(tasks)]
     start = threading.Event()
 
@@ -104,27 +88,32 @@ def from_a_thread(tasks: int, waiter: str, ticker: Ticker) -> Dict[str, float]:
     thread = threading.Thread(target=complete)
     thread.start()
     try:
-        ticker.reset()
+        meter = StallMeter.settled() if metered else None
         started = time.perf_counter()
         start.set()
-        return collect(futures, waiter, ticker, started)
+        return collect(futures, waiter, meter, started)
     finally:
         thread.join()
 
 
 def from_executor(executor: cf.Executor, tasks: int, waiter: str,
-                  ticker: Ticker) -> Dict[str, float]:
-    ticker.reset()
+                  metered: bool) -> Dict[str, float]:
+    meter = StallMeter.settled() if metered else None
     started = time.perf_counter()
     futures = []
     for i in range(tasks):
         futures.append(executor.submit(inc, i))
         if i % 100 == 0:
-            # Submitting 10,000 tasks takes a while: let the ticker run (gevent.sleep(0)
-            # would not run due timers).
+            # Submitting 10,000 tasks takes a while: let the loop run (gevent.sleep(0)
+            # would not run what is due on the loop).
             yield_to_loop()
-    yield_to_loop()
-    return collect(futures, waiter, ticker, started)
+    yield_to_loop()  # the meter serves its event: the submissions' stalls are counted
+    return collect(futures, waiter, meter, started)
+
+
+def timed_then_metered(run: Callable[[bool], Dict[str, float]]) -> Dict[str, float]:
+    """``run(metered)`` twice: timed without the meter, then with it for the stalls."""
+    return {**run(False), **run(True)}
 
 
 CLUSTER_PROCESS = """
@@ -149,15 +138,16 @@ def cluster_args() -> Dict[str, Any]:
     )
 
 
-def on_dask(address: Any, tasks: int, runs: int, ticker: Ticker,
+def on_dask(address: Any, tasks: int, runs: int,
             record: Callable[[str, str, Dict[str, float]], None], source: str) -> None:
     from dask.distributed import Client
 
     with Client(address) as client, client.get_executor() as executor:
-        from_executor(executor, 200, "gipc.as_completed", ticker)  # warm-up
+        from_executor(executor, 200, "gipc.as_completed", False)  # warm-up
         for _ in range(runs):
             for waiter in WAITERS:
-                record(source, waiter, from_executor(executor, tasks, waiter, ticker))
+                record(source, waiter,
+                       timed_then_metered(partial(from_executor, executor, tasks, waiter)))
 
 
 def main() -> None:
@@ -173,44 +163,42 @@ def main() -> None:
     def record(source: str, waiter: str, figures: Dict[str, float]) -> None:
         results.setdefault(f"{source} / {waiter}", []).append(figures)
 
-    ticker = Ticker()
-    try:
+    for _ in range(args.runs):
+        for waiter in WAITERS:
+            record("thread", waiter,
+                   timed_then_metered(partial(from_a_thread, args.tasks, waiter)))
+    with cf.ThreadPoolExecutor(2) as threads:
         for _ in range(args.runs):
             for waiter in WAITERS:
-                record("thread", waiter, from_a_thread(args.tasks, waiter, ticker))
-        with cf.ThreadPoolExecutor(2) as threads:
-            for _ in range(args.runs):
-                for waiter in WAITERS:
-                    record("threads", waiter, from_executor(threads, args.tasks, waiter, ticker))
-        if not args.no_dask:
-            from dask.distributed import LocalCluster
+                record("threads", waiter,
+                       timed_then_metered(partial(from_executor, threads, args.tasks, waiter)))
+    if not args.no_dask:
+        from dask.distributed import LocalCluster
 
-            with LocalCluster(**cluster_args()) as cluster:
-                on_dask(cluster, args.tasks, args.runs, ticker, record, "dask")
-            with subprocess.Popen(
-                [sys.executable, "-c", CLUSTER_PROCESS],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            ) as cluster_process:
-                assert cluster_process.stdout is not None and cluster_process.stdin
-                address = cluster_process.stdout.readline().strip()
-                try:
-                    on_dask(address, args.tasks, args.runs, ticker, record, "dask-remote")
-                finally:
-                    cluster_process.stdin.close()
-    finally:
-        ticker.stop()
+        with LocalCluster(**cluster_args()) as cluster:
+            on_dask(cluster, args.tasks, args.runs, record, "dask")
+        with subprocess.Popen(
+            [sys.executable, "-c", CLUSTER_PROCESS],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        ) as cluster_process:
+            assert cluster_process.stdout is not None and cluster_process.stdin
+            address = cluster_process.stdout.readline().strip()
+            try:
+                on_dask(address, args.tasks, args.runs, record, "dask-remote")
+            finally:
+                cluster_process.stdin.close()
 
     print(f"{args.tasks} futures, median of {args.runs} runs, Python "
           f"{sys.version.split()[0]}, gevent loop {type(gevent.get_hub().loop).__module__}")
-    print(f"{'source / waiter':<36} {'us/future':>10} {'stall ms':>9} {'ticks':>7} "
+    print(f"{'source / waiter':<36} {'us/future':>10} {'stall ms':>9} {'services':>9} "
           f"{'submit stall ms':>16}")
     for name, runs in results.items():
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         submit = f"{med['submit_stall_ms']:.1f}" if not name.startswith("thread /") else "-"
         print(f"{name:<36} {med['us_per_future']:>10.1f} {med['longest_stall_ms']:>9.1f} "
-              f"{med['ticks']:>7.0f} {submit:>16}")
+              f"{med['services']:>9.0f} {submit:>16}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
