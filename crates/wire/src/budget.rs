@@ -246,12 +246,16 @@ mod tests {
     fn short_calls_in_quick_succession_share_one_slice() {
         let slice = Duration::from_millis(2);
         let mut budget = Budget::new(Some(slice));
+        // Before the first call, whose clock reading starts the slice: the time counted is
+        // never more than the time since then. (Taken after it, a first call and a gap
+        // counted with it could make the slice end a few microseconds before `start` +
+        // `slice`: that failed once under CI load.)
+        let start = Instant::now();
         assert!(
             !budget.begin_short_call(),
             "the first call of a slice is never cut"
         );
         budget.end_short_call();
-        let start = Instant::now();
         let mut yielded = false;
         // (A generous bound: on a loaded machine many gaps are preemptions longer than
         // PAUSE, which do not count, and the 2 ms of counted time take longer to gather.)
