@@ -1179,7 +1179,8 @@ GEVENT_ON_DEMAND = """
 import os, sys, time, gipc
 
 def exit_10_if_gevent_is_loaded():
-    sys.exit(10 if "gevent" in sys.modules else 0)
+    # ... and 11 if gipc's Rust extension is: a child that passes no handle needs neither.
+    sys.exit(10 if "gevent" in sys.modules else 11 if "gipc._core" in sys.modules else 0)
 
 def say_whether_gevent_is_loaded(writer):
     writer.put("gevent" in sys.modules)
@@ -1209,6 +1210,7 @@ def waiting_in_its_loop(pid):
 
 if __name__ == "__main__":
     assert "gevent" not in sys.modules, "import gipc imported gevent"
+    assert "gipc._core" not in sys.modules, "import gipc loaded the extension"
     p = gipc.start_process(exit_10_if_gevent_is_loaded, start_method="spawn")
     p.join()
     with gipc.pipe() as (r, w):
@@ -1231,9 +1233,9 @@ if __name__ == "__main__":
 def test_a_spawned_child_imports_gevent_only_when_it_needs_it(tmp_path):
     """Most of a fresh interpreter's start-up is imports, and gevent is the largest: a
     spawned child imports it only when something must wait. A child whose target needs
-    neither gevent nor a handle does without; so does one handed a writer it puts to
-    without waiting; a child handed a reader imports gevent as its get() first waits, and
-    the wait works."""
+    neither gevent nor a handle does without (and without gipc's extension); so does one
+    handed a writer it puts to without waiting; a child handed a reader imports gevent as
+    its get() first waits, and the wait works."""
     import subprocess
 
     script = tmp_path / "on_demand.py"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from importlib import import_module
 
-from ._core import __version__
 from .exceptions import GIPCClosed, GIPCError, GIPCLocked, GIPCTypeError, GIPCValueError
 
 # typing is not imported at run time: a spawned child imports this package before
@@ -26,6 +25,7 @@ if TYPE_CHECKING:
     # What the names below resolve to, for type checkers; at run time each is imported on
     # first use (see __getattr__).
     from . import gipc as gipc
+    from ._core import __version__ as __version__
     from ._forkserver import set_forkserver_preload
     from ._futures import (
         ALL_COMPLETED,
@@ -62,6 +62,9 @@ del TYPE_CHECKING  # not a name of the package's
 #: uses, and a spawned child that needs no gevent does not import it. gipc 1.x code refers
 #: to the documented classes as gipc.gipc._GIPCReader etc.: that submodule is one of them.
 _LAZY: Dict[str, Tuple[str, str]] = {
+    # In the Rust extension, which a spawned child whose target passes no handle never
+    # loads (~0.4 ms of its start).
+    "__version__": ("._core", "__version__"),
     "gipc": (".gipc", ""),
     "set_forkserver_preload": ("._forkserver", "set_forkserver_preload"),
     "ProcessPool": (".pool", "ProcessPool"),

@@ -30,7 +30,6 @@ import os
 import struct
 import sys
 import threading
-from . import _core
 
 # typing is not imported at run time: a spawned child imports this module before
 # anything else of gipc's, and typing would be ~5% of its start-up (see _startup_child).
@@ -266,6 +265,8 @@ def restore_default_signals() -> None:
     ``start_process`` forks with every signal blocked, and the core unblocks them only once
     every disposition is the default: a signal that arrived since the fork is delivered
     then, to its default action, not to a handler inherited from the parent."""
+    from . import _core  # imported here: a spawned child does without it (_startup_child)
+
     # Every disposition at the C level, including handlers an event loop installed behind
     # Python's back (one system call per signal, in Rust)...
     for signum in _core.reset_signal_state():

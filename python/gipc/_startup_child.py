@@ -11,6 +11,7 @@ multiprocessing's own spawn takes.
 
 from __future__ import annotations
 
+import _signal
 import io
 import os
 import pickle
@@ -59,7 +60,7 @@ def spawn_main() -> None:
     if flag != SPAWN_FLAG:
         raise SystemExit(f"gipc: not started as a spawned child ({sys.argv!r})")
     del sys.argv[1:6]
-    _child.restore_default_signals()
+    restore_default_signals_after_exec()
     _child.parent_only_fds.add(int(exit_fd))  # no grandchild of ours holds our exit report
     code = 1
     try:
@@ -72,6 +73,36 @@ def spawn_main() -> None:
         except OSError:
             pass
     sys.exit(code)
+
+
+def restore_default_signals_after_exec() -> None:
+    """``_child.restore_default_signals`` for a fresh interpreter, in Python, so that a
+    spawned child whose target passes no handle never loads the Rust extension.
+
+    ``exec`` has set every caught signal back to its default action and kept the ignored
+    ones ignored, and Python's start-up read every disposition into its own table (a
+    handler it did not install, such as faulthandler's when the environment enables it,
+    shows there as None). So each signal that table does not show at its default (Python's
+    own SIGINT handler, SIGXFSZ ignored, what the caller ignored, faulthandler's) goes back
+    to the default action, as the Rust reset of a forked child does, except SIGPIPE, which
+    keeps the disposition Python gives it. (A C handler installed after the table was read,
+    by a sitecustomize say, is not seen.) Then the signals blocked across the spawn are
+    unblocked: one that came meanwhile meets its default action."""
+    keep = {_signal.SIGKILL, _signal.SIGSTOP, _signal.SIGPIPE}
+    for signum in range(1, _signal.NSIG):
+        if signum in keep:
+            continue
+        try:
+            handler = _signal.getsignal(signum)
+        except (OSError, ValueError):
+            continue
+        if handler == _signal.SIG_DFL:
+            continue
+        try:
+            _signal.signal(signum, _signal.SIG_DFL)
+        except (OSError, ValueError, RuntimeError):  # glibc's own 32 and 33: not settable
+            pass
+    _signal.pthread_sigmask(_signal.SIG_SETMASK, ())
 
 
 def run_child(
