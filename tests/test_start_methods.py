@@ -112,6 +112,11 @@ class TestChoosing:
             import multiprocessing, gipc
             p = gipc.start_process(print, args=())
             p.join()
+            # multiprocessing's default context, as a context (its module-level functions
+            # are its methods): asked, not fixed either.
+            default = multiprocessing.context._default_context
+            p = gipc.start_process(print, args=(), mp_context=default)
+            p.join()
             multiprocessing.set_start_method("spawn")  # raises if the default got fixed
             print(multiprocessing.get_start_method())
             """

@@ -2,7 +2,8 @@
 
 Launched as ``multiprocessing``'s spawn launches one (``util.spawnv_passfds``: vfork and
 exec where the Python supports it, every descriptor closed in the child except those named),
-so it costs the same whatever the caller's size, never forks a threaded caller's state, and
+so it costs the same whatever the caller's size (from CPython 3.10: 3.9's _posixsubprocess
+forks, which copies the caller's page tables), never forks a threaded caller's state, and
 inherits exactly: the start-up data pipe, its two sentinels, and the descriptors of the
 handles it was passed. The start-up data (``_startup.Feeder``) is then written while the
 new interpreter imports its way up to reading it.

@@ -50,7 +50,10 @@ def resolve_start_method(start_method: Optional[str], mp_context: Any = None) ->
                 "mp_context must be a multiprocessing context (multiprocessing."
                 f"get_context(...)), not {type(mp_context).__name__}"
             )
-        from_context = get(allow_none=False)
+        # allow_none: multiprocessing's default context (the module's own functions) would
+        # otherwise fix its start method for the rest of the program; None then means
+        # what no context says, below.
+        from_context = get(allow_none=True)
     if start_method is not None and from_context is not None and start_method != from_context:
         raise ValueError(
             f"start_method={start_method!r} contradicts mp_context's {from_context!r}"
