@@ -265,11 +265,16 @@ def restore_default_signals() -> None:
     ``start_process`` forks with every signal blocked, and the core unblocks them only once
     every disposition is the default: a signal that arrived since the fork is delivered
     then, to its default action, not to a handler inherited from the parent."""
-    from . import _core  # imported here: a spawned child does without it (_startup_child)
+    # Not imported at the top: a spawned child does without the extension (_startup_child).
+    # A forked child finds it loaded by its parent: a dict lookup, not a from-import, whose
+    # fromlist handling runs importlib's Python code, copying pages on a fork.
+    core: Any = sys.modules.get(f"{__package__}._core")
+    if core is None:
+        from . import _core as core
 
     # Every disposition at the C level, including handlers an event loop installed behind
     # Python's back (one system call per signal, in Rust)...
-    for signum in _core.reset_signal_state():
+    for signum in core.reset_signal_state():
         # ...then Python's own table, so signal.getsignal() tells the truth, for just the
         # signals whose disposition changed. `_signal` is what `signal` wraps, minus the enum
         # conversions, whose code would be copied page by page into the child.
