@@ -1023,9 +1023,12 @@ if __name__ == "__main__":
     ours, method, *options = sys.argv[1].split("-")
     if "preload" not in options:
         # gipc's fork server imports the main module once, at its start, for its children
-        # to find (test_the_fork_server_imports_the_main_module_once); here each child of
-        # either kind imports it.
+        # to find (test_the_fork_server_imports_the_main_module_once), and so does
+        # multiprocessing's from CPython 3.13.8 and 3.14.1; here each child of either kind
+        # imports it.
         gipc.set_forkserver_preload([])
+        if ours == "mp" and method == "forkserver":
+            multiprocessing.get_context("forkserver").set_forkserver_preload([])
 
     def start():
         if ours == "gipc":
