@@ -1164,6 +1164,60 @@ def test_the_fork_server_imports_the_main_module_once(tmp_path):
     assert first["__name__"] == "'__mp_main__'" and first["__file__"] == repr(str(script))
 
 
+SIGNALS_AS_SEEN = """
+import multiprocessing, sys, gipc
+
+def kernel_masks(conn):
+    with open("/proc/self/status") as f:
+        masks = {line.split(":")[0]: int(line.split(":")[1], 16) for line in f
+                 if line.startswith(("SigBlk:", "SigIgn:", "SigCgt:"))}
+    conn.send(masks)
+
+if __name__ == "__main__":
+    r, w = multiprocessing.Pipe(duplex=False)
+    p = gipc.start_process(kernel_masks, args=(w,), start_method=sys.argv[1])
+    print(r.recv() if r.poll(30) else None)  # None: the child died (its error is on stderr)
+    p.join()
+"""
+
+#: A handler installed at start-up behind Python's table (faulthandler's, by sigaction),
+#: and one ignored the same way, in every interpreter that has this on its path.
+HANDLERS_AT_START_UP = """
+import faulthandler, signal, ctypes
+faulthandler.register(signal.SIGUSR2)
+libc = ctypes.CDLL(None)
+libc.signal.restype = ctypes.c_void_p
+libc.signal.argtypes = (ctypes.c_int, ctypes.c_void_p)
+libc.signal(signal.SIGURG, ctypes.c_void_p(1))  # SIG_IGN, unknown to Python's table
+"""
+
+
+@pytest.mark.skipif(not LINUX, reason="reads /proc")
+@pytest.mark.parametrize("method", NON_FORK)
+def test_handlers_installed_at_the_child_s_own_start_up_are_reset_too(tmp_path, method):
+    """A sitecustomize (or a .pth file) runs in every interpreter, the spawned child's too,
+    and may install C handlers Python's signal table never sees: the child still starts
+    with every disposition at its default (SIGPIPE aside)."""
+    import ast
+    import subprocess
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(HANDLERS_AT_START_UP)
+    script = tmp_path / "main.py"
+    script.write_text(SIGNALS_AS_SEEN)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), *sys.path]))
+    result = subprocess.run([sys.executable, str(script), method], capture_output=True,
+                            text=True, timeout=60, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    masks = ast.literal_eval(result.stdout.strip())
+    assert masks is not None, result.stderr
+    glibc_reserved = (1 << 31) | (1 << 32)  # 32 and 33: nobody may change them
+    assert masks["SigCgt"] & ~glibc_reserved == 0, f"{masks['SigCgt']:#x}"
+    assert masks["SigIgn"] == 1 << (signal.SIGPIPE - 1), f"{masks['SigIgn']:#x}"
+    assert masks["SigBlk"] == 0
+
+
 @pytest.mark.parametrize("method", NON_FORK)
 def test_a_main_module_without_the_guard_gets_multiprocessing_s_explanation(tmp_path, method):
     script = tmp_path / "unguarded.py"

@@ -161,8 +161,8 @@ class _HandleLock:
 
         current = getcurrent()
         if self._owner is current:
-            # The greenlet using the handle asked for it again: a codec that calls get(),
-            # put() or close() on its own handle. Waiting would be waiting for itself.
+            # The greenlet using the handle asked for it again: a decoder that calls get()
+            # on its own reader, say. Waiting would be waiting for itself.
             raise GIPCLocked(
                 "this greenlet is already using the handle (a codec that uses its own "
                 "handle?): it would wait for itself for ever"
@@ -632,10 +632,11 @@ class _GIPCWriter(_GIPCHandle):
 
     def _put_unfinished(self, status: int) -> None:
         """Finishes a ``put`` whose message is queued, under the lock."""
-        if self._lock.acquire():
-            # Others wrote meanwhile, and may have flushed this message with theirs.
-            status = self._core.try_flush()
+        waited = self._lock.acquire()
         try:
+            if waited:
+                # Others wrote meanwhile, and may have flushed this message with theirs.
+                status = self._core.try_flush()
             self._finish(status)
         finally:
             self._lock.release()

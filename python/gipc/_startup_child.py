@@ -76,33 +76,54 @@ def spawn_main() -> None:
 
 
 def restore_default_signals_after_exec() -> None:
-    """``_child.restore_default_signals`` for a fresh interpreter, in Python, so that a
-    spawned child whose target passes no handle never loads the Rust extension.
+    """``_child.restore_default_signals`` for a fresh interpreter, without the Rust extension
+    where the system says which dispositions are not the default (Linux), so that a
+    spawned child whose target passes no handle never loads it (~0.4 ms).
 
     ``exec`` has set every caught signal back to its default action and kept the ignored
-    ones ignored, and Python's start-up read every disposition into its own table (a
-    handler it did not install, such as faulthandler's when the environment enables it,
-    shows there as None). So each signal that table does not show at its default (Python's
-    own SIGINT handler, SIGXFSZ ignored, what the caller ignored, faulthandler's) goes back
-    to the default action, as the Rust reset of a forked child does, except SIGPIPE, which
-    keeps the disposition Python gives it. (A C handler installed after the table was read,
-    by a sitecustomize say, is not seen.) Then the signals blocked across the spawn are
-    unblocked: one that came meanwhile meets its default action."""
+    ones ignored; since then Python's start-up and whatever ran before this (a
+    sitecustomize, a ``.pth`` file, faulthandler) may have installed handlers, with
+    ``signal.signal`` or behind Python's back. The kernel's own masks (``SigCgt`` and
+    ``SigIgn`` of ``/proc/self/status``) name them all; Python's table adds nothing to
+    them but is looked at too. Each such signal goes back to its default action, except
+    SIGPIPE, which keeps the disposition Python gives it; then the signals blocked across
+    the spawn are unblocked: one that came meanwhile meets its default action. Elsewhere,
+    the Rust reset, as for a forked child."""
+    changed = _kernel_dispositions()
+    if changed is None:
+        _child.restore_default_signals()
+        return
     keep = {_signal.SIGKILL, _signal.SIGSTOP, _signal.SIGPIPE}
     for signum in range(1, _signal.NSIG):
         if signum in keep:
             continue
-        try:
-            handler = _signal.getsignal(signum)
-        except (OSError, ValueError):
-            continue
-        if handler == _signal.SIG_DFL:
-            continue
+        if not (changed >> (signum - 1)) & 1:
+            try:
+                if _signal.getsignal(signum) == _signal.SIG_DFL:
+                    continue
+            except (OSError, ValueError):
+                continue
         try:
             _signal.signal(signum, _signal.SIG_DFL)
         except (OSError, ValueError, RuntimeError):  # glibc's own 32 and 33: not settable
             pass
     _signal.pthread_sigmask(_signal.SIG_SETMASK, ())
+
+
+def _kernel_dispositions() -> Optional[int]:
+    """The signals this process catches or ignores, as the kernel says (bit n - 1 for
+    signal n), or None where it does not say (no /proc)."""
+    found = {}
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith((b"SigIgn:", b"SigCgt:")):
+                    found[line[:7]] = int(line[7:], 16)
+    except (OSError, ValueError):
+        return None
+    if len(found) != 2:
+        return None
+    return found[b"SigIgn:"] | found[b"SigCgt:"]
 
 
 def run_child(
