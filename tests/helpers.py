@@ -48,9 +48,11 @@ def run_python(code: str, *args: str, env_extra: "dict[str, str] | None" = None,
     return _run_interpreter([*flags, "-c", textwrap.dedent(code), *args], env_extra, timeout)
 
 
-def run_script(path: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    """Runs the script at ``path`` (relative to the repository) in a fresh interpreter."""
-    return _run_interpreter([path, *args], None, timeout)
+def run_script(path: str, *args: str, env_extra: "dict[str, str] | None" = None,
+               timeout: float = 60, flags: "tuple[str, ...]" = ()) -> subprocess.CompletedProcess:
+    """Runs the script at ``path`` (relative to the repository, or absolute) in a fresh
+    interpreter, with interpreter ``flags`` before it."""
+    return _run_interpreter([*flags, path, *args], env_extra, timeout)
 
 
 def _run_interpreter(arguments: "list[str]", env_extra: "dict[str, str] | None",

@@ -22,7 +22,7 @@ from gipc import GIPCError, _forkserver
 from gipc._process import resolve_start_method
 
 from conftest import LINUX, child_pids
-from helpers import pipe_capacity, run_python, wait_gone
+from helpers import pipe_capacity, run_python, run_script, wait_gone
 
 NON_FORK = ["spawn", "forkserver"]
 
@@ -1073,23 +1073,32 @@ if _script:
 """
 
 
+def _run_with_sitecustomize(script, sitecustomize, *args, env_extra=None, flags=()):
+    """Runs ``script`` in a fresh interpreter (with ``flags``) that finds ``sitecustomize``
+    (its source) first on its path, as every interpreter it starts does; its output
+    evaluated as a Python literal, which must not be None (what the scripts print when their
+    child died before it reported)."""
+    import ast
+
+    site = script.parent / "site"
+    site.mkdir(parents=True)
+    (site / "sitecustomize.py").write_text(sitecustomize)
+    env = {"PYTHONPATH": os.pathsep.join([str(site), *sys.path]), **(env_extra or {})}
+    result = run_script(str(script), *args, env_extra=env, flags=tuple(flags))
+    assert result.returncode == 0, result.stderr
+    value = ast.literal_eval(result.stdout.strip())
+    assert value is not None, result.stderr
+    return value
+
+
 def _what_children_saw_of_main(script, how, flags=()):
     """MAIN_SCRIPT_AS_SEEN written to ``script`` and run as ``how`` ("mp-spawn",
     "gipc-forkserver", "gipc-spawn-samesize"...) by an interpreter with ``flags``: what
     each of its two children saw of the main module, and how often it opened the script."""
-    import ast
-    import subprocess
-
-    site = script.parent / "site"
-    site.mkdir(parents=True)
-    (site / "sitecustomize.py").write_text(OPEN_COUNTER)
+    script.parent.mkdir(parents=True, exist_ok=True)
     script.write_text(MAIN_SCRIPT_AS_SEEN)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), *sys.path]),
-               GIPC_TEST_MAIN_SCRIPT=str(script))
-    result = subprocess.run([sys.executable, *flags, str(script), how], capture_output=True,
-                            text=True, timeout=60, env=env, cwd=script.parent)
-    assert result.returncode == 0, result.stderr
-    return ast.literal_eval(result.stdout.strip())
+    return _run_with_sitecustomize(script, OPEN_COUNTER, how, flags=flags,
+                                   env_extra={"GIPC_TEST_MAIN_SCRIPT": str(script)})
 
 
 @pytest.mark.parametrize("method", NON_FORK)
@@ -1198,20 +1207,9 @@ def test_handlers_installed_at_the_child_s_own_start_up_are_reset_too(tmp_path, 
     """A sitecustomize (or a .pth file) runs in every interpreter, the spawned child's too,
     and may install C handlers Python's signal table never sees: the child still starts
     with every disposition at its default (SIGPIPE aside)."""
-    import ast
-    import subprocess
-
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(HANDLERS_AT_START_UP)
     script = tmp_path / "main.py"
     script.write_text(SIGNALS_AS_SEEN)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), *sys.path]))
-    result = subprocess.run([sys.executable, str(script), method], capture_output=True,
-                            text=True, timeout=60, env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    masks = ast.literal_eval(result.stdout.strip())
-    assert masks is not None, result.stderr
+    masks = _run_with_sitecustomize(script, HANDLERS_AT_START_UP, method)
     glibc_reserved = (1 << 31) | (1 << 32)  # 32 and 33: nobody may change them
     assert masks["SigCgt"] & ~glibc_reserved == 0, f"{masks['SigCgt']:#x}"
     assert masks["SigIgn"] == 1 << (signal.SIGPIPE - 1), f"{masks['SigIgn']:#x}"
