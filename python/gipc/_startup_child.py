@@ -84,8 +84,10 @@ def restore_default_signals_after_exec() -> None:
     ones ignored; since then Python's start-up and whatever ran before this (a
     sitecustomize, a ``.pth`` file, faulthandler) may have installed handlers, with
     ``signal.signal`` or behind Python's back. The kernel's own masks (``SigCgt`` and
-    ``SigIgn`` of ``/proc/self/status``) name them all; Python's table adds nothing to
-    them but is looked at too. Each such signal goes back to its default action, except
+    ``SigIgn`` of ``/proc/self/status``) name them all; a signal Python's table holds a
+    handler for while the kernel says default (reset behind Python's back) is set too, so
+    that ``signal.getsignal()`` tells the truth. Each such signal goes back to its default
+    action, except
     SIGPIPE, which keeps the disposition Python gives it; then the signals blocked across
     the spawn are unblocked: one that came meanwhile meets its default action. Elsewhere,
     the Rust reset, as for a forked child."""
