@@ -231,7 +231,8 @@ class _NotPicklable(GIPCTypeError):
 def _refuse_pickling(handle: Any) -> Any:
     raise _NotPicklable(
         f"{handle!r} cannot be pickled: a gipc handle travels to another process only by "
-        "being passed to gipc.start_process() (in args or kwargs) or put on a gipc pipe"
+        "being passed to gipc.start_process() (in args or kwargs), put on a gipc pipe, or "
+        "passed to a gipc.ProcessPool task (with the pool's default encoder)"
     )
 
 
@@ -379,6 +380,10 @@ class _GIPCReader(_GIPCHandle):
         # Unpickled bytes and pickled batches are only accepted when this pipe uses pickle
         # anyway: the kind comes from the peer, and must not bypass a safe decoder.
         self._default_codecs = default_codecs
+        #: Whether messages with gipc handles in them are accepted (they are unpickled):
+        #: with the default codecs, or where gipc set it for a pipe of its own whose writer
+        #: it trusts (a pool worker's tasks).
+        self._takes_handles = default_codecs
         # Messages that arrived in one batch frame and were not returned yet.
         self._backlog: "collections.deque[Any]" = collections.deque()
         self._lock_changed()
@@ -552,7 +557,7 @@ class _GIPCReader(_GIPCHandle):
     def _decode_handles(self, payload: bytes, fds: List[int]) -> Any:
         """A message with handles in it, ``fds`` their descriptors, which are this
         reader's to close: each is taken by a rebuilt handle or closed, whatever happens."""
-        if not self._default_codecs:
+        if not self._takes_handles:
             for fd in fds:
                 os.close(fd)
             raise GIPCError(
@@ -655,44 +660,56 @@ class _GIPCWriter(_GIPCHandle):
         the first bytes of its payload): the handles are closed, and only then let go, so a
         greenlet waiting for one finds it closed. A ``put`` that fails or is interrupted
         before that lets them go open, and sends nothing."""
+        self._check_carries_descriptors()
+        from ._transfer import dumps_message
+
+        with self._lock:
+            payload, _, fds, held = dumps_message(o, self)
+            self._send_with_handles(payload, fds, held)
+
+    def _check_carries_descriptors(self) -> None:
+        """Raises ``GIPCError`` if this channel cannot carry descriptors."""
         if self._core.transport == "pipe":
             raise GIPCError(
                 f"cannot put gipc handles on {self!r}: a 'pipe' channel has no socket to "
                 "carry their descriptors (use the 'hybrid' or 'socket' transport)"
             )
-        from ._transfer import dumps_message
 
-        with self._lock:
-            payload, _, fds, held = dumps_message(o, self)
-            core = self._core
-            sent = False
+    def _send_with_handles(
+        self, payload: bytes, fds: List[int], held: List[_GIPCHandle]
+    ) -> None:
+        """The sending half of :meth:`_put_with_handles`, under ``self._lock``: the
+        ``KIND_HANDLES`` frame ``payload`` with descriptors ``fds``, from
+        ``dumps_message``; the handles ``held`` are closed if it went, and let go."""
+        core = self._core
+        sent = False
+        try:
+            # What an interrupted put left queued goes first: then this message is
+            # the front frame, and ``mid_frame`` says whether any of it went out.
+            self._finish(core.try_flush())
+            self._wait_writable()
             try:
-                # What an interrupted put left queued goes first: then this message is
-                # the front frame, and ``mid_frame`` says whether any of it went out.
-                self._finish(core.try_flush())
-                self._wait_writable()
-                try:
-                    status = core.try_send_fds(KIND_HANDLES, payload, fds)
-                except BaseException:
-                    # A write that failed (no reader left) wrote nothing: the frame
-                    # stays queued, unreachable, and the handles stay the caller's.
-                    sent = core.mid_frame
-                    raise
-                sent = True
-                # A YIELD before the first write (this slice was used up) starts a fresh
-                # slice, whose first write is always made: make it now, not after a turn
-                # of the loop in which the put could be interrupted.
-                while status == YIELD and not core.mid_frame:
-                    status = core.try_flush()
-                # A WOULD_BLOCK with nothing written (another process filled the channel
-                # since we looked) leaves the frame queued: it goes before the next
-                # message, whatever happens to this put, so it counts as sent.
-            finally:
-                for handle in held:
-                    if sent and not handle.closed:
-                        handle._release()
-                    handle._lock.release()
-            self._finish(status)
+                status = core.try_send_fds(KIND_HANDLES, payload, fds)
+            except BaseException:
+                # A write that failed (no reader left) wrote nothing: the frame
+                # stays queued, unreachable, and the handles stay the caller's.
+                sent = core.mid_frame
+                raise
+            sent = True
+            # A YIELD before the first write (this slice was used up) starts a fresh
+            # slice, whose first write is always made: make it now, not after a turn
+            # of the loop in which the put could be interrupted.
+            while status == YIELD and not core.mid_frame:
+                status = core.try_flush()
+            # A WOULD_BLOCK with nothing written (another process filled the channel
+            # since we looked) leaves the frame queued: it goes before the next
+            # message, whatever happens to this put, so it counts as sent.
+        finally:
+            for handle in held:
+                if sent and not handle.closed:
+                    handle._release()
+                handle._lock.release()
+        self._finish(status)
 
     def _wait_writable(self) -> None:
         """Waits until each lane of the channel takes bytes (or has an error, which the next

@@ -13,18 +13,29 @@ from .._outcome import describe_exit
 class WorkerCrashed(BrokenProcessPool):
     """The worker running the task died (a signal such as SIGKILL or SIGSEGV,
     ``os._exit()``, ``sys.exit()``). Only that task fails; the pool replaces the worker
-    and keeps serving. ``exitcode`` is ``-N`` for signal N; ``pid`` is the worker's."""
+    and keeps serving. ``exitcode`` is ``-N`` for signal N; ``pid`` is the worker's.
 
-    def __init__(self, pid: int, exitcode: int, task: str = "the task") -> None:
-        super().__init__(
-            f"worker process {pid} {describe_exit(exitcode)} while running {task}"
-        )
+    ``handles_lost``: the worker died before it started the task, which is not run by
+    another worker as others are because the gipc handles in its call had gone to it."""
+
+    def __init__(
+        self, pid: int, exitcode: int, task: str = "the task", handles_lost: bool = False
+    ) -> None:
+        if handles_lost:
+            message = (
+                f"worker process {pid} {describe_exit(exitcode)} before it started {task}, "
+                "whose gipc handles had been sent to it: the task cannot go to another worker"
+            )
+        else:
+            message = f"worker process {pid} {describe_exit(exitcode)} while running {task}"
+        super().__init__(message)
         self.pid = pid
         self.exitcode = exitcode
         self.task = task
+        self.handles_lost = handles_lost
 
     def __reduce__(self) -> Tuple[Any, ...]:
-        return type(self), (self.pid, self.exitcode, self.task)
+        return type(self), (self.pid, self.exitcode, self.task, self.handles_lost)
 
 
 # concurrent.futures.TimeoutError is the builtin from Python 3.11 on; before, it is its own

@@ -4,15 +4,19 @@ On the wire a task is a head (``pickle.dumps`` of where its large ``bytes`` argu
 belong), the encoded call (pickled, or by the pool's encoder) with ``None`` in their places,
 then those arguments as they are (see :mod:`gipc._large_payload`). An empty message
 (:data:`STOP`) tells the worker to exit.
+
+A call that holds gipc handles travels as a message with handles (see
+:mod:`gipc._transfer`): its head starts with :data:`WITH_HANDLES`, and the call is a
+``KIND_HANDLES`` frame whose descriptors go with it (``SCM_RIGHTS``), decoded as it is read.
 """
 
 from __future__ import annotations
 
 import pickle
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from .. import _large_payload, _outcome
-from .._handles import _GIPCReader
+from .._handles import _GIPCHandle, _GIPCReader, _GIPCWriter
 from .._large_payload import Slot
 from .._outcome import Outcome
 
@@ -23,12 +27,16 @@ _HIGHEST = pickle.HIGHEST_PROTOCOL
 
 #: The message that tells a worker to exit.
 STOP = b""
+#: First in a head whose call carries gipc handles (a slot is never None).
+WITH_HANDLES = None
 
 
 class WorkItem:
     """One submitted call and its future, from the pool's queue until its future is done."""
 
-    __slots__ = ("future", "fn", "args", "kwargs", "timeout", "started")
+    __slots__ = (
+        "future", "fn", "args", "kwargs", "timeout", "started", "carries_handles", "handles_gone"
+    )
 
     def __init__(
         self,
@@ -47,6 +55,12 @@ class WorkItem:
         #: before starting it, or one that handed it back, passes it on, and it must not be
         #: marked running again.
         self.started = False
+        #: Its call holds gipc handles: it goes only to an idle worker, and nothing is sent
+        #: ahead of it (see ``Worker._send``).
+        self.carries_handles = False
+        #: Those handles went to a worker (the parent's copies are closed): it cannot be
+        #: sent to another one.
+        self.handles_gone = False
 
     def name(self) -> str:
         """``task fn()`` for error messages."""
@@ -93,6 +107,41 @@ def encode_task(
     return [pickle.dumps(tuple(slots), protocol=_HIGHEST), body, *larges]
 
 
+class HandleTask(NamedTuple):
+    """The messages of a task whose call holds gipc handles (:func:`encode_task_with_handles`):
+    the head, the call as a ``KIND_HANDLES`` payload with its descriptors and the handles it
+    holds (locked until :meth:`gipc._handles._GIPCWriter._send_with_handles` lets them
+    go), then the large arguments."""
+
+    head: bytes
+    payload: bytes
+    fds: List[int]
+    held: List[_GIPCHandle]
+    larges: List[bytes]
+
+    def size(self) -> int:
+        return len(self.head) + len(self.payload) + sum(len(m) for m in self.larges)
+
+    def let_go(self) -> None:
+        """Unlocks the handles it holds, open: for a task that is not sent after all."""
+        for handle in self.held:
+            handle._lock.release()
+
+
+def encode_task_with_handles(
+    fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], sender: _GIPCWriter
+) -> HandleTask:
+    """The messages of a task whose call holds gipc handles, to be put on ``sender``.
+    Raises what pickling it raises (``GIPCClosed``, ``GIPCLocked``, ``GIPCError`` for a
+    handle that cannot travel; none is then held)."""
+    from .._transfer import dumps_message
+
+    slots, args, kwargs, larges = _large_payload.take_out(args, kwargs)
+    payload, _, fds, held = dumps_message((fn, args, kwargs), sender)
+    head = pickle.dumps((WITH_HANDLES, *slots), protocol=_HIGHEST)
+    return HandleTask(head, payload, fds, held, larges)
+
+
 # --- In the worker ---------------------------------------------------------------------------
 
 
@@ -101,17 +150,21 @@ class ReceivedTask:
 
     __slots__ = ("slots", "body", "larges")
 
-    def __init__(self, slots: List[Slot], body: bytes, larges: List[bytes]) -> None:
+    def __init__(self, slots: List[Slot], body: Any, larges: List[bytes]) -> None:
         self.slots = slots
+        #: The encoded call, or (from a message with handles) the call itself.
         self.body = body
         self.larges = larges
 
     def run(self, loads: Callable[[bytes], Any] = pickle.loads) -> Outcome:
         """Decodes the call, puts the separately sent arguments in place, and runs it."""
+        body = self.body
+        self.body = None  # the task's handles close when the call is done with them
         try:
-            fn, args, kwargs = loads(self.body)
+            fn, args, kwargs = body if body.__class__ is tuple else loads(body)
         except Exception as exc:
             return Outcome(exception=exc)
+        del body
         args, kwargs = _large_payload.put_back(self.slots, self.larges, args, kwargs)
         return _outcome.call(fn, args, kwargs)
 
@@ -124,6 +177,10 @@ def receive_task(tasks: _GIPCReader) -> Optional[ReceivedTask]:
         if head == STOP:
             return None
         slots = pickle.loads(head)
+        # A call with handles is decoded as it is read (its descriptors are taken then);
+        # any other stays encoded until it runs.
+        if slots and slots[0] is WITH_HANDLES:
+            slots = slots[1:]
         body = tasks.get()
         larges = _large_payload.receive_larges(tasks, len(slots))
     except EOFError:

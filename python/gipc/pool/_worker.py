@@ -51,7 +51,7 @@ import gevent.queue
 from concurrent.futures.process import BrokenProcessPool
 
 from .. import _large_payload, _outcome
-from .._handles import _GIPCWriter
+from .._handles import _GIPCWriter, _NotPicklable
 from .._hub import clamp_timeout, remaining
 from .._outcome import Outcome, OutcomeReceiver, describe_exit
 from .._process import _GProcess, start_process
@@ -59,7 +59,7 @@ from ..exceptions import GIPCError
 from ._claims import TaskClaims
 from ._errors import TaskTimeout, WorkerCrashed
 from ._queue import EMPTY
-from ._task import STOP, WorkItem, encode_task
+from ._task import STOP, HandleTask, WorkItem, encode_task, encode_task_with_handles
 from ._worker_child import worker_main
 
 if TYPE_CHECKING:
@@ -370,6 +370,8 @@ class Worker:
         count = len(self._in_flight)
         if count == 0:
             return True
+        if self._in_flight.oldest().carries_handles:
+            return False  # nothing is sent ahead of a task with handles (see _send)
         # Never ahead to a busy worker while another one (or one starting) could take it.
         return self._quick and count <= settings.prefetch and not self._pool._others_may_take()
 
@@ -382,14 +384,35 @@ class Worker:
                 return True
         item.started = True
         self._sending = item
+        in_flight = self._in_flight
+        with_handles: Optional[HandleTask] = None
+        messages: List[bytes] = []
         try:
             messages = encode_task(item.fn, item.args, item.kwargs, self._settings.dumps)
+        except _NotPicklable as exc:
+            # Its call holds gipc handles. Their descriptors cannot be taken back once sent,
+            # so the task goes only to a worker with nothing else in flight (which is not
+            # sent ahead to while it runs it, see _may_send_more): one that took it runs
+            # it, unless it dies first.
+            item.carries_handles = True
+            if in_flight:
+                self._sending = None
+                self._held.appendleft(item)
+                return False
+            try:
+                with_handles = self._encode_with_handles(item, exc)
+            except Exception as error:
+                self._sending = None
+                future.set_exception(error)
+                return True
         except Exception as exc:
             self._sending = None
             future.set_exception(exc)
             return True
-        size = sum(len(m) for m in messages)
-        in_flight = self._in_flight
+        if with_handles is not None:
+            size = with_handles.size()
+        else:
+            size = sum(len(m) for m in messages)
         if in_flight and in_flight.bytes + size > _AHEAD_BYTES:
             # Sending it now might block, and this greenlet must stay free to watch the
             # running task's deadline: it goes once the worker has caught up.
@@ -408,7 +431,10 @@ class Worker:
         timer = gevent.Timeout(clamp_timeout(item.timeout) if first else None)
         timer.start()
         try:
-            self._tasks.put_many(messages)
+            if with_handles is None:
+                self._tasks.put_many(messages)
+            else:
+                self._put_with_handles(item, with_handles)
             reply: Any = None
         except gevent.Timeout as exc:
             if exc is not timer:
@@ -423,6 +449,39 @@ class Worker:
             self._end(reply)
             return False
         return True
+
+    def _encode_with_handles(self, item: WorkItem, refusal: _NotPicklable) -> HandleTask:
+        """The messages of ``item``, whose call holds gipc handles (pickle refused them
+        with ``refusal``). Raises ``GIPCError`` if they cannot go to this worker."""
+        if self._settings.dumps is not None:
+            raise GIPCError(
+                f"{item.name()} holds gipc handles: they travel to a pool task only with "
+                "the pool's default encoder (pickle), not a custom one"
+            ) from refusal
+        tasks = self._tasks
+        assert tasks is not None
+        tasks._check_carries_descriptors()
+        return encode_task_with_handles(item.fn, item.args, item.kwargs, tasks)
+
+    def _put_with_handles(self, item: WorkItem, task: HandleTask) -> None:
+        """Writes a task whose call holds gipc handles: their descriptors go with it, and
+        the parent's copies close as it goes (``item.handles_gone``). One that fails or is
+        interrupted before that leaves them open, the caller's."""
+        tasks = self._tasks
+        assert tasks is not None
+        try:
+            tasks.put(task.head)
+            tasks._lock.acquire()
+        except BaseException:
+            task.let_go()
+            raise
+        try:
+            tasks._send_with_handles(task.payload, task.fds, task.held)
+        finally:
+            tasks._lock.release()
+            item.handles_gone = any(handle.closed for handle in task.held)
+        if task.larges:
+            tasks.put_many(task.larges)
 
     def take_back_unstarted(self) -> None:
         """Another worker is about to idle: what this one holds, and the tasks it was sent
@@ -596,7 +655,12 @@ class Worker:
             else:
                 error = WorkerCrashed(self.pid, code, name)
             item.fail(error)
-        self._held.extendleft(reversed(never_started))
+        # Those it never started go to another worker, but for one whose handles it had
+        # been sent: they went with it.
+        for item in never_started:
+            if item.handles_gone:
+                item.fail(WorkerCrashed(self.pid, code, item.name(), handles_lost=True))
+        self._held.extendleft(reversed([i for i in never_started if not i.handles_gone]))
 
     def _watch_exit(self) -> int:
         """Helper greenlet: tells the serving greenlet when the process has exited, and

@@ -25,6 +25,9 @@ def worker_main(
     parent revoked (handed to another worker) is skipped, with no outcome: each task is
     numbered in the order it arrives, as the parent numbered it when it sent it, and is run
     only if the worker could claim that number first."""
+    # Its parent's task messages may carry gipc handles (the tasks pipe has no codec, so
+    # its reader would refuse them).
+    tasks._takes_handles = True
     if initializer is not None:
         ready = _outcome.call(initializer, initargs, {})
     else:
