@@ -26,6 +26,12 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def produce(writer: gipc.gipc._GIPCWriter) -> None:
+    with writer:
+        for i in range(3):
+            writer.put(f"item {i} from worker {os.getpid()}")
+
+
 def crash() -> None:
     os._exit(9)
 
@@ -62,6 +68,20 @@ def main() -> None:
             pool.submit_with_timeout(0.2, time.sleep, 10).result()
         except TaskTimeout as exc:
             print("timed out as expected:", exc)
+
+        # A pipe made now reaches a task: its handle travels with the task (the caller's
+        # copy closes when the task is sent; if the task failed before, close it here).
+        with gipc.pipe() as (results, to_task):
+            producer = pool.submit(produce, to_task)
+
+            def close_if_kept(_: object) -> None:
+                if not to_task.closed:
+                    to_task.close()
+
+            producer.add_done_callback(close_if_kept)
+            for item in results:  # until the task's writer closes
+                print("received", item)
+        producer.result()
 
         print("still serving:", list(pool.map_unordered(count_primes, [10, 100, 1000])))
     ticker.kill()

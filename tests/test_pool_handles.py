@@ -3,15 +3,17 @@ worker that runs it, and the caller's copies close, as with start_process."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import signal
 import time
 
 import gevent
 import gipc
 import pytest
 from gipc import GIPCClosed, GIPCError
-from gipc.pool import ProcessPool, WorkerCrashed
+from gipc.pool import ProcessPool, TaskTimeout, WorkerCrashed
 
 # --- Task functions (module level, so they pickle by reference) ---------------------------
 
@@ -56,6 +58,27 @@ def big_and_handle(data, writer):
     writer.put(len(data))
     writer.close()
     return data[-3:]
+
+
+def _raise_value_error(message):
+    raise ValueError(message)
+
+
+def _sleep_then_none(seconds):
+    time.sleep(seconds)
+
+
+class FailsWhenUnpickled:
+    def __reduce__(self):
+        return _raise_value_error, ("cannot be rebuilt here",)
+
+
+class SlowToUnpickle:
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def __reduce__(self):
+        return _sleep_then_none, (self.seconds,)
 
 
 class DiesWhenUnpickled:
@@ -196,22 +219,68 @@ def test_a_pipe_transport_worker_refuses_handles_with_a_clear_error(monkeypatch)
 
 
 def test_a_worker_that_dies_before_starting_a_handle_task_fails_it_instead_of_resending():
-    # The worker decodes a task with handles as it reads it (taking its descriptors), and
-    # dies in the decoding, before it claims the task: that task cannot go to another
-    # worker, whose handles are gone; it fails with WorkerCrashed. The pool serves on.
+    # The window between the handles' going out and the worker's claim of the task is held
+    # open by holding the claim lock the parent shares with the worker: the worker cannot
+    # claim the task. It is killed meanwhile; the task cannot go to another worker, whose
+    # handles are gone: it fails with WorkerCrashed. The pool serves on.
+    with ProcessPool(max_workers=1) as pool:
+        pid = pool.submit(os.getpid).result()
+        [worker] = pool._workers
+        claims = worker._claims
+        assert claims._lock(True)
+        try:
+            with gipc.pipe() as (reader, writer):
+                future = pool.submit(ignore, writer)
+                while not writer.closed:  # it went with the task
+                    gevent.sleep(0.01)
+                os.kill(pid, signal.SIGKILL)
+                with pytest.raises(WorkerCrashed) as raised:
+                    future.result(timeout=10)
+                assert raised.value.handles_lost and raised.value.pid == pid
+                assert raised.value.exitcode == -signal.SIGKILL
+                assert "cannot go to another worker" in str(raised.value)
+                with pytest.raises(EOFError):
+                    reader.get(timeout=10)  # the writer died with the worker
+        finally:
+            # (A forked worker's lock is a semaphore; the others' a file lock, which went
+            # with its descriptor when the pool retired the worker.)
+            with contextlib.suppress(OSError):
+                claims._unlock()
+        assert pool.submit(os.getpid).result(timeout=10) != pid
+
+
+def test_a_handle_task_whose_call_the_worker_cannot_decode_fails_with_that_error():
+    # As for any task: the error from decoding the call, and the same worker serves on.
+    with ProcessPool(max_workers=1) as pool:
+        pid = pool.submit(os.getpid).result()
+        with gipc.pipe() as (reader, writer):
+            future = pool.submit(ignore, writer, FailsWhenUnpickled())
+            with pytest.raises(ValueError, match="cannot be rebuilt here"):
+                future.result(timeout=10)
+            assert writer.closed
+            with pytest.raises(EOFError):
+                reader.get(timeout=10)  # the worker closed the handle it could not use
+        assert pool.submit(os.getpid).result(timeout=10) == pid
+
+
+def test_a_worker_that_dies_decoding_a_handle_task_fails_it_as_its_running_task():
     with ProcessPool(max_workers=1) as pool:
         pid = pool.submit(os.getpid).result()
         with gipc.pipe() as (reader, writer):
             future = pool.submit(never_runs, writer, DiesWhenUnpickled())
             with pytest.raises(WorkerCrashed) as raised:
                 future.result(timeout=10)
-            assert raised.value.handles_lost and raised.value.pid == pid
-            assert raised.value.exitcode == 7
-            assert "cannot go to another worker" in str(raised.value)
-            assert writer.closed  # it went with the task
-            with pytest.raises(EOFError):
-                reader.get(timeout=10)  # and died with the worker
+            assert not raised.value.handles_lost and raised.value.exitcode == 7
         assert pool.submit(os.getpid).result(timeout=10) != pid
+
+
+def test_a_handle_task_that_runs_out_of_time_while_decoding_fails_with_task_timeout():
+    with ProcessPool(max_workers=1) as pool:
+        pool.submit(os.getpid).result()
+        with gipc.pipe() as (reader, writer):
+            future = pool.submit_with_timeout(0.3, never_runs, writer, SlowToUnpickle(5))
+            with pytest.raises(TaskTimeout):
+                future.result(timeout=10)
 
 
 def test_worker_crashed_with_lost_handles_pickles():

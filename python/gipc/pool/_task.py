@@ -148,18 +148,43 @@ def encode_task_with_handles(
 class ReceivedTask:
     """A task as it came off the pipe, not decoded yet: it may turn out to be revoked."""
 
-    __slots__ = ("slots", "body", "larges")
+    __slots__ = ("slots", "body", "larges", "with_handles")
 
-    def __init__(self, slots: List[Slot], body: Any, larges: List[bytes]) -> None:
+    def __init__(
+        self, slots: List[Slot], body: Any, larges: List[bytes], with_handles: bool = False
+    ) -> None:
         self.slots = slots
-        #: The encoded call, or (from a message with handles) the call itself.
+        #: The encoded call; from a message with handles, the call itself, or the Outcome
+        #: of its failed decoding.
         self.body = body
         self.larges = larges
+        #: Its call carries handles and is not read yet (see :meth:`read_call`).
+        self.with_handles = with_handles
+
+    def read_call(self, tasks: _GIPCReader) -> bool:
+        """A task with handles, once claimed: reads its call, decoding it as it comes (its
+        descriptors are taken then), and its large arguments. A call that cannot be
+        decoded (a function or class this worker does not know, say) is the task's
+        outcome, as for any task. False if the parent is gone."""
+        try:
+            try:
+                self.body = tasks.get()
+            except EOFError:
+                raise
+            except Exception as exc:  # read whole, not decoded: the stream is in step
+                self.body = Outcome(exception=exc)
+            self.larges = _large_payload.receive_larges(tasks, len(self.slots))
+        except EOFError:
+            return False
+        self.with_handles = False
+        return True
 
     def run(self, loads: Callable[[bytes], Any] = pickle.loads) -> Outcome:
         """Decodes the call, puts the separately sent arguments in place, and runs it."""
         body = self.body
         self.body = None  # the task's handles close when the call is done with them
+        if body.__class__ is Outcome:
+            return body
         try:
             fn, args, kwargs = body if body.__class__ is tuple else loads(body)
         except Exception as exc:
@@ -171,16 +196,16 @@ class ReceivedTask:
 
 def receive_task(tasks: _GIPCReader) -> Optional[ReceivedTask]:
     """The next task's messages, or ``None`` when told to stop (or the parent is gone).
-    Nothing is decoded yet but the head: the task may turn out to be revoked."""
+    Nothing is decoded yet but the head: the task may turn out to be revoked. Of a task
+    with handles only the head is read: its call, decoded as it is read (the descriptors
+    are taken then), is read once the task is claimed (``read_call``)."""
     try:
         head = tasks.get()
         if head == STOP:
             return None
         slots = pickle.loads(head)
-        # A call with handles is decoded as it is read (its descriptors are taken then);
-        # any other stays encoded until it runs.
         if slots and slots[0] is WITH_HANDLES:
-            slots = slots[1:]
+            return ReceivedTask(list(slots[1:]), None, [], with_handles=True)
         body = tasks.get()
         larges = _large_payload.receive_larges(tasks, len(slots))
     except EOFError:

@@ -658,7 +658,12 @@ class Worker:
         # Those it never started go to another worker, but for one whose handles it had
         # been sent: they went with it.
         for item in never_started:
-            if item.handles_gone:
+            if not item.handles_gone:
+                continue
+            if item is timed_out:  # its time ran out before the worker took it
+                assert item.timeout is not None
+                item.fail(TaskTimeout(item.timeout, self.pid, item.name()))
+            else:
                 item.fail(WorkerCrashed(self.pid, code, item.name(), handles_lost=True))
         self._held.extendleft(reversed([i for i in never_started if not i.handles_gone]))
 

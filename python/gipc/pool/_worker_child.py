@@ -41,7 +41,13 @@ def worker_main(
         if task is None:
             return
         number += 1
-        if not claims.claim(number):
+        claimed = claims.claim(number)
+        # A task with handles is claimed before its call is read: its descriptors are
+        # taken as it is read, and the parent never takes such a task back (a claim
+        # cannot fail). Read either way, so the stream stays in step.
+        if task.with_handles and not task.read_call(tasks):
+            return
+        if not claimed:
             continue
         outcome = task.run(loads)
         del task
