@@ -352,12 +352,25 @@ def _reaped(pid: int) -> bool:
         return True
 
 
+#: How long a closed server may take to end before it is killed.
+_END_GRACE = 1.0
+
+
 def _reap_soon(pid: int) -> None:
-    for _ in range(100):
+    """Reaps a server whose socket was closed. It ends as soon as it sees that, unless it
+    is busy (importing a slow preload module, say): after ``_END_GRACE`` it is killed,
+    so that it is never left running, or a zombie, for the rest of the caller's life."""
+    waited = 0.0
+    while not _reaped(pid):
+        if waited >= _END_GRACE:
+            _log.debug("gipc's fork server (pid %d) did not end when asked to: killed", pid)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            waited = -float("inf")  # once
         gevent.sleep(0.01)
-        if _reaped(pid):
-            return
-    _log.debug("gipc's fork server (pid %d) did not end when asked to", pid)
+        waited += 0.01
 
 
 _server: Optional[_Server] = None
