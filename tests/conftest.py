@@ -1,10 +1,14 @@
 """Every test must leave no trace: no new open file descriptor, no child process (running
 or zombie) of this process. The autouse fixture below fails a test that leaks either.
 
-``GIPC_TEST_START_METHOD=forkserver`` (or ``spawn``) runs the suite with that start method
-as multiprocessing's default, which ``start_process`` and ``ProcessPool`` follow; a test
-about fork itself is marked ``fork_only`` and skipped then. gipc's fork server, once
-started, lives as long as the test process: it is not counted as a leak.
+Every test runs once per start method named by ``--start-methods`` (default ``fork``; e.g.
+``--start-methods=fork,spawn,forkserver``; ``GIPC_TEST_START_METHOD`` sets the default):
+the session-scoped ``start_method`` fixture, a parameter of every test, makes its method
+multiprocessing's default (``fork``: none set, as in a program that never chose), which
+``start_process`` and ``ProcessPool`` follow. A test about fork itself is marked
+``fork_only``, one that cannot hold for some method ``not_with_start_method(name, reason=)``:
+skipped there. gipc's fork server, once started, lives as long as the test process: it is
+not counted as a leak.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import gc
 import os
 import sys
 import time
-from typing import Dict, Iterator, Set
+from typing import Dict, Iterator, List, Set
 
 import multiprocessing
 
@@ -22,10 +26,55 @@ import pytest
 
 LINUX = sys.platform.startswith("linux")
 
-#: The start method this run tests (see the module docstring).
-START_METHOD = os.environ.get("GIPC_TEST_START_METHOD", "fork")
-if START_METHOD != "fork":
-    multiprocessing.set_start_method(START_METHOD, force=True)
+START_METHODS = ("fork", "spawn", "forkserver")
+
+#: The start method of the tests running now (see ``start_method``).
+_current_start_method = "fork"
+
+
+def current_start_method() -> str:
+    """The start method the running test is parametrised with (for module-level helpers;
+    a test takes the ``start_method`` fixture)."""
+    return _current_start_method
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--start-methods",
+        default=os.environ.get("GIPC_TEST_START_METHOD", "fork"),
+        help="comma-separated start methods to run every test with "
+        f"({', '.join(START_METHODS)}; default: fork, or GIPC_TEST_START_METHOD)",
+    )
+
+
+def _start_methods(config: pytest.Config) -> List[str]:
+    names = [m.strip() for m in config.getoption("--start-methods").split(",") if m.strip()]
+    unknown = [m for m in names if m not in START_METHODS]
+    if unknown or not names:
+        raise pytest.UsageError(
+            f"--start-methods: {unknown or 'none'} (known: {', '.join(START_METHODS)})"
+        )
+    return list(dict.fromkeys(names))
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "start_method" in metafunc.fixturenames:
+        metafunc.parametrize(
+            "start_method", _start_methods(metafunc.config), indirect=True, scope="session"
+        )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def start_method(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The start method every test runs with (a session-scoped parameter: pytest runs the
+    tests of one method together)."""
+    global _current_start_method
+    method: str = request.param
+    multiprocessing.set_start_method(None if method == "fork" else method, force=True)
+    _current_start_method = method
+    yield method
+    multiprocessing.set_start_method(None, force=True)
+    _current_start_method = "fork"
 
 
 def fork_server_traces() -> Dict[int, str]:
@@ -133,12 +182,20 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "fork_only: about forked children (skipped for the other start methods)"
     )
+    config.addinivalue_line(
+        "markers",
+        "not_with_start_method(name, reason): cannot hold for that start method (skipped)",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
-    if START_METHOD == "fork":
-        return
-    skip = pytest.mark.skip(reason=f"about fork; this run tests {START_METHOD}")
     for item in items:
-        if item.get_closest_marker("fork_only"):
-            item.add_marker(skip)
+        callspec = getattr(item, "callspec", None)
+        method = callspec.params.get("start_method") if callspec is not None else None
+        if method is None:
+            continue
+        if method != "fork" and item.get_closest_marker("fork_only"):
+            item.add_marker(pytest.mark.skip(reason=f"about fork; this runs with {method}"))
+        for marker in item.iter_markers("not_with_start_method"):
+            if marker.args[0] == method:
+                item.add_marker(pytest.mark.skip(reason=marker.kwargs["reason"]))

@@ -19,7 +19,7 @@ import gipc
 from gipc._transfer import dumps_with_handles
 from gipc.pool import ProcessPool
 
-from conftest import LINUX, START_METHOD
+from conftest import LINUX, current_start_method
 from helpers import run_python
 
 LIBUV = "libuv" in type(gevent.get_hub().loop).__module__
@@ -175,9 +175,10 @@ def test_the_parent_keeps_its_signal_mask_and_the_child_starts_unblocked() -> No
 # --- 8: a child started from a non-main thread ---------------------------------------------
 
 
-#: libuv: a forked child runs on a brand-new loop, with no child watchers at all (README);
-#: a spawned or fork server's child inherits no loop, and gets the default one.
-FRESH_LOOP_ONLY = LIBUV and START_METHOD == "fork"
+# libuv: a forked child runs on a brand-new loop, with no child watchers at all (README);
+# a spawned or fork server's child inherits no loop, and gets the default one.
+def fresh_loop_only() -> bool:
+    return LIBUV and current_start_method() == "fork"
 
 
 def _describe_hub(writer: Any, with_child_watchers: bool) -> None:
@@ -197,7 +198,7 @@ def _start_from(thread_or_main: str) -> Dict[str, Any]:
 
     def start() -> None:
         with gipc.pipe() as (reader, writer):
-            p = gipc.start_process(_describe_hub, (writer, not FRESH_LOOP_ONLY))
+            p = gipc.start_process(_describe_hub, (writer, not fresh_loop_only()))
             found.update(reader.get(timeout=30))
             _join_or_kill(p)
             found["exitcode"] = p.exitcode
@@ -229,7 +230,7 @@ def test_a_child_started_from_any_thread_gets_the_main_hub(where: str) -> None:
     finally:
         sleeper.kill()
     expected: Dict[str, Any] = {"main_hub": True, "waited": True, "exitcode": 0}
-    if FRESH_LOOP_ONLY:
+    if fresh_loop_only():
         expected["default"] = False  # a brand-new loop, whatever the thread (README)
     else:
         expected.update(default=True, subprocess=7)
@@ -333,13 +334,13 @@ def _pickles(obj: Any) -> bool:
 
 
 @pytest.mark.parametrize("depth", [5, 8, 2000])
-def test_a_handle_nested_deep_in_args_is_handed_over(depth: int) -> None:
+def test_a_handle_nested_deep_in_args_is_handed_over(depth: int, start_method: str) -> None:
     with gipc.pipe() as (reader, writer):
         nested = _nest(writer, depth)
         path: List[Any] = []
         for level in reversed(range(depth)):
             path.append("k" if level % 3 == 2 else 0)
-        if START_METHOD != "fork" and not _pickles(nested):
+        if start_method != "fork" and not _pickles(nested):
             # Deeper than this Python's pickle goes (3.13's goes deeper than 3.9-3.12's):
             # spawn and forkserver must pickle the arguments, so the start is refused in
             # the caller, by name, and the handle stays the caller's.

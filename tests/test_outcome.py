@@ -15,7 +15,7 @@ import gipc
 import pytest
 from gipc import ChildDied, GIPCError, RemoteTraceback, UnpicklableOutcome
 from gipc._handles import TRANSPORT
-from conftest import START_METHOD
+from conftest import current_start_method
 from helpers import Ticker
 
 # --- Targets (module level: the child runs them after fork) -------------------------------
@@ -424,7 +424,10 @@ def test_waiting_for_the_result_is_cooperative():
 # interpreter that imports this module, and pytest) or a fork server's child (which
 # imports them too) costs ~100x a fork, so those runs take fewer trials: at a 40 % loss
 # rate, 40 trials all miss it once in a billion.
-TRIALS = 200 if START_METHOD == "fork" else 40
+def trials() -> int:
+    return 200 if current_start_method() == "fork" else 40
+
+
 LARGE = 3 << 20  # a few MiB: the read takes many loop turns
 
 
@@ -453,7 +456,7 @@ def _poll_by_killing(p):
 @pytest.mark.parametrize("target", [make_bytes, make_large_list])
 def test_an_outcome_read_while_the_wait_gives_up_is_kept(poll, target):
     lost = []
-    for trial in range(TRIALS):
+    for trial in range(trials()):
         p = gipc.start_process(target, (LARGE,), capture=True)
         try:
             value = poll(p)

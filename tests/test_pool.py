@@ -23,7 +23,6 @@ from gipc.pool import (
     WorkerCrashed,
     _encode_task,
 )
-from conftest import START_METHOD
 from helpers import Ticker, run_python, wait_gone
 
 # --- Task functions (module level, so they pickle by reference) ---------------------------
@@ -471,10 +470,10 @@ def multiprocessing_children():
     return [p.pid for p in multiprocessing.active_children()]
 
 
-def test_context_manager_leaves_nothing_behind():
+def test_context_manager_leaves_nothing_behind(start_method):
     with ProcessPool(3) as pool:
         pids = set(pool.map(sleep_and_pid, [0.05] * 6))
-    if START_METHOD == "forkserver":
+    if start_method == "forkserver":
         # The fork server's children, not ours: each worker's join returned on its last
         # word (code run, every descriptor closed), and the server reaps it right after.
         for pid in pids:

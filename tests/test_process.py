@@ -17,7 +17,7 @@ import gipc
 from gipc import GIPCClosed, GIPCLocked
 from gipc.gipc import _GProcess
 
-from conftest import LINUX, START_METHOD, child_pids, open_fds
+from conftest import LINUX, child_pids, open_fds
 from helpers import Ticker, fd_targets, run_python
 
 
@@ -94,8 +94,8 @@ class TestProcessObject:
         gevent.joinall(joiners, raise_error=True)
         assert p.exitcode == 0
 
-    @pytest.mark.skipif(
-        START_METHOD == "forkserver",
+    @pytest.mark.not_with_start_method(
+        "forkserver",
         reason="waits with waitid() on the child, which is the fork server's, not ours",
     )
     def test_a_waiting_join_returns_when_another_greenlet_reaps_the_child(self):

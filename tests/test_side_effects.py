@@ -22,7 +22,6 @@ import pytest
 
 import gipc
 
-from conftest import START_METHOD
 from helpers import run_python
 
 FORK = multiprocessing.get_context("fork")
@@ -179,8 +178,8 @@ class TestForkAndWaitpid:
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == -signal.SIGKILL
 
-    @pytest.mark.skipif(
-        START_METHOD == "forkserver",
+    @pytest.mark.not_with_start_method(
+        "forkserver",
         reason="os.wait() would wait for the fork server: the child is the server's, not ours",
     )
     def test_a_program_that_reaps_every_child_does_not_hang_join(self):

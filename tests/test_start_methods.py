@@ -1,6 +1,6 @@
 """Start methods: choosing one, and what holds for "spawn" and "forkserver" children beyond
 what the rest of the suite checks for every method (run it with
-GIPC_TEST_START_METHOD=spawn or forkserver): refusals in the caller, the fork server's
+``--start-methods=fork,spawn,forkserver``): refusals in the caller, the fork server's
 life, and who may talk to it."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from gipc import GIPCError, _forkserver
 from gipc._process import resolve_start_method
 
 from conftest import LINUX, child_pids
-from helpers import pipe_capacity, run_python, run_script, wait_gone
+from helpers import Ticker, pipe_capacity, run_python, run_script, wait_gone
 
 NON_FORK = ["spawn", "forkserver"]
 
@@ -318,16 +318,21 @@ def _own_server() -> Iterator[None]:
     """A fork server of the test's own: the running one is closed first, so the next start
     launches one with the test's settings (environment, preloads, hooks); closed, and
     gone, at the end, so the next test's server is started as usual."""
-    _forkserver._close_at_exit()
-    _forkserver._server = None
+    _drop_server()
     try:
         yield
     finally:
-        started = _forkserver.server_pid()
-        _forkserver._close_at_exit()  # with any spare it offered
-        _forkserver._server = None
-        if started is not None:
-            wait_gone(started)
+        _drop_server()
+
+
+def _drop_server() -> None:
+    """Closes the running fork server (with any spare it offered) and reaps it: no zombie
+    is left for a later test's ``os.wait()`` to find."""
+    running = _forkserver.server_pid()
+    _forkserver._close_at_exit()
+    _forkserver._server = None
+    if running is not None:
+        wait_gone(running)
 
 
 def _forkserver_pid():
@@ -605,6 +610,38 @@ class TestForkServer:
                 taker.join(30)
             assert p.exitcode == -signal.SIGINT
 
+    def test_a_server_closed_while_it_is_busy_is_killed_and_reaped(self, monkeypatch):
+        """A closed server ends when it sees its socket closed; one that is busy
+        meanwhile (a preload that takes a minute, ``stuck_server_start``) is killed after
+        a grace and reaped: neither a server nor a zombie is left behind."""
+        monkeypatch.setattr(_forkserver, "_preload", ["stuck_server_start"])
+        with _own_server():
+            server = _forkserver._current_server()
+            server.close()
+            deadline = time.monotonic() + 10
+            while os.path.exists(f"/proc/{server.pid}") and time.monotonic() < deadline:
+                gevent.sleep(0.05)  # (the reaping greenlet runs meanwhile)
+            assert not os.path.exists(f"/proc/{server.pid}"), "the closed server is left"
+
+    def test_the_caller_s_loop_runs_while_a_new_server_starts(self, monkeypatch):
+        """The first start launches the server and never waits for it synchronously: with
+        a server whose start takes a second longer (its preload, ``slow_server_start``),
+        that start takes the second, and the caller's greenlets run all along."""
+        monkeypatch.setattr(_forkserver, "_preload", ["slow_server_start"])
+        with _own_server():
+            ticker = Ticker()
+            try:
+                started = time.monotonic()
+                p = gipc.start_process(noop, start_method="forkserver")
+                p.join(30)
+                took = time.monotonic() - started
+            finally:
+                ticker.stop()
+            assert p.exitcode == 0
+            assert took >= 1.0, "the server started before its preload was imported"
+            # Blocked, the loop would not have run for a second.
+            assert ticker.max_gap < 0.5 and ticker.ticks > 50, (ticker.max_gap, ticker.ticks)
+
     def test_offers_cut_short_by_the_descriptor_limit_leave_later_starts_whole(self):
         """At its limit of open descriptors, the caller receives the server's next offer
         without its descriptors (MSG_CTRUNC): that offer is dropped, and every start after
@@ -658,8 +695,7 @@ class TestForkServer:
                 time.sleep(0.3)
                 super().__init__()
 
-        _forkserver._close_at_exit()  # this test starts from no server
-        _forkserver._server = None
+        _drop_server()  # this test starts from no server
         monkeypatch.setattr(_forkserver, "_Server", SlowToStart)
         codes = []
 
