@@ -2,6 +2,7 @@
 //! the `gipc-wire` crate for the framing and I/O they drive.
 
 mod buffer;
+mod claims;
 mod errors;
 mod fastcall;
 mod handle;
@@ -14,6 +15,7 @@ use pyo3::prelude::*;
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<handle::Reader>()?;
     m.add_class::<handle::Writer>()?;
+    m.add_class::<claims::ClaimWord>()?;
     fastcall::install(&m.py().get_type::<handle::Writer>())?;
     m.add_function(wrap_pyfunction!(handle::channel, m)?)?;
     m.add_function(wrap_pyfunction!(handle::reader_from_fds, m)?)?;

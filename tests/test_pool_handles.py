@@ -3,7 +3,6 @@ worker that runs it, and the caller's copies close, as with start_process."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
 import signal
@@ -218,34 +217,42 @@ def test_a_pipe_transport_worker_refuses_handles_with_a_clear_error(monkeypatch)
             assert pool.submit(abs, -3).result(timeout=10) == 3
 
 
+def claim_only_the_first_task():
+    """A pool initializer: the worker claims its first task, then waits at its next claim
+    (for a minute): a task sent to it after the first is never started."""
+    from gipc.pool import _claims
+
+    real = _claims.TaskClaims.claim
+    claimed = []
+
+    def claim(self, number):
+        if claimed:
+            time.sleep(60)
+        claimed.append(number)
+        return real(self, number)
+
+    _claims.TaskClaims.claim = claim
+
+
 def test_a_worker_that_dies_before_starting_a_handle_task_fails_it_instead_of_resending():
-    # The window between the handles' going out and the worker's claim of the task is held
-    # open by holding the claim lock the parent shares with the worker: the worker cannot
-    # claim the task. It is killed meanwhile; the task cannot go to another worker, whose
-    # handles are gone: it fails with WorkerCrashed. The pool serves on.
-    with ProcessPool(max_workers=1) as pool:
+    # The worker takes the task off the pipe (its handles have gone) and stops before its
+    # claim; it is killed there. The task cannot go to another worker, whose handles are
+    # gone: it fails with WorkerCrashed. The pool serves on.
+    with ProcessPool(max_workers=1, initializer=claim_only_the_first_task) as pool:
         pid = pool.submit(os.getpid).result()
-        [worker] = pool._workers
-        claims = worker._claims
-        assert claims._lock(True)
-        try:
-            with gipc.pipe() as (reader, writer):
-                future = pool.submit(ignore, writer)
-                while not writer.closed:  # it went with the task
-                    gevent.sleep(0.01)
-                os.kill(pid, signal.SIGKILL)
-                with pytest.raises(WorkerCrashed) as raised:
-                    future.result(timeout=10)
-                assert raised.value.handles_lost and raised.value.pid == pid
-                assert raised.value.exitcode == -signal.SIGKILL
-                assert "cannot go to another worker" in str(raised.value)
-                with pytest.raises(EOFError):
-                    reader.get(timeout=10)  # the writer died with the worker
-        finally:
-            # (A forked worker's lock is a semaphore; the others' a file lock, which went
-            # with its descriptor when the pool retired the worker.)
-            with contextlib.suppress(OSError):
-                claims._unlock()
+        with gipc.pipe() as (reader, writer):
+            future = pool.submit(ignore, writer)
+            while not writer.closed:  # it went with the task
+                gevent.sleep(0.01)
+            os.kill(pid, signal.SIGKILL)
+            with pytest.raises(WorkerCrashed) as raised:
+                future.result(timeout=10)
+            assert raised.value.handles_lost and raised.value.pid == pid
+            assert raised.value.exitcode == -signal.SIGKILL
+            assert "cannot go to another worker" in str(raised.value)
+            with pytest.raises(EOFError):
+                reader.get(timeout=10)  # the writer died with the worker
+        # The next worker claims its first task: it runs.
         assert pool.submit(os.getpid).result(timeout=10) != pid
 
 

@@ -11,6 +11,7 @@ else:
 
 __all__ = [
     "BULK_MIN",
+    "ClaimWord",
     "DONE",
     "GetPath",
     "KIND_BATCH",
@@ -222,3 +223,23 @@ def install_get(cls: type) -> None:
     decoder turns into the object. It calls the instance's ``_get_python(timeout)`` for a
     timeout, a busy handle or a backlog, ``_decode(frame)`` for other frames and
     ``_get_waiting(status)`` when it must wait."""
+
+@final
+class ClaimWord:
+    """The claim word a pool worker shares with its parent (``gipc.pool._claims``): the
+    last task claimed and the last revoked, changed by atomic compare-and-swap only."""
+
+    @staticmethod
+    def anonymous() -> ClaimWord:
+        """A new word in anonymous shared memory, shared with children forked later."""
+    @staticmethod
+    def from_fd(fd: int) -> ClaimWord:
+        """The word at the start of the file ``fd`` refers to, mapped shared."""
+    def claim(self, number: int) -> bool:
+        """In the worker: whether it may run task ``number``."""
+    def revoke(self, through: int) -> int:
+        """In the parent: revokes the unclaimed tasks up to ``through``; the last claimed."""
+    def claimed(self, reference: int) -> int:
+        """The last task claimed; ``reference`` is a task number at or after it."""
+    def close(self) -> None:
+        """Unmaps the word; later calls raise ValueError."""

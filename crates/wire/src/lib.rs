@@ -5,6 +5,7 @@
 //! and the caller waits on gevent's hub.
 
 pub mod budget;
+pub mod claims;
 pub mod frame;
 pub mod growth;
 pub mod io;

@@ -19,10 +19,10 @@ The invariants:
   runs from when the task before it finished (or from when it was sent).
 * **The claim protocol** (:class:`~gipc.pool._claims.TaskClaims`). Both sides number the
   tasks in send order. The worker *claims* a task before it runs it; the parent may
-  *revoke* every task it has sent that is not claimed yet. Both happen under one lock
-  shared with the worker, so a task is run by this worker or handed back, never both and
-  never neither, and a task once claimed is never taken back. The last claim tells the
-  parent which task was running when the worker died.
+  *revoke* every task it has sent that is not claimed yet. Each is one atomic update of a
+  word shared with the worker, so a task is run by this worker or handed back, never both
+  and never neither, and a task once claimed is never taken back. The last claim tells
+  the parent which task was running when the worker died.
 * **What is sent ahead.** A second task goes to a busy worker only while its tasks are
   quick, no other worker is idle or starting, at most ``prefetch`` are in flight, and all
   in flight fit in ``_AHEAD_BYTES`` (far below a pipe's buffer: a send ahead never blocks,
@@ -75,8 +75,6 @@ _QUICK_TASK = 0.001
 #: Tasks are sent ahead only while all in flight fit in this many bytes, far below a pipe's
 #: buffer, so sending ahead never blocks.
 _AHEAD_BYTES = 32 * 1024
-#: How often to try to take back tasks from a worker that is claiming one just then.
-_REVOKE_ATTEMPTS = 20
 #: Exceptions that interrupt the program rather than report a bug.
 _INTERRUPTS = (KeyboardInterrupt, SystemExit)
 
@@ -138,6 +136,10 @@ class _InFlight(collections.deque[Tuple[WorkItem, int, int]]):
 
     def last_number(self) -> int:
         return self[-1][2]
+
+    def last_numbered(self) -> int:
+        """The number of the last task ever sent (0 before the first)."""
+        return self._numbered
 
     def add(self, item: WorkItem, size: int) -> None:
         self._numbered += 1
@@ -498,16 +500,9 @@ class Worker:
         """Hands back the tasks sent to it that it has not started."""
         claims = self._claims
         assert claims is not None
-        for _ in range(_REVOKE_ATTEMPTS):
-            if self.lost or len(self._in_flight) < 2:
-                return
-            started = claims.try_revoke(self._in_flight.last_number())
-            if started is not None:
-                break
-            # The worker is claiming a task this very moment.
-            gevent.sleep(0.001)
-        else:
+        if self.lost or len(self._in_flight) < 2:
             return
+        started = claims.revoke(self._in_flight.last_number())
         taken = self._in_flight.take_unclaimed(started)
         if not taken:
             return
@@ -638,7 +633,7 @@ class Worker:
             if not in_flight:
                 break
             in_flight.pop_oldest().complete(outcome)
-        never_started = in_flight.take_unclaimed(claims.started())
+        never_started = in_flight.take_unclaimed(claims.started(in_flight.last_numbered()))
         for item in in_flight.take_all():
             name = item.name()
             error: BaseException
