@@ -24,7 +24,11 @@ into another's figures. Ratios are computed inside each run, then the median is 
 
 ``--start-methods`` compares gipc.ProcessPool's workers started by fork, by gipc's fork
 server and by spawn instead (tiny and bulk, after the warm-up, so worker start-up is not
-counted): ratios to fork workers.
+counted): one pool of each in one process, and ``--runs`` rounds in which every pool runs
+each workload once, the pools taking turns at going first; ratios to the fork pool's rate
+in the same round. (This VM's speed flips between two states within seconds, 25k to 55k
+tiny tasks a second for the same pool: runs in fresh interpreters, minutes apart, gave
+medians of 0.71 to 0.97 for the same code. Use 30 rounds or more.)
 """
 
 from __future__ import annotations
@@ -209,7 +213,10 @@ def run_all(args: argparse.Namespace, workloads: tuple, impls: list) -> dict:
     runs: dict = {}
     for run in range(args.runs):
         for workload in workloads:
-            for impl in impls:
+            # The implementations take turns at going first: this VM's speed drifts within
+            # seconds, and would otherwise favour whichever always runs in the same place.
+            turn = run % len(impls)
+            for impl in impls[turn:] + impls[:turn]:
                 proc = subprocess.run(
                     [sys.executable, __file__, "--workers", str(args.workers), "--one", impl,
                      workload], capture_output=True, text=True, timeout=300)
@@ -221,22 +228,49 @@ def run_all(args: argparse.Namespace, workloads: tuple, impls: list) -> dict:
 
 
 def compare_start_methods(args: argparse.Namespace) -> None:
-    impls = ["gipc:fork", "gipc:forkserver", "gipc:spawn"]
-    runs = run_all(args, ("tiny", "bulk"), impls)
-    print(f"\ngipc.ProcessPool by start method: {args.workers} workers, median of {args.runs} "
-          f"runs (ratio: to fork workers, same run)")
-    print(f"{'workload':30} " + " ".join(f"{i:>16}" for i in impls) + "  fs/fork spawn/fork")
+    import gipc
+
+    methods = ["fork", "forkserver", "spawn"]
+    pools = {m: gipc.ProcessPool(max_workers=args.workers, start_method=m) for m in methods}
+    payload = b"\x5a" * BULK_SIZE
+    workloads = {
+        "tiny": (tiny, list(range(TINY_TASKS)), lambda seconds: TINY_TASKS / seconds),
+        "bulk": (echo, [payload] * BULK_TASKS,
+                 lambda seconds: 2 * BULK_SIZE * BULK_TASKS / seconds / 1e6),
+    }
+    for pool in pools.values():  # every worker started and warm
+        list(pool.map(tiny, range(4 * args.workers)))
+        list(pool.map(echo, [payload] * (2 * args.workers)))
+    rates: dict = {(w, m): [] for w in workloads for m in methods}
+    for run in range(args.runs):
+        turn = run % len(methods)
+        for workload, (fn, items, rate) in workloads.items():
+            for method in methods[turn:] + methods[:turn]:
+                start = time.perf_counter()
+                results = list(pools[method].map(fn, items))
+                rates[(workload, method)].append(rate(time.perf_counter() - start))
+                assert len(results) == len(items)
+                del results
+        print(f"[round {run + 1}/{args.runs} done]", file=sys.stderr)
+    for pool in pools.values():
+        pool.shutdown()
+    print(f"\ngipc.ProcessPool by start method: {args.workers} workers, {args.runs} rounds "
+          "(median; ratio: to the fork pool in the same round, median (range))")
+    print(f"{'workload':30} " + " ".join(f"{m:>11}" for m in methods)
+          + f"  {'forkserver/fork':>20} {'spawn/fork':>20}")
     table = []
     for workload, key, label in (("tiny", "tasks_per_s", "10,000 tiny tasks (tasks/s)"),
                                  ("bulk", "mb_per_s", "200 x 1 MiB in and out (MB/s)")):
-        values = [statistics.median(r[key] for r in runs[(workload, i)]) for i in impls]
-        ratios = [statistics.median(a[key] / b[key] for a, b in
-                                    zip(runs[(workload, i)], runs[(workload, "gipc:fork")]))
-                  for i in impls[1:]]
-        table.append({"workload": workload, "metric": key, "median": dict(zip(impls, values)),
-                      "ratio_to_fork": dict(zip(impls[1:], ratios))})
-        print(f"{label:30} " + " ".join(f"{v:16.1f}" for v in values)
-              + f"  {ratios[0]:7.2f} {ratios[1]:10.2f}")
+        values = [statistics.median(rates[(workload, m)]) for m in methods]
+        ratios = {m: [a / b for a, b in zip(rates[(workload, m)], rates[(workload, "fork")])]
+                  for m in methods[1:]}
+        table.append({"workload": workload, "metric": key, "median": dict(zip(methods, values)),
+                      "ratio_to_fork": {m: statistics.median(r) for m, r in ratios.items()},
+                      "ratios": ratios})
+        shown = [f"{statistics.median(r):.2f} ({min(r):.2f}-{max(r):.2f})"
+                 for r in ratios.values()]
+        print(f"{label:30} " + " ".join(f"{v:11.1f}" for v in values)
+              + "  " + " ".join(f"{x:>20}" for x in shown))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"command": sys.argv, "table": table}, f, indent=1)

@@ -46,6 +46,13 @@ def test_bench_runs_a_quick_case_of_each_kind() -> None:
         assert lines and not any(word in lines[0] for word in ("error", "timeout")), out
 
 
+def test_pool_bench_compares_start_methods() -> None:
+    out = run_bench("benches/pool_bench.py", "--start-methods", "--runs", "1")
+    for label in ("10,000 tiny tasks", "200 x 1 MiB"):
+        [line] = [line for line in out.splitlines() if line.startswith(label)]
+        assert line.count("(") == 3, line  # a ratio and its range for the two methods
+
+
 def _stallmeter() -> Any:
     path = Path(__file__).resolve().parent.parent / "benches" / "stallmeter.py"
     spec = importlib.util.spec_from_file_location("stallmeter", path)
