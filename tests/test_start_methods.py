@@ -1252,6 +1252,43 @@ def test_handlers_installed_at_the_child_s_own_start_up_are_reset_too(tmp_path, 
     assert masks["SigBlk"] == 0
 
 
+PATCH_ALL = """
+from gevent import monkey
+monkey.patch_all()
+"""
+
+STARTS_UNDER_PATCH_ALL = """
+import sys
+import gipc
+
+def answer(writer, code):
+    with writer:
+        writer.put(("from", code))
+    sys.exit(code)
+
+if __name__ == "__main__":
+    seen = []
+    for code in (3, 4, 5):
+        with gipc.pipe() as (reader, writer):
+            p = gipc.start_process(answer, (writer, code), start_method=sys.argv[1])
+            seen.append(reader.get(timeout=20))
+            p.join(20)
+            seen.append(p.exitcode)
+    print(seen)
+"""
+
+
+@pytest.mark.parametrize("method", NON_FORK)
+def test_children_start_in_a_program_whose_sitecustomize_patches_everything(tmp_path, method):
+    """A sitecustomize (or .pth file) that runs gevent.monkey.patch_all() runs in every
+    interpreter, the fork server's too: the server still serves (it waits with the
+    system's calls, not gevent's, whose hub it never runs; it died at start-up)."""
+    script = tmp_path / "main.py"
+    script.write_text(STARTS_UNDER_PATCH_ALL)
+    seen = _run_with_sitecustomize(script, PATCH_ALL, method)
+    assert seen == [("from", 3), 3, ("from", 4), 4, ("from", 5), 5]
+
+
 @pytest.mark.parametrize("method", NON_FORK)
 def test_a_main_module_without_the_guard_gets_multiprocessing_s_explanation(tmp_path, method):
     script = tmp_path / "unguarded.py"

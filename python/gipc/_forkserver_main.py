@@ -8,7 +8,7 @@ caller's side, and what that imports (gipc's start-up and handle-transfer code, 
 socket module): a child forked from the server that is passed handles, or starts children
 of its own, finds them imported.
 
-**The loop.** One thread, no event loop: a selector over the control socket, the sockets
+**The loop.** One thread, no event loop: a poll over the control socket, the sockets
 of the spares offered to the caller, and a pipe that signals (SIGCHLD) are written to. The
 server forks each child *before* it is asked for one (``_Spare``) and offers it to the
 caller at once (``_offer``); the next spare is forked once the child started has ended
@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import array
 import errno
+import math
 import os
 import pickle
 import select
-import selectors
 import signal
 import socket
 import sys
@@ -56,6 +56,43 @@ from ._forkserver import (
     _socketpair,
 )
 from ._startup_child import run_child
+
+# A sitecustomize or .pth file may have run gevent.monkey.patch_all() in this interpreter
+# before the server's code: gevent's fork, waitpid, select and poll would wait on (and
+# register with) a hub that the server never runs. The system's own calls, always.
+if "gevent.monkey" in sys.modules:
+    from gevent.monkey import get_original
+
+    _fork, _waitpid = get_original("os", ["fork", "waitpid"])
+    _select, _poll = get_original("select", ["select", "poll"])
+else:
+    _fork, _waitpid = os.fork, os.waitpid
+    _select, _poll = select.select, select.poll
+
+
+class _Watched:
+    """The descriptors the server waits on to be readable, each with what it stands for:
+    a ``select.poll`` of the system's (see above), with a selector's few calls."""
+
+    def __init__(self) -> None:
+        self._poll = _poll()
+        self._what: Dict[int, Tuple[Any, Any]] = {}
+
+    def register(self, obj: Any, data: Any = None) -> None:
+        fd = obj if isinstance(obj, int) else obj.fileno()
+        self._poll.register(fd, select.POLLIN)
+        self._what[fd] = (obj, data)
+
+    def unregister(self, obj: Any) -> None:
+        fd = obj if isinstance(obj, int) else obj.fileno()
+        self._poll.unregister(fd)
+        del self._what[fd]
+
+    def ready(self, timeout: Optional[float]) -> List[Tuple[Any, Any]]:
+        """``(obj, data)`` of each that is readable (or at its end, or in error), waiting
+        up to ``timeout`` seconds (``None``: for ever)."""
+        ms = None if timeout is None else math.ceil(timeout * 1000)
+        return [self._what[fd] for fd, _ in self._poll.poll(ms) if fd in self._what]
 
 #: Tests only: in a server started with this set (to a count), that many children forked
 #: for a start request are killed before the handover, as if they had died meanwhile.
@@ -102,10 +139,10 @@ def serve() -> None:
     #: pid -> the server's ends of its start's status socket (one; two only if a spare
     #: was ever handed two requests: both hear its end, neither is kept after it).
     children: Dict[int, List[int]] = {}
-    selector = selectors.DefaultSelector()
-    selector.register(control, selectors.EVENT_READ)
-    selector.register(wake_r, selectors.EVENT_READ)
-    own_fds = [control.fileno(), wake_r, wake_w, selector.fileno()]
+    watched = _Watched()
+    watched.register(control)
+    watched.register(wake_r)
+    own_fds = [control.fileno(), wake_r, wake_w]
     spare: Optional[_Spare] = None
     #: Spares offered to the caller whose word (their start's status socket, or their
     #: end) has not come yet, by pid.
@@ -151,7 +188,7 @@ def serve() -> None:
         nonlocal spare
         if offered.pop(offer.pid, None) is None:
             return  # already heard (its socket's event came in the same batch)
-        selector.unregister(offer.sock)
+        watched.unregister(offer.sock)
         used = _take_report(offer)
         if offer is spare:
             spare = None
@@ -159,8 +196,8 @@ def serve() -> None:
 
     while True:
         timeout = None if spare_due is None else max(0.0, spare_due - time.monotonic())
-        for key, _ in selector.select(timeout):
-            if key.fileobj is control:
+        for obj, data in watched.ready(timeout):
+            if obj is control:
                 message = _receive(control)
                 if message is None:  # the caller is gone (and with us, any spare)
                     os._exit(0)
@@ -169,8 +206,8 @@ def serve() -> None:
                     _init(body[1], body[2])
                     spare = new_spare()
                     # The first start is often queued behind "init": this spare is its.
-                    if spare is not None and not select.select([control], [], [], 0)[0]:
-                        offers_sent[0] += _offer(control, spare, selector, offered)
+                    if spare is not None and not _select([control], [], [], 0)[0]:
+                        offers_sent[0] += _offer(control, spare, watched, offered)
                 elif body[0] == "start":
                     # A spare offered to the caller is the caller's to hand a start to,
                     # unless the caller had not read that offer when it sent this (it
@@ -179,7 +216,7 @@ def serve() -> None:
                     if own is None and spare is not None and body[-1] < offers_sent[0]:
                         own = spare
                         offered.pop(spare.pid, None)
-                        selector.unregister(spare.sock)
+                        watched.unregister(spare.sock)
                         try:
                             control.sendmsg([_framed(("taken", spare.pid))])
                         except OSError:
@@ -198,8 +235,8 @@ def serve() -> None:
                 else:
                     for received in fds:
                         os.close(received)
-            elif isinstance(key.data, _Spare):
-                spare_reported(key.data)
+            elif isinstance(data, _Spare):
+                spare_reported(data)
             else:
                 try:
                     while os.read(wake_r, 4096):
@@ -217,13 +254,13 @@ def serve() -> None:
             spare = new_spare()
             if spare is not None:
                 reaped_lately.pop(spare.pid, None)  # an old child's pid, come round again
-                offers_sent[0] += _offer(control, spare, selector, offered)
+                offers_sent[0] += _offer(control, spare, watched, offered)
 
 
 def _offer(
     control: socket.socket,
     spare: _Spare,
-    selector: selectors.BaseSelector,
+    watched: _Watched,
     offered: Dict[int, _Spare],
 ) -> int:
     """Tells the caller about ``spare`` ahead of its next start: its pid, its pidfd and
@@ -241,7 +278,7 @@ def _offer(
     except OSError:
         return 0  # the caller is gone: we see it next
     offered[spare.pid] = spare
-    selector.register(spare.sock, selectors.EVENT_READ, spare)
+    watched.register(spare.sock, spare)
     return 1
 
 
@@ -369,7 +406,7 @@ class _Spare:
         # waits, and meets the default action once the child unblocks it.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         try:
-            self.pid = os.fork()
+            self.pid = _fork()
         except BaseException:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             ours.close()
@@ -551,7 +588,7 @@ def _doom_for_test(child: _Spare) -> None:
         return
     os.environ[_DOOMED_ENV] = str(doomed - 1)
     os.kill(child.pid, signal.SIGKILL)
-    select.select([child.sock], [], [], 10)  # its end closed: readable, at EOF
+    _select([child.sock], [], [], 10)  # its end closed: readable, at EOF
 
 
 def _reap(children: Dict[int, List[int]], reaped_lately: Dict[int, int]) -> List[int]:
@@ -562,7 +599,7 @@ def _reap(children: Dict[int, List[int]], reaped_lately: Dict[int, int]) -> List
     reaped: List[int] = []
     while True:
         try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
+            pid, status = _waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             return reaped
         except OSError as exc:
