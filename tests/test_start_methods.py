@@ -94,9 +94,10 @@ def _descriptors() -> dict:
 
 
 class TestChoosing:
-    def test_default_is_fork_on_linux_and_spawn_on_macos(self, monkeypatch):
+    @pytest.mark.parametrize("platform, expected", [("linux", "fork"), ("darwin", "spawn")])
+    def test_default_is_fork_on_linux_and_spawn_on_macos(self, monkeypatch, platform, expected):
         monkeypatch.setattr(multiprocessing, "get_start_method", lambda allow_none=False: None)
-        expected = "spawn" if sys.platform == "darwin" else "fork"
+        monkeypatch.setattr(sys, "platform", platform)
         assert resolve_start_method(None) == expected
 
     def test_follows_the_program_s_multiprocessing_setting(self, monkeypatch):
@@ -251,6 +252,8 @@ class TestNonForkChildren:
         assert state["main"] == "__mp_main__" or state["main"] == "__main__"
         assert all(state["handlers"].values()), state["handlers"]
         assert state["blocked"] == []
+        # No hub came with it (the fork server runs none): its own is made when it waits.
+        assert state["hub"], "the child started with a hub"
         if LINUX:
             # Beside stdin/stdout/stderr, /dev/null (the new stdin) and the handle's: the
             # parent sentinel and the exit report, and nothing else of the caller's.
