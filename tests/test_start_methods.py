@@ -338,6 +338,21 @@ def _drop_server() -> None:
         wait_gone(running)
 
 
+def _children_of(pid: int) -> set:
+    """The pids of ``pid``'s children (from /proc)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat[stat.rfind(b")") + 2 :].split()[1]) == pid:
+                found.add(int(entry))
+    return found
+
+
 def _forkserver_pid():
     pid = _forkserver.server_pid()
     return [pid] if pid is not None else []
@@ -755,6 +770,40 @@ class TestForkServer:
                     flags, path = int(fields[3], 16), fields[7:]
                     assert not flags & 0x10000, "a listening socket"  # __SO_ACCEPTCON
                     assert path == [], f"a named socket: {path}"
+        # An unrelated process of the same user tries what the file system offers: opening
+        # each of the server's descriptors through /proc (a socket cannot be opened so) and
+        # writing a start request into whatever opens. The server starts nothing.
+        before = _children_of(server)
+        attempt = run_python(
+            f"""
+            import os, pickle, struct
+            from gipc._forkserver import _framed
+            request = _framed(("start", b"", 0))
+            results = []
+            for fd in sorted(os.listdir("/proc/{server}/fd"), key=int):
+                path = f"/proc/{server}/fd/{{fd}}"
+                try:
+                    target = os.readlink(path)
+                    f = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+                except OSError as exc:
+                    results.append((fd, "refused"))
+                    continue
+                try:
+                    os.write(f, request)
+                    results.append((fd, "written: " + target))
+                except OSError:
+                    results.append((fd, "refused"))
+                finally:
+                    os.close(f)
+            print(results)
+            """
+        )
+        assert attempt.returncode == 0, attempt.stderr
+        assert "written: socket" not in attempt.stdout, attempt.stdout
+        time.sleep(0.3)
+        assert not _children_of(server) - before, "the server started something"
+        assert _forkserver.server_pid() == server
+        gipc.start_process(noop, start_method="forkserver").join()  # and serves on
 
     def test_a_start_interrupted_before_the_server_answered_leaves_its_spare_alone(
         self, monkeypatch
