@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import textwrap
 import threading
 import time
 from typing import Iterator
@@ -745,6 +746,38 @@ class TestForkServer:
         assert p.exitcode == 0
         assert theirs not in (None, _forkserver.server_pid())
         assert not inherited_open
+
+    def test_a_child_has_the_caller_s_resource_limits_as_they_are_now(self, tmp_path):
+        """The server keeps the limits its caller had when it started; a child it forks
+        takes the caller's current ones, as a forked or spawned child has them."""
+        script = tmp_path / "limits.py"
+        script.write_text(
+            textwrap.dedent(
+                """
+            import resource, gipc
+
+            def report(writer):
+                writer.put([resource.getrlimit(r) for r in
+                            (resource.RLIMIT_NOFILE, resource.RLIMIT_CORE)])
+
+            def child_limits():
+                with gipc.pipe() as (r, w):
+                    p = gipc.start_process(report, (w,), start_method="forkserver")
+                    limits = r.get(timeout=20)
+                    p.join(20)
+                return limits
+
+            if __name__ == "__main__":
+                child_limits()  # the server starts with the limits as they are
+                soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft - 7, hard))
+                resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+                print(child_limits() == [(soft - 7, hard), (0, 0)])
+            """
+            )
+        )
+        result = run_script(str(script))
+        assert result.stdout.strip() == "True", result.stdout + result.stderr
 
     def test_nobody_else_can_reach_the_server(self):
         """It has no address: none of its descriptors is a listening socket or a socket

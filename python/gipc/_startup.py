@@ -35,6 +35,8 @@ from . import _child
 from ._startup_child import (
     MAIN_CODE_KEY,
     REFERENCES_KEY,
+    RLIMITS_KEY,
+    caller_rlimits,
     code_key,
     frame_startup_data,
     magic_number,
@@ -217,6 +219,10 @@ class StartupData:
             code = None if main_imported_by_server else main_code(prep.get("init_main_from_path"))
             if code is not None:
                 prep[MAIN_CODE_KEY] = code
+            if method == "forkserver":
+                # Its child is forked from the server, which has our limits as they were
+                # when it started: it takes those we have now.
+                prep[RLIMITS_KEY] = caller_rlimits()
             head = pickle.dumps(prep, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
             raise GIPCTypeError(

@@ -24,7 +24,7 @@ from . import _child
 # anything else of gipc's, and typing would be ~5% of its start-up (see _startup_child).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, List, Optional, Sequence, Tuple
+    from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 #: The flag after ``-c`` on a spawned child's command line (see ``_popen_spawn``).
 SPAWN_FLAG = "--gipc-spawn"
@@ -37,6 +37,40 @@ REFERENCES_KEY = "gipc_references"
 #: Key of the preparation data that carries the main script compiled by the caller
 #: (``_startup.main_code``): (``code_key()`` of the caller, marshalled code).
 MAIN_CODE_KEY = "gipc_main_code"
+
+#: Key of the preparation data that carries the caller's resource limits, for a fork
+#: server's child (which has the server's, as they were when it started): {resource:
+#: (soft, hard)}.
+RLIMITS_KEY = "gipc_rlimits"
+
+
+def caller_rlimits() -> Dict[int, Tuple[int, int]]:
+    """This process's resource limits (``RLIMIT_*``), for its fork server's children."""
+    import resource
+
+    limits = {}
+    for name in dir(resource):
+        if name.startswith("RLIMIT_"):
+            number = getattr(resource, name)
+            try:
+                limits[number] = resource.getrlimit(number)
+            except (OSError, ValueError):
+                continue
+    return limits
+
+
+def take_rlimits(limits: Dict[int, Tuple[int, int]]) -> None:
+    """In a fork server's child: the caller's resource limits instead of the server's,
+    as a forked or spawned child has them. One this process may not set (a hard limit the
+    caller raised, being root, after the server started) stays the server's."""
+    import resource
+
+    for number, wanted in limits.items():
+        try:
+            if resource.getrlimit(number) != wanted:
+                resource.setrlimit(number, wanted)
+        except (OSError, ValueError):
+            continue
 
 
 def magic_number() -> bytes:
@@ -148,6 +182,9 @@ def run_child(
         prep = pickle.loads(data[0])
         references = prep.pop(REFERENCES_KEY, False)
         main_code = prep.pop(MAIN_CODE_KEY, None)
+        limits = prep.pop(RLIMITS_KEY, None)
+        if limits is not None:
+            take_rlimits(limits)
         main_path = None if main_code is None else prep.pop("init_main_from_path", None)
         mp_spawn.prepare(prep)  # the main module last, as prepare() does it
         if main_path is not None:
