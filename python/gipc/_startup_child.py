@@ -48,15 +48,21 @@ def caller_rlimits() -> Dict[int, Tuple[int, int]]:
     """This process's resource limits (``RLIMIT_*``), for its fork server's children."""
     import resource
 
+    global _rlimit_numbers
+    if _rlimit_numbers is None:
+        _rlimit_numbers = sorted(
+            {getattr(resource, name) for name in dir(resource) if name.startswith("RLIMIT_")}
+        )
     limits = {}
-    for name in dir(resource):
-        if name.startswith("RLIMIT_"):
-            number = getattr(resource, name)
-            try:
-                limits[number] = resource.getrlimit(number)
-            except (OSError, ValueError):
-                continue
+    for number in _rlimit_numbers:
+        try:
+            limits[number] = resource.getrlimit(number)
+        except (OSError, ValueError):
+            continue
     return limits
+
+
+_rlimit_numbers: Optional[List[int]] = None
 
 
 def take_rlimits(limits: Dict[int, Tuple[int, int]]) -> None:
