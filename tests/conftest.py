@@ -84,7 +84,10 @@ def fork_server_traces() -> Dict[int, str]:
     server = _forkserver._server
     if _forkserver.server_pid() is None or server is None:
         return {}
-    return {server.pid: "fork server", server.sock.fileno(): "fork server socket"}
+    traces = {server.pid: "fork server", server.sock.fileno(): "fork server socket"}
+    if server.pidfd is not None:
+        traces[server.pidfd] = "fork server pidfd"
+    return traces
 
 
 def open_fds() -> Dict[int, str]:

@@ -183,6 +183,29 @@ def test_tasks_handed_back_run_once_and_in_order(tmp_path, every_task_quick):
     assert sorted(runs(path)) == list(range(300))
 
 
+@pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="sealing needs a memfd")
+def test_a_claims_file_too_short_is_refused_and_the_pool_s_cannot_shrink():
+    # A mapping past a file's end is a SIGBUS at the first access, in the worker and in
+    # the parent: a file too short is refused, and the pool's is sealed against a task
+    # (whose worker holds its descriptor) truncating it.
+    from gipc import _core
+    from gipc.pool._claims import FileTaskClaims
+
+    short = os.memfd_create("short", os.MFD_CLOEXEC)
+    try:
+        with pytest.raises(OSError):
+            _core.ClaimWord.from_fd(short)
+    finally:
+        os.close(short)
+    claims = FileTaskClaims()
+    try:
+        with pytest.raises(PermissionError):
+            os.ftruncate(claims._fd, 0)
+        assert claims.claim(1)
+    finally:
+        claims.close()
+
+
 def test_claims_decide_each_task_once():
     claims = gipc.pool._Claims()
     try:

@@ -1348,12 +1348,18 @@ monkey.patch_all()
 
 STARTS_UNDER_PATCH_ALL = """
 import sys
+import time
 import gipc
 
 def answer(writer, code):
     with writer:
         writer.put(("from", code))
     sys.exit(code)
+
+def wait_long(writer):
+    with writer:
+        writer.put("waiting")
+    time.sleep(60)
 
 if __name__ == "__main__":
     seen = []
@@ -1363,6 +1369,13 @@ if __name__ == "__main__":
             seen.append(reader.get(timeout=20))
             p.join(20)
             seen.append(p.exitcode)
+    # One killed by a signal says nothing itself: the server must reap it and tell.
+    with gipc.pipe() as (reader, writer):
+        p = gipc.start_process(wait_long, (writer,), start_method=sys.argv[1])
+        seen.append(reader.get(timeout=20))
+        p.terminate()
+        p.join(20)
+        seen.append(p.exitcode)
     print(seen)
 """
 
@@ -1370,12 +1383,13 @@ if __name__ == "__main__":
 @pytest.mark.parametrize("method", NON_FORK)
 def test_children_start_in_a_program_whose_sitecustomize_patches_everything(tmp_path, method):
     """A sitecustomize (or .pth file) that runs gevent.monkey.patch_all() runs in every
-    interpreter, the fork server's too: the server still serves (it waits with the
-    system's calls, not gevent's, whose hub it never runs; it died at start-up)."""
+    interpreter, the fork server's too: the server still serves and reaps (it waits, and
+    catches SIGCHLD, with the system's calls, not gevent's, whose hub it never runs; it
+    died at start-up, then never reaped a child)."""
     script = tmp_path / "main.py"
     script.write_text(STARTS_UNDER_PATCH_ALL)
     seen = _run_with_sitecustomize(script, PATCH_ALL, method)
-    assert seen == [("from", 3), 3, ("from", 4), 4, ("from", 5), 5]
+    assert seen == [("from", 3), 3, ("from", 4), 4, ("from", 5), 5, "waiting", -signal.SIGTERM]
 
 
 @pytest.mark.parametrize("method", NON_FORK)

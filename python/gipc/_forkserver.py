@@ -69,7 +69,7 @@ from gevent.socket import wait_read, wait_write
 
 from . import _child
 from ._hub import READ, io_watcher
-from ._popen import CooperativePopen
+from ._popen import CooperativePopen, open_pidfd
 from ._startup import Feeder, StartupData, child_command, preparation_data
 from .exceptions import GIPCError
 
@@ -147,6 +147,10 @@ class _Server:
             raise
         finally:
             theirs.close()
+        # While it is certainly our unreaped child: the end of the server is then waited
+        # for, and a stuck one killed, by this descriptor, never by a pid that someone
+        # else's wait() may have freed for reuse (see _reap_soon).
+        self.pidfd = open_pidfd(self.pid)
         self.sock = ours
         self.owner = os.getpid()
         self.dead = False
@@ -287,9 +291,15 @@ class _Server:
             _child.parent_only_fds.discard(self.sock.fileno())
         self.sock.close()
         self._forget_offers(mine)
+        pidfd, self.pidfd = self.pidfd, None
+        if not mine:
+            _close_quietly(pidfd)
+            return
         # It is our child: no zombie. It exits at once (its socket closed) or is gone.
-        if mine and not _reaped(self.pid):
-            gevent.spawn(_reap_soon, self.pid)
+        if _reaped(self.pid, pidfd):
+            _close_pidfd(pidfd)
+        else:
+            gevent.spawn(_reap_soon, self.pid, pidfd)
 
     def _forget_offers(self, mine: bool = True) -> None:
         """Closes the descriptors of spares offered and not taken (a spare ends when its
@@ -345,10 +355,14 @@ class _Offer:
         self.pidfd = self.sock = -1
 
 
-def _reaped(pid: int) -> bool:
+def _reaped(pid: int, pidfd: Optional[int]) -> bool:
+    """Whether the server has ended and is reaped now (by us, or by somebody else: gevent's
+    SIGCHLD handling, a program's own wait())."""
     try:
+        if pidfd is not None:
+            return os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG) is not None
         return os.waitpid(pid, os.WNOHANG)[0] == pid
-    except ChildProcessError:  # reaped by somebody else (gevent's SIGCHLD handling)
+    except ChildProcessError:
         return True
 
 
@@ -356,21 +370,43 @@ def _reaped(pid: int) -> bool:
 _END_GRACE = 1.0
 
 
-def _reap_soon(pid: int) -> None:
+def _reap_soon(pid: int, pidfd: Optional[int]) -> None:
     """Reaps a server whose socket was closed. It ends as soon as it sees that, unless it
     is busy (importing a slow preload module, say): after ``_END_GRACE`` it is killed,
-    so that it is never left running, or a zombie, for the rest of the caller's life."""
+    so that it is never left running, or a zombie, for the rest of the caller's life. By
+    its pidfd where there is one: its pid may have been reaped by somebody else and reused
+    by now (without a pidfd that risk is the system's, as for any pid)."""
     waited = 0.0
-    while not _reaped(pid):
-        if waited >= _END_GRACE:
-            _log.debug("gipc's fork server (pid %d) did not end when asked to: killed", pid)
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            waited = -float("inf")  # once
-        gevent.sleep(0.01)
-        waited += 0.01
+    try:
+        while not _reaped(pid, pidfd):
+            if waited >= _END_GRACE:
+                _log.debug("gipc's fork server (pid %d) did not end when asked to: killed", pid)
+                try:
+                    if pidfd is not None:
+                        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                    else:
+                        os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                waited = -float("inf")  # once
+            gevent.sleep(0.01)
+            waited += 0.01
+    finally:
+        _close_pidfd(pidfd)
+
+
+def _close_pidfd(pidfd: Optional[int]) -> None:
+    if pidfd is not None:
+        _child.parent_only_fds.discard(pidfd)
+        _close_quietly(pidfd)
+
+
+def _close_quietly(fd: Optional[int]) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 _server: Optional[_Server] = None
@@ -402,6 +438,8 @@ def _forget_server_after_fork() -> None:
             server.sock.close()
         except OSError:
             pass
+        _close_pidfd(server.pidfd)
+        server.pidfd = None
         server._offer_lock = threading.Lock()
         server._forget_offers()
 
@@ -417,6 +455,8 @@ def _close_at_exit() -> None:
         server.dead = True
         server.sock.close()
         server._forget_offers()  # an offered spare's descriptors (it ends with the server)
+        _close_pidfd(server.pidfd)
+        server.pidfd = None
 
 
 atexit.register(_close_at_exit)

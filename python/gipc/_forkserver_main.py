@@ -26,6 +26,7 @@ closing ends the server, and with it any spare waiting.
 
 from __future__ import annotations
 
+import _signal
 import array
 import errno
 import math
@@ -59,7 +60,9 @@ from ._startup_child import run_child
 
 # A sitecustomize or .pth file may have run gevent.monkey.patch_all() in this interpreter
 # before the server's code: gevent's fork, waitpid, select and poll would wait on (and
-# register with) a hub that the server never runs. The system's own calls, always.
+# register with) a hub that the server never runs, and its signal.signal keeps a SIGCHLD
+# handler for that hub instead of installing it. The system's own calls, always (and
+# ``_signal``'s, which gevent does not patch).
 if "gevent.monkey" in sys.modules:
     from gevent.monkey import get_original
 
@@ -112,7 +115,7 @@ def _has_ended(pidfd: Optional[int]) -> bool:
     """Whether the process of ``pidfd`` has ended (a pidfd is readable from then on)."""
     if pidfd is None:
         return False
-    poller = select.poll()
+    poller = _poll()
     poller.register(pidfd, select.POLLIN)
     return bool(poller.poll(0))
 
@@ -130,12 +133,12 @@ def serve() -> None:
     control.setblocking(True)
     # Ctrl-C in a terminal reaches the whole process group: the server outlives it (its
     # callers decide), as multiprocessing's does.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
-    signal.set_wakeup_fd(wake_w)
-    signal.signal(signal.SIGCHLD, lambda *_: None)
+    _signal.set_wakeup_fd(wake_w)
+    _signal.signal(_signal.SIGCHLD, lambda *_: None)
     #: pid -> the server's ends of its start's status socket (one; two only if a spare
     #: was ever handed two requests: both hear its end, neither is kept after it).
     children: Dict[int, List[int]] = {}
@@ -448,7 +451,7 @@ def _run_spare(sock: socket.socket, inherited: List[int]) -> None:
     code = 1
     status_w = -1
     try:
-        signal.set_wakeup_fd(-1)
+        _signal.set_wakeup_fd(-1)
         for fd in inherited:
             try:
                 os.close(fd)

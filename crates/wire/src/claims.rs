@@ -119,10 +119,15 @@ impl SharedWord {
         Ok(Self::at(base))
     }
 
-    /// The first 8 bytes of the file `fd` refers to (at least that long), mapped shared.
+    /// The first 8 bytes of the file `fd` refers to, mapped shared; `EINVAL` if the file
+    /// is shorter (its mapping would raise SIGBUS at the first access). The file must not
+    /// shrink while it is mapped: gipc's is sealed against it where the system can seal.
     pub fn from_fd(fd: BorrowedFd<'_>) -> std::io::Result<Self> {
-        // SAFETY: a new mapping at an address the kernel chooses; the file's length is
-        // the caller's promise (a shorter file raises SIGBUS at the first access).
+        if rustix::fs::fstat(fd)?.st_size < MAPPED as i64 {
+            return Err(rustix::io::Errno::INVAL.into());
+        }
+        // SAFETY: a new mapping at an address the kernel chooses, of a file checked to
+        // hold the 8 bytes accessed.
         let base = unsafe {
             mm::mmap(
                 std::ptr::null_mut(),
@@ -258,6 +263,19 @@ mod tests {
             all,
             (1..=TASKS).collect::<Vec<_>>(),
             "a task ran twice or was lost"
+        );
+    }
+
+    #[test]
+    fn a_file_too_short_for_the_word_is_refused() {
+        let fd = rustix::fs::memfd_create("claims-short", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        rustix::fs::ftruncate(&fd, 4).unwrap();
+        let err = SharedWord::from_fd(std::os::fd::AsFd::as_fd(&fd))
+            .err()
+            .unwrap();
+        assert_eq!(
+            err.raw_os_error(),
+            Some(rustix::io::Errno::INVAL.raw_os_error())
         );
     }
 

@@ -3,6 +3,7 @@ parent and a worker process share (see the claim protocol in :mod:`gipc.pool._wo
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
 from typing import Any, List, Optional, Tuple
@@ -94,15 +95,23 @@ class FileTaskClaims(TaskClaims, DescriptorCarrier):
 
 
 def _unlinked_file(size: int) -> int:
-    """A descriptor of ``size`` bytes of zeroed memory-backed file with no name."""
+    """A descriptor of ``size`` bytes of zeroed memory-backed file with no name, sealed
+    against shrinking where the system can (a worker holds the descriptor too, and a task
+    that truncated the file would make the next claim or take-back a SIGBUS, in the
+    worker and in the parent)."""
     memfd_create = getattr(os, "memfd_create", None)
     if memfd_create is not None:
-        fd: int = memfd_create("gipc-pool-claims", os.MFD_CLOEXEC)
+        fd: int = memfd_create(
+            "gipc-pool-claims", os.MFD_CLOEXEC | getattr(os, "MFD_ALLOW_SEALING", 0)
+        )
     else:  # macOS: a temporary file, unlinked at once
         fd, path = tempfile.mkstemp(prefix="gipc-pool-claims-")
         os.unlink(path)
     try:
         os.ftruncate(fd, size)
+        add_seals = getattr(fcntl, "F_ADD_SEALS", None)
+        if memfd_create is not None and add_seals is not None:
+            fcntl.fcntl(fd, add_seals, fcntl.F_SEAL_SHRINK)
     except BaseException:
         os.close(fd)
         raise
