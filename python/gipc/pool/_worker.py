@@ -385,8 +385,12 @@ class Worker:
             if future.cancelled() or not future.set_running_or_notify_cancel():
                 return True
         item.started = True
-        self._sending = item
         in_flight = self._in_flight
+        if item.carries_handles and in_flight:
+            # Known to hold handles (see below): not pickled again until it can go.
+            self._held.appendleft(item)
+            return False
+        self._sending = item
         with_handles: Optional[HandleTask] = None
         messages: List[bytes] = []
         try:
