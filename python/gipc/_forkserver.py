@@ -359,11 +359,19 @@ def _reaped(pid: int, pidfd: Optional[int]) -> bool:
     """Whether the server has ended and is reaped now (by us, or by somebody else: gevent's
     SIGCHLD handling, a program's own wait())."""
     try:
-        if pidfd is not None:
-            return os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG) is not None
+        if pidfd is not None and _P_PIDFD is not None:
+            try:
+                return os.waitid(_P_PIDFD, pidfd, os.WEXITED | os.WNOHANG) is not None
+            except ChildProcessError:
+                raise
+            except OSError:  # EINVAL: Linux 5.3 has pidfds but cannot wait on them
+                pass
         return os.waitpid(pid, os.WNOHANG)[0] == pid
     except ChildProcessError:
         return True
+
+
+_P_PIDFD: Optional[int] = getattr(os, "P_PIDFD", None)
 
 
 #: How long a closed server may take to end before it is killed.
