@@ -100,7 +100,7 @@ def process_state(pid):
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone before the open, or the read
         return None
     return stat[stat.rfind(b")") + 2 :].split()[0].decode()
 
