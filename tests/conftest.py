@@ -110,11 +110,12 @@ def open_fds() -> Dict[int, str]:
     return result
 
 
-def child_pids() -> Set[int]:
-    """Children of this process, alive or zombie (Linux: read from /proc)."""
+def child_pids(of: "int | None" = None) -> Set[int]:
+    """Children of this process (or of process ``of``), alive or zombie (Linux: read from
+    /proc)."""
     if not LINUX:
         return set()
-    me = os.getpid()
+    me = os.getpid() if of is None else of
     found = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():

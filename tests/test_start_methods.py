@@ -339,21 +339,6 @@ def _drop_server() -> None:
         wait_gone(running)
 
 
-def _children_of(pid: int) -> set:
-    """The pids of ``pid``'s children (from /proc)."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            if int(stat[stat.rfind(b")") + 2 :].split()[1]) == pid:
-                found.add(int(entry))
-    return found
-
-
 def _forkserver_pid():
     pid = _forkserver.server_pid()
     return [pid] if pid is not None else []
@@ -807,7 +792,7 @@ class TestForkServer:
         # each of the server's own descriptors through /proc (a socket cannot be opened
         # so) and writing a start request into whatever opens. The server starts nothing.
         # (Not its standard streams, which it shares with this process and the runner.)
-        before = _children_of(server)
+        before = child_pids(of=server)
         attempt = run_python(
             f"""
             import os, pickle, struct
@@ -838,7 +823,7 @@ class TestForkServer:
         assert "written: socket" not in attempt.stdout, attempt.stdout
         assert "refused" in attempt.stdout, attempt.stdout  # its sockets, at least
         time.sleep(0.3)
-        assert not _children_of(server) - before, "the server started something"
+        assert not child_pids(of=server) - before, "the server started something"
         assert _forkserver.server_pid() == server
         gipc.start_process(noop, start_method="forkserver").join()  # and serves on
 
