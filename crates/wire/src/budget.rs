@@ -10,7 +10,9 @@
 //! handle, a queue, a sleep) that this budget cannot see: it is not counted. Without that
 //! rule a handle used now and then (the pool's task writer, a reply writer) found its slice
 //! expired on every call, and each message waited a turn of the event loop before it went
-//! out. The cost is two looks at the clock per call.
+//! out. The cost is one look at the clock per call that makes no system call (a message
+//! served from the read buffer, a small message written in one go): its start stands for
+//! its end (see [`Budget::end_call`]); two for the others.
 
 use std::time::{Duration, Instant};
 
@@ -38,6 +40,9 @@ pub struct Budget {
     last_end: Option<Instant>,
     /// No work done yet in this slice.
     fresh_slice: bool,
+    /// The current call accounted for a system call, or for enough buffered work to look
+    /// at the clock: not a light call (see [`Budget::end_call`]).
+    heavy_call: bool,
 }
 
 impl Budget {
@@ -50,6 +55,7 @@ impl Budget {
             pending_weight: 0,
             last_end: None,
             fresh_slice: true,
+            heavy_call: false,
         }
     }
 
@@ -66,10 +72,19 @@ impl Budget {
             }
         }
         self.counting_since = Some(now);
+        self.heavy_call = false;
     }
 
-    /// A call ends: its time is added to the slice.
+    /// A call ends: its time is added to the slice. A light call, one that accounted for
+    /// no system call and too little buffered work to look at the clock (a message served
+    /// from the read buffer, ~100 ns), ends as a short call does, without a look: its start
+    /// stands for its end, and its time is counted with the gap after it when that gap is
+    /// short. That saves a clock read (20-30 ns on a 2-core VM) of a ~150 ns `get`.
     pub fn end_call(&mut self) {
+        if !std::mem::take(&mut self.heavy_call) {
+            self.end_short_call();
+            return;
+        }
         if let Some(since) = self.counting_since.take() {
             let now = Instant::now();
             self.spent += now.saturating_duration_since(since);
@@ -121,6 +136,10 @@ impl Budget {
         let Some(slice) = self.slice else {
             return false;
         };
+        if weight >= SYSCALL_WEIGHT {
+            // Accounted before the system call: `end_call` times it.
+            self.heavy_call = true;
+        }
         // Work outside begin_call/end_call (or after a yield inside a call) is counted from
         // its first piece on.
         let since = *self
@@ -136,6 +155,7 @@ impl Budget {
             return false;
         }
         self.pending_weight = 0;
+        self.heavy_call = true;
         let elapsed = match now {
             Some(now) => now.saturating_duration_since(since),
             None => since.elapsed(),
@@ -298,6 +318,64 @@ mod tests {
         std::thread::sleep(Duration::from_micros(1100));
         budget.end_call(); // it went on to do more: counted to its end
         assert!(budget.begin_short_call(), "3.1 ms of 3");
+    }
+
+    #[test]
+    fn a_light_call_ends_without_a_look_and_a_pause_after_it_is_not_counted() {
+        let mut budget = Budget::new(Some(Duration::from_millis(1)));
+        for _ in 0..5 {
+            budget.begin_call();
+            assert!(!budget.spend(BUFFERED_WEIGHT));
+            let before_end = Instant::now();
+            budget.end_call();
+            let ended = budget.last_end.expect("a call ended");
+            assert!(
+                ended <= before_end,
+                "its start stands for its end: no look at the clock"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert!(
+            !budget.spend(BUFFERED_WEIGHT),
+            "the pauses were not this budget's work"
+        );
+    }
+
+    #[test]
+    fn light_calls_in_quick_succession_share_one_slice() {
+        let slice = Duration::from_millis(2);
+        let mut budget = Budget::new(Some(slice));
+        let start = Instant::now();
+        let mut yielded = false;
+        // (A generous bound, as for the other loops of calls.)
+        while !yielded && start.elapsed() < Duration::from_secs(5) {
+            budget.begin_call();
+            yielded = budget.spend(BUFFERED_WEIGHT);
+            budget.end_call();
+        }
+        assert!(
+            yielded,
+            "a tight loop of light calls must be asked to yield"
+        );
+        assert!(start.elapsed() >= slice);
+    }
+
+    #[test]
+    fn a_system_call_is_timed_to_its_end_even_as_a_slice_s_first_work() {
+        // The first piece of work of a slice is never cut, and looks at no clock; the call
+        // is still not a light one: a 3.5 ms read there counts, pause after it or not.
+        // (Only "must yield" is asserted: a stretched sleep cannot make it fail.)
+        let mut budget = Budget::new(Some(Duration::from_millis(3)));
+        budget.begin_call();
+        assert!(
+            !budget.spend(SYSCALL_WEIGHT),
+            "the first piece of work is always done"
+        );
+        std::thread::sleep(Duration::from_micros(3500));
+        budget.end_call();
+        std::thread::sleep(Duration::from_millis(5)); // a pause: not counted
+        budget.begin_call();
+        assert!(budget.spend(SYSCALL_WEIGHT), "3.5 ms of 3");
     }
 
     #[test]
