@@ -157,6 +157,11 @@ pub struct Reader {
     /// (see `Kind::Handles`), with a mark where the kernel dropped some; closed with the
     /// reader.
     fds: ReceivedFds,
+    /// Whether messages may carry descriptors to this reader (`Kind::Handles`). A reader
+    /// that refuses them (one whose codecs are not pickle: its peer may be untrusted)
+    /// closes every descriptor as it comes, so that a peer cannot fill this process's
+    /// table with descriptors attached to ordinary messages.
+    takes_fds: bool,
 }
 
 #[pymethods]
@@ -213,6 +218,22 @@ impl Reader {
         Ok(open_end(&self.end)?
             .lane(self.rx.waiting_lane())
             .as_raw_fd())
+    }
+
+    /// Whether messages may carry descriptors to this reader (True by default); a reader
+    /// that refuses them closes every descriptor that comes, and a message that carries
+    /// some comes without them.
+    #[getter]
+    fn takes_descriptors(&self) -> bool {
+        self.takes_fds
+    }
+
+    #[setter]
+    fn set_takes_descriptors(&mut self, value: bool) {
+        self.takes_fds = value;
+        if !value {
+            self.fds.clear();
+        }
     }
 
     /// Closes the descriptors; returns False if they were closed already.
@@ -272,9 +293,14 @@ impl Reader {
     pub(crate) fn receive(&mut self, py: Python<'_>) -> PyResult<Option<Received>> {
         let end = self.end.as_ref().ok_or_else(errors::closed)?;
         let (rx, fds, transport) = (&mut self.rx, &mut self.fds, self.transport);
+        let takes_fds = self.takes_fds;
         let answer = self
             .spin
-            .attempt(|| receive_once(py, rx, end, transport, fds))?;
+            .attempt(|| receive_once(py, rx, end, transport, fds, takes_fds));
+        if !takes_fds {
+            self.fds.clear();
+        }
+        let answer = answer?;
         if answer.is_none() {
             self.rx.will_wait();
         }
@@ -313,6 +339,7 @@ fn receive_once(
     end: &End,
     transport: Transport,
     fds: &mut ReceivedFds,
+    takes_fds: bool,
 ) -> PyResult<Option<Received>> {
     let alloc = |len| FillingBytes::allocate(py, len);
     let event = match (transport, &end.bulk) {
@@ -344,6 +371,14 @@ fn receive_once(
                 Payload::Owned(filled) => filled.owner,
             };
             if kind == Kind::Handles {
+                if !takes_fds {
+                    // Refused (with the reason) by the Python layer; its descriptors, if
+                    // any came, are closed by the caller.
+                    return Ok(Some(Received::Handles {
+                        payload,
+                        fds: Vec::new(),
+                    }));
+                }
                 let fds = take_fds(payload.bind(py).as_bytes(), fds)?;
                 return Ok(Some(Received::Handles { payload, fds }));
             }
@@ -697,6 +732,7 @@ pub fn reader_from_fds(
         rx: Receiver::resume(max_message_size, budget, buffered),
         spin: SpinPolicy::for_streams(Some(REPLY_SPIN)),
         fds: ReceivedFds::new(),
+        takes_fds: true,
     })
 }
 
@@ -721,6 +757,7 @@ pub fn channel(transport: &str, max_message_size: u64) -> PyResult<(Reader, Writ
             rx: Receiver::new(max_message_size, Budget::new(Some(DEFAULT_SLICE))),
             spin: SpinPolicy::for_streams(Some(REPLY_SPIN)),
             fds: ReceivedFds::new(),
+            takes_fds: true,
         },
         Writer::new(transport, write_end),
     ))

@@ -5,10 +5,14 @@ children, and handles put on a pipe, are built on."""
 
 from __future__ import annotations
 
+import array
 import io
+import json
 import os
 import pickle
 import re
+import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -542,6 +546,88 @@ def _receive_at_the_descriptor_limit(r, out):
     except BaseException as error:  # a second error, or a wedged channel (Timeout)
         later.append(("raised", type(error).__name__, str(error)))
     out.put({"first": first, "fds": (before, after_loss, open_fd_count()), "later": later})
+
+
+def _raw_frame_header(kind, length, bulk_lane=False):
+    """A frame header as gipc's wire format has it (crates/wire/src/frame.rs): what a
+    peer that is not gipc could write."""
+    kind_byte = kind | (0x80 if bulk_lane else 0)
+    return struct.pack("<Q", (0x6770 << 48) | (kind_byte << 40) | length)
+
+
+class TestDescriptorsFromAPeerThatIsNotGipc:
+    def test_a_count_of_descriptors_no_writer_sends_fails_that_message_alone(self):
+        # The count is the peer's word: 2**32 - 1 descriptors would be a 16 GiB
+        # allocation, which aborted the process where address space is limited (RLIMIT_AS
+        # here). A GIPCError for that message; the next is read.
+        script = textwrap.dedent(
+            """
+            import os, resource, struct
+            resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+            import gipc
+            from gipc import GIPCError
+            r, w = gipc.pipe()
+            payload = struct.pack("<I", 0xFFFFFFFF) + b"junk"
+            header = struct.pack("<Q", (0x6770 << 48) | (3 << 40) | len(payload))
+            os.write(w._core.filenos()[0], header + payload)
+            w.put("next")
+            try:
+                r.get(timeout=5)
+            except GIPCError as error:
+                print("GIPCError:", error)
+            print(r.get(timeout=5))
+            """
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        assert "carries 4294967295 descriptors, more than a gipc writer sends" in done.stdout
+        assert done.stdout.rstrip().endswith("next")
+
+    def test_a_reader_that_refuses_handles_closes_descriptors_sent_with_any_message(
+        self, transport
+    ):
+        # A peer attaches descriptors to ordinary messages on a pipe whose codecs are not
+        # pickle (its peer may be untrusted): they close as they come, instead of filling
+        # this process's descriptor table until the reader closes.
+        def encode(o):
+            return json.dumps(o).encode()
+
+        def decode(b):
+            return json.loads(b)
+
+        before = open_fd_count()
+        with gipc.pipe(encoder=encode, decoder=decode) as (r, w):
+            channel = open_fd_count()
+            frame_fd, socket_fd = w._core.filenos()[0], w._core.filenos()[-1]
+            peer = socket.socket(fileno=os.dup(socket_fd))
+            peer.setblocking(True)
+            extra = [os.open(os.devnull, os.O_RDONLY) for _ in range(50)]
+            payload = encode("x" * 20000)
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", extra))]
+            for _ in range(5):
+                if transport == "hybrid":  # the payload on the socket (bulk) lane
+                    os.write(frame_fd, _raw_frame_header(0, len(payload), bulk_lane=True))
+                    peer.sendmsg([payload], rights)
+                else:  # a single socket carries headers and payloads
+                    peer.sendmsg([_raw_frame_header(0, len(payload)) + payload], rights)
+            for fd in extra:
+                os.close(fd)
+            peer.close()
+            for _ in range(5):
+                assert r.get(timeout=5) == "x" * 20000
+            assert open_fd_count() == channel
+            r._core.transfer_state()  # nothing held back: the reader could move
+        assert open_fd_count() == before
+
+    def test_a_reader_that_takes_handles_says_so_to_the_core(self, transport):
+        with gipc.pipe() as (r, w):
+            assert r._takes_handles and r._core.takes_descriptors
+        with gipc.pipe(encoder=None, decoder=None) as (r, w):
+            assert not r._takes_handles and not r._core.takes_descriptors
+            r._takes_handles = True  # what a pool worker does for its tasks pipe
+            assert r._core.takes_descriptors
 
 
 class TestDescriptorsTheKernelDropped:

@@ -69,6 +69,9 @@ class Reader:
     #: True (the default): spin only in the middle of a stream (two messages taken since
     #: the last wait, or a spin that caught one); False: on every wait (replies expected).
     spin_streams_only: bool
+    #: Whether messages may carry descriptors to this reader (True by default); False
+    #: closes every descriptor as it comes, and a message that carries some comes without.
+    takes_descriptors: bool
     @property
     def closed(self) -> bool: ...
     @property

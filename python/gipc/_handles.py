@@ -380,13 +380,22 @@ class _GIPCReader(_GIPCHandle):
         # Unpickled bytes and pickled batches are only accepted when this pipe uses pickle
         # anyway: the kind comes from the peer, and must not bypass a safe decoder.
         self._default_codecs = default_codecs
-        #: Whether messages with gipc handles in them are accepted (they are unpickled):
-        #: with the default codecs, or where gipc set it for a pipe of its own whose writer
-        #: it trusts (a pool worker's tasks).
         self._takes_handles = default_codecs
         # Messages that arrived in one batch frame and were not returned yet.
         self._backlog: "collections.deque[Any]" = collections.deque()
         self._lock_changed()
+
+    @property
+    def _takes_handles(self) -> bool:
+        """Whether messages with gipc handles in them are accepted (they are unpickled):
+        with the default codecs, or where gipc set it for a pipe of its own whose writer it
+        trusts (a pool worker's tasks). A reader that refuses them also closes, as they
+        come, descriptors a peer attaches to any other message."""
+        return self._core.takes_descriptors
+
+    @_takes_handles.setter
+    def _takes_handles(self, value: bool) -> None:
+        self._core.takes_descriptors = value
 
     def _lock_changed(self) -> None:
         decoder = (

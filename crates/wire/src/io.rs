@@ -388,6 +388,9 @@ pub enum FdsError {
     Truncated { expected: usize, came: usize },
     /// Fewer came than the message says, with no sign of loss: they were never sent.
     Missing { came: usize },
+    /// The message says it carries more than a gipc writer ever sends with one message
+    /// ([`MAX_FDS`]): not from a gipc writer. Every descriptor waiting is closed.
+    TooMany { count: usize },
 }
 
 impl std::fmt::Display for FdsError {
@@ -406,6 +409,12 @@ impl std::fmt::Display for FdsError {
                 f,
                 "a message that carries descriptors came without them ({came} came): is the \
                  writer a pipe-only channel, or not gipc?"
+            ),
+            FdsError::TooMany { count } => write!(
+                f,
+                "a message says it carries {count} descriptors, more than a gipc writer sends \
+                 with one message ({MAX_FDS}): is the writer gipc? The descriptors received \
+                 and not yet returned are closed"
             ),
         }
     }
@@ -441,6 +450,11 @@ impl ReceivedFds {
     /// marked costs that message only; descriptors missing without a mark (never sent)
     /// leave none behind, since none can be matched to a message any more.
     pub fn take(&mut self, count: usize) -> Result<Vec<OwnedFd>, FdsError> {
+        if count > MAX_FDS {
+            // The count is the peer's word: checked before anything is allocated for it.
+            self.clear();
+            return Err(FdsError::TooMany { count });
+        }
         let mut taken = Vec::with_capacity(count);
         while taken.len() < count {
             match self.queue.pop_front() {
@@ -856,6 +870,38 @@ mod tests {
         assert!(received.is_empty());
         rustix::io::write(&next[0], b"!").unwrap();
         assert_eq!(rustix::io::read(&qr, &mut buf).unwrap(), 1);
+    }
+
+    #[test]
+    fn a_count_above_what_a_writer_sends_is_refused_before_any_allocation() {
+        // The count comes from the peer: u32::MAX descriptors would be a 16 GiB vector.
+        let (r, w) = rustix::pipe::pipe().unwrap();
+        let mut received = ReceivedFds::new();
+        received.push(w);
+        match received.take(u32::MAX as usize) {
+            Err(err @ FdsError::TooMany { count }) => {
+                assert_eq!(count, u32::MAX as usize);
+                assert!(
+                    err.to_string().contains("more than a gipc writer sends"),
+                    "{err}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // What was waiting is closed: no message can be matched with it any more.
+        assert!(received.is_empty());
+        let mut buf = [0u8; 1];
+        assert_eq!(
+            rustix::io::read(&r, &mut buf).unwrap(),
+            0,
+            "the write end is closed"
+        );
+        assert_eq!(received.take(0).unwrap().len(), 0);
+        received.push(rustix::pipe::pipe().unwrap().1);
+        assert_eq!(
+            received.take(MAX_FDS).unwrap_err(),
+            FdsError::Missing { came: 1 }
+        );
     }
 
     #[test]
