@@ -10,8 +10,6 @@ import inspect
 import time
 from typing import Any, Dict, List, Optional
 
-from _thread import get_ident
-
 import gevent.hub as _gevent_hub
 from gevent._hub_local import get_hub_class, get_hub_if_exists, get_loop, set_hub, set_loop
 from gevent.hub import get_hub
@@ -281,7 +279,11 @@ def _adopt_main_thread() -> bool:
     by comparing with the ident it recorded when ``gevent.hub`` was imported in the parent.
     A child forked from any other thread would get a non-default loop, and a hub that
     passes no ``KeyboardInterrupt`` or ``SystemExit`` to the main greenlet."""
-    ident = get_ident()
+    # The function gevent recorded MAIN_THREAD_IDENT with: the system's thread ident. Not
+    # `_thread.get_ident` as seen from here, which gevent.monkey replaces with a greenlet's
+    # id (a program that imports gipc after patch_all(): every forked child then took
+    # itself for a fork from another thread, and had no child watchers).
+    ident = _gevent_hub.get_thread_ident()
     if _gevent_hub.MAIN_THREAD_IDENT == ident:
         return False
     _gevent_hub.MAIN_THREAD_IDENT = ident

@@ -73,6 +73,21 @@ _allocate_lock = _handles._allocate_lock
 _thread_local: Any = get_original("_thread", "_local")()
 
 
+def _fork_for_this_loop() -> Any:
+    """``os.fork`` as this program sees it, looked up at call time: under gevent.monkey,
+    gevent's fork, which registers the child with gevent's own SIGCHLD handling (its
+    ``os.waitpid`` is the matching wait). That needs a child watcher, which only a default
+    loop has: on a gipc child's own loop on libuv, gevent's fork raises ``TypeError``, and the
+    system's is used (gipc learns of its children's ends itself, see ``_try_reap``)."""
+    fork = os.fork
+    if fork is not _original_fork and not get_hub().loop.default:
+        return _original_fork
+    return fork
+
+
+_original_fork: Any = get_original("os", "fork")
+
+
 class _ThreadMark:
     """One per OS thread, held by a thread-local: a weak reference to it dies, and its
     callback runs in that thread, as the thread ends."""
@@ -439,12 +454,10 @@ class ForkPopen(CooperativePopen):
             # default action. Unblocked earlier, it would run the parent's Python handler
             # in the child, in gipc's start-up code, which would swallow its exception and
             # carry on.
+            fork = _fork_for_this_loop()
             mask = signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
             try:
-                # Looked up at call time: under gevent.monkey this is gevent's fork, which
-                # registers the child with gevent's own SIGCHLD handling, and os.waitpid is
-                # its matching wait.
-                pid = os.fork()
+                pid = fork()
             finally:
                 if os.getpid() == parent_pid:
                     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
