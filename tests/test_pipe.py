@@ -8,6 +8,7 @@ import inspect
 import json
 import os
 import pickle
+import struct
 import sys
 import time
 import weakref
@@ -474,6 +475,55 @@ class TestTimeouts:
                 assert info.value is t
             finally:
                 t.cancel()
+
+    def test_a_started_timeout_is_cancelled_once_a_message_arrives(self):
+        # 1.x: the timeout "is canceled when the first byte of a new message arrives". Left
+        # pending, it fired later in whatever the greenlet did next.
+        with gipc.pipe() as (r, w):
+            w.put("there already")
+            t = gevent.Timeout.start_new(0.1)
+            assert r.get(timeout=t) == "there already"
+            assert not t.pending
+            t = gevent.Timeout.start_new(0.1)
+            gevent.spawn_later(0.02, w.put, "comes while get waits")
+            assert r.get(timeout=t) == "comes while get waits"
+            assert not t.pending
+            w.put_many(["a", "b"])
+            assert r.get() == "a"  # "b" waits in the reader's backlog
+            t = gevent.Timeout.start_new(0.1)
+            assert r.get(timeout=t) == "b"
+            assert not t.pending
+            gevent.sleep(0.15)  # nothing fires in the greenlet's own code
+
+    def test_a_started_timeout_is_cancelled_by_the_first_bytes_of_a_message(self):
+        # The rest of the message comes after the timeout's time: get() still returns it.
+        with gipc.pipe() as (r, w):
+            payload = pickle.dumps("slow to come")
+            frame_fd = w._core.filenos()[0]
+            header = struct.pack("<Q", (0x6770 << 48) | (_core.KIND_ENCODED << 40) | len(payload))
+            os.write(frame_fd, header + payload[:5])
+
+            def receive():
+                t = gevent.Timeout.start_new(0.05)  # fires in the greenlet that started it
+                return r.get(timeout=t)
+
+            getting = gevent.spawn(receive)
+            gevent.sleep(0.15)
+            assert not getting.ready()
+            os.write(frame_fd, payload[5:])
+            assert getting.get(timeout=5) == "slow to come"
+
+    def test_a_started_timeout_stays_the_callers_when_no_message_came(self):
+        r, w = gipc.pipe()
+        w.close()
+        t = gevent.Timeout.start_new(5)
+        try:
+            with pytest.raises(EOFError):
+                r.get(timeout=t)
+            assert t.pending  # no byte came: not get()'s to cancel
+        finally:
+            t.cancel()
+            r.close()
 
     def test_silent_timeout_idiom(self):
         with gipc.pipe() as (r, w):

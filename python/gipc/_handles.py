@@ -422,7 +422,8 @@ class _GIPCReader(_GIPCHandle):
         one is available.
 
         Args:
-            timeout: ``None`` (wait as long as it takes), a started ``gevent.Timeout``, or a
+            timeout: ``None`` (wait as long as it takes), a started ``gevent.Timeout``
+                (cancelled once the first bytes of a message are in, as in gipc 1.x), or a
                 number of seconds. When it expires ``gevent.Timeout`` is raised; a message
                 that was partly received stays buffered and the next ``get`` completes it.
 
@@ -441,7 +442,13 @@ class _GIPCReader(_GIPCHandle):
         it saves the Python frame, ~15% of a 100-byte get); it comes here for a timeout,
         another greenlet's I/O on the handle or a backlog."""
         # A timeout of any kind needs gevent; None does not (until it must wait).
-        if timeout is None or isinstance(timeout, _gevent().Timeout):
+        if timeout is not None and isinstance(timeout, _gevent().Timeout):
+            # The caller's own, started: 1.x's contract is that get() cancels it when the
+            # first bytes of a message arrive, so that it cannot fire later, in whatever
+            # the caller does next.
+            with self._lock:
+                return self._receive(cancel=timeout)
+        if timeout is None:
             if not self._busy.locked():
                 if self._backlog and not self._closed:
                     return self._next_from_backlog()
@@ -511,19 +518,27 @@ class _GIPCReader(_GIPCHandle):
             except EOFError:
                 return
 
-    def _receive(self, frame: Any = _NOT_POLLED) -> Any:
+    def _receive(self, frame: Any = _NOT_POLLED, cancel: Optional[gevent.Timeout] = None) -> Any:
         """Waits as long as it takes for the next message; ``frame`` is what the caller's
-        own ``try_recv()`` returned, if it made one."""
+        own ``try_recv()`` returned, if it made one. ``cancel``: a timeout to cancel once
+        bytes of a message have arrived."""
         if frame is _NOT_POLLED:
             if self._closed:
                 raise GIPCClosed(f"{self!r} is closed")
             if self._backlog:
+                if cancel is not None:
+                    cancel.cancel()
                 return self._next_from_backlog()
             frame = self._core.try_recv()
         core = self._core
         while True:
             if frame.__class__ is tuple:
+                if cancel is not None:
+                    cancel.cancel()
                 return self._decode(frame)
+            if cancel is not None and core.buffered:
+                cancel.cancel()  # the first bytes of the next message are here
+                cancel = None
             if frame == WOULD_BLOCK:
                 self._wait()
             else:
