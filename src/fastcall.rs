@@ -27,6 +27,7 @@ use pyo3::types::PyType;
 use pyo3::{PyTraverseError, PyVisit};
 
 use crate::handle::{Reader, Received, Writer};
+use crate::lock::HandleLock;
 
 /// `METH_FASTCALL | METH_KEYWORDS` (CPython's Include/methodobject.h, unchanged since 3.7).
 const FASTCALL_WITH_KEYWORDS: c_int = 0x0080 | ffi::METH_KEYWORDS;
@@ -114,8 +115,8 @@ impl Codec {
 #[pyclass(module = "gipc._core", frozen)]
 pub struct PutPath {
     writer: Py<Writer>,
-    /// The bound `locked` method of the lock the handle holds while it does I/O.
-    locked: Py<PyAny>,
+    /// The lock the handle holds while it does I/O.
+    lock: Py<HandleLock>,
     codecs: Codec,
     /// `pickle.dumps`, and the protocol to give it.
     dumps: Py<PyAny>,
@@ -130,7 +131,7 @@ impl PutPath {
     #[new]
     fn new(
         writer: Py<Writer>,
-        locked: Py<PyAny>,
+        lock: Py<HandleLock>,
         codecs: &str,
         dumps: Py<PyAny>,
         protocol: Py<PyAny>,
@@ -139,7 +140,7 @@ impl PutPath {
         let codecs = Codec::from_name(codecs, "codecs")?;
         Ok(PutPath {
             writer,
-            locked,
+            lock,
             codecs,
             dumps,
             protocol,
@@ -150,7 +151,7 @@ impl PutPath {
     /// What it holds, for the cycle collector (see `GetPath::__traverse__`).
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
         visit.call(&self.writer)?;
-        visit.call(&self.locked)?;
+        visit.call(&self.lock)?;
         visit.call(&self.dumps)?;
         visit.call(&self.protocol)?;
         visit.call(&self.not_picklable)
@@ -195,7 +196,7 @@ fn route<'py>(
         }
     };
     // Looked at after pickling, as the Python code does (pickling may run any code).
-    if path.locked.bind(py).call0()?.is_truthy()? {
+    if path.lock.get().is_held() {
         return Ok(Route::Locked(kind, payload));
     }
     let progress = path
@@ -281,8 +282,8 @@ unsafe fn put(
 #[pyclass(module = "gipc._core", frozen)]
 pub struct GetPath {
     reader: Py<Reader>,
-    /// The bound `locked` method of the lock the handle holds while it does I/O.
-    locked: Py<PyAny>,
+    /// The lock the handle holds while it does I/O.
+    lock: Py<HandleLock>,
     /// The handle's backlog (messages of a batch not returned yet): a deque, never replaced.
     backlog: Py<PyAny>,
     decoder: Codec,
@@ -298,7 +299,7 @@ impl GetPath {
     #[new]
     fn new(
         reader: Py<Reader>,
-        locked: Py<PyAny>,
+        lock: Py<HandleLock>,
         backlog: Py<PyAny>,
         decoder: &str,
         bytes_as_they_are: bool,
@@ -307,7 +308,7 @@ impl GetPath {
         let decoder = Codec::from_name(decoder, "decoder")?;
         Ok(GetPath {
             reader,
-            locked,
+            lock,
             backlog,
             decoder,
             bytes_as_they_are,
@@ -321,7 +322,7 @@ impl GetPath {
     /// `__clear__`: clearing the handle's `__dict__`, part of any such cycle, drops this.
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
         visit.call(&self.reader)?;
-        visit.call(&self.locked)?;
+        visit.call(&self.lock)?;
         visit.call(&self.backlog)?;
         visit.call(&self.loads)
     }
@@ -386,7 +387,7 @@ unsafe fn get(
     }
     let path = handle.getattr(pyo3::intern!(py, "_get_path"))?;
     let path = path.cast::<GetPath>()?.get();
-    if path.locked.bind(py).call0()?.is_truthy()? || path.backlog.bind(py).is_truthy()? {
+    if path.lock.get().is_held() || path.backlog.bind(py).is_truthy()? {
         let result = handle.call_method1(pyo3::intern!(py, "_get_python"), (py.None(),))?;
         return Ok(result.into_ptr());
     }

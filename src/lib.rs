@@ -6,6 +6,7 @@ mod claims;
 mod errors;
 mod fastcall;
 mod handle;
+mod lock;
 mod signals;
 
 use gipc_wire::send::Progress;
@@ -16,6 +17,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<handle::Reader>()?;
     m.add_class::<handle::Writer>()?;
     m.add_class::<claims::ClaimWord>()?;
+    m.add_class::<lock::HandleLock>()?;
     fastcall::install(&m.py().get_type::<handle::Writer>())?;
     m.add_function(wrap_pyfunction!(handle::channel, m)?)?;
     m.add_function(wrap_pyfunction!(handle::reader_from_fds, m)?)?;

@@ -2,7 +2,7 @@
 and the Python layer waits on gevent's hub."""
 
 import sys
-from typing import Any, Callable, List, Tuple, Union, final
+from typing import Any, Callable, Dict, List, Tuple, Union, final
 
 if sys.version_info >= (3, 12):
     from collections.abc import Buffer
@@ -14,6 +14,7 @@ __all__ = [
     "ClaimWord",
     "DONE",
     "GetPath",
+    "HandleLock",
     "KIND_BATCH",
     "KIND_BYTES",
     "KIND_ENCODED",
@@ -175,6 +176,38 @@ def reset_signal_state() -> List[int]:
     disposition was not SIG_DFL before."""
 
 @final
+class HandleLock:
+    """Who may do I/O on one handle: one greenlet at a time, of whichever OS thread. Every
+    change of its state is made within one call (an exception from a signal handler cannot
+    leave it taken with no greenlet in it); use it as ``with lock as waited:``."""
+
+    def __new__(
+        cls,
+        getcurrent: Callable[[], Any],
+        get_ident: Callable[[], int],
+        new_queue: Callable[[], Any],
+        sleep: Callable[[float], None],
+    ) -> "HandleLock":
+        """``getcurrent``: greenlet's; ``get_ident``: the system's thread ident;
+        ``new_queue``: makes a gevent semaphore (one per thread, its greenlets wait there in
+        order); ``sleep``: a cooperative sleep (while another thread holds the lock)."""
+    def locked(self) -> bool:
+        """Whether a greenlet does I/O on the handle now."""
+    def __enter__(self) -> bool:
+        """Takes the lock, waiting cooperatively; True if that meant waiting. ``GIPCLocked``
+        if the calling greenlet holds it already."""
+    def __exit__(self, *exc_info: object) -> None: ...
+    def acquire(self) -> bool:
+        """``__enter__`` as a call."""
+    def try_acquire(self) -> bool:
+        """Takes the lock only if that needs no wait; True if taken."""
+    def release(self) -> None:
+        """Lets the lock go."""
+    @property
+    def _queues(self) -> Dict[int, Any]:
+        """The per-thread semaphores."""
+
+@final
 class PutPath:
     """What a writer handle's ``put`` (installed by :func:`install_put`) needs, looked up
     once per handle, as its ``_fast`` attribute."""
@@ -182,20 +215,20 @@ class PutPath:
     def __new__(
         cls,
         writer: Writer,
-        locked: Callable[[], bool],
+        lock: HandleLock,
         codecs: str,
         dumps: Callable[[Any, int], bytes],
         protocol: int,
         not_picklable: type,
     ) -> "PutPath":
-        """``locked``: the handle lock's; ``codecs``: "pickle" (``bytes`` as KIND_BYTES,
+        """``lock``: the handle's; ``codecs``: "pickle" (``bytes`` as KIND_BYTES,
         anything else pickled with ``dumps``), "raw" (``bytes`` as KIND_ENCODED) or "other"
         (all of ``put`` in Python); ``not_picklable``: what ``dumps`` raises for a message
         that holds handles."""
 
 def install_put(cls: type) -> None:
     """Replaces ``cls.put`` (keeping its docstring) with one that does the common cases
-    without a Python frame: no greenlet doing I/O on the handle (``_fast.locked()``), a
+    without a Python frame: no greenlet doing I/O on the handle (its lock not held), a
     ``bytes`` message or (pickle codecs) one that pickles, written at once. It calls the
     instance's ``_put_unfinished(status)`` when the message is queued,
     ``_put_with_handles(o)`` for a message with handles and ``_put_python(o)`` for the rest."""
@@ -208,13 +241,13 @@ class GetPath:
     def __new__(
         cls,
         reader: Reader,
-        locked: Callable[[], bool],
+        lock: HandleLock,
         backlog: Any,
         decoder: str,
         bytes_as_they_are: bool,
         loads: Callable[[bytes], Any],
     ) -> "GetPath":
-        """``locked``: the handle lock's; ``backlog``: the handle's deque of messages not
+        """``lock``: the handle's; ``backlog``: the handle's deque of messages not
         returned yet; ``decoder``: "pickle" (``loads``), "raw" (payloads as they came) or
         "other" (the handle's ``_decode``); ``bytes_as_they_are``: whether KIND_BYTES
         frames are returned as they came (both ends use pickle)."""
@@ -222,7 +255,7 @@ class GetPath:
 def install_get(cls: type) -> None:
     """Replaces ``cls.get`` (keeping its docstring) with one that does the common cases
     without a Python frame: no timeout, no greenlet doing I/O on the handle
-    (``_get_path.locked()``), no backlog, a message there at once that pickle or no
+    (its lock not held), no backlog, a message there at once that pickle or no
     decoder turns into the object. It calls the instance's ``_get_python(timeout)`` for a
     timeout, a busy handle or a backlog, ``_decode(frame)`` for other frames and
     ``_get_waiting(status)`` when it must wait."""

@@ -22,7 +22,6 @@ import weakref
 from typing import (
     Any,
     Callable,
-    Dict,
     Iterable,
     Iterator,
     List,
@@ -37,7 +36,6 @@ from typing import (
 
 if TYPE_CHECKING:
     import gevent
-    from gevent.lock import Semaphore
 
 from . import _core
 from .exceptions import GIPCClosed, GIPCError, GIPCLocked, GIPCTypeError, GIPCValueError
@@ -130,96 +128,29 @@ else:
     _start_new_thread = _thread.start_new_thread
 
 
-class _HandleLock:
-    """Who may do I/O on one handle: one greenlet at a time, of whichever OS thread.
+def _HandleLock() -> "_core.HandleLock":
+    """Who may do I/O on one handle: one greenlet at a time, of whichever OS thread (see
+    ``HandleLock`` in ``src/lock.rs``: every change of its state is one call, so that an
+    exception a signal handler raises cannot leave it taken with no greenlet in it)."""
+    return _core.HandleLock(_getcurrent, _thread_ident, _new_semaphore, _cooperative_sleep)
 
-    gevent's semaphores belong to one thread's hub; sharing one between threads (each
-    waiting on its own hub) can deadlock. So the exclusion itself is a real lock that no one
-    ever blocks on, and waiting is split by kind: greenlets of one thread queue on that
-    thread's own semaphore (woken in order, through their hub), and the single greenlet a
-    thread lets through, if it finds another thread holding the lock, sleeps cooperatively
-    and looks again (from 1 ms, backing off to 5 ms). Only programs that share a handle
-    between threads ever take that path.
-    """
 
-    __slots__ = ("held", "_queues", "_owner")
+def _getcurrent() -> Any:
+    from greenlet import getcurrent
 
-    def __init__(self) -> None:
-        #: Locked while someone does I/O; handles read its ``locked()`` on their fast paths.
-        self.held = _allocate_lock()
-        self._queues: Dict[int, Semaphore] = {}
-        #: The greenlet that holds ``held`` (None when free).
-        self._owner: Any = None
+    return getcurrent()
 
-    def locked(self) -> bool:
-        return self.held.locked()  # type: ignore[no-any-return]
 
-    def acquire(self) -> bool:
-        """Takes the lock; True if that meant waiting (other greenlets or threads ran
-        meanwhile, so what the caller saw of the channel before may be stale)."""
-        from greenlet import getcurrent
+def _new_semaphore() -> Any:
+    from gevent.lock import Semaphore
 
-        current = getcurrent()
-        if self._owner is current:
-            # The greenlet using the handle asked for it again: a decoder that calls get()
-            # on its own reader, say. Waiting would be waiting for itself.
-            raise GIPCLocked(
-                "this greenlet is already using the handle (a codec that uses its own "
-                "handle?): it would wait for itself for ever"
-            )
-        ident = _thread_ident()
-        queue = self._queues.get(ident)
-        if queue is None:
-            from gevent.lock import Semaphore
+    return Semaphore()
 
-            queue = self._queues.setdefault(ident, Semaphore())
-        waited = not queue.acquire(blocking=False)
-        if waited:
-            queue.acquire()
-        try:
-            delay = 0.001  # libuv's timer resolution
-            while not self.held.acquire(False):
-                waited = True
-                from gevent import sleep
 
-                sleep(delay)
-                delay = min(delay * 2, 0.005)
-        except BaseException:
-            queue.release()
-            raise
-        self._owner = current
-        return waited
+def _cooperative_sleep(seconds: float) -> None:
+    from gevent import sleep
 
-    def try_acquire(self) -> bool:
-        """Takes the lock only if that needs no wait (nobody holds it or queues for it in
-        this thread); True if taken. For a handle that travels in a message: held by the
-        ``put`` that sends it, never waited for."""
-        ident = _thread_ident()
-        queue = self._queues.get(ident)
-        if queue is None:
-            from gevent.lock import Semaphore
-
-            queue = self._queues.setdefault(ident, Semaphore())
-        if not queue.acquire(blocking=False):
-            return False
-        if not self.held.acquire(False):
-            queue.release()
-            return False
-        from greenlet import getcurrent
-
-        self._owner = getcurrent()
-        return True
-
-    def release(self) -> None:
-        self._owner = None
-        self.held.release()
-        self._queues[_thread_ident()].release()
-
-    def __enter__(self) -> None:
-        self.acquire()
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.release()
+    sleep(seconds)
 
 
 class _NotPicklable(GIPCTypeError):
@@ -258,8 +189,8 @@ class _GIPCHandle:
     def __init__(self, core: Union[_core.Reader, _core.Writer]) -> None:
         self._core = core
         self._lock = _HandleLock()
-        #: ``self._lock.held``, looked up once: the fast paths ask it whether I/O is going on.
-        self._busy = self._lock.held
+        #: The fast paths ask it whether I/O is going on.
+        self._busy = self._lock
         self._watcher: Any = None
         self._watcher_hub: Any = None
         self._watcher_fd = -1
@@ -308,7 +239,7 @@ class _GIPCHandle:
         self._watcher_hub = None
         if keep:
             self._lock = _HandleLock()
-            self._busy = self._lock.held
+            self._busy = self._lock
             self._lock_changed()
         else:
             self._release()
@@ -404,7 +335,7 @@ class _GIPCReader(_GIPCHandle):
         )
         #: What ``get`` (in ``_core``, see below the class) needs, looked up once.
         self._get_path = _core.GetPath(
-            self._core, self._busy.locked, self._backlog, decoder, self._default_codecs,
+            self._core, self._lock, self._backlog, decoder, self._default_codecs,
             _pickle_loads,
         )
 
@@ -478,11 +409,8 @@ class _GIPCReader(_GIPCHandle):
         ``try_recv`` said): waits for it under the lock. Unless taking the lock meant
         waiting too (another greenlet or thread got there first: that look may be stale,
         the message it waits for taken into the buffer since), carries on from that look."""
-        waited = self._lock.acquire()
-        try:
+        with self._lock as waited:
             return self._receive() if waited else self._receive(frame)
-        finally:
-            self._lock.release()
 
     def get_many(self, max_items: int = 1000) -> List[Any]:
         """Return the next message and, without waiting further, up to ``max_items - 1`` more
@@ -612,7 +540,7 @@ class _GIPCWriter(_GIPCHandle):
         codecs = "pickle" if self._default_codecs else "raw" if self._encoder is None else "other"
         #: What ``put`` (in ``_core``, see below the class) needs, looked up once.
         self._fast = _core.PutPath(
-            self._core, self._busy.locked, codecs, _dumps, _PICKLE_PROTOCOL, _NotPicklable
+            self._core, self._lock, codecs, _dumps, _PICKLE_PROTOCOL, _NotPicklable
         )
 
     def put(self, o: Any) -> None:
@@ -661,14 +589,11 @@ class _GIPCWriter(_GIPCHandle):
 
     def _put_unfinished(self, status: int) -> None:
         """Finishes a ``put`` whose message is queued, under the lock."""
-        waited = self._lock.acquire()
-        try:
+        with self._lock as waited:
             if waited:
                 # Others wrote meanwhile, and may have flushed this message with theirs.
                 status = self._core.try_flush()
             self._finish(status)
-        finally:
-            self._lock.release()
 
     def _put_with_handles(self, o: Any) -> None:
         """``put(o)`` where ``o`` holds gipc handles: their descriptors travel with the
