@@ -671,6 +671,86 @@ def test_without_prefetch_a_long_task_holds_nothing_back(every_task_quick):
         assert slow.result(timeout=20) == "slow"
 
 
+def test_after_shutdown_a_free_worker_takes_back_what_was_sent_ahead(every_task_quick):
+    """A worker that becomes free after shutdown() takes back the tasks sent ahead to a
+    busy one before it takes its stop mark (it exited, and they waited behind the long
+    task: the end of a `with ProcessPool()` block could wait hours with a worker idle)."""
+    pool = ProcessPool(2, prefetch=8)
+    try:
+        assert list(pool.map(square, range(10))) == [x * x for x in range(10)]
+        other = pool.submit(sleep_and_pid, 0.5)
+        wait_until_running(other)
+        # The idle worker takes the long task, then (the other one busy) these behind it.
+        long = pool.submit(sleep_and_pid, 4)
+        quick = [pool.submit(pid_of_worker) for _ in range(4)]
+        for future in [long, *quick]:
+            wait_until_running(future)
+        pool.shutdown(wait=False)
+        done, _ = cf.wait(quick, timeout=3)
+        assert done == set(quick), "tasks sent ahead waited behind the long task"
+        assert {f.result() for f in quick} == {other.result()}
+        assert long.result(timeout=20) != other.result()
+    finally:
+        pool.shutdown(wait=True)
+
+
+def test_shutdown_waiting_from_a_done_callback_raises_and_the_pool_still_ends(caplog):
+    """A done-callback runs in a greenlet that serves a worker: it cannot wait for the
+    pool's end (two such callbacks waited for each other for ever). As with
+    concurrent.futures, shutdown(wait=True) there raises RuntimeError (logged with the
+    callback), the shutdown goes on, and every result arrives."""
+    pool = ProcessPool(2)
+    futures = [pool.submit(sleep_and_return, 0.2, i) for i in range(2)]
+    errors = []
+
+    def shut_down(_):
+        try:
+            pool.shutdown(wait=True)
+        except RuntimeError as error:
+            errors.append(error)
+            raise
+
+    for future in futures:
+        future.add_done_callback(shut_down)
+    with gevent.Timeout(20):
+        assert [f.result() for f in futures] == [0, 1]
+        pool.shutdown(wait=True)
+    assert len(errors) == 2 and all("done-callbacks" in str(e) for e in errors)
+    assert not pool._workers
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        pool.submit(square, 2)
+
+
+def _use_a_pool_and_leave_it_running():
+    pool = ProcessPool(2)
+    assert pool.submit(square, 3).result(timeout=20) == 9
+
+
+def test_a_pool_left_running_in_a_child_is_shut_down_when_the_child_ends():
+    """A child runs multiprocessing's exit handler, not atexit's: it joined the pool's
+    workers, which no one told to stop, and the child never ended."""
+    child = gipc.start_process(_use_a_pool_and_leave_it_running)
+    child.join(30)
+    try:
+        assert child.exitcode == 0
+    finally:
+        if child.exitcode is None:
+            child.kill()
+            child.join()
+
+
+def test_result_waiters_wake_before_done_callbacks_run():
+    """As in concurrent.futures: a callback that waits does not hold back the greenlets
+    waiting in result() (they waited until every callback had returned)."""
+    with ProcessPool(1) as pool:
+        future = pool.submit(sleep_and_return, 0.1, "done")
+        released = gevent.event.Event()
+        future.add_done_callback(lambda _: released.wait(20))
+        waiter = gevent.spawn(future.result)
+        assert waiter.get(timeout=10) == "done"
+        released.set()
+
+
 def test_crash_fails_its_task_and_those_sent_behind_it_run_once(tmp_path, every_task_quick):
     path = tmp_path / "runs"
     with ProcessPool(1) as pool:

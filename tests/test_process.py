@@ -79,6 +79,16 @@ class TestProcessObject:
         p.kill()
         p.join()
 
+    def test_a_nan_timeout_is_refused_whether_the_child_runs_or_ended(self):
+        p = gipc.start_process(sleep_for, args=(30,))
+        with pytest.raises(ValueError, match="NaN"):
+            p.join(float("nan"))
+        p.kill()
+        p.join()
+        with pytest.raises(ValueError, match="NaN"):
+            p.join(float("nan"))
+        assert p.exitcode == -signal.SIGKILL
+
     def test_join_is_cooperative(self):
         ticker = Ticker(0.01)
         try:

@@ -160,6 +160,10 @@ class _GProcess(multiprocessing.Process):
         a child whose outcome is larger than the pipe's buffer cannot exit before someone
         reads it, so a plain join would wait for ever.
         """
+        if timeout is not None and timeout != timeout:
+            # Refused whatever the state of the child (a child that had ended returned at
+            # once, one still running raised).
+            raise ValueError("a timeout cannot be NaN")
         captured = self._captured
         if captured is not None and captured.receiver is not None:
             self._check_closed()  # type: ignore[attr-defined]

@@ -109,22 +109,41 @@ class Future(cf.Future[_T]):
         return True
 
     def set_result(self, result: Any) -> None:
-        """For the pool: complete the future with ``result`` and wake its waiters."""
-        super().set_result(result)
-        self._wake_waiters()
+        """For the pool: complete the future with ``result``, wake its waiters, then run
+        its done-callbacks (as ``concurrent.futures`` does: a callback that waits delayed
+        every greenlet in ``result()`` until it returned)."""
+        self._finish(result, None)
 
     def set_exception(self, exception: Optional[BaseException]) -> None:
-        """For the pool: fail the future with ``exception`` and wake its waiters."""
-        super().set_exception(exception)
+        """For the pool: fail the future with ``exception``, wake its waiters, then run its
+        done-callbacks."""
+        self._finish(None, exception)
+
+    def _finish(self, result: Any, exception: Optional[BaseException]) -> None:
+        # What cf.Future.set_result/set_exception do, with the cooperative waiters woken
+        # before the callbacks run (their own waiters, cf.wait's, are told inside).
+        with self._condition:
+            if self._state in (cf._base.CANCELLED, cf._base.CANCELLED_AND_NOTIFIED,
+                               cf._base.FINISHED):
+                raise cf.InvalidStateError(f"{self._state}: {self!r}")
+            self._result = result
+            self._exception = exception
+            self._state = cf._base.FINISHED
+            for waiter in self._waiters:
+                if exception is None:
+                    waiter.add_result(self)
+                else:
+                    waiter.add_exception(self)
+            self._condition.notify_all()
         self._wake_waiters()
+        self._invoke_callbacks()  # type: ignore[attr-defined]
 
     def _wake_waiters(self) -> None:
         if self._done_event is not None:
             self._done_event.set()
 
     def _wait_done(self, timeout: Optional[float]) -> None:
-        # done(), not the event: done-callbacks (which may ask for the result) run inside
-        # set_result, before the event is set.
+        # done() first: most futures are done before anybody asks.
         if self.done():
             return
         if self._done_event is None:

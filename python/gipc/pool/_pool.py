@@ -7,6 +7,7 @@ import atexit
 import concurrent.futures as cf
 import itertools
 import logging
+import multiprocessing.util as mp_util
 import os
 import pickle
 import time
@@ -66,6 +67,22 @@ _MAX_START_FAILURES = 6
 
 
 _live_pools: "weakref.WeakSet[ProcessPool]" = weakref.WeakSet()
+
+#: The process whose multiprocessing exit handler shuts its pools down (see
+#: ``_shut_down_at_exit_here``).
+_exit_hook_pid: Optional[int] = None
+
+
+def _shut_down_at_exit_here() -> None:
+    """Makes this process's pools shut down when it exits, also where ``atexit`` does not
+    run: a gipc (or multiprocessing) child runs only multiprocessing's exit handler, which
+    joins the pool's workers; with no one to tell them to stop, the child never ended. A
+    finalizer of that handler runs before it joins them (once per process: a forked child
+    starts with an empty list of finalizers)."""
+    global _exit_hook_pid
+    if _exit_hook_pid != os.getpid():
+        _exit_hook_pid = os.getpid()
+        mp_util.Finalize(None, _shut_pools_down_at_exit, exitpriority=10)
 
 
 #: How long submitting a large map() may keep the event loop busy before it yields.
@@ -193,7 +210,10 @@ class ProcessPool(cf.Executor):
         self._shutdown = False
         self._broken: Optional[str] = None
         self._broken_cause: Optional[BaseException] = None
+        #: The process it belongs to (a forked child inherits the object, not the pool).
+        self._pid = os.getpid()
         _live_pools.add(self)
+        _shut_down_at_exit_here()
 
     # -- The Executor API --
 
@@ -300,8 +320,17 @@ class ProcessPool(cf.Executor):
                 self._queue.put(None)
         if wait:
             current = gevent.getcurrent()
+            if any(w.serving is current for w in self._workers):
+                # A done-callback runs in the greenlet that serves a worker, which cannot
+                # wait for itself (two such callbacks waited for each other for ever).
+                # concurrent.futures raises the same way; the shutdown goes on.
+                raise RuntimeError(
+                    "cannot wait for a pool to shut down from one of its own done-callbacks "
+                    "(they run in the greenlets that serve its workers): the shutdown is "
+                    "started, wait for it elsewhere, or call shutdown(wait=False) there"
+                )
             while True:
-                serving = [w.serving for w in self._workers if w.serving is not current]
+                serving = [w.serving for w in self._workers]
                 if not serving:
                     break
                 gevent.joinall(serving)
@@ -438,7 +467,10 @@ class ProcessPool(cf.Executor):
         return item
 
     def _has_queued(self) -> bool:
-        return len(self._queue) > 0
+        """Whether a task waits in the queue (not only stop marks: a worker about to take
+        one first takes back what other workers were sent ahead, so that after a
+        shutdown nothing waits behind a long task while a worker exits)."""
+        return self._queue.has_tasks()
 
     def _others_may_take(self) -> bool:
         """Whether a worker is idle or starting (so none should be sent a task ahead)."""
@@ -553,4 +585,5 @@ def _usable_cpus() -> int:
 @atexit.register
 def _shut_pools_down_at_exit() -> None:
     for pool in list(_live_pools):
-        pool._shutdown_at_exit()
+        if pool._pid == os.getpid():
+            pool._shutdown_at_exit()

@@ -25,6 +25,10 @@ class TaskQueue:
     def __len__(self) -> int:
         return len(self._items)
 
+    def has_tasks(self) -> bool:
+        """Whether a task waits (stop marks, always behind the tasks, do not count)."""
+        return bool(self._items) and self._items[0] is not None
+
     def put(self, item: Optional[WorkItem]) -> None:
         self._items.append(item)
         self._count.release()
