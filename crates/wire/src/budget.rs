@@ -226,8 +226,9 @@ mod tests {
         assert!(budget.spend(SYSCALL_WEIGHT));
     }
 
-    #[test]
-    fn calls_in_quick_succession_share_one_slice() {
+    /// Calls in a tight loop, each accounting `weight`: whether one was asked to yield,
+    /// and not before the slice had passed.
+    fn a_tight_loop_is_asked_to_yield(weight: u32) -> bool {
         let slice = Duration::from_millis(2);
         let mut budget = Budget::new(Some(slice));
         let start = Instant::now();
@@ -236,14 +237,19 @@ mod tests {
         // PAUSE, which do not count, and the 2 ms of counted time take longer to gather.)
         while !yielded && start.elapsed() < Duration::from_secs(5) {
             budget.begin_call();
-            yielded = budget.spend(SYSCALL_WEIGHT);
+            yielded = budget.spend(weight);
             budget.end_call();
         }
+        assert!(start.elapsed() >= slice);
+        yielded
+    }
+
+    #[test]
+    fn calls_in_quick_succession_share_one_slice() {
         assert!(
-            yielded,
+            a_tight_loop_is_asked_to_yield(SYSCALL_WEIGHT),
             "many short calls in a row must still be asked to yield"
         );
-        assert!(start.elapsed() >= slice);
     }
 
     #[test]
@@ -343,21 +349,10 @@ mod tests {
 
     #[test]
     fn light_calls_in_quick_succession_share_one_slice() {
-        let slice = Duration::from_millis(2);
-        let mut budget = Budget::new(Some(slice));
-        let start = Instant::now();
-        let mut yielded = false;
-        // (A generous bound, as for the other loops of calls.)
-        while !yielded && start.elapsed() < Duration::from_secs(5) {
-            budget.begin_call();
-            yielded = budget.spend(BUFFERED_WEIGHT);
-            budget.end_call();
-        }
         assert!(
-            yielded,
+            a_tight_loop_is_asked_to_yield(BUFFERED_WEIGHT),
             "a tight loop of light calls must be asked to yield"
         );
-        assert!(start.elapsed() >= slice);
     }
 
     #[test]
