@@ -15,6 +15,13 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def raw_header(length: int, kind: int = 0, bulk_lane: bool = False) -> bytes:
+    """A frame header as gipc's wire format has it (crates/wire/src/frame.rs: magic, kind,
+    the bulk-lane flag, length): what a peer that is not gipc could write."""
+    kind_byte = kind | (0x80 if bulk_lane else 0)
+    return ((0x6770 << 48) | (kind_byte << 40) | length).to_bytes(8, "little")
+
+
 class Ticker:
     """A greenlet that ticks every ``interval`` seconds and records the longest gap: proof
     that the event loop kept running."""

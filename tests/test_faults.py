@@ -30,19 +30,14 @@ import gipc
 from gipc import GIPCError
 from gipc import _handles
 
-from helpers import ROOT, run_python
+from helpers import ROOT, raw_header, run_python
 
-HEADER_MAGIC = 0x6770 << 48
 KIND_ENCODED, KIND_BYTES, KIND_BATCH = 0, 1, 2
 MIB = 1 << 20
 
 #: Seconds within which a fault must surface as an error. Generous for a loaded CI machine;
 #: the measured delays are a few milliseconds (docs/reliability.md).
 PROMPT = 5.0
-
-
-def raw_header(length: int, kind: int = KIND_ENCODED) -> bytes:
-    return (HEADER_MAGIC | (kind << 40) | length).to_bytes(8, "little")
 
 
 def raw_frame(payload: bytes, kind: int = KIND_ENCODED) -> bytes:

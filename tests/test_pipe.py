@@ -8,7 +8,6 @@ import inspect
 import json
 import os
 import pickle
-import struct
 import sys
 import time
 import weakref
@@ -22,13 +21,7 @@ from gipc import GIPCClosed, GIPCError, GIPCLocked, _core
 from gipc.gipc import _GIPCDuplexHandle, _GIPCHandle, _GIPCReader, _GIPCWriter
 
 from conftest import open_fds
-from helpers import Ticker
-
-HEADER_MAGIC = 0x6770 << 48
-
-
-def raw_header(length: int, kind: int = 0) -> bytes:
-    return (HEADER_MAGIC | (kind << 40) | length).to_bytes(8, "little")
+from helpers import Ticker, raw_header
 
 
 def decode_unless_bad(b: bytes) -> bytes:
@@ -500,7 +493,7 @@ class TestTimeouts:
         with gipc.pipe() as (r, w):
             payload = pickle.dumps("slow to come")
             frame_fd = w._core.filenos()[0]
-            header = struct.pack("<Q", (0x6770 << 48) | (_core.KIND_ENCODED << 40) | len(payload))
+            header = raw_header(len(payload), _core.KIND_ENCODED)
             os.write(frame_fd, header + payload[:5])
 
             def receive():

@@ -12,7 +12,6 @@ import os
 import pickle
 import re
 import socket
-import struct
 import subprocess
 import sys
 import textwrap
@@ -30,6 +29,8 @@ from gipc._transfer import (
     dumps_with_handles,
     loads_with_handles,
 )
+
+from helpers import raw_header
 
 PYTHON_DIR = os.path.dirname(os.path.dirname(os.path.abspath(gipc.__file__)))
 BIG = bytes(range(256)) * (12 << 12)  # 12 MiB: the bulk lane on a hybrid channel
@@ -93,7 +94,7 @@ class TestWithinOneProcess:
         r, w = gipc.pipe(encoder=None, decoder=None)
         w.put(b"whole")
         # Half a frame: the header and part of the payload; the reader has taken it in.
-        header = (0x6770 << 48 | gipc._core.KIND_ENCODED << 40 | 5).to_bytes(8, "little")
+        header = raw_header(5, gipc._core.KIND_ENCODED)
         frame = header + b"hal"
         os.write(w._core.fileno(), frame)
         assert r.get() == b"whole"
@@ -548,13 +549,6 @@ def _receive_at_the_descriptor_limit(r, out):
     out.put({"first": first, "fds": (before, after_loss, open_fd_count()), "later": later})
 
 
-def _raw_frame_header(kind, length, bulk_lane=False):
-    """A frame header as gipc's wire format has it (crates/wire/src/frame.rs): what a
-    peer that is not gipc could write."""
-    kind_byte = kind | (0x80 if bulk_lane else 0)
-    return struct.pack("<Q", (0x6770 << 48) | (kind_byte << 40) | length)
-
-
 class TestDescriptorsFromAPeerThatIsNotGipc:
     def test_a_count_of_descriptors_no_writer_sends_fails_that_message_alone(self):
         # The count is the peer's word: 2**32 - 1 descriptors would be a 16 GiB
@@ -608,10 +602,10 @@ class TestDescriptorsFromAPeerThatIsNotGipc:
             rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", extra))]
             for _ in range(5):
                 if transport == "hybrid":  # the payload on the socket (bulk) lane
-                    os.write(frame_fd, _raw_frame_header(0, len(payload), bulk_lane=True))
+                    os.write(frame_fd, raw_header(len(payload), bulk_lane=True))
                     peer.sendmsg([payload], rights)
                 else:  # a single socket carries headers and payloads
-                    peer.sendmsg([_raw_frame_header(0, len(payload)) + payload], rights)
+                    peer.sendmsg([raw_header(len(payload)) + payload], rights)
             for fd in extra:
                 os.close(fd)
             peer.close()
