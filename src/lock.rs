@@ -179,11 +179,6 @@ impl HandleLock {
         self.release(py)
     }
 
-    /// `__enter__` as a call.
-    fn acquire(&self, py: Python<'_>) -> PyResult<bool> {
-        self.__enter__(py)
-    }
-
     /// Takes the lock only if that needs no wait (nobody holds it or queues for it in this
     /// thread); True if taken. For a handle that travels in a message: held by the `put`
     /// that sends it, never waited for.

@@ -197,8 +197,6 @@ class HandleLock:
         """Takes the lock, waiting cooperatively; True if that meant waiting. ``GIPCLocked``
         if the calling greenlet holds it already."""
     def __exit__(self, *exc_info: object) -> None: ...
-    def acquire(self) -> bool:
-        """``__enter__`` as a call."""
     def try_acquire(self) -> bool:
         """Takes the lock only if that needs no wait; True if taken."""
     def release(self) -> None:

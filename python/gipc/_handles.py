@@ -189,8 +189,6 @@ class _GIPCHandle:
     def __init__(self, core: Union[_core.Reader, _core.Writer]) -> None:
         self._core = core
         self._lock = _HandleLock()
-        #: The fast paths ask it whether I/O is going on.
-        self._busy = self._lock
         self._watcher: Any = None
         self._watcher_hub: Any = None
         self._watcher_fd = -1
@@ -239,7 +237,6 @@ class _GIPCHandle:
         self._watcher_hub = None
         if keep:
             self._lock = _HandleLock()
-            self._busy = self._lock
             self._lock_changed()
         else:
             self._release()
@@ -380,7 +377,7 @@ class _GIPCReader(_GIPCHandle):
             with self._lock:
                 return self._receive(cancel=timeout)
         if timeout is None:
-            if not self._busy.locked():
+            if not self._lock.locked():
                 if self._backlog and not self._closed:
                     return self._next_from_backlog()
                 frame = self._core.try_recv()
@@ -575,7 +572,7 @@ class _GIPCWriter(_GIPCHandle):
             except _NotPicklable:
                 # Handles in the message: pickled again, their descriptors sent with it.
                 return self._put_with_handles(o)
-        if self._busy.locked():
+        if self._lock.locked():
             self._put_locked(kind, payload)
             return
         status = self._core.try_send(kind, payload)
@@ -783,7 +780,7 @@ class _GIPCDuplexHandle:
         for handle in (self._writer, self._reader):
             if handle.closed:
                 continue
-            if handle._busy.locked():
+            if handle._lock.locked():
                 busy.append(handle)
             else:
                 _debug("closing %r of a duplex handle", handle)

@@ -475,17 +475,21 @@ class Worker:
         interrupted before that leaves them open, the caller's."""
         tasks = self._tasks
         assert tasks is not None
+        sending = False
         try:
             tasks.put(task.head)
-            tasks._lock.acquire()
+            # `with`, not acquire() then try: nothing may come between taking the lock and
+            # the block that lets it go (an exception from a signal handler left it taken).
+            with tasks._lock:
+                sending = True
+                try:
+                    tasks._send_with_handles(task.payload, task.fds, task.held)
+                finally:
+                    item.handles_gone = any(handle.closed for handle in task.held)
         except BaseException:
-            task.let_go()
+            if not sending:
+                task.let_go()
             raise
-        try:
-            tasks._send_with_handles(task.payload, task.fds, task.held)
-        finally:
-            tasks._lock.release()
-            item.handles_gone = any(handle.closed for handle in task.held)
         if task.larges:
             tasks.put_many(task.larges)
 
