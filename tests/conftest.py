@@ -1,5 +1,6 @@
 """Every test must leave no trace: no new open file descriptor, no child process (running
-or zombie) of this process. The autouse fixture below fails a test that leaks either.
+or zombie) of this process, no gevent watcher dropped without ``close()`` on a CFFI loop
+(libuv). The autouse fixture below fails a test that leaks any of them.
 
 Every test runs once per start method named by ``--start-methods`` (default ``fork``; e.g.
 ``--start-methods=fork,spawn,forkserver``; ``GIPC_TEST_START_METHOD`` sets the default):
@@ -139,6 +140,38 @@ def _warm_hub() -> None:
     hub = gevent.get_hub()
     gevent.sleep(0.001)
     hub.threadpool  # noqa: B018
+    global _CFFI_LOOP
+    _CFFI_LOOP = _report_watchers_collected_open()
+
+
+_CFFI_LOOP = False
+
+
+#: Watchers of gevent's CFFI loops (libuv) that were collected while still open, by type.
+_UNCLOSED_WATCHERS: List[str] = []
+
+
+def _report_watchers_collected_open() -> bool:
+    """On libuv, a gevent watcher (``loop.timer``, ``gevent.Timeout``'s timer, ...) that is
+    garbage-collected without ``close()`` frees its native handle while libuv still links it
+    in the loop's handle list. Nothing notices until something walks that list
+    (``gevent.reinit()`` in a forked child, ``loop.debug()``, destroying the loop), which then
+    reads freed memory and can crash. A cancelled ``gevent.Timeout`` that is never closed is
+    enough. Seen in this suite: a multiprocessing child's ``gevent.reinit()`` segfaulted
+    tests later. Each collected open watcher is recorded here (gevent calls ``__del__`` on
+    them only in its debug mode, so one is installed). Returns whether the loop is a CFFI one.
+    """
+    loop = gevent.get_hub().loop
+    if not type(loop).__module__.startswith("gevent.libuv"):
+        return False  # libev's Cython watchers free nothing the loop still links
+    from gevent._ffi import watcher as cffi_watchers
+
+    def __del__(watcher: object) -> None:
+        if getattr(watcher, "_watcher", None) is not None:
+            _UNCLOSED_WATCHERS.append(type(watcher).__name__)
+
+    cffi_watchers.watcher.__del__ = __del__  # type: ignore[attr-defined]
+    return True
 
 
 def _settle(check, attempts: int = 50) -> bool:
@@ -155,9 +188,16 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     gc.collect()
     fds_before = open_fds()
     children_before = child_pids()
+    _UNCLOSED_WATCHERS.clear()
     yield
     if request.node.get_closest_marker("allow_leaks"):
         return
+    if _CFFI_LOOP:
+        gc.collect()
+        assert not _UNCLOSED_WATCHERS, (
+            f"test dropped gevent watchers without closing them: {_UNCLOSED_WATCHERS} (their "
+            "native handles stay linked in libuv's loop after being freed)"
+        )
     new_children: Set[int] = set()
 
     def no_new_children() -> bool:

@@ -351,9 +351,10 @@ class _GIPCReader(_GIPCHandle):
 
         Args:
             timeout: ``None`` (wait as long as it takes), a started ``gevent.Timeout``
-                (cancelled once the first bytes of a message are in, as in gipc 1.x), or a
-                number of seconds. When it expires ``gevent.Timeout`` is raised; a message
-                that was partly received stays buffered and the next ``get`` completes it.
+                (cancelled once the first bytes of a message are in, as in gipc 1.x; still
+                the caller's to close), or a number of seconds. When it expires
+                ``gevent.Timeout`` is raised; a message that was partly received stays
+                buffered and the next ``get`` completes it.
 
         Raises:
             EOFError: every write end is closed and no message is left.
