@@ -18,7 +18,8 @@ import gc
 import os
 import sys
 import time
-from typing import Dict, Iterator, List, Set
+import weakref
+from typing import Dict, Iterator, List, Set, Tuple
 
 import multiprocessing
 
@@ -147,8 +148,19 @@ def _warm_hub() -> None:
 _CFFI_LOOP = False
 
 
-#: Watchers of gevent's CFFI loops (libuv) that were collected while still open, by type.
-_UNCLOSED_WATCHERS: List[str] = []
+#: Watchers of gevent's CFFI loops (libuv) collected while still open: their type, and a
+#: weak reference to their loop.
+_COLLECTED_OPEN: List[Tuple[str, "weakref.ref[object]"]] = []
+
+
+def _unclosed_watchers() -> List[str]:
+    """The types of the watchers collected open whose loop lives on: a loop destroyed or
+    collected (a thread's, say) is never walked again, and its watchers are harmless."""
+    return [
+        kind
+        for kind, loop_ref in _COLLECTED_OPEN
+        if getattr(loop_ref(), "ptr", None)  # dead or destroyed loops have none
+    ]
 
 
 def _report_watchers_collected_open() -> bool:
@@ -158,8 +170,9 @@ def _report_watchers_collected_open() -> bool:
     (``gevent.reinit()`` in a forked child, ``loop.debug()``, destroying the loop), which then
     reads freed memory and can crash. A cancelled ``gevent.Timeout`` that is never closed is
     enough. Seen in this suite: a multiprocessing child's ``gevent.reinit()`` segfaulted
-    tests later. Each collected open watcher is recorded here (gevent calls ``__del__`` on
-    them only in its debug mode, so one is installed). Returns whether the loop is a CFFI one.
+    tests later. Each collected open watcher is recorded here, with its loop (gevent calls
+    ``__del__`` on them only in its debug mode, so one is installed). Returns whether the
+    loop is a CFFI one.
     """
     loop = gevent.get_hub().loop
     if not type(loop).__module__.startswith("gevent.libuv"):
@@ -167,8 +180,9 @@ def _report_watchers_collected_open() -> bool:
     from gevent._ffi import watcher as cffi_watchers
 
     def __del__(watcher: object) -> None:
-        if getattr(watcher, "_watcher", None) is not None:
-            _UNCLOSED_WATCHERS.append(type(watcher).__name__)
+        loop = getattr(watcher, "loop", None)
+        if getattr(watcher, "_watcher", None) is not None and loop is not None:
+            _COLLECTED_OPEN.append((type(watcher).__name__, weakref.ref(loop)))
 
     cffi_watchers.watcher.__del__ = __del__  # type: ignore[attr-defined]
     return True
@@ -188,15 +202,16 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     gc.collect()
     fds_before = open_fds()
     children_before = child_pids()
-    _UNCLOSED_WATCHERS.clear()
+    _COLLECTED_OPEN.clear()
     yield
     if request.node.get_closest_marker("allow_leaks"):
         return
     if _CFFI_LOOP:
         gc.collect()
-        assert not _UNCLOSED_WATCHERS, (
-            f"test dropped gevent watchers without closing them: {_UNCLOSED_WATCHERS} (their "
-            "native handles stay linked in libuv's loop after being freed)"
+        unclosed = _unclosed_watchers()
+        assert not unclosed, (
+            f"test dropped gevent watchers without closing them: {unclosed} (their native "
+            "handles stay linked in libuv's loop after being freed)"
         )
     new_children: Set[int] = set()
 
