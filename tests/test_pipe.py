@@ -21,7 +21,7 @@ from gipc import GIPCClosed, GIPCError, GIPCLocked, _core
 from gipc.gipc import _GIPCDuplexHandle, _GIPCHandle, _GIPCReader, _GIPCWriter
 
 from conftest import open_fds
-from helpers import Ticker, raw_header
+from helpers import Ticker, raw_header, run_python
 
 
 def decode_unless_bad(b: bytes) -> bytes:
@@ -468,6 +468,36 @@ class TestTimeouts:
                 assert info.value is t
             finally:
                 t.close()
+
+    @pytest.mark.parametrize("seconds", [float("inf"), 1e19, 1e17, 1e9])
+    def test_a_timeout_too_long_for_a_timer_is_none(self, seconds):
+        # libuv's timers cannot hold these (get raised OverflowError there); join(), the
+        # pool and gipc.wait already took them as no timeout at all.
+        with gipc.pipe() as (r, w), gipc.pipe(duplex=True) as (a, b):
+            gevent.spawn_later(0.02, w.put, "later")
+            gevent.spawn_later(0.02, b.put, "later too")
+            assert r.get(timeout=seconds) == "later"
+            assert a.get(timeout=seconds) == "later too"
+
+    def test_a_nan_timeout_is_refused(self):
+        # A NaN timer never fires, and on libev the loop then slept for ever while another
+        # timer was pending: get() hung though a message came. Run apart, so that a hang
+        # fails the test instead of stopping the suite.
+        result = run_python(
+            """
+            import gevent, gipc
+            r, w = gipc.pipe()
+            gevent.spawn_later(0.05, w.put, "came")
+            try:
+                r.get(timeout=float("nan"))
+            except ValueError as e:
+                print("refused:", e)
+            print(r.get(timeout=5))
+            """,
+            timeout=30,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split("\n")[:2] == ["refused: a timeout cannot be NaN", "came"]
 
     def test_a_started_timeout_is_cancelled_once_a_message_arrives(self):
         # 1.x: the timeout "is canceled when the first byte of a new message arrives". Left

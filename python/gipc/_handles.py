@@ -363,6 +363,8 @@ class _GIPCReader(_GIPCHandle):
                 ``RLIMIT_NOFILE``): that message only, the next ``get`` goes on.
             GIPCClosed: the handle is closed.
             gevent.Timeout: the timeout expired.
+            ValueError: ``timeout`` is NaN (one of 10⁹ s or more, infinity included, is
+                none).
         """
         return self._get_python(timeout)  # replaced below the class, by _core's
 
@@ -377,6 +379,13 @@ class _GIPCReader(_GIPCHandle):
             # the caller does next.
             with self._lock:
                 return self._receive(cancel=timeout)
+        if timeout is not None:
+            from ._hub import clamp_timeout
+
+            # What join() and the pool take too: NaN is refused (a gevent timer of NaN never
+            # fires, and libev's loop then never wakes for it), and a timeout too long for
+            # libuv's timers (infinity, 1e17: OverflowError there) is none.
+            timeout = clamp_timeout(timeout)
         if timeout is None:
             if not self._lock.locked():
                 if self._backlog and not self._closed:
