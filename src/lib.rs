@@ -7,6 +7,7 @@ mod errors;
 mod fastcall;
 mod handle;
 mod lock;
+mod records;
 mod signals;
 
 use gipc_wire::send::Progress;
@@ -23,6 +24,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(handle::reader_from_fds, m)?)?;
     m.add_function(wrap_pyfunction!(handle::writer_from_fds, m)?)?;
     m.add_function(wrap_pyfunction!(signals::reset_signal_state, m)?)?;
+    m.add_function(wrap_pyfunction!(records::send_record, m)?)?;
+    m.add_function(wrap_pyfunction!(records::recv_record, m)?)?;
     m.add_class::<fastcall::PutPath>()?;
     m.add_function(wrap_pyfunction!(fastcall::install_put, m)?)?;
     m.add_class::<fastcall::GetPath>()?;

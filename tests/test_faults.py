@@ -8,6 +8,7 @@ descriptor or a child (the autouse fixture in conftest.py checks the last two).
 
 from __future__ import annotations
 
+import gc
 import json
 import linecache
 import logging
@@ -974,3 +975,42 @@ class TestInterruptedBetweenAnyTwoLines:
             finally:
                 r.close()
                 w.close()
+
+
+def wait_for_word(reader) -> None:
+    reader.get()
+
+
+class TestChildWaitsInterruptedBetweenAnyTwoLines:
+    """``is_alive()`` and ``join()`` interrupted at each line of gipc's code in turn (as by
+    a signal handler's exception, which a program that catches Ctrl-C and goes on gets):
+    gipc never closes a descriptor that is not its own, and still reports the child's exit.
+    With the fork server, a socket object made around the status socket's bare number closed
+    it when the interrupted call dropped it: ``join()`` then said the running child had
+    exited (255), and gipc's clean-up later closed whatever had reused the number."""
+
+    @pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+    def test_no_descriptor_closed_behind_its_owners_back(self, method):
+        taken = []  # opened after each interruption: gets any number gipc let go of
+        try:
+            with gipc.pipe() as (r, w):
+                p = gipc.start_process(wait_for_word, (r,), start_method=method)
+                for call in (p.is_alive, lambda: p.join(0.001)):
+                    lines = _lines_in_gipc(call)
+                    assert lines > 2, f"{method}: {lines} lines of gipc code"
+                    for n in range(1, lines + 1):
+                        _interrupt_at_line(n, call)
+                        gc.collect()  # what an interrupted call dropped goes now
+                        taken.append(os.open(os.devnull, os.O_RDONLY))
+                assert p.is_alive()
+                w.put("go")
+                p.join(10)
+            assert p.exitcode == 0
+            for fd in taken:
+                os.fstat(fd)  # EBADF: gipc closed it
+        finally:
+            for fd in taken:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass

@@ -30,7 +30,9 @@ __all__ = [
     "install_get",
     "install_put",
     "reader_from_fds",
+    "recv_record",
     "reset_signal_state",
+    "send_record",
     "writer_from_fds",
 ]
 
@@ -174,6 +176,16 @@ def reset_signal_state() -> List[int]:
     """Every signal's disposition to SIG_DFL at the C level, except SIGPIPE, SIGKILL and
     SIGSTOP, and every signal unblocked in the calling thread; returns the signals whose
     disposition was not SIG_DFL before."""
+
+def send_record(fd: int, data: bytes, fds: List[int]) -> int:
+    """Sends ``data`` with the descriptors ``fds`` on the socket ``fd`` in one ``sendmsg``
+    that never waits nor raises SIGPIPE; the bytes sent. ``fd`` and ``fds`` stay the
+    caller's (nothing closes them)."""
+
+def recv_record(fd: int, size: int) -> Tuple[bytes, List[int]]:
+    """One ``recvmsg`` that never waits of at most ``size`` bytes from the socket ``fd``:
+    the bytes (empty at the end of the stream) and the descriptors that came (the
+    caller's now). ``BlockingIOError`` when nothing is there."""
 
 @final
 class HandleLock:

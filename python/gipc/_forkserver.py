@@ -67,7 +67,7 @@ import gevent.lock
 from gevent import monkey
 from gevent.socket import wait_read, wait_write
 
-from . import _child
+from . import _child, _core
 from ._hub import READ, io_watcher
 from ._popen import CooperativePopen, open_pidfd
 from ._startup import Feeder, StartupData, child_command, preparation_data
@@ -328,31 +328,32 @@ class _Offer:
 
     def hand_over(self, fds: Sequence[int]) -> bool:
         """Sends the start request to the spare (never waits: its socket is empty); False
-        if it is gone (then the caller asks the server). Closes the socket either way."""
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-        flags = socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
-        sock = _Socket(fileno=self.sock)
+        if it is gone (then the caller asks the server). Closes the socket either way.
+
+        The socket is taken from ``self.sock`` before it is closed, and no socket object
+        ever owns it: an exception from a signal handler at any line leaves it open
+        (leaked) or closed and forgotten, never closed and still named here, where
+        ``close()`` would close it again, whatever the number is by then."""
         try:
-            sock.sendmsg([b"s"], ancillary, flags)
+            _core.send_record(self.sock, b"s", list(fds))
             return True
         except OSError:  # EPIPE, ECONNRESET: it died meanwhile
             return False
         finally:
-            _child.parent_only_fds.discard(self.sock)
-            sock.close()
-            self.sock = -1
+            sock, self.sock = self.sock, -1
+            _child.parent_only_fds.discard(sock)
+            _close_quietly(sock)
 
     def close(self, mine: bool = True) -> None:
-        for fd in (self.pidfd, self.sock):
+        # Forgotten before closed (see hand_over): never closed twice.
+        fds = (self.pidfd, self.sock)
+        self.pidfd = self.sock = -1
+        for fd in fds:
             if fd < 0:
                 continue
             if mine:
                 _child.parent_only_fds.discard(fd)
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self.pidfd = self.sock = -1
+            _close_quietly(fd)
 
 
 def _reaped(pid: int, pidfd: Optional[int]) -> bool:
@@ -703,13 +704,10 @@ def _await_abandoned_answer(server: _Server, status_fd: int, owner: int) -> None
 
 def _receive_records(fd: int) -> Tuple[bytes, List[int]]:
     """What the status socket ``fd`` has now (BlockingIOError if nothing), and the
-    descriptors that came with it."""
-    sock = _Socket(fileno=fd)
-    try:
-        data, fds, _flags, _addr = socket.recv_fds(sock, 4096, 1)
-    finally:
-        sock.detach()
-    return data, fds
+    descriptors that came with it. ``fd`` is never wrapped in a socket object: one that an
+    exception from a signal handler left to the garbage collector closed the status socket
+    while the process object still named it, and then whatever reused the number."""
+    return _core.recv_record(fd, 4096)
 
 
 def _send_start_request(fds: Sequence[int]) -> Tuple[_Server, Optional[_Offer]]:

@@ -491,8 +491,72 @@ pub struct SocketReader<'a> {
 impl ReadSource for SocketReader<'_> {
     fn read_some(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
-        recv_with_fds(self.fd, buf, self.received, &mut space)
+        recv_with_fds(
+            self.fd,
+            buf,
+            self.received,
+            &mut space,
+            rustix::net::RecvFlags::empty(),
+        )
     }
+}
+
+/// Sends `data` and `fds` (`SCM_RIGHTS`) on the socket `fd` in one `sendmsg` that never
+/// waits (`MSG_DONTWAIT`) nor raises `SIGPIPE`: a *record*, for sockets of gipc's own that
+/// are not channels (the fork server's). Returns the bytes sent (a stream socket may take
+/// fewer). The descriptors stay the caller's: nothing here owns or closes one, so no
+/// exception raised by the caller's code (a signal handler's) can leave one closed behind
+/// its owner's back, as a Python socket object made around a bare number could.
+pub fn send_record(fd: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
+    use rustix::net::{sendmsg, SendAncillaryBuffer, SendFlags};
+    if fds.len() > MAX_FDS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("at most {MAX_FDS} descriptors go with one record"),
+        ));
+    }
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
+    let flags = SendFlags::DONTWAIT | SendFlags::NOSIGNAL;
+    #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
+    let flags = SendFlags::DONTWAIT; // SO_NOSIGPIPE is the socket's own there
+    let mut space = rights_space();
+    let mut none = SendAncillaryBuffer::default();
+    let control = if fds.is_empty() {
+        &mut none
+    } else {
+        &mut rights(fds, &mut space)
+    };
+    loop {
+        match sendmsg(fd, &[IoSlice::new(data)], control, flags) {
+            Err(rustix::io::Errno::INTR) => continue,
+            other => return other.map_err(io::Error::from),
+        }
+    }
+}
+
+/// One `recvmsg` that never waits (`MSG_DONTWAIT`) of at most `buf.len()` bytes from the
+/// socket `fd`, and the descriptors that came with them (close-on-exec; more than
+/// [`MAX_FDS`] are dropped by the kernel): a record ([`send_record`]). `(0, [])` at the
+/// end of the stream; `WouldBlock` when nothing is there.
+pub fn recv_record(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let mut received = ReceivedFds::new();
+    let mut space = rights_space();
+    let n = recv_with_fds(
+        fd,
+        buf,
+        &mut received,
+        &mut space,
+        rustix::net::RecvFlags::DONTWAIT,
+    )?;
+    let fds = received
+        .queue
+        .into_iter()
+        .filter_map(|r| match r {
+            Received::Fd(fd) => Some(fd),
+            Received::Truncated => None,
+        })
+        .collect();
+    Ok((n, fds))
 }
 
 /// One `recvmsg` from `fd` into `buf`, with `space` for the control message (room for
@@ -509,13 +573,14 @@ fn recv_with_fds(
     buf: &mut [u8],
     received: &mut ReceivedFds,
     space: &mut [std::mem::MaybeUninit<u8>],
+    extra_flags: rustix::net::RecvFlags,
 ) -> io::Result<usize> {
     use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
     let mut control = RecvAncillaryBuffer::new(space);
     #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
-    let flags = RecvFlags::CMSG_CLOEXEC;
+    let flags = RecvFlags::CMSG_CLOEXEC | extra_flags;
     #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
-    let flags = RecvFlags::empty();
+    let flags = extra_flags;
     let message = loop {
         match recvmsg(fd, &mut [io::IoSliceMut::new(buf)], &mut control, flags) {
             Err(rustix::io::Errno::INTR) => continue,
@@ -807,7 +872,13 @@ mod tests {
 
     impl ReadSource for TightSocketReader<'_> {
         fn read_some(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            recv_with_fds(self.fd, buf, self.received, &mut tight_space())
+            recv_with_fds(
+                self.fd,
+                buf,
+                self.received,
+                &mut tight_space(),
+                rustix::net::RecvFlags::empty(),
+            )
         }
     }
 
@@ -842,7 +913,13 @@ mod tests {
         let mut received = ReceivedFds::new();
         let (mut bytes, mut buf) = (Vec::new(), [0u8; 64]);
         loop {
-            match recv_with_fds(r.as_fd(), &mut buf, &mut received, &mut tight_space()) {
+            match recv_with_fds(
+                r.as_fd(),
+                &mut buf,
+                &mut received,
+                &mut tight_space(),
+                rustix::net::RecvFlags::empty(),
+            ) {
                 Ok(n) => bytes.extend_from_slice(&buf[..n]),
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
                 Err(err) => panic!("{err}"),
@@ -1050,6 +1127,77 @@ mod tests {
             "{err}"
         );
         assert!(received.is_empty());
+    }
+
+    /// A connected pair of blocking stream sockets: the record calls must not wait anyway.
+    fn stream_pair() -> (OwnedFd, OwnedFd) {
+        rustix::net::socketpair(
+            rustix::net::AddressFamily::UNIX,
+            rustix::net::SocketType::STREAM,
+            rustix::net::SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_record_carries_its_bytes_and_descriptors_and_leaves_every_end_open() {
+        let (a, b) = stream_pair();
+        let (p, _q) = rustix::pipe::pipe().unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(
+            recv_record(b.as_fd(), &mut buf).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock,
+            "a blocking socket with nothing in it: the call does not wait"
+        );
+        assert_eq!(send_record(a.as_fd(), b"pid 42", &[p.as_fd()]).unwrap(), 6);
+        let (n, fds) = recv_record(b.as_fd(), &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"pid 42");
+        assert_eq!(fds.len(), 1);
+        assert_ne!(
+            fds[0].as_raw_fd(),
+            p.as_raw_fd(),
+            "a new descriptor, the caller's"
+        );
+        let flags = rustix::io::fcntl_getfd(&fds[0]).unwrap();
+        assert!(flags.contains(FdFlags::CLOEXEC));
+        // The sockets and the descriptor passed are still open: nothing here closed them.
+        for fd in [&a, &b, &p] {
+            rustix::fs::fstat(fd).unwrap();
+        }
+        assert_eq!(send_record(a.as_fd(), b"x", &[]).unwrap(), 1);
+        let (n, fds) = recv_record(b.as_fd(), &mut buf).unwrap();
+        assert_eq!((&buf[..n], fds.len()), (&b"x"[..], 0));
+        drop(a);
+        assert_eq!(
+            recv_record(b.as_fd(), &mut buf).unwrap().0,
+            0,
+            "the end of the stream"
+        );
+    }
+
+    #[test]
+    fn a_record_to_a_closed_peer_is_broken_pipe_without_a_signal() {
+        // Under `cargo test` SIGPIPE is at its default action: a signal would kill the test.
+        let (a, b) = stream_pair();
+        drop(b);
+        let err = send_record(a.as_fd(), b"s", &[]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
+    }
+
+    #[test]
+    fn a_record_with_too_many_descriptors_is_refused_before_sending() {
+        let (a, b) = stream_pair();
+        let (p, _q) = rustix::pipe::pipe().unwrap();
+        let many = vec![p.as_fd(); MAX_FDS + 1];
+        let err = send_record(a.as_fd(), b"s", &many).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        let mut buf = [0u8; 8];
+        assert_eq!(
+            recv_record(b.as_fd(), &mut buf).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock,
+            "nothing was sent"
+        );
     }
 
     #[test]
