@@ -9,6 +9,7 @@ mod handle;
 mod lock;
 mod records;
 mod signals;
+mod start_fds;
 
 use gipc_wire::send::Progress;
 use pyo3::prelude::*;
@@ -19,6 +20,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<handle::Writer>()?;
     m.add_class::<claims::ClaimWord>()?;
     m.add_class::<lock::HandleLock>()?;
+    m.add_class::<start_fds::StartFds>()?;
+    m.add_class::<signals::AllSignalsBlocked>()?;
     fastcall::install(&m.py().get_type::<handle::Writer>())?;
     m.add_function(wrap_pyfunction!(handle::channel, m)?)?;
     m.add_function(wrap_pyfunction!(handle::reader_from_fds, m)?)?;

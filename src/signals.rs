@@ -61,3 +61,53 @@ fn max_signal() -> libc::c_int {
 fn max_signal() -> libc::c_int {
     32
 }
+
+/// `with AllSignalsBlocked():` blocks every signal in the calling thread for the block
+/// (SIGKILL and SIGSTOP aside, as the system has it), and puts the thread's mask back as
+/// it was when the block is left, in the process that entered it only: a child forked
+/// inside keeps every signal blocked until its own start-up resets them.
+///
+/// Both changes are one call each. Done in Python (read the mask, block, restore in a
+/// `finally`), an exception from a handler already due when the block began could come
+/// at the first line of the `finally`, before the mask was restored, and leave every
+/// signal blocked in the thread for good (and in every process it started since).
+#[pyclass(module = "gipc._core")]
+pub struct AllSignalsBlocked {
+    saved: Option<(libc::sigset_t, libc::pid_t)>,
+}
+
+#[pymethods]
+impl AllSignalsBlocked {
+    #[new]
+    fn new() -> Self {
+        AllSignalsBlocked { saved: None }
+    }
+
+    fn __enter__(mut slf: PyRefMut<'_, Self>) -> PyRefMut<'_, Self> {
+        // SAFETY: `sigfillset` fills a zeroed set; SIG_BLOCK with it changes only this
+        // thread's mask, and `old` receives the mask as it was.
+        let old = unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+            old
+        };
+        // SAFETY: getpid has no preconditions.
+        slf.saved = Some((old, unsafe { libc::getpid() }));
+        slf
+    }
+
+    #[pyo3(signature = (*_exc_info))]
+    fn __exit__(&mut self, _exc_info: &Bound<'_, pyo3::types::PyTuple>) -> bool {
+        if let Some((old, pid)) = self.saved.take() {
+            // SAFETY: getpid has no preconditions; `old` is a mask the system gave us.
+            unsafe {
+                if libc::getpid() == pid {
+                    libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+                }
+            }
+        }
+        false
+    }
+}

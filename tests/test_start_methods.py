@@ -1062,11 +1062,8 @@ def test_join_does_not_wait_for_a_grandchild_without_pidfd(method, monkeypatch):
     must not hold the child's exit report open, or join() waits for the grandchild too."""
     from gipc import _popen
 
-    monkeypatch.setattr(_popen, "open_pidfd", lambda pid: None)
-    if method == "spawn":
-        from gipc import _popen_spawn
-
-        monkeypatch.setattr(_popen_spawn, "open_pidfd", lambda pid: None)
+    monkeypatch.setattr(_popen, "start_pidfd", lambda start_fds, pid: None)  # fork, spawn
+    monkeypatch.setattr(_popen, "open_pidfd", lambda pid: None)  # the fork server's spares
     started = time.monotonic()
     p = gipc.start_process(start_grandchild_then_die, args=(3,), start_method=method)
     p.join(10)

@@ -2,7 +2,7 @@
 and the Python layer waits on gevent's hub."""
 
 import sys
-from typing import Any, Callable, Dict, List, Tuple, Union, final
+from typing import Any, Callable, Dict, List, Literal, Optional, Tuple, Union, final
 
 if sys.version_info >= (3, 12):
     from collections.abc import Buffer
@@ -10,6 +10,7 @@ else:
     from typing_extensions import Buffer
 
 __all__ = [
+    "AllSignalsBlocked",
     "BULK_MIN",
     "ClaimWord",
     "DONE",
@@ -22,6 +23,7 @@ __all__ = [
     "PutPath",
     "REPLY_SPIN_US",
     "Reader",
+    "StartFds",
     "WOULD_BLOCK",
     "Writer",
     "YIELD",
@@ -186,6 +188,39 @@ def recv_record(fd: int, size: int) -> Tuple[bytes, List[int]]:
     """One ``recvmsg`` that never waits of at most ``size`` bytes from the socket ``fd``:
     the bytes (empty at the end of the stream) and the descriptors that came (the
     caller's now). ``BlockingIOError`` when nothing is there."""
+
+@final
+class AllSignalsBlocked:
+    """``with AllSignalsBlocked():`` blocks every signal in the calling thread for the
+    block, and restores the thread's mask when it is left, in the process that entered it
+    only (a child forked inside keeps them blocked). Each change is one call."""
+
+    def __init__(self) -> None: ...
+    def __enter__(self) -> AllSignalsBlocked: ...
+    def __exit__(self, *exc_info: object) -> Literal[False]: ...
+
+@final
+class StartFds:
+    """The descriptors a start made for its child and nobody else owns yet. Each change is
+    one call, so an exception from a signal handler between two steps of a start cannot
+    leave one owned and unrecorded, or recorded and handed on. Dropping it closes
+    nothing."""
+
+    def __init__(self) -> None: ...
+    def pipe(self) -> Tuple[int, int]:
+        """A new pipe (close-on-exec), both ends recorded: ``(read_end, write_end)``."""
+    def pidfd(self, pid: int) -> Optional[int]:
+        """A pidfd for the child ``pid`` (close-on-exec), recorded; None where the system
+        has none or the child is already reaped."""
+    def close(self, fd: int) -> None:
+        """Closes ``fd``, one the start owns (else ``ValueError``), and forgets it."""
+    def hand_on(self, fd: int) -> None:
+        """Forgets ``fd`` without closing it: it has a new owner."""
+    def close_all(self) -> None:
+        """Closes every descriptor still recorded, and forgets them."""
+    @property
+    def owned_fds(self) -> List[int]:
+        """The descriptors recorded now."""
 
 @final
 class HandleLock:

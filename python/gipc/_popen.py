@@ -33,14 +33,14 @@ import os
 import signal
 import sys
 import weakref
-from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Iterable, NoReturn, Optional, Tuple
 
 import gevent
 import gevent.event
 from gevent.hub import get_hub
 from gevent.monkey import get_original
 
-from . import _child, _handles
+from . import _child, _core, _handles
 from ._hub import (
     READ,
     clamp_timeout,
@@ -60,9 +60,6 @@ _log = logging.getLogger("gipc")
 
 #: What a child writes to its sentinel pipe just before it exits.
 EXIT_CODE = _child.EXIT_CODE
-
-#: What ForkPopen blocks across the fork (the system ignores SIGKILL and SIGSTOP there).
-_ALL_SIGNALS = signal.valid_signals()
 
 #: Process monitors of this process's live children, so a forked child can close the
 #: descriptors that watch its siblings.
@@ -153,6 +150,42 @@ class CooperativePopen:
 
     def _launch(self, process_obj: "_GProcess") -> None:
         raise NotImplementedError
+
+    def _abort_start(self, pid: Optional[int], start_fds: _core.StartFds) -> None:
+        """Undoes a start that failed or was interrupted (an exception from a signal
+        handler can come as any call returns): the caller gets the exception and never a
+        process object to join, so the child, if there is one, is killed and reaped here,
+        and every descriptor made for it is closed once: those the start still owns
+        (``start_fds``) and those ``_adopt`` registered."""
+        live_popens.discard(self)
+        registered = self._parent_fds
+        self._parent_fds = ()
+        exit_fd, self._exit_fd = self._exit_fd, None
+        if exit_fd is not None:
+            registered += (exit_fd,)
+        for fd in registered:
+            start_fds.hand_on(fd)  # closed below, once
+        for fd in registered:
+            _child.parent_only_fds.discard(fd)
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        for fd in start_fds.owned_fds:
+            _child.parent_only_fds.discard(fd)  # a Feeder registers its own at once
+        start_fds.close_all()
+        if pid:
+            kill_and_reap(pid)
+
+    def _keep_exit_fd(self, start_fds: _core.StartFds, pid: int) -> None:
+        """The last step of a start: a pidfd for the child, the descriptor that tells that
+        it is gone (None where there is none: then ``sentinel``). The start owns it until
+        it is registered; then it is the process object's."""
+        fd = start_pidfd(start_fds, pid)
+        self._exit_fd = fd
+        if fd is not None:
+            _child.parent_only_fds.add(fd)
+            start_fds.hand_on(fd)
 
     def _adopt(self, pid: int, sentinel: int, parent_fds: Tuple[int, ...]) -> None:
         """Once the child runs: its pid, the descriptor that is readable once it is gone,
@@ -439,66 +472,91 @@ class ForkPopen(CooperativePopen):
         # Two pipes, as multiprocessing makes them: the parent's read end becomes readable
         # when the child is gone (`sentinel`); the child's read end does the same when the
         # parent is gone (`multiprocessing.parent_process().sentinel`).
-        start = _child.ChildStart(process_obj)
         parent_pid = os.getpid()
-        pipe_fds: List[int] = []
+        start_fds = _core.StartFds()  # what this start owns (see _abort_start)
+        start: Optional[_child.ChildStart] = None
+        pid: Optional[int] = None
         try:
-            parent_r, child_w = os.pipe()
-            pipe_fds += (parent_r, child_w)
-            child_r, parent_w = os.pipe()
-            pipe_fds += (child_r, parent_w)
+            start = _child.ChildStart(process_obj)  # opens the child's stdin
+            parent_r, child_w = start_fds.pipe()
+            child_r, parent_w = start_fds.pipe()
             start.ready(child_r)
             # Every signal stays blocked from before the fork (and the at-fork hooks) until
             # the child has reset the dispositions it inherited: a signal that comes early,
             # a Ctrl-C or a terminate() right after start_process returns, then meets the
             # default action. Unblocked earlier, it would run the parent's Python handler
             # in the child, in gipc's start-up code, which would swallow its exception and
-            # carry on.
+            # carry on. (In the parent, no handler runs between the fork and ``pid``.)
             fork = _fork_for_this_loop()
-            mask = signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
-            try:
+            with _core.AllSignalsBlocked():  # restored in the parent only
                 pid = fork()
-            finally:
-                if os.getpid() == parent_pid:
-                    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        except BaseException:
+            if pid == 0:
+                self._be_the_child(start, process_obj, parent_r, parent_w, child_w)
             start.forget()
-            for fd in pipe_fds:
-                os.close(fd)
+            start_fds.close(child_w)
+            start_fds.close(child_r)
+            self._adopt(pid, parent_r, (parent_r, parent_w))
+            self._keep_exit_fd(start_fds, pid)
+            _log.debug("started child %s (pid %d, fork)", process_obj.name, pid)
+        except BaseException:
+            if os.getpid() != parent_pid:
+                os._exit(1)  # a forked child never goes on with the parent's program
+            if start is not None:
+                start.forget()
+            self._abort_start(pid, start_fds)
             raise
-        if pid == 0:
-            code = 1
-            try:
-                os.close(parent_r)
-                os.close(parent_w)
-                if (
-                    _handles._open_handles.data  # type: ignore[attr-defined]
-                    or live_popens.data  # type: ignore[attr-defined]
-                    or _child.parent_only_fds
-                ):
-                    release_inherited(process_obj._gipc_handles)
-                # Our own exit report is no grandchild's to hold: one that outlived us
-                # would keep the sentinel from telling our parent that we are gone.
-                _child.parent_only_fds.add(child_w)
-                code = _child.exit_status(start.run())  # resets the signals, unblocks them
-            except BaseException:  # gipc's own start-up failed: say why before exiting
-                import traceback
 
-                traceback.print_exc()
+    @staticmethod
+    def _be_the_child(
+        start: _child.ChildStart,
+        process_obj: "_GProcess",
+        parent_r: int,
+        parent_w: int,
+        child_w: int,
+    ) -> NoReturn:
+        """The forked child: gipc's start-up, the target, the exit. Never returns."""
+        code = 1
+        try:
+            os.close(parent_r)
+            os.close(parent_w)
+            if (
+                _handles._open_handles.data  # type: ignore[attr-defined]
+                or live_popens.data  # type: ignore[attr-defined]
+                or _child.parent_only_fds
+            ):
+                release_inherited(process_obj._gipc_handles)
+            # Our own exit report is no grandchild's to hold: one that outlived us
+            # would keep the sentinel from telling our parent that we are gone.
+            _child.parent_only_fds.add(child_w)
+            code = _child.exit_status(start.run())  # resets the signals, unblocks them
+        except BaseException:  # gipc's own start-up failed: say why before exiting
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            # Also tell the parent through the sentinel: if someone else in the parent
+            # reaps us (gevent's SIGCHLD handling reaps every child once
+            # gevent.subprocess was used), the exit code is not lost.
+            try:
+                os.write(child_w, EXIT_CODE.pack(code))
             finally:
-                # Also tell the parent through the sentinel: if someone else in the parent
-                # reaps us (gevent's SIGCHLD handling reaps every child once
-                # gevent.subprocess was used), the exit code is not lost.
-                try:
-                    os.write(child_w, EXIT_CODE.pack(code))
-                finally:
-                    os._exit(code)
-        start.forget()
-        os.close(child_w)
-        os.close(child_r)
-        self._adopt(pid, parent_r, (parent_r, parent_w))
-        self._exit_fd = open_pidfd(pid)
-        _log.debug("started child %s (pid %d, fork)", process_obj.name, pid)
+                os._exit(code)
+
+
+def kill_and_reap(pid: int) -> None:
+    """Ends a child that was never handed to anyone: SIGKILL, then a wait that is short
+    (the kernel's teardown of the process)."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ChildProcessError, ProcessLookupError):
+        pass  # reaped by another's wait for any child (a SIGCHLD handler)
+
+
+def start_pidfd(start_fds: _core.StartFds, pid: int) -> Optional[int]:
+    """A pidfd for the child ``pid``, owned by its start until the process object takes it
+    (None where the system has none: then the sentinel is watched)."""
+    return start_fds.pidfd(pid)
 
 
 def open_pidfd(pid: int) -> Optional[int]:

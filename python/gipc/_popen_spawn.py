@@ -18,12 +18,11 @@ The child's command line::
 from __future__ import annotations
 
 import logging
-import os
-import signal
 from multiprocessing import util as mp_util
-from typing import TYPE_CHECKING, List
+from typing import TYPE_CHECKING, Optional
 
-from ._popen import CooperativePopen, open_pidfd
+from . import _core
+from ._popen import CooperativePopen
 from ._startup import Feeder, StartupData, child_command, format_fds
 from ._startup_child import SPAWN_FLAG
 
@@ -42,14 +41,16 @@ class SpawnPopen(CooperativePopen):
 
     def _launch(self, process_obj: "_GProcess") -> None:
         startup = StartupData(process_obj, self.method)
-        opened: List[int] = []
+        # What this start owns: closed if it fails or is interrupted (an exception from a
+        # signal handler can come as any call returns), and the child killed then (see
+        # _abort_start).
+        start_fds = _core.StartFds()
+        pid: Optional[int] = None
+        feeder: Optional[Feeder] = None
         try:
-            parent_r, child_w = os.pipe()  # the caller's sentinel; the child's exit code
-            opened += (parent_r, child_w)
-            child_r, parent_w = os.pipe()  # the child's parent_process().sentinel
-            opened += (child_r, parent_w)
-            data_r, data_w = os.pipe()
-            opened += (data_r, data_w)
+            parent_r, child_w = start_fds.pipe()  # the caller's sentinel; the exit code
+            child_r, parent_w = start_fds.pipe()  # the child's parent_process().sentinel
+            data_r, data_w = start_fds.pipe()
             passed = [data_r, child_r, child_w, *startup.handle_fds]
             args = child_command(
                 "from gipc._startup_child import spawn_main; spawn_main()",
@@ -59,32 +60,24 @@ class SpawnPopen(CooperativePopen):
                 str(child_w),
                 format_fds(startup.handle_fds),
             )
-            pid = mp_util.spawnv_passfds(args[0], args, passed)
+            # Signals are blocked from before the spawn until its pid is kept: a handler's
+            # exception cannot come between the two and lose the child. (The child's mask
+            # is reset by its start-up, as a forked child's is.)
+            with _core.AllSignalsBlocked():
+                pid = mp_util.spawnv_passfds(args[0], args, passed)
+            for fd in (data_r, child_r, child_w):
+                start_fds.close(fd)
+            feeder = Feeder(data_w, startup.payload)  # owns data_w from here on
+            start_fds.hand_on(data_w)
+            feeder.start()
+            self._adopt(pid, parent_r, (parent_r, parent_w))
+            self._keep_exit_fd(start_fds, pid)
+            _log.debug("started child %s (pid %d, spawn)", process_obj.name, pid)
         except BaseException:
-            for fd in opened:
-                os.close(fd)
+            # Not fed (no thread for data the pipe does not take), or interrupted: a child
+            # would exit on its torn start-up, or run with nobody to join it.
+            if feeder is not None:
+                start_fds.hand_on(data_w)  # the feeder's to close, once
+                feeder.cancel()
+            self._abort_start(pid, start_fds)
             raise
-        for fd in (data_r, child_r, child_w):
-            os.close(fd)
-        try:
-            Feeder(data_w, startup.payload).start()  # owns data_w from here on
-        except BaseException:
-            # Not fed (no thread for data the pipe does not take): the child would exit on
-            # its torn start-up with nobody to reap it. It goes now, and is reaped here.
-            _kill_and_reap(pid)
-            for fd in (parent_r, parent_w):
-                os.close(fd)
-            raise
-        self._adopt(pid, parent_r, (parent_r, parent_w))
-        self._exit_fd = open_pidfd(pid)
-        _log.debug("started child %s (pid %d, spawn)", process_obj.name, pid)
-
-
-def _kill_and_reap(pid: int) -> None:
-    """Ends a child that was never handed to anyone: SIGKILL, then a wait that is short
-    (the kernel's teardown of a new interpreter)."""
-    try:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-    except (ChildProcessError, ProcessLookupError):
-        pass  # reaped by another's wait for any child (a SIGCHLD handler)

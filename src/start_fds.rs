@@ -1,0 +1,127 @@
+//! `StartFds`: the descriptors a start makes for its child and nobody owns yet.
+//!
+//! A start opens pipes, hands some ends to the child, closes those in the parent and gives
+//! the rest to the process object. An exception from a signal handler can come between any
+//! two of those steps (as a Python call returns), and the start must then close what it
+//! still owns: every descriptor once, none that was handed on. Each step here is one call
+//! (open and record, close and forget, forget), so that what is recorded is always exactly
+//! what the start owns; `close_all` closes it. Dropping the object closes nothing: a
+//! descriptor handed on without `hand_on` would otherwise be closed behind its new owner.
+
+use std::os::fd::RawFd;
+use std::sync::Mutex;
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use crate::errors::os_error;
+
+/// A pipe whose ends are close-on-exec, as `os.pipe()` makes it.
+fn cloexec_pipe() -> std::io::Result<[RawFd; 2]> {
+    let mut ends: [RawFd; 2] = [-1, -1];
+    #[cfg(not(target_vendor = "apple"))]
+    {
+        // SAFETY: `ends` has room for the two descriptors pipe2 writes; nothing else.
+        if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    #[cfg(target_vendor = "apple")]
+    {
+        // SAFETY: as above, for pipe; then each end is marked close-on-exec (no pipe2 there;
+        // the start's own, in a call that holds the GIL: no fork comes between).
+        if unsafe { libc::pipe(ends.as_mut_ptr()) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        for fd in ends {
+            // SAFETY: `fd` was just opened here.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        }
+    }
+    Ok(ends)
+}
+
+#[pyclass(module = "gipc._core", frozen)]
+pub struct StartFds {
+    owned: Mutex<Vec<RawFd>>,
+}
+
+impl StartFds {
+    fn owned(&self) -> std::sync::MutexGuard<'_, Vec<RawFd>> {
+        // A poisoned lock only means a panic elsewhere; the list itself stays consistent.
+        self.owned.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[pymethods]
+impl StartFds {
+    #[new]
+    fn new() -> Self {
+        StartFds {
+            owned: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A new pipe, close-on-exec, both ends recorded: ``(read_end, write_end)``.
+    fn pipe(&self) -> PyResult<(RawFd, RawFd)> {
+        let [r, w] = cloexec_pipe().map_err(os_error)?;
+        self.owned().extend([r, w]);
+        Ok((r, w))
+    }
+
+    /// A pidfd for the child ``pid`` (close-on-exec), recorded; None where the system has
+    /// none (before Linux 5.3, not Linux) or the child is already reaped.
+    fn pidfd(&self, pid: libc::pid_t) -> Option<RawFd> {
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        {
+            // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor (or -1):
+            // no memory is passed.
+            let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+            if fd < 0 {
+                return None;
+            }
+            let fd = fd as RawFd;
+            self.owned().push(fd);
+            Some(fd)
+        }
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        {
+            let _ = pid;
+            None
+        }
+    }
+
+    /// Closes ``fd``, one this start owns, and forgets it.
+    fn close(&self, fd: RawFd) -> PyResult<()> {
+        let mut owned = self.owned();
+        let at = owned
+            .iter()
+            .position(|&each| each == fd)
+            .ok_or_else(|| PyValueError::new_err(format!("descriptor {fd} is not the start's")))?;
+        owned.swap_remove(at);
+        // SAFETY: the start owns `fd` (it was recorded, and is forgotten just above), so no
+        // one else closes it; closed once.
+        unsafe { libc::close(fd) };
+        Ok(())
+    }
+
+    /// Forgets ``fd`` without closing it: it has a new owner. Forgetting one that is not
+    /// recorded does nothing.
+    fn hand_on(&self, fd: RawFd) {
+        self.owned().retain(|&each| each != fd);
+    }
+
+    /// Closes every descriptor still recorded, and forgets them.
+    fn close_all(&self) {
+        for fd in std::mem::take(&mut *self.owned()) {
+            // SAFETY: recorded, so owned by the start alone; forgotten before closing.
+            unsafe { libc::close(fd) };
+        }
+    }
+
+    /// The descriptors recorded now.
+    #[getter]
+    fn owned_fds(&self) -> Vec<RawFd> {
+        self.owned().clone()
+    }
+}
