@@ -614,6 +614,21 @@ class TestForkServer:
                 taker.join(30)
             assert p.exitcode == -signal.SIGINT
 
+    @pytest.mark.parametrize("module", ["exiting_preload", "interrupting_preload"])
+    def test_a_preload_that_ends_its_import_abruptly_is_skipped(self, monkeypatch, module):
+        """"A module that fails to import is skipped": also one whose import raises
+        SystemExit or KeyboardInterrupt. They ended the server, and every start after that
+        (and after each restart) failed with "died before starting the child"."""
+        monkeypatch.setattr(_forkserver, "_preload", [module])
+        with _own_server():
+            servers = set()
+            for _ in range(2):
+                p = gipc.start_process(exit_with, args=(5,), start_method="forkserver")
+                p.join(30)
+                assert p.exitcode == 5
+                servers.add(_forkserver.server_pid())
+            assert len(servers) == 1, "the server died and was started again"
+
     def test_a_server_closed_while_it_is_busy_is_killed_and_reaped(self, monkeypatch):
         """A closed server ends when it sees its socket closed; one that is busy
         meanwhile (a preload that takes a minute, ``stuck_server_start``) is killed after
@@ -1391,6 +1406,10 @@ def test_a_main_module_without_the_guard_gets_multiprocessing_s_explanation(tmp_
                             timeout=60, env=env, cwd=tmp_path)
     assert "if __name__ == '__main__':" in result.stderr
     assert "exit 1" in result.stdout
+    # multiprocessing's own RuntimeError, not a GIPCTypeError saying that the process
+    # object does not pickle, with that text inside.
+    assert "RuntimeError: " in result.stderr
+    assert "GIPCTypeError" not in result.stderr, result.stderr
 
 
 GEVENT_ON_DEMAND = """

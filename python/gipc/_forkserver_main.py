@@ -385,7 +385,9 @@ def _preload_modules(preload: List[str], prep: Dict[str, Any]) -> None:
                     mp_spawn.import_main_path(prep["init_main_from_path"])
             else:
                 __import__(name)
-        except Exception:  # noqa: BLE001 - a preload is an optimisation, not a must
+        except BaseException:  # noqa: BLE001 - a preload is an optimisation, not a must
+            # Also SystemExit or KeyboardInterrupt from the module's code: they ended the
+            # server, and every start after it.
             pass
 
 

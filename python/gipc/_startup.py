@@ -54,9 +54,6 @@ def preparation_data(name: str) -> Dict[str, Any]:
     ``get_start_method()``, which fixes multiprocessing's start method for the rest of the
     program (a later ``set_start_method()`` then fails). Here the method is sent only if
     the program chose one."""
-    # Inside a child that is importing its main module: the classic missing
-    # `if __name__ == "__main__":`, explained by multiprocessing's own error.
-    mp_spawn._check_not_importing_main()  # type: ignore[attr-defined]
     data: Dict[str, Any] = dict(
         log_to_stderr=mp_util._log_to_stderr,  # type: ignore[attr-defined]
         authkey=mp_process.current_process().authkey,
@@ -201,6 +198,10 @@ class StartupData:
     def __init__(
         self, process: "_GProcess", method: str, main_imported_by_server: bool = False
     ) -> None:
+        # Inside a child that is importing its main module: the classic missing
+        # `if __name__ == "__main__":`, explained by multiprocessing's own RuntimeError
+        # (inside the try below it would be taken for an argument that does not pickle).
+        mp_spawn._check_not_importing_main()  # type: ignore[attr-defined]
         passed = set(process._gipc_handles)
         body = io.BytesIO()
         pickler = StartupPickler(body, pickle.HIGHEST_PROTOCOL, passed)
