@@ -231,8 +231,8 @@ def start_process(
     """Start a child process that runs ``target(*args, **kwargs)`` and return its
     :class:`_GProcess` (a ``multiprocessing.Process``), already started.
 
-    gipc handles found in ``args``/``kwargs`` (also inside tuples, lists, sets and dict
-    values) are usable in the child and closed in the parent; every other gipc handle is
+    gipc handles found in ``args``/``kwargs`` (also inside tuples, lists, sets and dicts,
+    keys and values) are usable in the child and closed in the parent; every other gipc handle is
     closed in the child. The child starts with a fresh gevent hub and event loop and with
     default signal dispositions (SIGPIPE aside).
 
