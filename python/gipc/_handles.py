@@ -58,9 +58,18 @@ TRANSPORT = os.environ.get("GIPC_TRANSPORT", "hybrid")
 
 #: What an encoder returns: ``bytes`` or any other object with a contiguous buffer
 #: (``bytearray``, ``memoryview``, ``array.array``, a NumPy array...), written as it is.
-BytesLike = Any
-Encoder = Union[str, None, Callable[[Any], BytesLike]]
-Decoder = Union[str, None, Callable[[bytes], Any]]
+#: (``Any`` at run time: ``Buffer`` is a protocol of Python 3.12's.)
+if TYPE_CHECKING:
+    if sys.version_info >= (3, 12):
+        from collections.abc import Buffer as BytesLike
+    else:
+        from typing_extensions import Buffer as BytesLike
+else:
+    BytesLike = Any
+#: ``'default'`` (the codec ``set_default_codec`` chose, pickle unless changed), ``None``
+#: (raw bytes) or a callable.
+Encoder = Union[Literal["default"], None, Callable[[Any], BytesLike]]
+Decoder = Union[Literal["default"], None, Callable[[bytes], Any]]
 
 _PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
 _pickle_dumps = functools.partial(pickle.dumps, protocol=_PICKLE_PROTOCOL)
@@ -720,7 +729,8 @@ class _GIPCWriter(_GIPCHandle):
         if encoder is None:
             if o.__class__ is not bytes:
                 _check_bytes_like(o, "this pipe has no encoder: put() takes")
-            return o
+            checked: BytesLike = o
+            return checked
         payload = encoder(o)
         if payload.__class__ is not bytes:
             _check_bytes_like(payload, "the encoder must return")

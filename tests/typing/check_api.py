@@ -5,6 +5,7 @@ checker stops flagging it."""
 
 from __future__ import annotations
 
+import json
 from typing import Any, List
 
 import gevent
@@ -61,6 +62,26 @@ def bad_calls() -> None:
     gipc.pipe(duplex="yes")  # type: ignore[call-overload]
     gipc.start_process(target=1)  # type: ignore[arg-type]
     gipc.set_default_codec(encoder="pickle")  # type: ignore[arg-type]
+    gipc.pipe(encoder="json")  # type: ignore[call-overload]  # only 'default' is a name
+    # An encoder must return bytes-like; json.dumps returns str.
+    gipc.pipe(encoder=json.dumps, decoder=json.loads)  # type: ignore[arg-type]
+
+
+def good_codecs() -> None:
+    def encode(obj: object) -> bytes:
+        return repr(obj).encode()
+
+    def encode_view(obj: object) -> memoryview:
+        return memoryview(repr(obj).encode())
+
+    def decode(data: bytes) -> str:
+        return data.decode()
+
+    gipc.pipe(encoder=encode, decoder=decode)
+    gipc.pipe(encoder=encode_view, decoder=None)
+    gipc.pipe(encoder=lambda o: bytearray(b"x"), decoder="default")
+    gipc.pipe(encoder=None, decoder=None)
+    gipc.set_default_codec(encode, decode)
 
 
 def errors() -> None:
