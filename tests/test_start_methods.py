@@ -779,6 +779,38 @@ class TestForkServer:
         result = run_script(str(script))
         assert result.stdout.strip() == "True", result.stdout + result.stderr
 
+    def test_a_child_has_the_caller_s_umask_and_nice_value_as_they_are_now(self, tmp_path):
+        """The same for the file mode creation mask and the nice value (the server kept
+        those it started with; the nice value can only grow without privileges)."""
+        script = tmp_path / "state.py"
+        script.write_text(
+            textwrap.dedent(
+                """
+            import os, gipc
+
+            def report(writer):
+                mask = os.umask(0)
+                writer.put((mask, os.getpriority(os.PRIO_PROCESS, 0)))
+
+            def child_state():
+                with gipc.pipe() as (r, w):
+                    p = gipc.start_process(report, (w,), start_method="forkserver")
+                    state = r.get(timeout=20)
+                    p.join(20)
+                return state
+
+            if __name__ == "__main__":
+                os.umask(0o022)
+                child_state()  # the server starts with these
+                os.umask(0o077)
+                nice = os.nice(2)
+                print(child_state() == (0o077, nice), child_state(), nice)
+            """
+            )
+        )
+        result = run_script(str(script))
+        assert result.stdout.split()[0] == "True", result.stdout + result.stderr
+
     def test_nobody_else_can_reach_the_server(self):
         """It has no address: none of its descriptors is a listening socket or a socket
         with a name (path or abstract) that another process could connect to, and its

@@ -35,8 +35,10 @@ from . import _child
 from ._startup_child import (
     MAIN_CODE_KEY,
     REFERENCES_KEY,
+    CALLER_STATE_KEY,
     RLIMITS_KEY,
     caller_rlimits,
+    caller_state,
     code_key,
     frame_startup_data,
     magic_number,
@@ -224,6 +226,7 @@ class StartupData:
                 # Its child is forked from the server, which has our limits as they were
                 # when it started: it takes those we have now.
                 prep[RLIMITS_KEY] = caller_rlimits()
+                prep[CALLER_STATE_KEY] = caller_state()
             head = pickle.dumps(prep, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
             raise GIPCTypeError(

@@ -79,6 +79,48 @@ def take_rlimits(limits: Dict[int, Tuple[int, int]]) -> None:
             continue
 
 
+#: Key of the preparation data that carries the caller's file mode creation mask and nice
+#: value, for a fork server's child (which has the server's, as they were when it
+#: started): {"umask": mask or None, "nice": value or None}.
+CALLER_STATE_KEY = "gipc_caller_state"
+
+
+def caller_state() -> Dict[str, Optional[int]]:
+    """This process's umask and nice value, for its fork server's children. The umask is
+    read from /proc (``os.umask`` can only read it by changing it, which another thread
+    would see); None where there is none."""
+    umask: Optional[int] = None
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"Umask:"):
+                    umask = int(line.split()[1], 8)
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        nice: Optional[int] = os.getpriority(os.PRIO_PROCESS, 0)
+    except (OSError, AttributeError):
+        nice = None
+    return {"umask": umask, "nice": nice}
+
+
+def take_caller_state(state: Dict[str, Optional[int]]) -> None:
+    """In a fork server's child: the caller's umask and nice value instead of the
+    server's, as a forked or spawned child has them. A nice value this process may not
+    take (lower than the server's, without the privilege) stays the server's."""
+    umask = state.get("umask")
+    if umask is not None:
+        os.umask(umask)
+    nice = state.get("nice")
+    if nice is not None:
+        try:
+            if os.getpriority(os.PRIO_PROCESS, 0) != nice:
+                os.setpriority(os.PRIO_PROCESS, 0, nice)
+        except OSError:
+            pass
+
+
 def magic_number() -> bytes:
     """The magic number of this interpreter's bytecode."""
     from importlib.util import MAGIC_NUMBER
@@ -191,6 +233,9 @@ def run_child(
         limits = prep.pop(RLIMITS_KEY, None)
         if limits is not None:
             take_rlimits(limits)
+        state = prep.pop(CALLER_STATE_KEY, None)
+        if state is not None:
+            take_caller_state(state)
         main_path = None if main_code is None else prep.pop("init_main_from_path", None)
         mp_spawn.prepare(prep)  # the main module last, as prepare() does it
         if main_path is not None:
