@@ -262,6 +262,7 @@ exec("from gipc import *", names)
 missing = [n for n in gipc.__all__ if n not in names]
 assert not missing, missing
 assert set(gipc.__all__) <= set(dir(gipc))
+assert not {"annotations", "import_module", "TYPE_CHECKING"} & set(dir(gipc)), dir(gipc)
 assert gipc.gipc._GIPCReader is gipc.Reader is names["Reader"]
 assert gipc.Process is gipc._GProcess and gipc.start_process is names["start_process"]
 try:

@@ -144,5 +144,6 @@ def __getattr__(name: str) -> object:
 
 
 def __dir__() -> List[str]:
-    # What the module offers, the names not imported yet included.
-    return sorted(set(globals()) | set(__all__) | set(_LAZY))
+    # What the module offers, the names not imported yet included; not the helpers this
+    # file uses itself (import_module, the __future__ feature, TYPE_CHECKING).
+    return sorted(set(__all__) | set(_LAZY))
