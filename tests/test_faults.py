@@ -865,7 +865,7 @@ def _gipc_line_tracer(on_line, only=None):
         if (
             event == "line"
             and f"{os.sep}gipc{os.sep}" in filename
-            and (only is None or filename.endswith(os.sep + only))
+            and (only is None or filename.endswith(tuple(os.sep + name for name in only)))
         ):
             lines = seen.setdefault(id(frame), set())
             again = frame.f_lineno in lines
@@ -882,7 +882,7 @@ def _gipc_line_tracer(on_line, only=None):
 
 def _lines_in_gipc(call, only=None):
     """How many lines of gipc's Python code ``call()`` runs (as the tracer counts them;
-    ``only``: of that module's file)."""
+    ``only``: of those modules' files)."""
     count = 0
 
     def on_line():
@@ -899,7 +899,7 @@ def _lines_in_gipc(call, only=None):
 
 def _interrupt_at_line(n, call, only=None):
     """Runs ``call()`` with ``Interrupted`` raised at the ``n``-th line of gipc's Python
-    code it runs (``only``: of that module's file), as a signal handler's exception would
+    code it runs (``only``: of those modules' files), as a signal handler's exception would
     be; True if it was raised."""
     seen = 0
     raised = False
@@ -1034,7 +1034,8 @@ class TestStartsInterruptedBetweenAnyTwoLines:
     for ever on its start-up data with six descriptors left open in the parent."""
 
     @pytest.mark.parametrize(
-        "method, launcher", [("fork", "_popen.py"), ("spawn", "_popen_spawn.py")]
+        "method, launcher",
+        [("fork", ("_popen.py", "_child.py")), ("spawn", ("_popen_spawn.py", "_popen.py"))],
     )
     def test_nothing_is_left_of_an_interrupted_start(self, method, launcher):
         started = []

@@ -614,6 +614,24 @@ class TestForkServer:
                 taker.join(30)
             assert p.exitcode == -signal.SIGINT
 
+    def test_an_offer_closed_in_place_is_passed_over(self):
+        """What an exception from a signal handler left in the caller's record of the
+        server's offers, between closing an older offer and recording the new one (the
+        code now replaces first, then closes): a closed offer. The next start raised
+        ValueError (a descriptor of -1); it asks the server instead."""
+        with _own_server():
+            gipc.start_process(noop, start_method="forkserver").join()
+            server = _forkserver._current_server()
+            deadline = time.monotonic() + 10
+            while server._offer is None and time.monotonic() < deadline:
+                gevent.sleep(0.01)
+                server.alive()  # reads the offers that came
+            assert server._offer is not None, "no spare offered"
+            server._offer.close()
+            p = gipc.start_process(exit_with, args=(4,), start_method="forkserver")
+            p.join(30)
+            assert p.exitcode == 4
+
     @pytest.mark.parametrize("module", ["exiting_preload", "interrupting_preload"])
     def test_a_preload_that_ends_its_import_abruptly_is_skipped(self, monkeypatch, module):
         """"A module that fails to import is skipped": also one whose import raises

@@ -266,13 +266,15 @@ class _Server:
                     if pidfd < 0 or sock < 0:  # it came without them: unusable
                         _Offer(body[1], pidfd, sock).close()
                         continue
-                    if self._offer is not None:
-                        self._offer.close()  # an older one: the server has moved on
-                    self._offer = _Offer(body[1], pidfd, sock)
+                    # Replaced before the older one (the server has moved on) is closed:
+                    # interrupted in between, a closed offer is never left to a start.
+                    older, self._offer = self._offer, _Offer(body[1], pidfd, sock)
+                    if older is not None:
+                        older.close()
                 elif body[0] == "taken" and self._offer is not None:
                     if self._offer.pid == body[1]:  # given to a start sent to the server
-                        self._offer.close()
-                        self._offer = None
+                        taken, self._offer = self._offer, None
+                        taken.close()
 
     def alive(self) -> bool:
         """Whether the server's end of the control socket is still open (reads what it
@@ -335,6 +337,8 @@ class _Offer:
         (leaked) or closed and forgotten, never closed and still named here, where
         ``close()`` would close it again, whatever the number is by then."""
         try:
+            if self.sock < 0:  # closed already: as good as gone
+                return False
             _core.send_record(self.sock, b"s", list(fds))
             return True
         except OSError:  # EPIPE, ECONNRESET: it died meanwhile

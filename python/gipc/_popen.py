@@ -477,7 +477,7 @@ class ForkPopen(CooperativePopen):
         start: Optional[_child.ChildStart] = None
         pid: Optional[int] = None
         try:
-            start = _child.ChildStart(process_obj)  # opens the child's stdin
+            start = _child.ChildStart(process_obj, start_fds)  # opens the child's stdin
             parent_r, child_w = start_fds.pipe()
             child_r, parent_w = start_fds.pipe()
             start.ready(child_r)
@@ -492,6 +492,8 @@ class ForkPopen(CooperativePopen):
                 pid = fork()
             if pid == 0:
                 self._be_the_child(start, process_obj, parent_r, parent_w, child_w)
+            if start.devnull_fd >= 0:
+                start_fds.close(start.devnull_fd)
             start.forget()
             start_fds.close(child_w)
             start_fds.close(child_r)
