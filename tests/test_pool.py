@@ -678,15 +678,17 @@ def test_after_shutdown_a_free_worker_takes_back_what_was_sent_ahead(every_task_
     pool = ProcessPool(2, prefetch=8)
     try:
         assert list(pool.map(square, range(10))) == [x * x for x in range(10)]
-        other = pool.submit(sleep_and_pid, 0.5)
+        # Busy long enough for the rest to be sent while it runs, on a loaded machine too
+        # (at 0.5 s it once finished first in a run beside a signal storm).
+        other = pool.submit(sleep_and_pid, 1.5)
         wait_until_running(other)
         # The idle worker takes the long task, then (the other one busy) these behind it.
-        long = pool.submit(sleep_and_pid, 4)
+        long = pool.submit(sleep_and_pid, 8)
         quick = [pool.submit(pid_of_worker) for _ in range(4)]
         for future in [long, *quick]:
             wait_until_running(future)
         pool.shutdown(wait=False)
-        done, _ = cf.wait(quick, timeout=3)
+        done, _ = cf.wait(quick, timeout=5)
         assert done == set(quick), "tasks sent ahead waited behind the long task"
         assert {f.result() for f in quick} == {other.result()}
         assert long.result(timeout=20) != other.result()
