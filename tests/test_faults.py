@@ -1033,10 +1033,10 @@ class TestStartsInterruptedBetweenAnyTwoLines:
     it had started when the exception came after the spawn: a zombie, or a child blocked
     for ever on its start-up data with six descriptors left open in the parent."""
 
-    @pytest.mark.parametrize(
-        "method, launcher",
-        [("fork", ("_popen.py", "_child.py")), ("spawn", ("_popen_spawn.py", "_popen.py"))],
-    )
+    # Spawn only: the fork launcher's version of this fix (StartFds, AllSignalsBlocked) was
+    # taken back on 2026-12-02 after CI's threaded-fork stress test hung on libuv with it
+    # (4 runs in 150 beside a CI run; the old code none). See that day's note.
+    @pytest.mark.parametrize("method, launcher", [("spawn", ("_popen_spawn.py", "_popen.py"))])
     def test_nothing_is_left_of_an_interrupted_start(self, method, launcher):
         started = []
 

@@ -94,7 +94,7 @@ class ChildStart:
     called in the child, ``forget()`` in the parent (after the fork, or if it fails).
     """
 
-    def __init__(self, process: Any, start_fds: Any) -> None:
+    def __init__(self, process: Any) -> None:
         # Imported here, not at the top: a spawned child imports this module too, and needs
         # no gevent unless its target does (see ``_startup_child``).
         from ._hub import fresh_hub_after_fork, resolve_hub_settings
@@ -108,20 +108,17 @@ class ChildStart:
         self.children: Set[Any] = set()
         # The child's sys.stdin: multiprocessing opens /dev/null in the child, on the lowest
         # free descriptor, and wraps it in a text file. Opened here before the sentinel pipes
-        # (so the descriptor number is the same), it is inherited; the parent's copy is the
-        # start's (``start_fds``, a ``_core.StartFds``), which closes it after the fork or
-        # when the start fails.
+        # (so the descriptor number is the same), it is inherited; the parent closes its copy.
         self.devnull_fd = -1
         self.stdin: Optional[io.TextIOWrapper] = None
         self.parent_sentinel = -1
         if STOCK_BOOTSTRAP:
             return  # multiprocessing's _bootstrap makes all of it in the child
         try:
-            self.devnull_fd = start_fds.open_devnull()
+            self.devnull_fd = os.open(os.devnull, os.O_RDONLY)
             self.stdin = open(self.devnull_fd, encoding=_STDIN_ENCODING, closefd=False)
         except (OSError, ValueError):
-            self.devnull_fd = -1
-            self.stdin = None
+            self.forget()
 
     def ready(self, parent_sentinel: int) -> None:
         """The child's ``multiprocessing.parent_process()``, watching ``parent_sentinel``."""
@@ -132,10 +129,11 @@ class ChildStart:
         )
 
     def forget(self) -> None:
-        """In the parent, once forked or failed: the child's stdin is not this process's
-        (its descriptor is closed by the start's ``StartFds``)."""
-        self.devnull_fd = -1
+        """In the parent, once forked: close the parent's copy of the child's stdin."""
+        fd, self.devnull_fd = self.devnull_fd, -1
         self.stdin = None
+        if fd >= 0:
+            os.close(fd)
 
     def run(self) -> int:
         """In the child: a fresh gevent state and default signals, then ``process`` runs as

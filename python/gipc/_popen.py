@@ -33,7 +33,7 @@ import os
 import signal
 import sys
 import weakref
-from typing import TYPE_CHECKING, Any, Iterable, NoReturn, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Tuple
 
 import gevent
 import gevent.event
@@ -60,6 +60,9 @@ _log = logging.getLogger("gipc")
 
 #: What a child writes to its sentinel pipe just before it exits.
 EXIT_CODE = _child.EXIT_CODE
+
+#: What ForkPopen blocks across the fork (the system ignores SIGKILL and SIGSTOP there).
+_ALL_SIGNALS = signal.valid_signals()
 
 #: Process monitors of this process's live children, so a forked child can close the
 #: descriptors that watch its siblings.
@@ -472,77 +475,66 @@ class ForkPopen(CooperativePopen):
         # Two pipes, as multiprocessing makes them: the parent's read end becomes readable
         # when the child is gone (`sentinel`); the child's read end does the same when the
         # parent is gone (`multiprocessing.parent_process().sentinel`).
+        start = _child.ChildStart(process_obj)
         parent_pid = os.getpid()
-        start_fds = _core.StartFds()  # what this start owns (see _abort_start)
-        start: Optional[_child.ChildStart] = None
-        pid: Optional[int] = None
+        pipe_fds: List[int] = []
         try:
-            start = _child.ChildStart(process_obj, start_fds)  # opens the child's stdin
-            parent_r, child_w = start_fds.pipe()
-            child_r, parent_w = start_fds.pipe()
+            parent_r, child_w = os.pipe()
+            pipe_fds += (parent_r, child_w)
+            child_r, parent_w = os.pipe()
+            pipe_fds += (child_r, parent_w)
             start.ready(child_r)
             # Every signal stays blocked from before the fork (and the at-fork hooks) until
             # the child has reset the dispositions it inherited: a signal that comes early,
             # a Ctrl-C or a terminate() right after start_process returns, then meets the
             # default action. Unblocked earlier, it would run the parent's Python handler
             # in the child, in gipc's start-up code, which would swallow its exception and
-            # carry on. (In the parent, no handler runs between the fork and ``pid``.)
+            # carry on.
             fork = _fork_for_this_loop()
-            with _core.AllSignalsBlocked():  # restored in the parent only
-                pid = fork()
-            if pid == 0:
-                self._be_the_child(start, process_obj, parent_r, parent_w, child_w)
-            if start.devnull_fd >= 0:
-                start_fds.close(start.devnull_fd)
-            start.forget()
-            start_fds.close(child_w)
-            start_fds.close(child_r)
-            self._adopt(pid, parent_r, (parent_r, parent_w))
-            self._keep_exit_fd(start_fds, pid)
-            _log.debug("started child %s (pid %d, fork)", process_obj.name, pid)
-        except BaseException:
-            if os.getpid() != parent_pid:
-                os._exit(1)  # a forked child never goes on with the parent's program
-            if start is not None:
-                start.forget()
-            self._abort_start(pid, start_fds)
-            raise
-
-    @staticmethod
-    def _be_the_child(
-        start: _child.ChildStart,
-        process_obj: "_GProcess",
-        parent_r: int,
-        parent_w: int,
-        child_w: int,
-    ) -> NoReturn:
-        """The forked child: gipc's start-up, the target, the exit. Never returns."""
-        code = 1
-        try:
-            os.close(parent_r)
-            os.close(parent_w)
-            if (
-                _handles._open_handles.data  # type: ignore[attr-defined]
-                or live_popens.data  # type: ignore[attr-defined]
-                or _child.parent_only_fds
-            ):
-                release_inherited(process_obj._gipc_handles)
-            # Our own exit report is no grandchild's to hold: one that outlived us
-            # would keep the sentinel from telling our parent that we are gone.
-            _child.parent_only_fds.add(child_w)
-            code = _child.exit_status(start.run())  # resets the signals, unblocks them
-        except BaseException:  # gipc's own start-up failed: say why before exiting
-            import traceback
-
-            traceback.print_exc()
-        finally:
-            # Also tell the parent through the sentinel: if someone else in the parent
-            # reaps us (gevent's SIGCHLD handling reaps every child once
-            # gevent.subprocess was used), the exit code is not lost.
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
             try:
-                os.write(child_w, EXIT_CODE.pack(code))
+                pid = fork()
             finally:
-                os._exit(code)
+                if os.getpid() == parent_pid:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        except BaseException:
+            start.forget()
+            for fd in pipe_fds:
+                os.close(fd)
+            raise
+        if pid == 0:
+            code = 1
+            try:
+                os.close(parent_r)
+                os.close(parent_w)
+                if (
+                    _handles._open_handles.data  # type: ignore[attr-defined]
+                    or live_popens.data  # type: ignore[attr-defined]
+                    or _child.parent_only_fds
+                ):
+                    release_inherited(process_obj._gipc_handles)
+                # Our own exit report is no grandchild's to hold: one that outlived us
+                # would keep the sentinel from telling our parent that we are gone.
+                _child.parent_only_fds.add(child_w)
+                code = _child.exit_status(start.run())  # resets the signals, unblocks them
+            except BaseException:  # gipc's own start-up failed: say why before exiting
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                # Also tell the parent through the sentinel: if someone else in the parent
+                # reaps us (gevent's SIGCHLD handling reaps every child once
+                # gevent.subprocess was used), the exit code is not lost.
+                try:
+                    os.write(child_w, EXIT_CODE.pack(code))
+                finally:
+                    os._exit(code)
+        start.forget()
+        os.close(child_w)
+        os.close(child_r)
+        self._adopt(pid, parent_r, (parent_r, parent_w))
+        self._exit_fd = open_pidfd(pid)
+        _log.debug("started child %s (pid %d, fork)", process_obj.name, pid)
 
 
 def kill_and_reap(pid: int) -> None:
