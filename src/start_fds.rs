@@ -69,17 +69,6 @@ impl StartFds {
         Ok((r, w))
     }
 
-    /// ``/dev/null`` opened for reading (close-on-exec), recorded: a forked child's stdin.
-    fn open_devnull(&self) -> PyResult<RawFd> {
-        // SAFETY: a NUL-terminated path and plain flags; the descriptor returned is new.
-        let fd = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
-        if fd < 0 {
-            return Err(os_error(std::io::Error::last_os_error()));
-        }
-        self.owned().push(fd);
-        Ok(fd)
-    }
-
     /// A pidfd for the child ``pid`` (close-on-exec), recorded; None where the system has
     /// none (before Linux 5.3, not Linux) or the child is already reaped.
     fn pidfd(&self, pid: libc::pid_t) -> Option<RawFd> {

@@ -209,8 +209,6 @@ class StartFds:
     def __init__(self) -> None: ...
     def pipe(self) -> Tuple[int, int]:
         """A new pipe (close-on-exec), both ends recorded: ``(read_end, write_end)``."""
-    def open_devnull(self) -> int:
-        """``/dev/null`` opened for reading (close-on-exec), recorded."""
     def pidfd(self, pid: int) -> Optional[int]:
         """A pidfd for the child ``pid`` (close-on-exec), recorded; None where the system
         has none or the child is already reaped."""
