@@ -204,16 +204,28 @@ class StartFds:
     """The descriptors a start made for its child and nobody else owns yet. Each change is
     one call, so an exception from a signal handler between two steps of a start cannot
     leave one owned and unrecorded, or recorded and handed on. Dropping it closes
-    nothing."""
+    nothing. The fork server's caller keeps the descriptors that come on its control
+    socket in one too, in the order they came, until an offer takes its own."""
 
     def __init__(self) -> None: ...
     def pipe(self) -> Tuple[int, int]:
         """A new pipe (close-on-exec), both ends recorded: ``(read_end, write_end)``."""
+    def socketpair(self) -> Tuple[int, int]:
+        """A new connected pair of Unix stream sockets (close-on-exec), both recorded."""
+    def receive(self, fd: int, into: bytearray, size: int, pad_lost_to: int = 0) -> int:
+        """One read that never waits of at most ``size`` bytes from the socket ``fd``,
+        appended to ``into``; the descriptors that came recorded in order (-1 for each the
+        kernel dropped, up to ``pad_lost_to`` in all). The bytes read (0: the end of the
+        stream); ``BlockingIOError`` when nothing is there."""
+    def move_first(self, n: int, to: StartFds) -> List[int]:
+        """Hands the ``n`` descriptors recorded first over to ``to`` in one step; returns
+        them (``ValueError`` if fewer are recorded)."""
     def pidfd(self, pid: int) -> Optional[int]:
         """A pidfd for the child ``pid`` (close-on-exec), recorded; None where the system
         has none or the child is already reaped."""
     def close(self, fd: int) -> None:
-        """Closes ``fd``, one the start owns (else ``ValueError``), and forgets it."""
+        """Closes ``fd``, one the start owns (else ``ValueError``), and forgets it (the
+        others keep their order)."""
     def hand_on(self, fd: int) -> None:
         """Forgets ``fd`` without closing it: it has a new owner."""
     def close_all(self) -> None:

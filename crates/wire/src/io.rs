@@ -539,6 +539,16 @@ pub fn send_record(fd: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> i
 /// [`MAX_FDS`] are dropped by the kernel): a record ([`send_record`]). `(0, [])` at the
 /// end of the stream; `WouldBlock` when nothing is there.
 pub fn recv_record(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    recv_record_noting_loss(fd, buf).map(|(n, fds, _lost)| (n, fds))
+}
+
+/// [`recv_record`], and whether the kernel dropped descriptors that came with the bytes
+/// (`MSG_CTRUNC`: this process at its limit of open descriptors, or more than
+/// [`MAX_FDS`]).
+pub fn recv_record_noting_loss(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> io::Result<(usize, Vec<OwnedFd>, bool)> {
     let mut received = ReceivedFds::new();
     let mut space = rights_space();
     let n = recv_with_fds(
@@ -548,15 +558,19 @@ pub fn recv_record(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec
         &mut space,
         rustix::net::RecvFlags::DONTWAIT,
     )?;
+    let mut lost = false;
     let fds = received
         .queue
         .into_iter()
         .filter_map(|r| match r {
             Received::Fd(fd) => Some(fd),
-            Received::Truncated => None,
+            Received::Truncated => {
+                lost = true;
+                None
+            }
         })
         .collect();
-    Ok((n, fds))
+    Ok((n, fds, lost))
 }
 
 /// One `recvmsg` from `fd` into `buf`, with `space` for the control message (room for
