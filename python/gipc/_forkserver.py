@@ -191,20 +191,22 @@ class _Server:
             try:
                 while data:
                     try:
-                        sent = self.sock.sendmsg([data], ancillary)
+                        # What went is dropped in the same statement: an exception from a
+                        # signal handler finds ``data`` as the socket has it.
+                        data = data[self.sock.sendmsg([data], ancillary) :]
                     except BlockingIOError:
                         wait_write(self.sock.fileno())
                         continue
                     ancillary = []  # attached to the first bytes only
-                    data = data[sent:]
             except OSError as exc:
                 self.close()
                 raise GIPCError(f"gipc's fork server (pid {self.pid}) is gone: {exc}") from exc
             except BaseException:
                 # Interrupted (a timeout, a kill) while it waited to send the rest: a message
                 # cut short would garble every later one. This server is dropped (it ends
-                # with its socket) and the next start launches another.
-                if len(data) < whole:
+                # with its socket) and the next start launches another. (One sent whole,
+                # or not begun, garbles nothing.)
+                if 0 < len(data) < whole:
                     self.close()
                 raise
 
