@@ -412,7 +412,7 @@ class TestForkServer:
         gipc.start_process(noop, start_method="forkserver").join()
         server = _forkserver.server_pid()
         assert server is not None
-        monkeypatch.setattr(_forkserver._Server, "take_offer", lambda self: None)
+        monkeypatch.setattr(_forkserver._Server, "take_offer", lambda self, start: None)
         os.kill(server, signal.SIGSTOP)  # it cannot answer: the start below waits for it
         try:
             starting = gevent.spawn(gipc.start_process, noop, start_method="forkserver")
@@ -936,14 +936,14 @@ class TestForkServer:
             p.join(30)
             assert p.exitcode == 7
             # The interrupted start's answer came: offers are used again.
-            assert _forkserver._server._asking == 0
+            assert not _forkserver._server._asking
 
     def test_the_server_keeps_no_status_socket_for_a_child_that_has_ended(self, monkeypatch):
         """The caller's word that it handed a spare a start ("used", with the start's status
         socket) naming a child the server had handed a start itself and has reaped (what a
         spare given two requests leaves behind): the socket gets that child's REAPED record
         and its end at once, not a place in the server for ever."""
-        monkeypatch.setattr(_forkserver._Server, "take_offer", lambda self: None)
+        monkeypatch.setattr(_forkserver._Server, "take_offer", lambda self, start: None)
         p = gipc.start_process(exit_with, args=(3,), start_method="forkserver")
         p.join(30)
         assert p.exitcode == 3
@@ -955,7 +955,7 @@ class TestForkServer:
         second status socket for one child. The child's own start still hears its end (it
         dies by a signal here: no word of its own, only the server's REAPED), and so does
         the second socket; the server keeps neither."""
-        monkeypatch.setattr(_forkserver._Server, "take_offer", lambda self: None)
+        monkeypatch.setattr(_forkserver._Server, "take_offer", lambda self, start: None)
         p = gipc.start_process(sleep_for, args=(30,), start_method="forkserver")
         told = gevent.spawn(_said_used, p.pid)
         gevent.sleep(0.2)  # the server has the word

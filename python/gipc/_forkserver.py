@@ -19,9 +19,10 @@ its own gets a new server there on first use (the server belongs to the process 
 started it).
 
 **Messages.** On the control socket, both ways: ``length (4 bytes) + pickle``. Server →
-caller: ``("spare", pid)`` with the spare's pidfd and a copy of the server's end of the
-spare's socket attached (``SCM_RIGHTS``), and ``("taken", pid)`` when the server gave that
-spare to a start sent to it. The caller reads them at its next start, never waiting, and
+caller: ``("spare", pid, serial)`` with the spare's pidfd and a copy of the server's end
+of the spare's socket attached (``SCM_RIGHTS``; ``serial`` counts the offers sent, this
+one included), and ``("taken", pid)`` when the server gave that spare to a start sent to
+it. The caller reads them at its next start, never waiting, and
 hands the latest spare its start request: one byte with the descriptors attached, the
 start-up data pipe's read end, the child's parent sentinel, the child's status socket,
 then the passed handles'. The caller then sends the server ``("used", pid)`` with the
@@ -60,7 +61,7 @@ import socket
 import struct
 import threading
 from multiprocessing import util as mp_util
-from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Set, Tuple
 
 import gevent
 import gevent.lock
@@ -156,15 +157,17 @@ class _Server:
         self.dead = False
         self._send_lock = gevent.lock.Semaphore()
         #: What the server sent us (offers of spares), read at each start, and the
-        #: descriptors that came with it, in order; the latest spare offered.
+        #: descriptors that came with it, in order (recorded by the call that receives
+        #: them, until an offer takes its own); the latest spare offered.
         self._inbox = bytearray()
-        self._inbox_fds: List[int] = []
+        self._inbox_fds = _core.StartFds()
         self._offer: Optional[_Offer] = None
-        #: Offers read so far, and starts sent to the server whose pid has not come yet:
-        #: while one is on its way, the server may hand it the spare it offered last (if
-        #: we had not read that offer when we sent it), so no offer is used meanwhile.
+        #: Offers read so far, and the starts sent to the server whose pid has not come
+        #: yet (each its own token, so that ending one twice ends it once): while one is on
+        #: its way, the server may hand it the spare it offered last (if we had not read
+        #: that offer when we sent it), so no offer is used meanwhile.
         self._offers_seen = 0
-        self._asking = 0
+        self._asking: Set[object] = set()
         #: Threads may start children at once; draining and taking never wait.
         self._offer_lock = threading.Lock()
         _child.parent_only_fds.add(ours.fileno())
@@ -210,73 +213,93 @@ class _Server:
                     self.close()
                 raise
 
-    def take_offer(self) -> Optional["_Offer"]:
-        """The spare the server offered last, if nobody took it yet (the caller then hands
-        it the start itself: the server is not on the way). Reads what the server sent
+    def take_offer(self, start: "_Start") -> None:
+        """Gives ``start`` the spare the server offered last (as ``start.offer``; None if
+        there is none), if nobody took it yet: the start then hands it the request itself,
+        the server is not on the way. Gives nothing while a start sent to the server waits
+        for its pid. The offer changes hands in one statement: an exception from a signal
+        handler leaves it ours or the start's, never neither's. Reads what the server sent
         meanwhile, never waits; finding the server's end, forgets the server."""
         with self._offer_lock:
             self._drain()
-            if self._asking:
-                return None
-            offer, self._offer = self._offer, None
-        return offer
+            if not self._asking:
+                start.offer, self._offer = self._offer, None
 
-    def begin_asking(self) -> int:
-        """A start request is about to go to the server; returns how many offers we have
-        read (sent with it: the server may give it a spare whose offer we have not)."""
+    def begin_asking(self, token: object) -> int:
+        """A start request (``token``: the start) is about to go to the server; returns how
+        many offers we have read (sent with it: the server may give it a spare whose offer
+        we have not)."""
         with self._offer_lock:
-            self._asking += 1
+            self._asking.add(token)
             return self._offers_seen
 
-    def end_asking(self) -> None:
+    def end_asking(self, token: object) -> None:
         """That start's pid came (an offer the server took for it was withdrawn before:
-        its word "taken" precedes the pid), or it failed."""
+        its word "taken" precedes the pid), or it failed. Once is enough: again, or for a
+        start that never began asking, it does nothing."""
         with self._offer_lock:
-            self._asking -= 1
+            self._asking.discard(token)
+
+    def is_asking(self, token: object) -> bool:
+        """Whether that start began asking and has not ended."""
+        return token in self._asking
 
     def _drain(self) -> None:
+        """Reads what the server sent (never waits) and acts on each whole message. Each
+        descriptor is recorded in ``_inbox_fds`` by the call that receives it, and the
+        bytes go to ``_inbox`` in the same call; a message leaves the inbox only once it
+        has been acted on, and acting on it again does the same: an exception from a
+        signal handler at any line leaves it to be read again, nothing lost."""
         while not self.dead:
+            while self._read_message():  # also what an interrupted read left
+                pass
             try:
-                data, fds, _flags, _addr = socket.recv_fds(
-                    self.sock, 4096, 16, getattr(socket, "MSG_CMSG_CLOEXEC", 0)
-                )
+                # An offer's two descriptors that did not all fit (this process is at its
+                # limit of open descriptors) get placeholders (-1): the next offers'
+                # descriptors stay with their messages, and this offer is passed over.
+                received = self._inbox_fds.receive(self.sock.fileno(), self._inbox, 4096, 2)
             except BlockingIOError:
                 return
             except OSError:
-                data, fds, _flags = b"", [], 0
-            _child.parent_only_fds.update(fds)
-            if _flags & getattr(socket, "MSG_CTRUNC", 0) and len(fds) < 2:
-                # An offer's two descriptors did not all fit (this process is at its limit
-                # of open descriptors): placeholders keep the next offers' descriptors with
-                # their messages, and this offer is dropped when its message is read.
-                fds = fds + [-1] * (2 - len(fds))
-            self._inbox_fds += fds
-            if not data:  # the server is gone
+                received = 0
+            _child.parent_only_fds.update(fd for fd in self._inbox_fds.owned_fds if fd >= 0)
+            if not received:  # the server is gone
                 self.close()
                 return
-            self._inbox += data
-            while len(self._inbox) >= _LENGTH.size:
-                (length,) = _LENGTH.unpack_from(self._inbox)
-                if len(self._inbox) < _LENGTH.size + length:
-                    break
-                body = pickle.loads(bytes(self._inbox[_LENGTH.size : _LENGTH.size + length]))
-                del self._inbox[: _LENGTH.size + length]
-                if body[0] == "spare" and len(self._inbox_fds) >= 2:
-                    self._offers_seen += 1
-                    pidfd, sock = self._inbox_fds[:2]
-                    del self._inbox_fds[:2]
-                    if pidfd < 0 or sock < 0:  # it came without them: unusable
-                        _Offer(body[1], pidfd, sock).close()
-                        continue
-                    # Replaced before the older one (the server has moved on) is closed:
-                    # interrupted in between, a closed offer is never left to a start.
-                    older, self._offer = self._offer, _Offer(body[1], pidfd, sock)
-                    if older is not None:
-                        older.close()
-                elif body[0] == "taken" and self._offer is not None:
-                    if self._offer.pid == body[1]:  # given to a start sent to the server
-                        taken, self._offer = self._offer, None
-                        taken.close()
+
+    def _read_message(self) -> bool:
+        """Acts on the inbox's first whole message, then drops it; False if there is none."""
+        if len(self._inbox) < _LENGTH.size:
+            return False
+        (length,) = _LENGTH.unpack_from(self._inbox)
+        end = _LENGTH.size + length
+        if len(self._inbox) < end:
+            return False
+        body = pickle.loads(bytes(self._inbox[_LENGTH.size : end]))
+        if body[0] == "spare":
+            self._read_offer(body[1], body[2])
+        elif body[0] == "taken" and self._offer is not None and self._offer.pid == body[1]:
+            # Given to a start sent to the server. Closed before it is forgotten: never
+            # forgotten open.
+            self._offer.close()
+            self._offer = None
+        del self._inbox[:end]
+        return True
+
+    def _read_offer(self, pid: int, serial: int) -> None:
+        """The server's offer of spare ``pid``: the one to use from now on (the server has
+        moved on from the one before, which is closed). Read twice (an exception before
+        its message was dropped), it is known by its ``serial`` and its descriptors are
+        taken once."""
+        if self._offer is None or self._offer.serial != serial:
+            if self._offer is not None:
+                self._offer.close()  # before it is replaced: never replaced open
+            self._offer = _Offer(pid, serial)
+        offer = self._offer
+        if not offer.fds.owned_fds and len(self._inbox_fds.owned_fds) >= 2:
+            self._inbox_fds.move_first(2, offer.fds)  # its pidfd and socket, in one step
+        _child.parent_only_fds.update(fd for fd in offer.fds.owned_fds if fd >= 0)
+        self._offers_seen = serial
 
     def alive(self) -> bool:
         """Whether the server's end of the control socket is still open (reads what it
@@ -308,58 +331,66 @@ class _Server:
     def _forget_offers(self, mine: bool = True) -> None:
         """Closes the descriptors of spares offered and not taken (a spare ends when its
         socket's last holder closes it)."""
-        offer, self._offer = self._offer, None
-        if offer is not None:
-            offer.close(mine)
-        fds, self._inbox_fds = self._inbox_fds, []
-        for fd in fds:
-            if mine:
-                _child.parent_only_fds.discard(fd)
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        if self._offer is not None:
+            self._offer.close(mine)  # before it is forgotten: never forgotten open
+        self._offer = None
+        if mine:
+            _child.parent_only_fds.difference_update(self._inbox_fds.owned_fds)
+        self._inbox_fds.close_all()
 
 
 class _Offer:
-    """A spare the server forked ahead, as its caller knows it: its pid, its pidfd, and
-    a socket to it, where the caller sends a start request (what the server would)."""
+    """A spare the server forked ahead, as its caller knows it: its pid, its pidfd and a
+    socket to it, where the caller sends a start request (what the server would).
 
-    def __init__(self, pid: int, pidfd: int, sock: int) -> None:
+    Its descriptors are recorded in ``fds`` (a ``_core.StartFds``: the pidfd, then the
+    socket), moved there in one step from the control socket's (``_Server._read_offer``),
+    and leave it one at a time, each closed or handed on by the call that forgets it:
+    whoever holds the offer holds them, and an exception from a signal handler at any
+    line leaves each recorded there or gone, never both, never neither."""
+
+    def __init__(self, pid: int, serial: int) -> None:
         self.pid = pid
-        self.pidfd = pidfd
-        self.sock = sock
+        #: The server's count of offers, this one included: the same offer read twice is
+        #: known by it.
+        self.serial = serial
+        self.fds = _core.StartFds()
+
+    @property
+    def pidfd(self) -> int:
+        """Its pidfd (-1 once closed or handed on, or if it came without it)."""
+        owned = self.fds.owned_fds
+        return owned[0] if owned else -1
+
+    @property
+    def sock(self) -> int:
+        """Its socket (-1 once closed, or if it came without it)."""
+        owned = self.fds.owned_fds
+        return owned[1] if len(owned) == 2 else -1
 
     def hand_over(self, fds: Sequence[int]) -> bool:
         """Sends the start request to the spare (never waits: its socket is empty); False
-        if it is gone (then the caller asks the server). Closes the socket either way.
-
-        The socket is taken from ``self.sock`` before it is closed, and no socket object
-        ever owns it: an exception from a signal handler at any line leaves it open
-        (leaked) or closed and forgotten, never closed and still named here, where
-        ``close()`` would close it again, whatever the number is by then."""
+        if it is gone, or its offer is closed or came without a descriptor (then the
+        caller asks the server). Closes the socket either way. No socket object ever owns
+        it: ``fds`` does, until the call that closes it forgets it."""
+        sock = self.sock
+        if sock < 0 or self.pidfd < 0:
+            return False
         try:
-            if self.sock < 0:  # closed already: as good as gone
-                return False
-            _core.send_record(self.sock, b"s", list(fds))
+            _core.send_record(sock, b"s", list(fds))
             return True
         except OSError:  # EPIPE, ECONNRESET: it died meanwhile
             return False
         finally:
-            sock, self.sock = self.sock, -1
             _child.parent_only_fds.discard(sock)
-            _close_quietly(sock)
+            self.fds.close(sock)
 
     def close(self, mine: bool = True) -> None:
-        # Forgotten before closed (see hand_over): never closed twice.
-        fds = (self.pidfd, self.sock)
-        self.pidfd = self.sock = -1
-        for fd in fds:
-            if fd < 0:
-                continue
-            if mine:
-                _child.parent_only_fds.discard(fd)
-            _close_quietly(fd)
+        """Closes what is left of its descriptors (a spare ends once every holder of its
+        socket has closed it; one that was sent a start runs it)."""
+        if mine:
+            _child.parent_only_fds.difference_update(self.fds.owned_fds)
+        self.fds.close_all()
 
 
 def _reaped(pid: int, pidfd: Optional[int]) -> bool:
@@ -507,84 +538,112 @@ class ForkServerPopen(CooperativePopen):
         self._child_code: Optional[int] = None
         self._status: Optional[int] = None
         self._ended = False
-        opened: List[int] = []
-        status: Optional[socket.socket] = None
-        feeder: Optional[Feeder] = None
-        data_w = -1
+        # What this start holds until the process object has it: undone if the start fails
+        # or is interrupted (an exception from a signal handler can come at any line).
+        start = _Start()
         try:
-            status, child_status = _socketpair()
-            opened.append(child_status.detach())
-            child_r, parent_w = os.pipe()  # the child's parent_process().sentinel
-            opened += (child_r, parent_w)
-            data_r, data_w = os.pipe()
-            opened.append(data_r)
-            # Fed before the request goes, but for the last byte: the child finds its data
-            # waiting when it wakes (fewer wake-ups), and runs nothing before we know its
-            # pid (with a spare offered we know it already: released at once).
-            feeder = Feeder(data_w, startup.payload, hold_back=1)
-            feeder.start()
-            fds = [data_r, child_r, opened[0], *startup.handle_fds]
-            self._server, offer = _send_start_request(fds)
+            passed = self._prepare(start, startup)
+            _send_start_request(start, passed)
+            for fd in passed[:3]:  # the child's (or the server's) now
+                start.fds.close(fd)
+            pid = start.offer.pid if start.offer is not None else self._await_pid(start)
+            self._take_over(start, pid, process_obj.name)
         except BaseException:
-            if feeder is not None:
-                feeder.cancel()
-            elif data_w >= 0:
-                os.close(data_w)
-            for fd in opened:
-                os.close(fd)
-            if status is not None:
-                status.close()
+            self._abort_fork_server_start(start)
             raise
-        for fd in (opened[0], child_r, data_r):
-            os.close(fd)
-        status.setblocking(False)
-        self._status_fd = status.detach()
-        if offer is not None:
-            # The spare took it: we knew its pid before, and it runs the child now.
-            self._pidfd = offer.pidfd
-            self._adopt(offer.pid, self._status_fd, (self._status_fd, parent_w, offer.pidfd))
-            feeder.release()
-            _log.debug("started child %s (pid %d, forkserver)", process_obj.name, self.pid)
-            return
-        self._adopt(-1, self._status_fd, (self._status_fd, parent_w))
-        self._answered = False
-        try:
-            self.pid = self._await_pid()
-        except BaseException:
-            # No child (the server said so, or died), or the start was interrupted (a
-            # timeout, a kill): a child that was forked reads a torn start-up pickle and
-            # exits.
-            feeder.cancel()
-            if self._answered:
-                self._release()
-                self._server.end_asking()
+
+    def _prepare(self, start: "_Start", startup: StartupData) -> List[int]:
+        """The start's descriptors, each recorded in ``start.fds`` by the call that makes
+        it: the status socket (our end non-blocking, in ``_status_fd``), the child's parent
+        sentinel and the start-up data pipe, whose write end goes to a Feeder. Returns
+        those the request passes to the child: data, sentinel, status, then the handles'."""
+        self._status_fd, child_status = start.fds.socketpair()
+        os.set_blocking(self._status_fd, False)
+        child_r, start.parent_w = start.fds.pipe()  # the child's parent_process().sentinel
+        data_r, start.data_w = start.fds.pipe()
+        # Fed before the request goes, but for the last byte: the child finds its data
+        # waiting when it wakes (fewer wake-ups), and runs nothing before the start is
+        # done (_take_over releases it).
+        start.feeder = Feeder(start.data_w, startup.payload, hold_back=1)
+        start.fds.hand_on(start.data_w)  # the feeder's, which closes it
+        start.feeder.start()
+        return [data_r, child_r, child_status, *startup.handle_fds]
+
+    def _take_over(self, start: "_Start", pid: int, name: str) -> None:
+        """The start's last steps, once the child's pid is known: the process object takes
+        the descriptors it keeps, the start's "asking" ends, and the child gets the last
+        byte of its start-up data (then it runs; nothing of the start is left to fail)."""
+        if start.offer is not None:
+            pidfd: Optional[int] = start.offer.pidfd
+        else:
+            answered = start.answer_fds.owned_fds
+            pidfd = answered[0] if answered else None
+        kept = (self._status_fd, start.parent_w) + ((pidfd,) if pidfd is not None else ())
+        self._adopt(pid, self._status_fd, kept)
+        self._pidfd = pidfd
+        for fd in kept:
+            start.hand_on(fd)
+        if start.server is not None:
+            start.server.end_asking(start)
+        _log.debug("started child %s (pid %d, forkserver)", name, pid)
+        assert start.feeder is not None
+        start.feeder.release()
+
+    def _abort_fork_server_start(self, start: "_Start") -> None:
+        """Undoes a start that failed or was interrupted. The caller gets the exception and
+        never a process object, so the child that may have been handed the start is
+        killed (the server reaps it: it is the server's child), and its start-up data is
+        cut short (a child not killed reads a torn start-up and exits). A request that may
+        be on its way to the server, not answered yet, keeps the start "asking" until the
+        answer comes (``_await_abandoned_answer``); otherwise that ends here. Every
+        descriptor the start made or received is closed once."""
+        if start.feeder is not None:
+            start.fds.hand_on(start.data_w)  # the feeder's to close, once
+            start.feeder.cancel()
+        self._kill_handed_child(start)
+        server = start.server
+        if server is not None and server.is_asking(start):
+            if self._records or self._ended:  # the server's answer is in
+                server.end_asking(start)
             else:
-                self._abandon_start()
-            raise
-        self._server.end_asking()
-        feeder.release()
-        _log.debug("started child %s (pid %d, forkserver)", process_obj.name, self.pid)
+                status_fd = self._status_fd
+                start.fds.hand_on(status_fd)  # the waiting greenlet's, which closes it
+                gevent.spawn(_await_abandoned_answer, server, status_fd, os.getpid(), start)
+        for fd in self._parent_fds:
+            start.hand_on(fd)  # closed by _abort_start, once
+        start.close_received()
+        self._abort_start(None, start.fds)
 
-    def _abandon_start(self) -> None:
-        """A start interrupted before the server's answer. The request is still on its
-        way: the server may yet hand it the spare it offered last, which the caller may
-        have read meanwhile. Ending "asking" now would let the next start hand that same
-        spare its own request (one spare, two requests: one of them never runs). So the
-        status socket goes to a greenlet that waits for the answer, and only then ends
-        "asking"; meanwhile other starts go through the server."""
-        status_fd = self._status_fd
-        self._parent_fds = tuple(fd for fd in self._parent_fds if fd != status_fd)
-        self._release()  # the rest (the parent sentinel's write end), and the watchers
-        gevent.spawn(_await_abandoned_answer, self._server, status_fd, os.getpid())
+    def _kill_handed_child(self, start: "_Start") -> None:
+        """SIGKILL for the child that was (or may have been) handed the start: the offered
+        spare the start took (unused, it is replaced: the server forks the next), or the
+        child the server named. By its pidfd: the server reaps it, and its pid may be
+        reused as soon as it is gone. Without one (a system that has none), by the pid the
+        server named."""
+        if self._pidfd is not None:
+            pidfd: Optional[int] = self._pidfd
+        elif start.offer is not None:
+            pidfd = start.offer.pidfd if start.offer.pidfd >= 0 else None
+        else:
+            answered = start.answer_fds.owned_fds
+            pidfd = answered[0] if answered else None
+        try:
+            if pidfd is not None:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            elif start.offer is None and len(self._records) >= _RECORD.size:
+                tag, pid = _RECORD.unpack_from(self._records)
+                if tag == PID:
+                    os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
-    def _await_pid(self) -> int:
+    def _await_pid(self, start: "_Start") -> int:
+        """The pid in the server's answer, waited for cooperatively. The answer is the first
+        record, left in ``_records`` (``_try_reap`` reads past it)."""
         while True:
-            self._read_records()
-            if self._records or self._ended:
-                self._answered = True  # whatever follows: the server's word is in
+            self._read_answer(start)
             if len(self._records) >= _RECORD.size:
                 tag, value = _RECORD.unpack_from(self._records)
-                del self._records[: _RECORD.size]
                 if tag == FAILED:
                     if value:
                         raise GIPCError(
@@ -600,22 +659,39 @@ class ForkServerPopen(CooperativePopen):
                 pid: int = value
                 return pid
             if self._ended:
-                if self._server.alive():
+                assert start.server is not None
+                if start.server.alive():
                     # It dropped the request: its descriptors did not all reach it.
                     raise GIPCError(
                         "gipc's fork server could not take this start: the descriptors of "
                         "the request did not reach it (is it at its limit of open "
                         "descriptors, RLIMIT_NOFILE?)"
                     )
-                self._server.close()
+                start.server.close()
                 raise GIPCError(
                     "gipc's fork server died before starting the child; "
                     "a new one is started on next use"
                 )
             wait_read(self._status_fd)
 
+    def _read_answer(self, start: "_Start") -> None:
+        """Everything the status socket has now, while the start waits for its answer;
+        notes its end. The bytes go to ``_records``, and the descriptors (the child's
+        pidfd, with the PID record) to ``start.answer_fds``, in the call that receives
+        them."""
+        while not self._ended:
+            try:
+                received = start.answer_fds.receive(self._status_fd, self._records, 4096)
+            except BlockingIOError:
+                return
+            except OSError:
+                received = 0
+            if not received:
+                self._ended = True
+
     def _read_records(self) -> None:
-        """Everything the status socket has now; notes its end."""
+        """Everything the status socket has now; notes its end. (No descriptor comes after
+        the start's answer: one that did is closed.)"""
         while not self._ended:
             try:
                 data, fds = _receive_records(self._status_fd)
@@ -624,12 +700,7 @@ class ForkServerPopen(CooperativePopen):
             except OSError:
                 data, fds = b"", []
             for fd in fds:
-                if self._pidfd is None:
-                    self._pidfd = fd
-                    _child.parent_only_fds.add(fd)
-                    self._parent_fds += (fd,)
-                else:
-                    os.close(fd)
+                os.close(fd)
             if not data:
                 self._ended = True
                 return
@@ -674,18 +745,51 @@ class ForkServerPopen(CooperativePopen):
 
 
 
+class _Start:
+    """What a fork-server start holds until its process object has it, each thing recorded
+    by the statement that makes or takes it, so that an interrupted start knows what to
+    undo: the descriptors it made (``fds``), the write end of the start-up data pipe and
+    its feeder, the parent sentinel's write end, the server it went to, the offered spare
+    it took, and the descriptors that came with the server's answer (``answer_fds``). Also
+    the start's token in its server's "asking"."""
+
+    def __init__(self) -> None:
+        self.fds = _core.StartFds()
+        self.answer_fds = _core.StartFds()
+        self.data_w = -1
+        self.parent_w = -1
+        self.feeder: Optional[Feeder] = None
+        self.server: Optional[_Server] = None
+        self.offer: Optional[_Offer] = None
+
+    def hand_on(self, fd: int) -> None:
+        """``fd`` has a new owner: forgotten wherever the start records it."""
+        self.fds.hand_on(fd)
+        self.answer_fds.hand_on(fd)
+        if self.offer is not None:
+            self.offer.fds.hand_on(fd)
+
+    def close_received(self) -> None:
+        """Closes the descriptors that came to the start: the offer's, the answer's."""
+        if self.offer is not None:
+            self.offer.close()
+        self.answer_fds.close_all()
+
+
 #: Seconds an interrupted start's answer is waited for (see ``_await_abandoned_answer``).
 ABANDONED_ANSWER_WAIT = 60.0
 
 
-def _await_abandoned_answer(server: _Server, status_fd: int, owner: int) -> None:
+def _await_abandoned_answer(server: _Server, status_fd: int, owner: int, token: object) -> None:
     """For a start interrupted before the server answered it: waits for that answer on
     its status socket (a PID or FAILED record, or the socket's end: the server dropped
-    the request or died), then ends the start's "asking" and closes the socket. The
-    server's answer comes after its word that it took the offered spare ("taken", on the
-    control socket), so the next start knows that spare is gone. With no answer in
-    ``ABANDONED_ANSWER_WAIT`` seconds, "asking" is never ended: no offer of that server's
-    is used again (its starts all go through it: slower, never handed twice)."""
+    the request or died, or the request never reached it), then ends the start's
+    "asking" (``token``) and closes the socket. The child the server names is killed, by
+    the pidfd that comes with its pid: nobody will join it. The server's answer comes
+    after its word that it took the offered spare ("taken", on the control socket), so
+    the next start knows that spare is gone. With no answer in ``ABANDONED_ANSWER_WAIT``
+    seconds, "asking" is never ended: no offer of that server's is used again (its starts
+    all go through it: slower, never handed twice)."""
     answered = False
     try:
         with gevent.Timeout(ABANDONED_ANSWER_WAIT, False):
@@ -697,7 +801,8 @@ def _await_abandoned_answer(server: _Server, status_fd: int, owner: int) -> None
                     continue
                 except OSError:
                     fds = []
-                for fd in fds:  # the child's pidfd: not needed
+                for fd in fds:  # the child's pidfd
+                    _kill_quietly(fd)
                     os.close(fd)
                 answered = True  # a record, or the socket's end
                 break
@@ -705,7 +810,14 @@ def _await_abandoned_answer(server: _Server, status_fd: int, owner: int) -> None
         if os.getpid() == owner:  # not in a forked child (there it is closed already)
             _child.close_fd(status_fd)
             if answered:
-                server.end_asking()
+                server.end_asking(token)
+
+
+def _kill_quietly(pidfd: int) -> None:
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except OSError:  # gone already
+        pass
 
 
 def _receive_records(fd: int) -> Tuple[bytes, List[int]]:
@@ -716,38 +828,40 @@ def _receive_records(fd: int) -> Tuple[bytes, List[int]]:
     return _core.recv_record(fd, 4096)
 
 
-def _send_start_request(fds: Sequence[int]) -> Tuple[_Server, Optional[_Offer]]:
-    """Hands the start request to the spare the server offered, if there is one (the
-    offer it returns); else sends it to the server, which answers with a PID record."""
-    server = _current_server()
-    offer = server.take_offer()
-    if server.dead:  # found gone: a new one (which has offered nothing yet)
-        server = _current_server()
-    while offer is not None:
-        if offer.hand_over(fds):
+def _send_start_request(start: _Start, fds: Sequence[int]) -> None:
+    """Hands the start request to the spare the server offered, if there is one (then
+    ``start.offer`` is it); else sends it to the server, which answers with a PID record.
+    The server and the offer are recorded in ``start`` as they are taken."""
+    start.server = _current_server()
+    start.server.take_offer(start)
+    if start.server.dead:  # found gone: a new one (which has offered nothing yet)
+        start.server = _current_server()
+    while start.offer is not None:
+        if start.offer.hand_over(fds):
             # The server reports REAPED on the status socket (a child killed by a signal
             # writes nothing): it gets it from us, as the spare may die before it could
             # pass it on. Never waited for; a server gone meanwhile is found next start.
             try:
-                server.send(("used", offer.pid), fds[2:3])
+                start.server.send(("used", start.offer.pid), fds[2:3])
             except GIPCError:
                 pass
-            return server, offer
-        offer.close()  # it died: the server forks another
-        offer = server.take_offer()
-    seen = server.begin_asking()
+            return
+        start.offer.close()  # it died: the server forks another
+        start.offer = None
+        start.server.take_offer(start)
+    _ask_server(start, fds)
+
+
+def _ask_server(start: _Start, fds: Sequence[int]) -> None:
+    """Sends the start request to the server, the start "asking" from just before it goes
+    (ended by ``_take_over`` once the answer is read, or by whoever undoes the start)."""
+    assert start.server is not None
+    seen = start.server.begin_asking(start)
     try:
-        server.send(("start", seen), fds)
-    except BaseException as exc:
-        server.end_asking()
-        if not isinstance(exc, GIPCError):
-            raise
+        start.server.send(("start", seen), fds)
+    except GIPCError:
         # It died since the last start: nothing of this start reached it; one new server.
-        server = _current_server()
-        seen = server.begin_asking()
-        try:
-            server.send(("start", seen), fds)
-        except BaseException:
-            server.end_asking()
-            raise
-    return server, None
+        start.server.end_asking(start)
+        start.server = _current_server()
+        seen = start.server.begin_asking(start)
+        start.server.send(("start", seen), fds)

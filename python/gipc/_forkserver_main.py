@@ -210,7 +210,7 @@ def serve() -> None:
                     spare = new_spare()
                     # The first start is often queued behind "init": this spare is its.
                     if spare is not None and not _select([control], [], [], 0)[0]:
-                        offers_sent[0] += _offer(control, spare, watched, offered)
+                        offers_sent[0] += _offer(control, spare, watched, offered, offers_sent[0])
                 elif body[0] == "start":
                     # A spare offered to the caller is the caller's to hand a start to,
                     # unless the caller had not read that offer when it sent this (it
@@ -257,7 +257,7 @@ def serve() -> None:
             spare = new_spare()
             if spare is not None:
                 reaped_lately.pop(spare.pid, None)  # an old child's pid, come round again
-                offers_sent[0] += _offer(control, spare, watched, offered)
+                offers_sent[0] += _offer(control, spare, watched, offered, offers_sent[0])
 
 
 def _offer(
@@ -265,19 +265,21 @@ def _offer(
     spare: _Spare,
     watched: _Watched,
     offered: Dict[int, _Spare],
+    sent_before: int,
 ) -> int:
     """Tells the caller about ``spare`` ahead of its next start: its pid, its pidfd and
     (a copy of) our end of its socket, on which the caller hands it a start request
-    itself. The spare sends back, on that socket, the start's status socket (for REAPED).
-    Without a pidfd the caller could not tell the spare's end: no offer. Returns how many
-    offers were sent (0 or 1)."""
+    itself, and how many offers were sent with this one (``sent_before`` + 1: the caller
+    knows an offer it reads twice by it). The spare sends back, on that socket, the
+    start's status socket (for REAPED). Without a pidfd the caller could not tell the
+    spare's end: no offer. Returns how many offers were sent (0 or 1)."""
     if spare.pidfd is None:
         return 0
     ancillary = [
         (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [spare.pidfd, spare.sock.fileno()]))
     ]
     try:
-        control.sendmsg([_framed(("spare", spare.pid))], ancillary)
+        control.sendmsg([_framed(("spare", spare.pid, sent_before + 1))], ancillary)
     except OSError:
         return 0  # the caller is gone: we see it next
     offered[spare.pid] = spare
