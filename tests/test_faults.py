@@ -15,6 +15,7 @@ import logging
 import os
 import pickle
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -31,6 +32,7 @@ import gipc
 from gipc import GIPCError
 from gipc import _handles
 
+from conftest import child_pids, fork_server_traces, open_fds
 from helpers import ROOT, raw_header, run_python
 
 KIND_ENCODED, KIND_BYTES, KIND_BATCH = 0, 1, 2
@@ -852,7 +854,7 @@ class Interrupted(BaseException):
 
 
 def _gipc_line_tracer(on_line, only=None):
-    """A tracer that calls ``on_line()`` at each line of gipc's Python code where a signal
+    """A tracer that calls ``on_line(frame)`` at each line of gipc's Python code where a signal
     handler's exception could land, except ``try:`` lines and the second visit of a
     ``with`` line, which is
     Python leaving the block: from CPython 3.11 on no signal is handled between that and the
@@ -874,20 +876,29 @@ def _gipc_line_tracer(on_line, only=None):
             # A `try:` line is a no-op instruction: no handler runs there (and on 3.11 an
             # exception raised there by a tracer skips the enclosing handlers).
             if not (again and source.startswith("with ")) and source != "try:":
-                on_line()
+                on_line(frame)
         return tracer
 
     return tracer
 
 
-def _lines_in_gipc(call, only=None):
+def _line_of(frame):
+    """Where ``frame`` is: its file's name, line number and code."""
+    code = frame.f_code
+    source = linecache.getline(code.co_filename, frame.f_lineno).strip()
+    return f"{os.path.basename(code.co_filename)}:{frame.f_lineno} {source}"
+
+
+def _lines_in_gipc(call, only=None, where=None):
     """How many lines of gipc's Python code ``call()`` runs (as the tracer counts them;
-    ``only``: of those modules' files)."""
+    ``only``: of those modules' files); each is added to the set ``where`` if given."""
     count = 0
 
-    def on_line():
+    def on_line(frame):
         nonlocal count
         count += 1
+        if where is not None:
+            where.add(_line_of(frame))
 
     sys.settrace(_gipc_line_tracer(on_line, only))
     try:
@@ -897,18 +908,21 @@ def _lines_in_gipc(call, only=None):
     return count
 
 
-def _interrupt_at_line(n, call, only=None):
+def _interrupt_at_line(n, call, only=None, where=None):
     """Runs ``call()`` with ``Interrupted`` raised at the ``n``-th line of gipc's Python
     code it runs (``only``: of those modules' files), as a signal handler's exception would
-    be; True if it was raised."""
+    be; True if it was raised (and then, if ``where`` is a list, that line is appended to
+    it: its file, number and code)."""
     seen = 0
     raised = False
 
-    def on_line():
+    def on_line(frame):
         nonlocal seen, raised
         seen += 1
         if seen == n:
             raised = True
+            if where is not None:
+                where.append(_line_of(frame))
             raise Interrupted
 
     sys.settrace(_gipc_line_tracer(on_line, only))
@@ -1031,7 +1045,10 @@ class TestStartsInterruptedBetweenAnyTwoLines:
     raises leaves no child, running or zombie, and no descriptor (the autouse check), and
     a start that was not interrupted gives a child that runs. Spawn lost the pid of a child
     it had started when the exception came after the spawn: a zombie, or a child blocked
-    for ever on its start-up data with six descriptors left open in the parent."""
+    for ever on its start-up data with six descriptors left open in the parent. The fork
+    server's start leaked its pipes, status socket and pidfd (the server's child blocked
+    for ever on its last byte of start-up data), could lose an offered spare for good (no
+    spare offered again), or leave the server "asking" for good (no offer used again)."""
 
     # Spawn only: the fork launcher's version of this fix (StartFds, AllSignalsBlocked) was
     # taken back on 2026-12-02 after CI's threaded-fork stress test hung on libuv with it
@@ -1063,3 +1080,208 @@ class TestStartsInterruptedBetweenAnyTwoLines:
         p = gipc.start_process(os.getpid, start_method=method)
         p.join(10)
         assert p.exitcode == 0
+
+    # The fork server's start runs in the caller up to the child's pid: handed to a spare
+    # the server offered (the offer read by the start itself), or, with no offer to be had,
+    # asked of the server. Its children are the server's: what is left of an interrupted
+    # start is looked for among them, and in the caller's descriptors, after each line.
+    @pytest.mark.parametrize("path", ["offered spare", "server"])
+    def test_nothing_is_left_of_an_interrupted_fork_server_start(self, path):
+        from gipc import _forkserver
+
+        start = _ForkServerStarts.start
+        start()  # the server runs, and every module is imported, before lines are counted
+        _ForkServerStarts.started.pop().join(10)
+        server = _forkserver._server
+        held = _ForkServerStarts.hold_offer(server) if path == "server" else None
+        try:
+            fds_before = set(open_fds()) - _ForkServerStarts._server_holds(server)
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+            # How many lines a start runs varies a little (the server's answer may take
+            # one more look at the status socket, shifting the lines after it): every
+            # line that every start went through is interrupted, in one sweep or the next.
+            seen = []
+            for _ in range(3):
+                assert _ForkServerStarts.fresh_offer(server, held), "the server offered no spare"
+                seen.append(set())
+                _lines_in_gipc(start, only=_ForkServerStarts.LAUNCHER, where=seen[-1])
+                _ForkServerStarts.started.pop().join(10)
+            assert len(seen[0]) > 50, f"{path}: {len(seen[0])} lines"
+            to_interrupt = set.intersection(*seen)
+            failures = []
+            for _ in range(5):
+                to_interrupt -= _ForkServerStarts.sweep(server, held, fds_before, mask, failures)
+                if failures or not to_interrupt:
+                    break
+            assert not failures, f"{path}:\n" + "\n".join(failures)
+            assert not to_interrupt, f"{path}: never interrupted at {sorted(to_interrupt)}"
+            assert _forkserver._server is server, "the server was dropped"
+            p = gipc.start_process(os.getpid, start_method="forkserver")
+            p.join(10)
+            assert p.exitcode == 0
+        finally:
+            if held is not None:
+                _ForkServerStarts.end_spare(held)
+
+
+class _ForkServerStarts:
+    """The interrupted fork-server start test's steps, and what it looks at in the
+    caller's ``_Server``. (It also reads the ``_Server`` of before 2026-12-02, where
+    ``_asking`` was a count and ``_inbox_fds`` a list: it ran, and failed, on that code.)"""
+
+    LAUNCHER = ("_forkserver.py", "_popen.py")
+    #: What ``start()`` started.
+    started = []
+
+    @staticmethod
+    def start():
+        _ForkServerStarts.started.append(gipc.start_process(os.getpid, start_method="forkserver"))
+
+    @staticmethod
+    def sweep(server, held, fds_before, mask, failures):
+        """Starts interrupted at their first line, their second, and so on, until starts
+        run through (five in a row); notes in ``failures`` what each left. Returns where
+        they were interrupted."""
+        interrupted_at = set()
+        n, finished_in_a_row = 0, 0
+        while finished_in_a_row < 5 and n < 1000:
+            n += 1
+            if not _ForkServerStarts.fresh_offer(server, held):
+                failures.append(f"line {n}: the server offered no spare")
+                break
+            where = []
+            if _interrupt_at_line(n, _ForkServerStarts.start, _ForkServerStarts.LAUNCHER, where):
+                finished_in_a_row = 0
+                interrupted_at.update(where)
+                if _ForkServerStarts.started:
+                    failures.append(f"line {n}: raised, yet a process came back")
+            else:
+                finished_in_a_row += 1
+            while _ForkServerStarts.started:
+                _ForkServerStarts.started.pop().join(10)
+            at = f"line {n} ({where[0] if where else 'not reached'})"
+            if server.dead:
+                failures.append(f"{at}: the server was dropped")
+                break
+            problem = _ForkServerStarts.left_behind(server, fds_before, held)
+            if problem:
+                failures.append(f"{at}: {problem}")
+                _ForkServerStarts.clear_away(server, fds_before, held)  # the next line's own
+            if signal.pthread_sigmask(signal.SIG_BLOCK, ()) != mask:
+                failures.append(f"{at}: the signal mask changed")
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        return interrupted_at
+
+    @staticmethod
+    def fresh_offer(server, held):
+        """Every start of the test begins alike. With a spare held out, the server has
+        nothing to offer. Otherwise the server's offer of its next spare waits, unread,
+        for the start to read: one read already (an interrupted start took it no further)
+        is ended, and the server forks and offers another. False if no offer came."""
+        if held is not None:
+            return True
+        server.alive()  # reads what it sent, and what an interrupted read left
+        if server._offer is not None:
+            offer, server._offer = server._offer, None
+            _ForkServerStarts.end_spare(offer)
+        try:
+            gevent.socket.wait_read(server.sock.fileno(), timeout=PROMPT)
+        except gevent.socket.timeout:
+            return False
+        return True
+
+    @staticmethod
+    def hold_offer(server):
+        """Takes the spare the server offers out of the caller's reach: the server keeps it
+        for the caller (it forks no other), so every start goes to the server itself."""
+        deadline = time.monotonic() + PROMPT
+        while server._offer is None or server._offer.pidfd < 0:
+            assert time.monotonic() < deadline, "the server offered no spare"
+            gevent.sleep(0.005)
+            server.alive()  # reads what it sent
+        held, server._offer = server._offer, None
+        return held
+
+    @staticmethod
+    def end_spare(offer):
+        """Ends an offered spare taken out of the server object (the server then forks
+        and offers the next)."""
+        try:
+            signal.pidfd_send_signal(offer.pidfd, signal.SIGKILL)
+        except OSError:  # gone already (ESRCH), or its offer closed (EBADF)
+            pass
+        offer.close()
+
+    @staticmethod
+    def _offered_pids(server):
+        """The spares the server offered that nobody took: the offer read, and those in
+        its messages not read yet (peeked at: read, they would spare the next start the
+        lines that read them)."""
+        from gipc import _forkserver
+
+        pids = {server._offer.pid} if server._offer is not None else set()
+        try:
+            unread = bytes(server._inbox) + server.sock.recv(65536, socket.MSG_PEEK)
+        except BlockingIOError:
+            unread = bytes(server._inbox)
+        size = _forkserver._LENGTH.size
+        while len(unread) >= size:
+            (length,) = _forkserver._LENGTH.unpack_from(unread)
+            if len(unread) < size + length:
+                break
+            body = pickle.loads(unread[size : size + length])
+            unread = unread[size + length :]
+            if body[0] == "spare":
+                pids.add(body[1])
+        return pids
+
+    @staticmethod
+    def _server_holds(server):
+        """The caller's descriptors that are the server object's: its own, the offer's,
+        and those come with messages not read yet."""
+        held = set(fork_server_traces())
+        if server._offer is not None:
+            held.update((server._offer.pidfd, server._offer.sock))
+        inbox = server._inbox_fds
+        held.update(getattr(inbox, "owned_fds", inbox))
+        return held
+
+    @staticmethod
+    def _traces(server, fds_before, held):
+        """Descriptors opened since ``fds_before`` that the server object does not hold;
+        the server's children that are neither an offered spare nor the one held out;
+        the starts it counts as asking."""
+        fds = set(open_fds()) - fds_before - _ForkServerStarts._server_holds(server)
+        spares = _ForkServerStarts._offered_pids(server) | ({held.pid} if held else set())
+        children = child_pids(of=server.pid) - spares
+        asking = server._asking if isinstance(server._asking, int) else len(server._asking)
+        return fds, children, asking
+
+    @staticmethod
+    def left_behind(server, fds_before, held):
+        """What an ended start left, once the hub has run a while (the clean-up of an
+        interrupted start may wait for the server's answer). None if nothing."""
+        deadline = time.monotonic() + PROMPT
+        while True:
+            fds, children, asking = _ForkServerStarts._traces(server, fds_before, held)
+            if not (fds or children or asking):
+                return None
+            if time.monotonic() > deadline:
+                return f"descriptors {sorted(fds)}, children {sorted(children)}, asking {asking}"
+            gevent.sleep(0.01)
+
+    @staticmethod
+    def clear_away(server, fds_before, held):
+        """Undoes what a start left (so that each line's start is judged on its own)."""
+        fds, children, _asking = _ForkServerStarts._traces(server, fds_before, held)
+        for fd in fds:
+            os.close(fd)
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if isinstance(server._asking, int):
+            server._asking = 0
+        else:
+            server._asking.clear()
