@@ -176,20 +176,15 @@ impl StartFds {
         Ok(n)
     }
 
-    /// Hands the ``n`` descriptors recorded first over to ``to`` (recorded there, forgotten
-    /// here, in one step); returns them. ``ValueError`` if fewer are recorded.
+    /// Hands the ``n`` descriptors recorded first (all, if fewer are) over to ``to``:
+    /// recorded there, forgotten here, in one step. Returns those moved.
     fn move_first(&self, n: usize, to: &StartFds) -> PyResult<Vec<RawFd>> {
         if std::ptr::eq(self, to) {
             return Err(PyValueError::new_err("descriptors moved to where they are"));
         }
         let mut owned = self.owned();
-        if owned.len() < n {
-            return Err(PyValueError::new_err(format!(
-                "{n} descriptors asked for, {} recorded",
-                owned.len()
-            )));
-        }
-        let moved: Vec<RawFd> = owned.drain(..n).collect();
+        let count = n.min(owned.len());
+        let moved: Vec<RawFd> = owned.drain(..count).collect();
         to.owned().extend_from_slice(&moved);
         Ok(moved)
     }

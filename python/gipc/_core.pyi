@@ -218,8 +218,8 @@ class StartFds:
         kernel dropped, up to ``pad_lost_to`` in all). The bytes read (0: the end of the
         stream); ``BlockingIOError`` when nothing is there."""
     def move_first(self, n: int, to: StartFds) -> List[int]:
-        """Hands the ``n`` descriptors recorded first over to ``to`` in one step; returns
-        them (``ValueError`` if fewer are recorded)."""
+        """Hands the ``n`` descriptors recorded first (all, if fewer are) over to ``to`` in
+        one step; returns those moved."""
     def pidfd(self, pid: int) -> Optional[int]:
         """A pidfd for the child ``pid`` (close-on-exec), recorded; None where the system
         has none or the child is already reaped."""
