@@ -560,6 +560,10 @@ class ForkServerPopen(CooperativePopen):
         self._status_fd, child_status = start.fds.socketpair()
         os.set_blocking(self._status_fd, False)
         child_r, start.parent_w = start.fds.pipe()  # the child's parent_process().sentinel
+        # Ours to keep, as a process object's are: a child forked meanwhile (the wait for
+        # the server's answer lets other greenlets start children) closes them. (An undone
+        # start forgets them there as it closes them.)
+        _child.parent_only_fds.update((self._status_fd, start.parent_w))
         data_r, start.data_w = start.fds.pipe()
         # Fed before the request goes, but for the last byte: the child finds its data
         # waiting when it wakes (fewer wake-ups), and runs nothing before the start is
