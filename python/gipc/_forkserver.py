@@ -587,6 +587,7 @@ class ForkServerPopen(CooperativePopen):
         self._pidfd = pidfd
         for fd in kept:
             start.hand_on(fd)
+        start.close_received()  # any other that came with the answer
         if start.server is not None:
             start.server.end_asking(start)
         _log.debug("started child %s (pid %d, forkserver)", name, pid)
@@ -748,14 +749,13 @@ class ForkServerPopen(CooperativePopen):
             pass
 
 
-
 class _Start:
     """What a fork-server start holds until its process object has it, each thing recorded
     by the statement that makes or takes it, so that an interrupted start knows what to
     undo: the descriptors it made (``fds``), the write end of the start-up data pipe and
     its feeder, the parent sentinel's write end, the server it went to, the offered spare
-    it took, and the descriptors that came with the server's answer (``answer_fds``). Also
-    the start's token in its server's "asking"."""
+    it took, and the descriptors that came with the server's answer (``answer_fds``). The
+    start itself is its token in its server's "asking"."""
 
     def __init__(self) -> None:
         self.fds = _core.StartFds()
