@@ -909,18 +909,16 @@ def _lines_in_gipc(call, only=None, where=None):
     return count
 
 
-def _interrupt_at_line(n, call, only=None, where=None):
-    """Runs ``call()`` with ``Interrupted`` raised at the ``n``-th line of gipc's Python
-    code it runs (``only``: of those modules' files), as a signal handler's exception would
-    be; True if it was raised (and then, if ``where`` is a list, that line is appended to
-    it: its file, number and code)."""
-    seen = 0
+def _interrupt_where(should_raise, call, only=None, where=None):
+    """Runs ``call()`` with ``Interrupted`` raised at the first line of gipc's Python code
+    it runs (``only``: of those modules' files) for which ``should_raise(frame)`` is true,
+    as a signal handler's exception would be; True if it was raised (and then, if
+    ``where`` is a list, that line is appended to it: its file, number and code)."""
     raised = False
 
     def on_line(frame):
-        nonlocal seen, raised
-        seen += 1
-        if seen == n:
+        nonlocal raised
+        if should_raise(frame):
             raised = True
             if where is not None:
                 where.append(_line_of(frame))
@@ -936,25 +934,22 @@ def _interrupt_at_line(n, call, only=None, where=None):
     return raised
 
 
+def _interrupt_at_line(n, call, only=None, where=None):
+    """``_interrupt_where`` at the ``n``-th line ``call()`` runs."""
+    seen = 0
+
+    def nth(_frame):
+        nonlocal seen
+        seen += 1
+        return seen == n
+
+    return _interrupt_where(nth, call, only, where)
+
+
 def _interrupt_at(location, call, only=None, where=None):
-    """``_interrupt_at_line`` for the first visit of one line, known by ``_line_of``:
-    for lines that a call reaches or not depending on timing, which counting misses."""
-
-    def on_line(frame):
-        if _line_of(frame) == location:
-            if where is not None:
-                where.append(location)
-            raise Interrupted
-
-    raised = False
-    sys.settrace(_gipc_line_tracer(on_line, only))
-    try:
-        call()
-    except Interrupted:
-        raised = True
-    finally:
-        sys.settrace(None)
-    return raised
+    """``_interrupt_where`` at the first visit of one line, known by ``_line_of``: for
+    lines that a call reaches or not depending on timing, which counting misses."""
+    return _interrupt_where(lambda frame: _line_of(frame) == location, call, only, where)
 
 
 class TestInterruptedBetweenAnyTwoLines:
