@@ -510,6 +510,31 @@ class ClosedFds:
         return [(who, fd) for who, fd in self.closed if fd in fds]
 
 
+class LoopEdits:
+    """Records, on libuv, each thread that queued a callback on a loop
+    (``_setup_for_run_callback``, which edits the loop's handle queue: unsafe from any
+    thread but the loop's own). libev's loop is a C type, not patchable: nothing recorded."""
+
+    def __init__(self, monkeypatch) -> None:
+        import threading
+
+        self.calls: list = []
+        try:
+            from gevent.libuv.loop import loop as uv_loop
+        except ImportError:
+            return
+        real = uv_loop._setup_for_run_callback
+
+        def setup(loop) -> None:
+            self.calls.append((loop, threading.get_ident()))
+            real(loop)
+
+        monkeypatch.setattr(uv_loop, "_setup_for_run_callback", setup)
+
+    def from_other_threads(self, loop, owner: int) -> list:
+        return [who for edited, who in self.calls if edited is loop and who != owner]
+
+
 def popen_fds(p) -> set:
     popen = p._popen
     return set(popen._parent_fds) | ({popen._exit_fd} - {None})
@@ -548,6 +573,7 @@ def test_another_thread_that_sees_the_exit_leaves_the_watchers_to_their_thread(
     import threading
 
     closed = ClosedFds(monkeypatch)
+    edits = LoopEdits(monkeypatch)
     with gipc.pipe() as (r, w):
         p = gipc.start_process(exit_when_told, args=(r, 5))
         p.join(0.01)  # this thread's hub watches the child now
@@ -596,6 +622,9 @@ def test_another_thread_that_sees_the_exit_leaves_the_watchers_to_their_thread(
     assert popen._exit_watcher is None
     me = threading.get_ident()
     assert sorted(closed.of(fds)) == sorted((me, fd) for fd in fds)  # each once, here
+    # Nor did the other thread queue that clean-up by editing this loop from there (which
+    # crashed a threaded program on libuv; gipc posts to the loop's mailbox instead).
+    assert edits.from_other_threads(gevent.get_hub().loop, me) == []
     out, err = capfd.readouterr()
     assert "Traceback" not in err and "failed with" not in err, err
 

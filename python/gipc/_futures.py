@@ -27,8 +27,8 @@ from gevent.monkey import get_original
 from ._hub import (
     async_watcher,
     clamp_timeout,
-    close_from_any_thread,
     deadline_after,
+    mailbox_here,
     seconds_left,
     yield_to_loop,
 )
@@ -74,6 +74,8 @@ class _Completions:
         self.resumed = time.perf_counter()
         self._watcher = async_watcher(hub)
         self._watcher.start(self._wake)
+        #: How a generator collected on another thread has the watcher closed here.
+        self._mailbox = mailbox_here()
 
     def on_done(self, future: "cf.Future[Any]") -> None:
         """The done-callback; runs on whichever thread completed (or cancelled) the future,
@@ -120,8 +122,9 @@ class _Completions:
         if _get_ident() == self._thread:
             self._watcher.close()
         else:
-            # A generator collected on another thread: a watcher belongs to its loop's thread.
-            close_from_any_thread(self._hub, self._watcher)
+            # A generator collected on another thread: a watcher belongs to its loop's
+            # thread (if that loop is gone, the watcher went with it).
+            self._mailbox.post(self._watcher.close)
 
 
 def _own_future_type() -> Optional[type]:

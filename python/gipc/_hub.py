@@ -6,13 +6,19 @@ a cooperative wait on the current thread's hub.
 
 from __future__ import annotations
 
+import collections
 import inspect
+import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Deque, Dict, List, Optional
 
 import gevent.hub as _gevent_hub
 from gevent._hub_local import get_hub_class, get_hub_if_exists, get_loop, set_hub, set_loop
 from gevent.hub import get_hub
+from gevent.monkey import get_original
+
+#: Per OS thread, also under monkey-patching (where ``threading.local`` is per greenlet).
+_thread_local: Any = get_original("_thread", "_local")()
 
 READ = 1  # libev/libuv event masks, the same on both loops
 WRITE = 2
@@ -63,9 +69,61 @@ def async_watcher(hub: Any) -> Any:
     return hub.loop.async_()
 
 
-def close_from_any_thread(hub: Any, watcher: Any) -> None:
-    """Closes ``watcher`` of ``hub``'s loop, also from another thread (in the loop's own)."""
-    hub.loop.run_callback_threadsafe(watcher.close)
+class Mailbox:
+    """Calls that other OS threads hand to one hub, run in that hub's thread at its loop's
+    next turn: the only way gipc touches another thread's loop.
+
+    gevent's ``loop.run_callback_threadsafe`` is not that on libuv: before it wakes the loop
+    it starts the loop's callback watcher from the calling thread (``uv_check_start``, an
+    edit of the loop's handle queue while the loop's own thread may be walking it). Two
+    threads doing so crashed CPython 3.13 about once in 150 runs of
+    ``test_threads_start_and_join_children_at_once``. Here the calling thread only appends
+    to a deque (atomic under the GIL) and sends to an async watcher, whose ``send`` libev
+    and libuv both make safe from any thread. The watcher does not keep the loop alive.
+
+    Made in the hub's own thread (:func:`mailbox_here`), as any watcher must be.
+    """
+
+    __slots__ = ("hub", "_calls", "_watcher")
+
+    def __init__(self, hub: Any) -> None:
+        self.hub = hub
+        self._calls: Deque[Callable[[], Any]] = collections.deque()
+        self._watcher = hub.loop.async_(ref=False)
+        self._watcher.start(self._deliver)
+
+    def post(self, call: Callable[[], Any]) -> bool:
+        """From any thread: has ``call()`` run in the hub's thread soon. False if that hub's
+        loop is gone (destroyed): then nothing will run it, and what it would close went
+        with the loop."""
+        loop = self.hub.loop
+        if loop is None or not loop.ptr:
+            return False
+        self._calls.append(call)
+        try:
+            self._watcher.send()
+        except Exception:  # closed with its loop meanwhile
+            return False
+        return True
+
+    def _deliver(self) -> None:
+        # In the hub: several sends between two turns of the loop arrive as one call.
+        calls = self._calls
+        while calls:
+            call = calls.popleft()
+            try:
+                call()
+            except Exception:  # one failed clean-up must not keep the others from running
+                self.hub.handle_error(call, *sys.exc_info())
+
+
+def mailbox_here() -> Mailbox:
+    """The mailbox of the current thread's hub (made on first use)."""
+    hub = get_hub()
+    mailbox: Optional[Mailbox] = getattr(_thread_local, "mailbox", None)
+    if mailbox is None or mailbox.hub is not hub:
+        mailbox = _thread_local.mailbox = Mailbox(hub)
+    return mailbox
 
 
 def seconds_left(deadline: Optional[float]) -> Optional[float]:

@@ -43,9 +43,11 @@ from gevent.monkey import get_original
 from . import _child, _core, _handles
 from ._hub import (
     READ,
+    Mailbox,
     clamp_timeout,
     deadline_after,
     io_watcher,
+    mailbox_here,
     run_soon,
     seconds_left,
     timer_watcher,
@@ -140,6 +142,8 @@ class CooperativePopen:
         #: has ended).
         self._hub: Any = None
         self._hub_thread: "Optional[weakref.ref[_ThreadMark]]" = None
+        #: ``_hub``'s mailbox: how another thread has the clean-up done there.
+        self._mailbox: Optional[Mailbox] = None
         self._exit_watcher: Any = None
         self._retry_timer: Any = None
         self._retry_delay = 0.001  # libuv timers have millisecond resolution
@@ -276,8 +280,8 @@ class CooperativePopen:
     def _watch_here(self) -> bool:
         """With the lock held and the child not reaped: makes sure this thread's hub
         watches the child; False if another live thread's hub does."""
-        loop, mine = self._watchers_home()
-        if loop is not None:
+        home, mine = self._watchers_home()
+        if home is not None:
             return False
         if not mine:
             # None yet, or the hub that had them or its thread is gone: this thread's hub
@@ -290,6 +294,7 @@ class CooperativePopen:
                 _close_watchers(orphans)
             self._hub = get_hub()
             self._hub_thread = weakref.ref(_thread_mark(), self._on_hub_thread_exit)
+            self._mailbox = mailbox_here()
             self._exited = gevent.event.Event()
             self._waiting = 0
             self._retry_delay = 0.001
@@ -299,12 +304,12 @@ class CooperativePopen:
             self._exit_watcher.start(self._on_exit_readable)  # paused, or about to retry
         return True
 
-    def _watchers_home(self) -> Tuple[Any, bool]:
+    def _watchers_home(self) -> Tuple[Optional[Mailbox], bool]:
         """With the lock held: where the watchers, and the descriptors they watch, may be
-        closed. ``(loop, False)``: only in the thread of another live hub, whose loop that
-        is. ``(None, True)``: here, this thread's hub has them. ``(None, False)``: here too,
-        as nobody else runs their loop (there are none; their thread has ended; their hub
-        was destroyed)."""
+        closed. ``(mailbox, False)``: only in the thread of another live hub, whose mailbox
+        that is. ``(None, True)``: here, this thread's hub has them. ``(None, False)``: here
+        too, as nobody else runs their loop (there are none; their thread has ended; their
+        hub was destroyed)."""
         hub = self._hub
         if hub is None or hub.loop is None or self._hub_thread is None:
             return None, False
@@ -313,7 +318,7 @@ class CooperativePopen:
             return None, False
         if owner is _thread_mark():
             return None, True
-        return hub.loop, False
+        return self._mailbox, False
 
     def _wait_by_polling(self, timeout: Optional[float]) -> Optional[int]:
         """A join in a thread other than the one whose hub watches the child: polls on this
@@ -416,7 +421,7 @@ class CooperativePopen:
     def _release(self, in_child: bool = False) -> None:
         """Closes every descriptor the parent holds for this child, and its watchers, once:
         in the thread of the hub that has the watchers (asked to from any other thread,
-        through that hub's loop), or here if no live hub of another thread has them. Then
+        through that hub's mailbox), or here if no live hub of another thread has them. Then
         the joins waiting in that hub return. In a forked child both are only forgotten:
         the watchers belong to the parent's loop, and the descriptors are closed with
         every other of ``_child.parent_only_fds`` (and the lock may have been held by
@@ -424,22 +429,21 @@ class CooperativePopen:
         live_popens.discard(self)
         if in_child:
             self._exit_watcher = self._retry_timer = self._hub = self._hub_thread = None
+            self._mailbox = None
             self._parent_fds = ()
             self._exit_fd = None
             return
         with self._lock:
-            loop, mine = self._watchers_home()
-            if loop is None:
+            home, mine = self._watchers_home()
+            if home is None:
                 watchers, fds = self._take()
-        if loop is not None:
-            try:
-                loop.run_callback_threadsafe(self._release)
+        if home is not None:
+            if home.post(self._release):
                 return
-            except Exception:  # that hub was destroyed meanwhile: its watchers with it
-                with self._lock:
-                    self._exit_watcher = self._retry_timer = None
-                    watchers, fds = self._take()
-                    watchers = ()
+            with self._lock:  # that hub was destroyed meanwhile: its watchers with it
+                self._exit_watcher = self._retry_timer = None
+                watchers, fds = self._take()
+                watchers = ()
         _close_watchers(watchers)
         for fd in fds:
             try:
@@ -457,6 +461,7 @@ class CooperativePopen:
         if hub is not None and hub.loop is None:
             watchers = ()
         self._exit_watcher = self._retry_timer = self._hub = self._hub_thread = None
+        self._mailbox = None
         fds, self._parent_fds = self._parent_fds, ()
         if self._exit_fd is not None:
             fds += (self._exit_fd,)
