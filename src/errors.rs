@@ -39,7 +39,9 @@ pub fn recv_error(err: RecvError) -> PyErr {
         RecvError::Eof => PyEOFError::new_err(err.to_string()),
         RecvError::Io(io) => os_error(io),
         RecvError::Alloc { .. } => PyMemoryError::new_err(err.to_string()),
-        RecvError::Torn { .. } | RecvError::Frame(_) => GIPCError::new_err(err.to_string()),
+        RecvError::Torn { .. } | RecvError::Frame(_) | RecvError::LostAtFork => {
+            GIPCError::new_err(err.to_string())
+        }
     }
 }
 

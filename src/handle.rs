@@ -213,11 +213,58 @@ impl Reader {
         Ok(open_end(&self.end)?.raw_fds())
     }
 
-    /// The descriptor to wait for (readable) after `try_recv` answered `WOULD_BLOCK`.
-    fn wait_fileno(&self) -> PyResult<i32> {
-        Ok(open_end(&self.end)?
-            .lane(self.rx.waiting_lane())
-            .as_raw_fd())
+    /// The descriptor to wait for (readable) after `try_recv` answered `WOULD_BLOCK`. For
+    /// the rest of a large payload, with `read_aside` on, this starts the thread that reads
+    /// it and gives that thread's descriptor (see `reading_aside`).
+    fn wait_fileno(&mut self) -> PyResult<i32> {
+        let end = self.end.as_ref().ok_or_else(errors::closed)?;
+        if self.rx.wants_aside() {
+            // SAFETY: the lane's descriptor is closed only by `close` or when the reader is
+            // dropped, and both halt the thread first.
+            unsafe { self.rx.start_aside(end.lane(self.rx.waiting_lane())) };
+        }
+        if let Some(fd) = self.rx.aside_fd() {
+            return Ok(fd.as_raw_fd());
+        }
+        Ok(end.lane(self.rx.waiting_lane()).as_raw_fd())
+    }
+
+    /// Whether the rest of a large payload (8 MiB or more) is read on a thread of its own
+    /// while the caller waits, so that the event loop's thread never waits for the page
+    /// faults of filling it (see `gipc_wire::aside`). Off for a new core reader; gipc's
+    /// handles turn it on.
+    #[getter]
+    fn read_aside(&self) -> bool {
+        self.rx.read_aside()
+    }
+
+    #[setter]
+    fn set_read_aside(&mut self, value: bool) {
+        if !value {
+            self.rx.halt_aside();
+        }
+        self.rx.set_read_aside(value);
+    }
+
+    /// Whether `wait_fileno` is the descriptor of a thread reading a payload (a new one for
+    /// each payload, readable once the thread is done, or stopped and not yet taken over
+    /// by `try_recv`).
+    #[getter]
+    fn reading_aside(&self) -> bool {
+        self.rx.aside_fd().is_some()
+    }
+
+    /// Stops the thread reading aside, if any, keeping what it read: a greenlet waiting on
+    /// its descriptor wakes, and its next `try_recv` goes on from there (before a fork).
+    fn halt_aside(&mut self) {
+        self.rx.halt_aside();
+    }
+
+    /// Stops the thread reading aside, if any, and takes over what it read now, closing its
+    /// descriptor (for a caller that stopped waiting on it: no thread reads while nobody
+    /// waits). An error it ended with comes again from the next `try_recv`.
+    fn settle_aside(&mut self) {
+        let _ = self.rx.collect_aside();
     }
 
     /// Whether messages may carry descriptors to this reader (True by default); a reader
@@ -236,8 +283,10 @@ impl Reader {
         }
     }
 
-    /// Closes the descriptors; returns False if they were closed already.
+    /// Closes the descriptors (after stopping a thread reading aside, which reads one of
+    /// them); returns False if they were closed already.
     fn close(&mut self) -> bool {
+        let _ = self.rx.collect_aside();
         self.fds.clear();
         self.end.take().is_some()
     }
@@ -284,6 +333,13 @@ impl Reader {
         }
         let unread = self.rx.unread().map_err(errors::cannot_transfer)?;
         Ok((self.transport.name(), PyBytes::new(py, &unread)))
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        // Before the fields go: the thread reads from `end`, which is dropped first.
+        let _ = self.rx.collect_aside();
     }
 }
 

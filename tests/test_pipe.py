@@ -839,6 +839,32 @@ def test_message_larger_than_two_gib():
         assert len(got) == size and got[-1] == 1 and got == payload
 
 
+def aside_threads() -> list:
+    """The names of gipc's threads reading a payload aside in this process (Linux)."""
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as comm:
+                names.append(comm.read().strip())
+        except OSError:
+            pass
+    return [name for name in names if name.startswith("gipc-read")]
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Writes ``data`` to the non-blocking ``fd`` behind gipc's back, waiting cooperatively."""
+    import gevent.socket
+
+    view = memoryview(data)
+    while view:
+        gevent.socket.wait_write(fd)
+        try:
+            n = os.write(fd, view[: 1 << 20])
+        except BlockingIOError:
+            continue
+        view = view[n:]
+
+
 def _recv_without_waiting(reader) -> object:
     """``try_recv()``'s first answer that is not YIELD. A spin is cut short by the time
     slice (0.5 ms of the loop's time, spin included): the caller yields, then looks again,
@@ -999,6 +1025,8 @@ class TestLanes:
         if _handles.TRANSPORT != "hybrid":
             pytest.skip("only channels with a bulk lane")
         with gipc.pipe(encoder=None, decoder=None) as (r, w):
+            # A reader that reads every payload on the loop's thread (see the next test).
+            r._core.read_aside = False
             big = b"b" * (8 << 20)  # more than the socket buffer: the writer must wait
             putter = gevent.spawn(w.put, big)
             gevent.sleep(0.01)
@@ -1011,6 +1039,167 @@ class TestLanes:
             putter.get()
             assert r._core.wait_fileno() == r._core.fileno()
             assert w._core.wait_fileno() == w._core.fileno()
+
+    @pytest.mark.parametrize("transport", ["hybrid", "pipe", "socket"])
+    def test_a_large_payload_is_read_aside_while_the_loop_runs(self, transport, monkeypatch):
+        from gipc import _handles
+
+        monkeypatch.setattr(_handles, "TRANSPORT", transport)
+        with gipc.pipe(encoder=None, decoder=None) as (r, w):
+            assert r._core.read_aside
+            lanes = set(r._core.filenos())
+            big = bytes(range(256)) * (48 << 12)  # 48 MiB: more than any lane holds
+            putter = gevent.spawn(w.put, big)
+            gevent.sleep(0.01)
+            assert w._core.mid_frame
+            ticks = []
+
+            def tick() -> None:
+                while True:
+                    gevent.sleep(0.001)
+                    ticks.append(1)
+
+            ticker = gevent.spawn(tick)
+            seen = {}
+            real_wait = r._wait
+
+            def wait() -> None:
+                fd = r._core.wait_fileno()
+                if r._core.reading_aside:
+                    seen["fd"] = fd
+                    seen["ticks"] = len(ticks)
+                real_wait()
+
+            monkeypatch.setattr(r, "_wait", wait)
+            got = r.get(timeout=30)
+            ticker.kill()
+            putter.get(timeout=30)
+            assert got == big
+            # It was read by a thread: waited for on a descriptor of neither lane, while the
+            # loop kept serving the ticker.
+            assert "fd" in seen and seen["fd"] not in lanes, seen
+            assert len(ticks) > seen["ticks"], "the loop ran while the thread read"
+            assert not r._core.reading_aside
+            assert r._core.wait_fileno() == r._core.fileno()
+            # The channel goes on: a small message, then another large one.
+            w.put(b"small")
+            assert r.get(timeout=5) == b"small"
+            putter = gevent.spawn(w.put, big)
+            assert r.get(timeout=30) == big
+            putter.get(timeout=30)
+
+    @pytest.mark.parametrize("interruption", ["timeout", "kill"])
+    def test_a_wait_that_ends_early_stops_the_reading_thread_and_loses_nothing(
+        self, interruption
+    ):
+        with gipc.pipe() as (r, w):  # default codecs: a KIND_BYTES frame is a bytes object
+            big = bytes(range(256)) * (48 << 12)
+            # Written behind gipc's back, in two parts with a pause between: a frame on the
+            # frame lane, then 16 MiB of its payload.
+            frame = raw_header(len(big), kind=_core.KIND_BYTES)
+            fd = w._core.fileno()
+            first = frame + big[: 16 << 20]
+
+            writer = gevent.spawn(write_all, fd, first)
+            getter = gevent.spawn(r.get, timeout=None if interruption == "kill" else 0.3)
+            for _ in range(1000):
+                if r._core.reading_aside:
+                    break
+                gevent.sleep(0.005)
+            assert r._core.reading_aside
+            writer.join(30)
+            if interruption == "kill":
+                gevent.sleep(0.2)
+                getter.kill()
+            else:
+                getter.join(30)
+                assert isinstance(getter.exception, gevent.Timeout), getter.exception
+            if sys.platform.startswith("linux"):
+                assert aside_threads() == [], "the thread stopped with the wait"
+            assert r._core.buffered == 8 + (16 << 20), "and what it read is kept"
+            # The rest, then the message whole.
+            writer = gevent.spawn(write_all, fd, big[16 << 20 :])
+            assert r.get(timeout=30) == big
+            writer.join(30)
+
+    @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+    def test_a_fork_while_a_thread_reads_aside_halts_it_first(self, monkeypatch):
+        """A child started while another greenlet receives a large payload: gipc's reading
+        thread is stopped before the fork (no fork of a multi-threaded process because of
+        gipc, no child copied from the middle of a read), and both go on."""
+
+        at_fork: list = []
+        watching = [True]  # a fork hook stays for good: this one does nothing after the test
+        os.register_at_fork(
+            after_in_parent=lambda: watching[0] and at_fork.append(aside_threads())
+        )
+        with gipc.pipe() as (r, w):
+            big = bytes(range(256)) * (48 << 12)
+            frame = raw_header(len(big), kind=_core.KIND_BYTES)
+            fd = w._core.fileno()
+
+            writer = gevent.spawn(write_all, fd, frame + big[: 16 << 20])
+            getter = gevent.spawn(r.get)
+            for _ in range(1000):
+                if aside_threads():
+                    break
+                gevent.sleep(0.005)
+            assert aside_threads(), "a thread reads the payload"
+            writer.join(30)
+            at_fork.clear()
+            try:
+                p = gipc.start_process(os.getpid)
+            finally:
+                watching[0] = False
+            assert at_fork and at_fork[0] == [], at_fork
+            p.join(30)
+            assert p.exitcode == 0
+            writer = gevent.spawn(write_all, fd, big[16 << 20 :])
+            assert getter.get(timeout=30) == big
+            writer.join(30)
+
+    @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+    def test_a_child_forked_while_a_thread_still_reads_aside_gets_an_error(self):
+        """The fork hook could not stop a reader's thread (another OS thread was using that
+        reader): in the child, whose copy has no thread, the stream is lost, said so, and
+        never resumed at a wrong offset."""
+        from gipc import _handles
+
+        with gipc.pipe() as (r, w):
+            big = bytes(range(256)) * (48 << 12)
+            fd = w._core.fileno()
+            writer = gevent.spawn(
+                write_all, fd, raw_header(len(big), kind=_core.KIND_BYTES) + big[: 1 << 20]
+            )
+            getter = gevent.spawn(r.get)
+            for _ in range(1000):
+                if aside_threads():
+                    break
+                gevent.sleep(0.005)
+            assert aside_threads()
+            writer.join(30)
+            _handles._reading_aside.discard(r)  # as if the hook could not reach it
+            child_r, child_w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child reports through the pipe
+                try:
+                    r._core.try_recv()
+                    answer = b"no error"
+                except gipc.GIPCError as error:
+                    answer = str(error).encode()
+                except BaseException as error:  # noqa: B036 - reported to the parent
+                    answer = repr(error).encode()
+                os.write(child_w, answer)
+                os._exit(0)
+            os.close(child_w)
+            answer = os.read(child_r, 1000).decode()
+            os.close(child_r)
+            os.waitpid(pid, 0)
+            assert "forked while a thread read a message" in answer, answer
+            # The parent goes on.
+            writer = gevent.spawn(write_all, fd, big[1 << 20 :])
+            assert getter.get(timeout=30) == big
+            writer.join(30)
 
     def test_a_bulk_payload_survives_a_timeout_and_a_torn_one_is_an_error(self):
         from gipc import _handles
@@ -1026,7 +1215,7 @@ class TestLanes:
             os.write(bulk_fd, payload[:50_000])
             with pytest.raises(gevent.Timeout):
                 r.get(timeout=0.05)
-            assert r._core.buffered == 50_000
+            assert r._core.buffered == 8 + 50_000  # the header, and the bytes so far
             gevent.spawn(os.write, bulk_fd, payload[50_000:]).join()
             assert r.get(timeout=1) == payload
             # Then one that never completes: the writer goes away mid-payload.

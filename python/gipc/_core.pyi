@@ -77,6 +77,9 @@ class Reader:
     #: Whether messages may carry descriptors to this reader (True by default); False
     #: closes every descriptor as it comes, and a message that carries some comes without.
     takes_descriptors: bool
+    #: Whether the rest of a payload of 8 MiB or more is read on a thread of its own while
+    #: the caller waits (False for a new reader; gipc's handles set it).
+    read_aside: bool
     @property
     def closed(self) -> bool: ...
     @property
@@ -84,7 +87,18 @@ class Reader:
         """"hybrid", "socket" or "pipe"."""
     @property
     def buffered(self) -> int:
-        """Bytes received and not yet returned as messages."""
+        """Bytes received and not yet returned as messages (a large payload in progress
+        counts with its header)."""
+    @property
+    def reading_aside(self) -> bool:
+        """Whether a thread reads a payload now: ``wait_fileno()`` is its descriptor, a new
+        one for each payload, readable once the thread is done."""
+    def halt_aside(self) -> None:
+        """Stops the thread reading aside, if any, keeping what it read: a waiter on its
+        descriptor wakes, and its next try_recv() goes on from there."""
+    def settle_aside(self) -> None:
+        """Stops the thread reading aside, if any, and takes over what it read now, closing
+        its descriptor (for a caller that stopped waiting on it)."""
     def try_recv(self) -> Union[Tuple[int, bytes], Tuple[int, bytes, List[int]], int]:
         """``(kind, payload)``, else WOULD_BLOCK (wait until readable) or YIELD (let the
         loop run first). A KIND_HANDLES message is ``(kind, payload, fds)``: the
@@ -100,7 +114,9 @@ class Reader:
         """Every descriptor of this end: the frame lane's, then the bulk lane's if any."""
     def wait_fileno(self) -> int:
         """The descriptor to wait for (readable) after try_recv() answered WOULD_BLOCK: the
-        bulk lane's while a large payload is coming on it, else the frame lane's."""
+        bulk lane's while a large payload is coming on it, else the frame lane's. With
+        ``read_aside``, for the rest of a large payload: starts the thread that reads it
+        and returns that thread's descriptor."""
     def close(self) -> bool:
         """Closes the descriptors; False if they were closed already."""
     def transfer_state(self) -> Tuple[str, bytes]:

@@ -27,6 +27,7 @@ from typing import (
     List,
     Literal,
     Optional,
+    Set,
     TYPE_CHECKING,
     Tuple,
     TypeVar,
@@ -121,6 +122,25 @@ def _original_poll() -> Any:
 
 #: Every open handle of this process, so a forked child can close those it was not given.
 _open_handles: "weakref.WeakSet[_GIPCHandle]" = weakref.WeakSet()
+
+#: Readers whose payload a thread reads while a greenlet waits (``_GIPCReader._wait_for``).
+_reading_aside: "Set[_GIPCReader]" = set()
+
+
+def _halt_aside_reads() -> None:
+    """Before this process forks: stops every thread reading a payload aside, keeping what
+    it read (its waiting greenlet wakes and a new thread goes on after the fork). A child
+    then never starts from a process in the middle of such a read, and the fork is not one
+    of a multi-threaded process (CPython 3.12+ warns of those) because of gipc's own
+    threads."""
+    for reader in list(_reading_aside):
+        try:
+            reader._core.halt_aside()
+        except Exception:  # in use by another OS thread right now: its thread goes on
+            pass
+
+
+os.register_at_fork(before=_halt_aside_reads)
 
 # The real thread primitives, also under gevent.monkey (whose patched ones are per greenlet).
 # Before gevent.monkey is imported nothing is patched yet, and these references stay the
@@ -254,14 +274,16 @@ class _GIPCHandle:
         """The handle has a new lock (in a forked child)."""
 
     def _wait(self) -> None:
+        # A channel with a bulk lane waits on that descriptor while a large payload is on
+        # its way, and on the frame lane otherwise.
+        self._wait_for(self._core.wait_fileno())
+
+    def _wait_for(self, fd: int) -> None:
         from gevent import get_hub
 
         from ._hub import io_watcher, wait_for
 
         hub = get_hub()
-        # A channel with a bulk lane waits on that descriptor while a large payload is on
-        # its way, and on the frame lane otherwise.
-        fd = self._core.wait_fileno()
         home = self._watcher_hub
         if home is not hub and home is not None and home.loop is not None:
             # The cached watcher is another thread's (the handle is shared between
@@ -320,6 +342,9 @@ class _GIPCReader(_GIPCHandle):
         self._takes_handles = default_codecs
         # Messages that arrived in one batch frame and were not returned yet.
         self._backlog: "collections.deque[Any]" = collections.deque()
+        # The rest of a payload of 8 MiB or more is read on a thread while get() waits, so
+        # that its page faults (milliseconds each on some VMs) do not stop the event loop.
+        core.read_aside = True
         self._lock_changed()
 
     @property
@@ -419,6 +444,31 @@ class _GIPCReader(_GIPCHandle):
         with _gevent().Timeout(timeout):
             with self._lock:
                 return self._receive()
+
+    def _wait_for(self, fd: int) -> None:
+        core = self._core
+        if not core.reading_aside:
+            super()._wait_for(fd)
+            return
+        # A thread reads the payload (started by wait_fileno): its descriptor is new for
+        # each payload, so it gets a watcher for this wait only. Nothing reads aside while
+        # nobody waits: a wait that ends early (a timeout, a killed greenlet) stops it, and
+        # the handle can be closed or passed on as if no thread had been.
+        from gevent import get_hub
+
+        from ._hub import io_watcher, wait_for
+
+        watcher = io_watcher(fd, READ, get_hub())
+        _reading_aside.add(self)
+        try:
+            wait_for(watcher)
+        except BaseException:
+            _reading_aside.discard(self)
+            watcher.close()
+            core.settle_aside()  # after the watcher: this closes the descriptor
+            raise
+        _reading_aside.discard(self)
+        watcher.close()
 
     def _get_waiting(self, frame: Any) -> Any:
         """``get`` after a look at the descriptors found no message (``frame`` is what

@@ -32,7 +32,7 @@ pub const BUFFERED_WEIGHT: u32 = 1;
 /// (checked, in seconds and nanoseconds) cost more than the read itself: ~100 of the ~3,400
 /// instructions of a 100-byte `put` and `get` (callgrind, `benches/per_message.py`).
 /// Plain integers do it in one instruction; 2^64 ns are 584 years of uptime.
-fn now_ns() -> u64 {
+pub(crate) fn now_ns() -> u64 {
     // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists, so the
     // call cannot fail (and a zeroed `ts` would only make one slice look short).
     let ts = unsafe {

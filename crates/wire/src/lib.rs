@@ -2,8 +2,10 @@
 //! writes, and descriptor set-up. The extension module (`gipc._core`) binds it to Python.
 //!
 //! Nothing in this crate ever waits: every call either makes progress or says "would block",
-//! and the caller waits on gevent's hub.
+//! and the caller waits on gevent's hub. (The one thread it may start, to read a large
+//! payload aside from the event loop, waits on its own: see `aside`.)
 
+pub mod aside;
 pub mod budget;
 pub mod claims;
 pub mod frame;

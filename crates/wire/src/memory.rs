@@ -21,8 +21,10 @@
 //! second message, and runs on fast ones (and cheap frees) from then on.
 
 use std::ops::Range;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use crate::budget::now_ns;
 
 /// Buffers at least this large get the huge-page hint (it only pays off for whole 2 MiB
 /// extents, and smaller allocations may share pages with other heap data).
@@ -40,31 +42,31 @@ pub const SLOW_HUGE_FAULT: Duration = Duration::from_millis(1);
 /// free blocks to the host about 2 s after they were freed.
 pub const WARM_WINDOW: Duration = Duration::from_secs(1);
 
-/// When the last large buffer of this process was finished, and how many huge pages it had.
-static LAST_BUFFER: Mutex<Option<(Instant, usize)>> = Mutex::new(None);
+/// When the last large buffer of this process was finished (monotonic ns, 0: none yet), and
+/// how many huge pages it had. Atomics, not a lock: buffers are also filled by a reading
+/// thread (see `aside`), and a lock that thread held when another forked would stay locked
+/// in the child. The two are written one after the other: a buffer that reads them between
+/// the two writes sees one buffer's time with another's count, which at worst costs it one
+/// slow huge page or grants it the stream's allowance once.
+static LAST_BUFFER_AT: AtomicU64 = AtomicU64::new(0);
+static LAST_BUFFER_PAGES: AtomicUsize = AtomicUsize::new(0);
 
 /// Slow huge pages a new buffer may take before it falls back to small pages: one, or any
 /// number after a buffer with huge pages finished within [`WARM_WINDOW`].
-fn slow_allowance(now: Instant) -> usize {
-    let last = *LAST_BUFFER
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    allowance_after(last, now)
+fn slow_allowance(now: u64) -> usize {
+    allowance_after(last_buffer(), now)
 }
 
-/// The record [`HugePages::finish`] leaves for the next buffer.
-#[cfg(test)]
-pub(crate) fn last_buffer() -> Option<(Instant, usize)> {
-    *LAST_BUFFER
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+/// The record [`HugePages::finish`] leaves for the next buffer: `(when, huge pages)`.
+pub(crate) fn last_buffer() -> Option<(u64, usize)> {
+    let at = LAST_BUFFER_AT.load(Ordering::Relaxed);
+    (at != 0).then(|| (at, LAST_BUFFER_PAGES.load(Ordering::Relaxed)))
 }
 
-fn allowance_after(last: Option<(Instant, usize)>, now: Instant) -> usize {
+fn allowance_after(last: Option<(u64, usize)>, now: u64) -> usize {
+    let window = WARM_WINDOW.as_nanos() as u64;
     match last {
-        Some((at, pages)) if pages > 0 && now.saturating_duration_since(at) < WARM_WINDOW => {
-            usize::MAX
-        }
+        Some((at, pages)) if pages > 0 && now.saturating_sub(at) < window => usize::MAX,
         _ => 1,
     }
 }
@@ -97,7 +99,7 @@ impl HugePages {
         }
         advise(start..end, true).then(|| HugePages {
             advised: start..end,
-            slow_left: slow_allowance(Instant::now()),
+            slow_left: slow_allowance(now_ns()),
             faulted: 0,
         })
     }
@@ -145,10 +147,8 @@ impl HugePages {
 
     /// The buffer is complete: its huge pages count as fast ones for the next buffer.
     pub fn finish(self) {
-        let mut last = LAST_BUFFER
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        *last = Some((Instant::now(), self.faulted));
+        LAST_BUFFER_PAGES.store(self.faulted, Ordering::Relaxed);
+        LAST_BUFFER_AT.store(now_ns().max(1), Ordering::Relaxed);
     }
 
     /// Whether some of the buffer is still advised to get huge pages.
@@ -280,10 +280,17 @@ mod tests {
 
     #[test]
     fn only_a_recent_buffer_with_huge_pages_lifts_the_allowance() {
-        let now = Instant::now();
+        let now = now_ns();
+        let window = WARM_WINDOW.as_nanos() as u64;
         assert_eq!(allowance_after(Some((now, 7)), now), usize::MAX);
+        assert_eq!(
+            allowance_after(Some((now - window / 2, 7)), now),
+            usize::MAX
+        );
         assert_eq!(allowance_after(Some((now, 0)), now), 1);
-        assert_eq!(allowance_after(Some((now - 2 * WARM_WINDOW, 7)), now), 1);
+        assert_eq!(allowance_after(Some((now - 2 * window, 7)), now), 1);
+        // A record from the future (another thread wrote it after `now` was read) is recent.
+        assert_eq!(allowance_after(Some((now + 5, 7)), now), usize::MAX);
         assert_eq!(allowance_after(None, now), 1);
     }
 }

@@ -9,6 +9,9 @@ use std::io;
 use std::ops::Range;
 use std::time::Instant;
 
+use std::os::fd::BorrowedFd;
+
+use crate::aside::{AsideRead, End, Finished};
 use crate::budget::{Budget, BUFFERED_WEIGHT, SYSCALL_WEIGHT};
 use crate::frame::{decode_header, encode_lane_header, FrameError, Kind, Lane, HEADER_LEN};
 use crate::io::{ReadSource, MAX_IO_CHUNK};
@@ -21,7 +24,9 @@ pub const READ_BUFFER: usize = 256 * 1024;
 /// into a buffer of their own.
 pub const SMALL_PAYLOAD: usize = 32 * 1024;
 
-/// A buffer that a large payload is read into.
+/// A buffer that a large payload is read into. Its bytes stay at the same address for the
+/// buffer's whole life, wherever the value itself moves (a thread may be filling them, see
+/// [`Receiver::start_aside`]).
 pub trait PayloadBuf {
     fn as_mut_slice(&mut self) -> &mut [u8];
 }
@@ -67,6 +72,9 @@ pub enum RecvError {
     Alloc {
         len: u64,
     },
+    /// This process was forked while a thread read a payload into this receiver: the bytes
+    /// that thread read last are in the parent's copy only. The stream is lost here for good.
+    LostAtFork,
     Io(io::Error),
 }
 
@@ -94,6 +102,11 @@ impl fmt::Display for RecvError {
             RecvError::Alloc { len } => {
                 write!(f, "cannot allocate {len} bytes for an incoming message")
             }
+            RecvError::LostAtFork => write!(
+                f,
+                "this process was forked while a thread read a message into this reader: \
+                 the rest of the stream is lost here (it goes on in the parent)"
+            ),
             RecvError::Io(err) => err.fmt(f),
         }
     }
@@ -102,6 +115,15 @@ impl fmt::Display for RecvError {
 impl std::error::Error for RecvError {}
 
 struct LargeFrame<B> {
+    /// The thread reading the rest of the payload, if one does. Declared before `payload`
+    /// so that it is dropped (stopped and joined) before the buffer it writes to.
+    aside: Option<AsideRead>,
+    /// Read on the caller's thread from now on: a thread could not be started, or one
+    /// ended without the whole payload.
+    no_aside: bool,
+    /// The process forked while a thread read this payload, and this is the child: bytes
+    /// the thread read after its last report are lost here, so every poll fails.
+    lost: bool,
     kind: Kind,
     payload: B,
     len: usize,
@@ -129,6 +151,8 @@ pub struct Receiver<B> {
     max_len: u64,
     budget: Budget,
     corrupt: Option<FrameError>,
+    /// Whether a large payload's rest may be read aside (see [`Receiver::wants_aside`]).
+    aside: bool,
 }
 
 impl<B: PayloadBuf> Receiver<B> {
@@ -141,6 +165,121 @@ impl<B: PayloadBuf> Receiver<B> {
             max_len,
             budget,
             corrupt: None,
+            aside: false,
+        }
+    }
+
+    /// Lets the rest of a large payload be read on a thread of its own (see `aside`), once
+    /// the caller asks for it ([`Receiver::start_aside`]).
+    pub fn set_read_aside(&mut self, aside: bool) {
+        self.aside = aside;
+    }
+
+    pub fn read_aside(&self) -> bool {
+        self.aside
+    }
+
+    /// Whether the payload in progress should be read aside now: the caller that is about
+    /// to wait starts that with [`Receiver::start_aside`] and waits for
+    /// [`Receiver::aside_fd`] instead of the lane. Until it does, polls answer "would
+    /// block" and read nothing (a caller that never waits, and then never polls again,
+    /// leaves the bytes in the lane, where the next receiver finds them).
+    pub fn wants_aside(&self) -> bool {
+        self.large
+            .as_ref()
+            .is_some_and(|large| Self::aside_wanted(self.aside, large))
+    }
+
+    fn aside_wanted(enabled: bool, large: &LargeFrame<B>) -> bool {
+        enabled
+            && large.aside.is_none()
+            && !large.no_aside
+            && !large.lost
+            // Descriptors may come with such a message: they are read on the caller's thread.
+            && large.kind != Kind::Handles
+            && large.len - large.filled >= crate::aside::ASIDE_MIN
+    }
+
+    /// Starts the thread that reads the rest of the payload in progress from `src`, its
+    /// lane. If it cannot start, the payload is read by the polls, as without this. Does
+    /// nothing unless [`Receiver::wants_aside`].
+    ///
+    /// # Safety
+    /// `src` must stay open until the thread is finished: until a poll has collected it, or
+    /// [`Receiver::halt_aside`] was called, or the receiver is dropped.
+    pub unsafe fn start_aside(&mut self, src: BorrowedFd<'_>) {
+        if !self.wants_aside() {
+            return;
+        }
+        let large = self.large.as_mut().expect("wants_aside checked it");
+        let buf = large.payload.as_mut_slice().as_mut_ptr();
+        // SAFETY: the payload's bytes stay where they are (`PayloadBuf`) and allocated until
+        // the `AsideRead` is dropped (it is declared before `payload`); from here on nothing
+        // touches them from `filled` on while it exists: every method that reads or writes
+        // the payload collects or halts it first. `src` is the caller's promise.
+        let started =
+            unsafe { AsideRead::start(src, buf, large.len, large.filled, large.pages.take()) };
+        match started {
+            Ok(aside) => large.aside = Some(aside),
+            Err(_) => large.no_aside = true,
+        }
+    }
+
+    /// The descriptor that becomes readable when the thread reading aside is done, while
+    /// one runs.
+    pub fn aside_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.large.as_ref()?.aside.as_ref().map(AsideRead::event_fd)
+    }
+
+    /// Stops a thread reading aside, if one runs, and keeps what it read: the next poll
+    /// takes it over and goes on from there (by a new thread, or on the caller's). Its
+    /// descriptor stays open, and readable, until then: a greenlet waiting on it wakes.
+    /// For a caller that stops waiting (a timeout, a killed greenlet) and before a fork:
+    /// no thread reads while nobody waits.
+    pub fn halt_aside(&mut self) {
+        if let Some(aside) = self.large.as_mut().and_then(|large| large.aside.as_mut()) {
+            aside.stop();
+        }
+    }
+
+    /// Halts a thread reading aside, if one runs, and takes over what it left now (its
+    /// descriptor is closed): for a reader being closed, or handed over.
+    pub fn collect_aside(&mut self) -> Result<(), RecvError> {
+        let Some(large) = self.large.as_mut() else {
+            return Ok(());
+        };
+        match large.aside.take() {
+            Some(mut aside) => {
+                aside.stop();
+                Self::absorb(large, aside.finish())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Takes over what a finished thread left.
+    fn absorb(large: &mut LargeFrame<B>, finished: Finished) -> Result<(), RecvError> {
+        large.filled = finished.filled;
+        if finished.pages.is_some() {
+            large.pages = finished.pages;
+        }
+        match finished.end {
+            End::Complete | End::Halted => Ok(()),
+            End::Eof => {
+                large.no_aside = true;
+                Err(RecvError::Torn {
+                    received: large.filled as u64,
+                    expected: Some(large.len as u64),
+                })
+            }
+            End::Failed(err) => {
+                large.no_aside = true;
+                Err(RecvError::Io(err))
+            }
+            End::Lost => {
+                large.lost = true;
+                Err(RecvError::LostAtFork)
+            }
         }
     }
 
@@ -152,9 +291,14 @@ impl<B: PayloadBuf> Receiver<B> {
         self.max_len = max_len;
     }
 
-    /// Bytes received but not yet handed out (a partial frame, or whole frames not yet polled).
+    /// Bytes received but not yet handed out (a partial frame, or whole frames not yet
+    /// polled): a large payload in progress counts with its header, so this is above zero
+    /// as soon as a message has begun to arrive.
     pub fn buffered(&self) -> usize {
-        self.end - self.start + self.large.as_ref().map_or(0, |l| l.filled)
+        self.end - self.start
+            + self.large.as_ref().map_or(0, |large| {
+                HEADER_LEN + large.aside.as_ref().map_or(large.filled, AsideRead::filled)
+            })
     }
 
     /// A receiver that starts from `unread`, the bytes another receiver had received and not
@@ -176,6 +320,9 @@ impl<B: PayloadBuf> Receiver<B> {
     /// Nothing changes here. Fails while a payload is partly read from the bulk lane (its
     /// first bytes are no longer on that lane) or after a corrupt header.
     pub fn unread(&mut self) -> Result<Vec<u8>, &'static str> {
+        if self.collect_aside().is_err() {
+            return Err("a large message could not be received whole");
+        }
         if self.corrupt.is_some() {
             return Err("the stream is corrupt");
         }
@@ -307,6 +454,9 @@ impl<B: PayloadBuf> Receiver<B> {
                 let pages = HugePages::advise(payload.as_mut_slice());
                 self.start += HEADER_LEN;
                 self.large = Some(LargeFrame {
+                    aside: None,
+                    no_aside: false,
+                    lost: false,
                     kind,
                     payload,
                     len,
@@ -324,6 +474,9 @@ impl<B: PayloadBuf> Receiver<B> {
                 payload.as_mut_slice()[..have].copy_from_slice(&self.buf[from..from + have]);
                 self.start = from + have;
                 self.large = Some(LargeFrame {
+                    aside: None,
+                    no_aside: false,
+                    lost: false,
                     kind,
                     payload,
                     len,
@@ -368,7 +521,22 @@ impl<B: PayloadBuf> Receiver<B> {
     }
 
     fn step_large<S: ReadSource + ?Sized>(&mut self, src: &mut S) -> Result<Step<B>, RecvError> {
+        let enabled = self.aside;
         let large = self.large.as_mut().expect("checked by caller");
+        if large.lost {
+            return Err(RecvError::LostAtFork);
+        }
+        if let Some(aside) = &large.aside {
+            if !aside.is_done() {
+                return Ok(Step::WouldBlock);
+            }
+            let finished = large.aside.take().expect("checked above").finish();
+            Self::absorb(large, finished)?;
+        }
+        if large.filled < large.len && Self::aside_wanted(enabled, large) {
+            // The caller that waits next starts the thread (`start_aside`).
+            return Ok(Step::WouldBlock);
+        }
         if large.filled == large.len {
             let done = self.large.take().expect("checked above");
             if let Some(pages) = done.pages {
@@ -549,7 +717,7 @@ mod tests {
         let len = crate::memory::HUGE_PAGE_HINT_MIN + 12_345;
         let stream = frame(Kind::Bytes, &vec![3u8; len]);
         let mut src = ScriptedSource::chunks(&stream, MAX_IO_CHUNK);
-        let started = std::time::Instant::now();
+        let started = crate::budget::now_ns();
         let (got, end) = drain(&mut receiver(), &mut src);
         assert!(end.is_ok());
         assert_eq!(got.len(), 1);
@@ -659,7 +827,11 @@ mod tests {
             Event::WouldBlock
         ));
         assert_eq!(rx.waiting_lane(), Lane::Bulk);
-        assert_eq!(rx.buffered(), 5);
+        assert_eq!(
+            rx.buffered(),
+            HEADER_LEN + 5,
+            "the header counts: the message has begun"
+        );
     }
 
     #[test]
@@ -858,6 +1030,245 @@ mod tests {
             let _ = rx.poll_lanes(&mut src, Some(&mut bulk), alloc).unwrap();
         }
         assert!(rx.unread().unwrap_err().contains("bulk lane"));
+    }
+
+    /// Reading aside, on a real socket pair (the thread reads a descriptor).
+    #[cfg(target_os = "linux")]
+    mod aside {
+        use super::*;
+        use crate::aside::ASIDE_MIN;
+        use crate::io::FdReader;
+        use std::io::Write;
+        use std::os::fd::AsFd;
+        use std::os::unix::net::UnixStream;
+        use std::time::{Duration, Instant};
+
+        type NoBulk<'a> = Option<&'a mut FdReader<'a>>;
+
+        fn aside_receiver() -> Receiver<Vec<u8>> {
+            let mut rx = receiver();
+            rx.set_read_aside(true);
+            rx
+        }
+
+        fn pair() -> (UnixStream, UnixStream) {
+            let (tx, rx) = UnixStream::pair().unwrap();
+            rx.set_nonblocking(true).unwrap();
+            (tx, rx)
+        }
+
+        /// Polls as gipc's reader does: starts the thread when asked to, and waits for its
+        /// descriptor (or the lane's) instead of spinning.
+        fn next(
+            rx: &mut Receiver<Vec<u8>>,
+            lane: &UnixStream,
+        ) -> Result<(Kind, Vec<u8>), RecvError> {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                assert!(Instant::now() < deadline, "no message in 30 s");
+                let mut src = FdReader(lane.as_fd());
+                match rx.poll_lanes(&mut src, None as NoBulk, alloc)? {
+                    Event::Message { kind, payload } => return Ok((kind, payload_vec(payload))),
+                    Event::Yield => continue,
+                    Event::WouldBlock => {
+                        if rx.wants_aside() {
+                            // SAFETY: `lane` outlives the receiver's use of it in this test.
+                            unsafe { rx.start_aside(lane.as_fd()) };
+                        }
+                        let fd = rx.aside_fd().unwrap_or(lane.as_fd());
+                        let mut fds = [rustix::event::PollFd::new(
+                            &fd,
+                            rustix::event::PollFlags::IN,
+                        )];
+                        rustix::event::poll(&mut fds, None).unwrap();
+                    }
+                }
+            }
+        }
+
+        /// Writes `bytes` on a thread of its own (more than a socket buffer holds blocks
+        /// until the receiver reads), and gives the stream back when done.
+        fn write_aside(mut tx: UnixStream, bytes: Vec<u8>) -> std::thread::JoinHandle<UnixStream> {
+            std::thread::spawn(move || {
+                tx.write_all(&bytes).unwrap();
+                tx
+            })
+        }
+
+        /// Polls until a large payload has begun and the receiver asks for a thread.
+        fn until_it_wants_aside(rx: &mut Receiver<Vec<u8>>, src: &mut FdReader<'_>) {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !rx.wants_aside() {
+                assert!(Instant::now() < deadline, "no large payload began");
+                assert!(matches!(
+                    rx.poll_lanes(src, None as NoBulk, alloc),
+                    Ok(Event::WouldBlock)
+                ));
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+
+        fn payload(len: usize) -> Vec<u8> {
+            (0..len).map(|i| (i % 251) as u8).collect()
+        }
+
+        #[test]
+        fn a_large_payload_is_read_aside_and_the_next_frames_on_the_loop() {
+            let (mut tx, lane) = pair();
+            let big = payload(ASIDE_MIN + 12_345);
+            let mut stream = frame(Kind::Bytes, &big);
+            stream.extend(frame(Kind::Encoded, b"after"));
+            let writer = std::thread::spawn(move || tx.write_all(&stream).map(|_| tx));
+            let mut rx = aside_receiver();
+            let (kind, got) = next(&mut rx, &lane).unwrap();
+            assert_eq!(kind, Kind::Bytes);
+            assert!(got == big, "payload differs");
+            assert!(
+                rx.aside_fd().is_none(),
+                "the thread is collected with its message"
+            );
+            assert_eq!(
+                next(&mut rx, &lane).unwrap(),
+                (Kind::Encoded, b"after".to_vec())
+            );
+            let _tx = writer.join().unwrap().unwrap();
+        }
+
+        #[test]
+        fn small_payloads_and_a_receiver_without_aside_never_start_a_thread() {
+            let (mut tx, lane) = pair();
+            let mid = payload(ASIDE_MIN - 1);
+            tx.write_all(&frame(Kind::Bytes, &mid)[..HEADER_LEN + 10])
+                .unwrap();
+            let mut rx = aside_receiver();
+            let mut src = FdReader(lane.as_fd());
+            assert!(matches!(
+                rx.poll_lanes(&mut src, None as NoBulk, alloc),
+                Ok(Event::WouldBlock)
+            ));
+            assert!(!rx.wants_aside(), "below ASIDE_MIN");
+            let big = payload(ASIDE_MIN);
+            let mut plain = receiver();
+            let (mut tx2, lane2) = pair();
+            tx2.write_all(&frame(Kind::Bytes, &big)[..HEADER_LEN + 10])
+                .unwrap();
+            let mut src2 = FdReader(lane2.as_fd());
+            assert!(matches!(
+                plain.poll_lanes(&mut src2, None as NoBulk, alloc),
+                Ok(Event::WouldBlock)
+            ));
+            assert!(!plain.wants_aside(), "not enabled");
+            assert_eq!(plain.buffered(), HEADER_LEN + 10);
+        }
+
+        #[test]
+        fn a_halted_thread_leaves_its_bytes_and_the_payload_goes_on() {
+            let (tx, lane) = pair();
+            let big = payload(ASIDE_MIN + (1 << 20));
+            let stream = frame(Kind::Bytes, &big);
+            let half = stream.len() / 2;
+            let writer = write_aside(tx, stream[..half].to_vec());
+            let mut rx = aside_receiver();
+            let mut src = FdReader(lane.as_fd());
+            until_it_wants_aside(&mut rx, &mut src);
+            // SAFETY: `lane` outlives the receiver's use of it.
+            unsafe { rx.start_aside(lane.as_fd()) };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while rx.buffered() < half {
+                assert!(
+                    Instant::now() < deadline,
+                    "the thread read {} of {half}",
+                    rx.buffered()
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            rx.halt_aside();
+            // Stopped, and left for the next poll to take over: its descriptor stays open
+            // and readable, so that whoever waits on it wakes.
+            let fd = rx.aside_fd().expect("kept until the next poll");
+            let mut fds = [rustix::event::PollFd::new(
+                &fd,
+                rustix::event::PollFlags::IN,
+            )];
+            assert_eq!(
+                rustix::event::poll(&mut fds, Some(&Default::default())).unwrap(),
+                1
+            );
+            assert_eq!(rx.buffered(), half, "what the thread read is kept");
+            let tx = writer.join().unwrap();
+            let writer = write_aside(tx, stream[half..].to_vec());
+            let (_, got) = next(&mut rx, &lane).unwrap();
+            assert!(got == big, "payload differs");
+            writer.join().unwrap();
+        }
+
+        #[test]
+        fn a_writer_gone_mid_payload_is_a_torn_message_with_the_count() {
+            let (mut tx, lane) = pair();
+            let big = payload(ASIDE_MIN + (1 << 20));
+            tx.write_all(&frame(Kind::Bytes, &big)[..HEADER_LEN + 5000])
+                .unwrap();
+            drop(tx);
+            let mut rx = aside_receiver();
+            match next(&mut rx, &lane) {
+                Err(RecvError::Torn { received, expected }) => {
+                    assert_eq!((received, expected), (5000, Some(big.len() as u64)));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+
+        #[test]
+        fn unread_halts_the_thread_and_hands_over_every_byte() {
+            let (tx, lane) = pair();
+            let big = payload(ASIDE_MIN + (1 << 20));
+            let stream = frame(Kind::Bytes, &big);
+            let writer = write_aside(tx, stream[..HEADER_LEN + 300_000].to_vec());
+            let mut rx = aside_receiver();
+            let mut src = FdReader(lane.as_fd());
+            until_it_wants_aside(&mut rx, &mut src);
+            // SAFETY: `lane` outlives the receiver's use of it.
+            unsafe { rx.start_aside(lane.as_fd()) };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while rx.buffered() < HEADER_LEN + 300_000 {
+                assert!(Instant::now() < deadline);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let mut tx = writer.join().unwrap();
+            let unread = rx.unread().unwrap();
+            assert!(rx.aside_fd().is_none(), "halted");
+            assert!(
+                unread == stream[..HEADER_LEN + 300_000],
+                "the frame as it came"
+            );
+            // A receiver resumed from those bytes, on the same lane, gets the whole message.
+            let mut moved = Receiver::resume(u64::MAX, Budget::new(None), &unread);
+            moved.set_read_aside(true);
+            let rest = stream[HEADER_LEN + 300_000..].to_vec();
+            let writer = std::thread::spawn(move || tx.write_all(&rest).map(|_| tx));
+            let (_, got) = next(&mut moved, &lane).unwrap();
+            let _tx = writer.join().unwrap().unwrap();
+            assert!(got == big, "payload differs");
+        }
+
+        #[test]
+        fn dropping_a_receiver_mid_payload_stops_its_thread() {
+            let (mut tx, lane) = pair();
+            tx.write_all(&frame(Kind::Bytes, &payload(ASIDE_MIN + (1 << 20)))[..HEADER_LEN + 10])
+                .unwrap();
+            let mut rx = aside_receiver();
+            let mut src = FdReader(lane.as_fd());
+            assert!(matches!(
+                rx.poll_lanes(&mut src, None as NoBulk, alloc),
+                Ok(Event::WouldBlock)
+            ));
+            // SAFETY: `lane` outlives the receiver.
+            unsafe { rx.start_aside(lane.as_fd()) };
+            assert!(rx.aside_fd().is_some());
+            let t0 = Instant::now();
+            drop(rx); // the thread waits in poll for more: woken, stopped, joined
+            assert!(t0.elapsed() < Duration::from_secs(5));
+        }
     }
 
     proptest! {
