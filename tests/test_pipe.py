@@ -1179,23 +1179,38 @@ class TestLanes:
             assert aside_threads()
             writer.join(30)
             _handles._reading_aside.discard(r)  # as if the hook could not reach it
-            child_r, child_w = os.pipe()
-            pid = os.fork()
-            if pid == 0:  # pragma: no cover - the child reports through the pipe
-                try:
-                    r._core.try_recv()
-                    answer = b"no error"
-                except gipc.GIPCError as error:
-                    answer = str(error).encode()
-                except BaseException as error:  # noqa: B036 - reported to the parent
-                    answer = repr(error).encode()
-                os.write(child_w, answer)
-                os._exit(0)
-            os.close(child_w)
-            answer = os.read(child_r, 1000).decode()
-            os.close(child_r)
-            os.waitpid(pid, 0)
-            assert "forked while a thread read a message" in answer, answer
+            answers = {}
+            for action in ("receive", "close"):
+                child_r, child_w = os.pipe()
+                pid = os.fork()
+                if pid == 0:  # pragma: no cover - the child reports through the pipe
+                    try:
+                        if action == "receive":
+                            r._core.try_recv()
+                        else:
+                            # Its copy of the thread's eventfd, shared with the parent: it
+                            # must not signal it.
+                            r._core.close()
+                        answer = b"no error"
+                    except gipc.GIPCError as error:
+                        answer = str(error).encode()
+                    except BaseException as error:  # noqa: B036 - reported to the parent
+                        answer = repr(error).encode()
+                    os.write(child_w, answer)
+                    os._exit(0)
+                os.close(child_w)
+                answers[action] = os.read(child_r, 1000).decode()
+                os.close(child_r)
+                os.waitpid(pid, 0)
+            assert "forked while a thread read a message" in answers["receive"], answers
+            assert answers["close"] == "no error", answers
+            # The parent's thread was left alone: it still waits for the rest, and its
+            # eventfd was not made readable.
+            import select
+
+            poller = select.poll()
+            poller.register(r._core.wait_fileno(), select.POLLIN)
+            assert poller.poll(0) == [] and aside_threads()
             # The parent goes on.
             writer = gevent.spawn(write_all, fd, big[1 << 20 :])
             assert getter.get(timeout=30) == big

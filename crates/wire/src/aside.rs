@@ -178,6 +178,11 @@ impl AsideRead {
     }
 
     fn ask_to_stop(&self) {
+        if rustix::process::getpid() != self.owner {
+            // A forked copy: the eventfd is shared with the parent, whose thread it would
+            // wake (and whose waiting greenlet) for nothing.
+            return;
+        }
         self.shared.stop.store(true, Ordering::Release);
         // A failure (the counter full) would mean it is readable already: the thread sees it.
         let _ = rustix::io::write(&self.event, &1u64.to_ne_bytes());
@@ -214,9 +219,7 @@ impl AsideRead {
 impl Drop for AsideRead {
     fn drop(&mut self) {
         if self.thread.is_some() {
-            if rustix::process::getpid() == self.owner {
-                self.ask_to_stop();
-            }
+            self.ask_to_stop();
             self.join();
         }
     }
