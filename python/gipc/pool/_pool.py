@@ -141,11 +141,13 @@ class ProcessPool(cf.Executor):
             Tasks sent ahead and not started are taken back for a worker that becomes
             free; they can no longer be cancelled. ``0`` sends a worker one task at a
             time.
-        start_method, mp_context: how workers are started, as for
-            :func:`gipc.start_process` ("fork", "forkserver" or "spawn"; ``None``: the
-            program's ``multiprocessing`` start method if it set one, else fork on Linux),
-            fixed when the pool is made. With "forkserver" and "spawn", ``initializer``,
-            ``initargs`` and a custom ``decoder`` must pickle.
+        start_method: how workers are started, as for :func:`gipc.start_process`
+            ("fork", "forkserver" or "spawn"; ``None``: the program's ``multiprocessing``
+            start method if it set one, else fork on Linux), fixed when the pool is made.
+            With "forkserver" and "spawn", ``initializer``, ``initargs`` and a custom
+            ``decoder`` must pickle.
+        mp_context: a ``multiprocessing`` context, whose start method is used when
+            ``start_method`` is None (as for :func:`gipc.start_process`).
         encoder: how each call (the function and its arguments) is encoded for a worker:
             ``'default'`` (pickle, or what :func:`gipc.set_default_codec` set when the pool
             was made) or a callable, as for :func:`gipc.pipe`; e.g. ``cloudpickle.dumps``
