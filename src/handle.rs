@@ -260,13 +260,6 @@ impl Reader {
         self.rx.halt_aside();
     }
 
-    /// Stops the thread reading aside, if any, and takes over what it read now, closing its
-    /// descriptor (for a caller that stopped waiting on it: no thread reads while nobody
-    /// waits). An error it ended with comes again from the next `try_recv`.
-    fn settle_aside(&mut self) {
-        let _ = self.rx.collect_aside();
-    }
-
     /// Whether messages may carry descriptors to this reader (True by default); a reader
     /// that refuses them closes every descriptor that comes, and a message that carries
     /// some comes without them.

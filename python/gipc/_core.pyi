@@ -96,9 +96,6 @@ class Reader:
     def halt_aside(self) -> None:
         """Stops the thread reading aside, if any, keeping what it read: a waiter on its
         descriptor wakes, and its next try_recv() goes on from there."""
-    def settle_aside(self) -> None:
-        """Stops the thread reading aside, if any, and takes over what it read now, closing
-        its descriptor (for a caller that stopped waiting on it)."""
     def try_recv(self) -> Union[Tuple[int, bytes], Tuple[int, bytes, List[int]], int]:
         """``(kind, payload)``, else WOULD_BLOCK (wait until readable) or YIELD (let the
         loop run first). A KIND_HANDLES message is ``(kind, payload, fds)``: the

@@ -27,7 +27,6 @@ from typing import (
     List,
     Literal,
     Optional,
-    Set,
     TYPE_CHECKING,
     Tuple,
     TypeVar,
@@ -123,19 +122,21 @@ def _original_poll() -> Any:
 #: Every open handle of this process, so a forked child can close those it was not given.
 _open_handles: "weakref.WeakSet[_GIPCHandle]" = weakref.WeakSet()
 
-#: Readers whose payload a thread reads while a greenlet waits (``_GIPCReader._wait_for``).
-_reading_aside: "Set[_GIPCReader]" = set()
+#: Readers that may have a thread reading a payload aside: every reader that ever waited
+#: (``_GIPCReader._wait``, before the thread may start); the fork hook skips the others.
+_reading_aside: "weakref.WeakSet[_GIPCReader]" = weakref.WeakSet()
 
 
 def _halt_aside_reads() -> None:
     """Before this process forks: stops every thread reading a payload aside, keeping what
-    it read (its waiting greenlet wakes and a new thread goes on after the fork). A child
-    then never starts from a process in the middle of such a read, and the fork is not one
-    of a multi-threaded process (CPython 3.12+ warns of those) because of gipc's own
-    threads."""
+    it read (a waiting greenlet wakes, and the next ``get()`` goes on with a new thread
+    after the fork). A child then never starts from a process in the middle of such a read,
+    and the fork is not one of a multi-threaded process (CPython 3.12+ warns of those)
+    because of gipc's own threads."""
     for reader in list(_reading_aside):
         try:
-            reader._core.halt_aside()
+            if reader._core.reading_aside:
+                reader._core.halt_aside()
         except Exception:  # in use by another OS thread right now: its thread goes on
             pass
 
@@ -445,30 +446,31 @@ class _GIPCReader(_GIPCHandle):
             with self._lock:
                 return self._receive()
 
+    def _wait(self) -> None:
+        # Registered before wait_fileno() may start a thread reading aside, so that the fork
+        # hook sees every such thread, whatever happens between here and the wait.
+        _reading_aside.add(self)
+        super()._wait()
+
     def _wait_for(self, fd: int) -> None:
         core = self._core
         if not core.reading_aside:
             super()._wait_for(fd)
             return
         # A thread reads the payload (started by wait_fileno): its descriptor is new for
-        # each payload, so it gets a watcher for this wait only. Nothing reads aside while
-        # nobody waits: a wait that ends early (a timeout, a killed greenlet) stops it, and
-        # the handle can be closed or passed on as if no thread had been.
+        # each payload, so it gets a watcher for this wait only. A wait that ends early (a
+        # timeout, a killed greenlet) leaves the thread reading: the next get() goes on
+        # waiting for it (a get(timeout=0) poll makes progress at full speed), and close,
+        # a transfer or a fork stop it first.
         from gevent import get_hub
 
         from ._hub import io_watcher, wait_for
 
         watcher = io_watcher(fd, READ, get_hub())
-        _reading_aside.add(self)
         try:
             wait_for(watcher)
-        except BaseException:
-            _reading_aside.discard(self)
+        finally:
             watcher.close()
-            core.settle_aside()  # after the watcher: this closes the descriptor
-            raise
-        _reading_aside.discard(self)
-        watcher.close()
 
     def _get_waiting(self, frame: Any) -> Any:
         """``get`` after a look at the descriptors found no message (``frame`` is what

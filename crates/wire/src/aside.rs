@@ -24,7 +24,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -92,8 +92,26 @@ pub struct AsideRead {
     shared: Arc<Shared>,
     /// Readable once the thread is done; written by the owner to stop it.
     event: OwnedFd,
-    /// The process that started the thread: the only one it runs in.
+    /// The process that started the thread, the only one it runs in: its pid, and how
+    /// many forks this memory had been through then (see [`in_owner`](AsideRead::in_owner)).
     owner: rustix::process::Pid,
+    generation: u64,
+}
+
+/// Forks this memory has been through: bumped in every child (`pthread_atfork`).
+static FORKS: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn count_fork_in_child() {
+    FORKS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Registers [`count_fork_in_child`] once per process (children inherit the registration).
+fn count_forks() {
+    static REGISTERED: std::sync::Once = std::sync::Once::new();
+    // SAFETY: registers a function that only bumps an atomic, safe after fork().
+    REGISTERED.call_once(|| unsafe {
+        libc::pthread_atfork(None, None, Some(count_fork_in_child));
+    });
 }
 
 impl AsideRead {
@@ -111,6 +129,7 @@ impl AsideRead {
         filled: usize,
         pages: Option<HugePages>,
     ) -> io::Result<AsideRead> {
+        count_forks();
         let event = new_event()?;
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
@@ -127,16 +146,22 @@ impl AsideRead {
             pages,
             shared: Arc::clone(&shared),
         };
+        // Every signal blocked from the thread's first instruction on: it inherits the mask
+        // in force here, for the few microseconds of the spawn (a signal for this process
+        // meanwhile waits, pending, and is then handled as ever).
+        let mask = BlockedSignals::here();
         let thread = std::thread::Builder::new()
             .name("gipc-read-aside".into())
             .stack_size(STACK)
-            .spawn(move || job.run())?;
+            .spawn(move || job.run());
+        drop(mask);
         Ok(AsideRead {
-            thread: Some(thread),
+            thread: Some(thread?),
             result: None,
             shared,
             event,
             owner: rustix::process::getpid(),
+            generation: FORKS.load(Ordering::Relaxed),
         })
     }
 
@@ -151,7 +176,13 @@ impl AsideRead {
         self.thread.is_none()
             || self.shared.done.load(Ordering::Acquire)
             // A forked copy: the thread will never report here.
-            || rustix::process::getpid() != self.owner
+            || !self.in_owner()
+    }
+
+    /// Whether this is the process that started the thread, not a forked copy of it. The
+    /// fork count tells even where a pid could repeat (a pid namespace, a reused pid).
+    fn in_owner(&self) -> bool {
+        FORKS.load(Ordering::Relaxed) == self.generation && rustix::process::getpid() == self.owner
     }
 
     /// Asks the thread to stop after the read it is in, and joins it; what it left is kept
@@ -178,7 +209,7 @@ impl AsideRead {
     }
 
     fn ask_to_stop(&self) {
-        if rustix::process::getpid() != self.owner {
+        if !self.in_owner() {
             // A forked copy: the eventfd is shared with the parent, whose thread it would
             // wake (and whose waiting greenlet) for nothing.
             return;
@@ -199,7 +230,7 @@ impl AsideRead {
         let Some(thread) = self.thread.take() else {
             return lost(self.filled());
         };
-        if rustix::process::getpid() != self.owner {
+        if !self.in_owner() {
             // A forked child: the thread exists only in the parent. Its handle is not ours
             // to join or release.
             std::mem::forget(thread);
@@ -380,6 +411,33 @@ fn stay_on(cpu: Option<usize>) {
 
 #[cfg(not(target_os = "linux"))]
 fn stay_on(_cpu: Option<usize>) {}
+
+/// Every signal blocked in the calling thread until dropped (then the mask as it was).
+struct BlockedSignals(libc::sigset_t);
+
+impl BlockedSignals {
+    fn here() -> BlockedSignals {
+        // SAFETY: valid sigset_t values; pthread_sigmask changes only this thread's mask and
+        // fills `old` with the mask it replaced.
+        unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+            BlockedSignals(old)
+        }
+    }
+}
+
+impl Drop for BlockedSignals {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask `here` saved, on the same thread (the value never
+        // leaves `start`).
+        unsafe {
+            libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, std::ptr::null_mut());
+        }
+    }
+}
 
 /// Blocks every signal in the calling thread: a signal for the process then goes to one of
 /// the program's own threads, as if this one did not exist.

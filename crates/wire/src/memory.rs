@@ -73,7 +73,7 @@ fn allowance_after(last: Option<(u64, usize)>, now: u64) -> usize {
 
 /// The huge-page state of one fresh buffer: the 2 MiB-aligned address range that was advised,
 /// and how far it has been filled.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct HugePages {
     /// Addresses still advised: after a fallback, only the part already faulted in.
     advised: Range<usize>,

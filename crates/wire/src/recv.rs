@@ -217,8 +217,10 @@ impl<B: PayloadBuf> Receiver<B> {
         // the `AsideRead` is dropped (it is declared before `payload`); from here on nothing
         // touches them from `filled` on while it exists: every method that reads or writes
         // the payload collects or halts it first. `src` is the caller's promise.
+        // The thread gets its own copy of the huge-page state (it comes back in `Finished`):
+        // if it cannot start, the polls go on following this one.
         let started =
-            unsafe { AsideRead::start(src, buf, large.len, large.filled, large.pages.take()) };
+            unsafe { AsideRead::start(src, buf, large.len, large.filled, large.pages.clone()) };
         match started {
             Ok(aside) => large.aside = Some(aside),
             Err(_) => large.no_aside = true,
