@@ -122,8 +122,8 @@ def _original_poll() -> Any:
 #: Every open handle of this process, so a forked child can close those it was not given.
 _open_handles: "weakref.WeakSet[_GIPCHandle]" = weakref.WeakSet()
 
-#: Readers that may have a thread reading a payload aside: every reader that ever waited
-#: (``_GIPCReader._wait``, before the thread may start); the fork hook skips the others.
+#: Readers that may have a thread reading a payload aside: every live reader (the fork hook
+#: skips those without one).
 _reading_aside: "weakref.WeakSet[_GIPCReader]" = weakref.WeakSet()
 
 
@@ -345,7 +345,10 @@ class _GIPCReader(_GIPCHandle):
         self._backlog: "collections.deque[Any]" = collections.deque()
         # The rest of a payload of 8 MiB or more is read on a thread while get() waits, so
         # that its page faults (milliseconds each on some VMs) do not stop the event loop.
+        # Known to the fork hook from the start: it sees every such thread, whenever and
+        # however it started (no per-wait cost).
         core.read_aside = True
+        _reading_aside.add(self)
         self._lock_changed()
 
     @property
@@ -445,12 +448,6 @@ class _GIPCReader(_GIPCHandle):
         with _gevent().Timeout(timeout):
             with self._lock:
                 return self._receive()
-
-    def _wait(self) -> None:
-        # Registered before wait_fileno() may start a thread reading aside, so that the fork
-        # hook sees every such thread, whatever happens between here and the wait.
-        _reading_aside.add(self)
-        super()._wait()
 
     def _wait_for(self, fd: int) -> None:
         core = self._core
