@@ -1202,7 +1202,8 @@ class TestLanes:
                 gevent.sleep(0.005)
             assert aside_threads()
             writer.join(30)
-            _handles._reading_aside.discard(r)  # as if the hook could not reach it
+            for ref in [ref for ref in _handles._reading_aside if ref() is r]:
+                _handles._reading_aside.discard(ref)  # as if the hook could not reach it
             answers = {}
             for action in ("receive", "close"):
                 child_r, child_w = os.pipe()

@@ -27,6 +27,7 @@ from typing import (
     List,
     Literal,
     Optional,
+    Set,
     TYPE_CHECKING,
     Tuple,
     TypeVar,
@@ -122,9 +123,11 @@ def _original_poll() -> Any:
 #: Every open handle of this process, so a forked child can close those it was not given.
 _open_handles: "weakref.WeakSet[_GIPCHandle]" = weakref.WeakSet()
 
-#: Readers that may have a thread reading a payload aside: every live reader (the fork hook
-#: skips those without one).
-_reading_aside: "weakref.WeakSet[_GIPCReader]" = weakref.WeakSet()
+#: Readers that may have a thread reading a payload aside: a weak reference to every live
+#: reader (the fork hook skips those without one). A plain set, which ``list()`` copies in
+#: one C call: iterating a WeakSet could meet another OS thread adding a reader ("set
+#: changed size during iteration").
+_reading_aside: "Set[weakref.ref[_GIPCReader]]" = set()
 
 
 def _halt_aside_reads() -> None:
@@ -133,7 +136,10 @@ def _halt_aside_reads() -> None:
     after the fork). A child then never starts from a process in the middle of such a read,
     and the fork is not one of a multi-threaded process (CPython 3.12+ warns of those)
     because of gipc's own threads."""
-    for reader in list(_reading_aside):
+    for ref in list(_reading_aside):
+        reader = ref()
+        if reader is None:
+            continue
         try:
             if reader._core.reading_aside:
                 reader._core.halt_aside()
@@ -348,7 +354,7 @@ class _GIPCReader(_GIPCHandle):
         # Known to the fork hook from the start: it sees every such thread, whenever and
         # however it started (no per-wait cost).
         core.read_aside = True
-        _reading_aside.add(self)
+        _reading_aside.add(weakref.ref(self, _reading_aside.discard))
         self._lock_changed()
 
     @property
