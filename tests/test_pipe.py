@@ -1172,7 +1172,8 @@ class TestLanes:
             writer.join(30)
             at_fork.clear()
             try:
-                p = gipc.start_process(os.getpid)
+                # A fork of this process, whatever start method the suite runs with.
+                p = gipc.start_process(os.getpid, start_method="fork")
             finally:
                 watching[0] = False
             assert at_fork and at_fork[0] == [], at_fork
