@@ -1052,14 +1052,7 @@ class TestLanes:
             putter = gevent.spawn(w.put, big)
             gevent.sleep(0.01)
             assert w._core.mid_frame
-            ticks = []
-
-            def tick() -> None:
-                while True:
-                    gevent.sleep(0.001)
-                    ticks.append(1)
-
-            ticker = gevent.spawn(tick)
+            ticker = Ticker()
             seen = {}
             real_wait = r._wait
 
@@ -1067,18 +1060,18 @@ class TestLanes:
                 fd = r._core.wait_fileno()
                 if r._core.reading_aside:
                     seen["fd"] = fd
-                    seen["ticks"] = len(ticks)
+                    seen["ticks"] = ticker.ticks
                 real_wait()
 
             monkeypatch.setattr(r, "_wait", wait)
             got = r.get(timeout=30)
-            ticker.kill()
+            ticker.stop()
             putter.get(timeout=30)
             assert got == big
             # It was read by a thread: waited for on a descriptor of neither lane, while the
             # loop kept serving the ticker.
             assert "fd" in seen and seen["fd"] not in lanes, seen
-            assert len(ticks) > seen["ticks"], "the loop ran while the thread read"
+            assert ticker.ticks > seen["ticks"], "the loop ran while the thread read"
             assert not r._core.reading_aside
             assert r._core.wait_fileno() == r._core.fileno()
             # The channel goes on: a small message, then another large one.

@@ -63,7 +63,6 @@ class _Completions:
     """The futures of one wait, delivered to the waiting greenlet as they finish."""
 
     def __init__(self, hub: Hub) -> None:
-        self._hub = hub
         self._thread = _get_ident()
         # Orders a callback's send against close(): a send on a closed watcher is undefined.
         self._lock = _allocate_lock()

@@ -294,7 +294,7 @@ struct Job {
 
 impl Job {
     fn run(mut self) -> Finished {
-        block_all_signals();
+        // Every signal is blocked already: the thread took the mask `start` set for it.
         stay_on(self.cpu);
         let end = self.read_all();
         let finished = Finished {
@@ -412,7 +412,9 @@ fn stay_on(cpu: Option<usize>) {
 #[cfg(not(target_os = "linux"))]
 fn stay_on(_cpu: Option<usize>) {}
 
-/// Every signal blocked in the calling thread until dropped (then the mask as it was).
+/// Every signal blocked in the calling thread until dropped (then the mask as it was). A
+/// thread started meanwhile keeps that mask for good: a signal for the process then goes to
+/// one of the program's own threads, as if the reading thread did not exist.
 struct BlockedSignals(libc::sigset_t);
 
 impl BlockedSignals {
@@ -436,18 +438,6 @@ impl Drop for BlockedSignals {
         unsafe {
             libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, std::ptr::null_mut());
         }
-    }
-}
-
-/// Blocks every signal in the calling thread: a signal for the process then goes to one of
-/// the program's own threads, as if this one did not exist.
-fn block_all_signals() {
-    // SAFETY: `all` is a valid sigset_t filled by sigfillset before use; pthread_sigmask
-    // changes only the calling thread's mask.
-    unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
     }
 }
 

@@ -1260,10 +1260,7 @@ mod tests {
                 .unwrap();
             let mut rx = aside_receiver();
             let mut src = FdReader(lane.as_fd());
-            assert!(matches!(
-                rx.poll_lanes(&mut src, None as NoBulk, alloc),
-                Ok(Event::WouldBlock)
-            ));
+            until_it_wants_aside(&mut rx, &mut src);
             // SAFETY: `lane` outlives the receiver.
             unsafe { rx.start_aside(lane.as_fd()) };
             assert!(rx.aside_fd().is_some());
