@@ -343,9 +343,21 @@ impl Reader {
         let end = self.end.as_ref().ok_or_else(errors::closed)?;
         let (rx, fds, transport) = (&mut self.rx, &mut self.fds, self.transport);
         let takes_fds = self.takes_fds;
-        let answer = self
-            .spin
-            .attempt(|| receive_once(py, rx, end, transport, fds, takes_fds));
+        if rx.caught_up() {
+            self.spin.pause_in_stream();
+        }
+        // A spin looks with `poll` before it reads again, unless part of a message is here
+        // already (the rest of a payload, or one a thread of gipc's reads aside): then
+        // whether the descriptor is readable does not tell whether the message is done.
+        let partial = std::cell::Cell::new(false);
+        let answer = self.spin.attempt_when(
+            || partial.get() || end.has_input_now(),
+            || {
+                let answer = receive_once(py, rx, end, transport, fds, takes_fds);
+                partial.set(rx.buffered() > 0);
+                answer
+            },
+        );
         if !takes_fds {
             self.fds.clear();
         }

@@ -105,6 +105,21 @@ impl End {
         }
     }
 
+    /// Whether a read on either lane would find something now (bytes, end of stream or an
+    /// error), asked without reading. A spinning reader looks with this between reads: a
+    /// `poll` does not take the pipe's lock, while every `read` that comes back empty holds
+    /// it against the writer's next `write` (see [`crate::spin`]). When the kernel cannot
+    /// say, the answer is yes, so that the caller reads and finds out.
+    pub fn has_input_now(&self) -> bool {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        let mut fds = [
+            PollFd::new(&self.frame, PollFlags::IN),
+            PollFd::new(self.bulk.as_ref().unwrap_or(&self.frame), PollFlags::IN),
+        ];
+        let lanes = if self.bulk.is_some() { 2 } else { 1 };
+        !matches!(poll(&mut fds[..lanes], Some(&Timespec::default())), Ok(0))
+    }
+
     /// Every descriptor of this end: the frame lane's, then the bulk lane's if any.
     pub fn raw_fds(&self) -> Vec<RawFd> {
         std::iter::once(&self.frame)
@@ -700,6 +715,25 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
         drop(w);
         assert_eq!(FdReader(r.as_fd()).read_some(&mut buf).unwrap(), 0);
+    }
+
+    #[test]
+    fn an_end_has_input_when_either_lane_has_bytes_or_its_writer_is_gone() {
+        for transport in [Transport::Pipe, Transport::Socket, Transport::Hybrid] {
+            let (r, w) = channel_ends(transport).unwrap();
+            assert!(!r.has_input_now(), "{transport:?}: empty");
+            let mut buf = [0u8; 8];
+            for lane in [Lane::Frame, Lane::Bulk] {
+                FdWriter::new(w.lane(lane), transport.frame_lane())
+                    .write_some(&[IoSlice::new(b"x")])
+                    .unwrap();
+                assert!(r.has_input_now(), "{transport:?}: a byte on {lane:?}");
+                FdReader(r.lane(lane)).read_some(&mut buf).unwrap();
+                assert!(!r.has_input_now(), "{transport:?}: read again");
+            }
+            drop(w);
+            assert!(r.has_input_now(), "{transport:?}: the end of the stream");
+        }
     }
 
     #[test]

@@ -24,6 +24,11 @@ pub const READ_BUFFER: usize = 256 * 1024;
 /// into a buffer of their own.
 pub const SMALL_PAYLOAD: usize = 32 * 1024;
 
+/// A read into the buffer of less than this says the lane had little in it (see
+/// [`Receiver::caught_up`]); a stream of payloads of 4 KiB or more never counts as caught up,
+/// so it never pauses.
+pub const SHORT_READ: usize = 4 * 1024;
+
 /// A buffer that a large payload is read into. Its bytes stay at the same address for the
 /// buffer's whole life, wherever the value itself moves (a thread may be filling them, see
 /// [`Receiver::start_aside`]).
@@ -153,6 +158,9 @@ pub struct Receiver<B> {
     corrupt: Option<FrameError>,
     /// Whether a large payload's rest may be read aside (see [`Receiver::wants_aside`]).
     aside: bool,
+    /// Whether the last read into `buf` brought less than [`SHORT_READ`] bytes (see
+    /// [`Receiver::caught_up`]).
+    short_read: bool,
 }
 
 impl<B: PayloadBuf> Receiver<B> {
@@ -166,6 +174,7 @@ impl<B: PayloadBuf> Receiver<B> {
             budget,
             corrupt: None,
             aside: false,
+            short_read: false,
         }
     }
 
@@ -177,6 +186,14 @@ impl<B: PayloadBuf> Receiver<B> {
 
     pub fn read_aside(&self) -> bool {
         self.aside
+    }
+
+    /// Whether this receiver keeps up with a writer of small messages: it has handed out
+    /// everything it read, and its last read was short, so the lane was all but empty.
+    /// A reader in the middle of a stream then lets a few messages gather before it reads
+    /// again ([`crate::spin::SpinPolicy::pause_in_stream`]).
+    pub fn caught_up(&self) -> bool {
+        self.short_read && self.start == self.end && self.large.is_none()
     }
 
     /// Whether the payload in progress should be read aside now: the caller that is about
@@ -455,6 +472,7 @@ impl<B: PayloadBuf> Receiver<B> {
                 let mut payload = alloc(len).ok_or(RecvError::Alloc { len: len as u64 })?;
                 let pages = HugePages::advise(payload.as_mut_slice());
                 self.start += HEADER_LEN;
+                self.short_read = false; // a large payload is no sign of small messages
                 self.large = Some(LargeFrame {
                     aside: None,
                     no_aside: false,
@@ -475,6 +493,7 @@ impl<B: PayloadBuf> Receiver<B> {
                 let have = (avail - HEADER_LEN).min(len);
                 payload.as_mut_slice()[..have].copy_from_slice(&self.buf[from..from + have]);
                 self.start = from + have;
+                self.short_read = false; // a large payload is no sign of small messages
                 self.large = Some(LargeFrame {
                     aside: None,
                     no_aside: false,
@@ -516,6 +535,7 @@ impl<B: PayloadBuf> Receiver<B> {
             }),
             Ok(n) => {
                 self.end += n;
+                self.short_read = n < SHORT_READ;
                 Ok(Step::Again)
             }
             Err(err) => self.would_block_or(err),
@@ -668,6 +688,44 @@ mod tests {
             2,
             "one read for all frames, one that would block"
         );
+    }
+
+    #[test]
+    fn caught_up_after_a_short_read_is_all_handed_out() {
+        let small = frame(Kind::Encoded, &[7u8; 60]);
+        let mut rx = receiver();
+        assert!(!rx.caught_up(), "nothing read yet");
+        // Three messages and half of a fourth in one short read.
+        let mut stream = small.repeat(3);
+        stream.extend_from_slice(&small[..30]);
+        let mut src = ScriptedSource::split(&stream, &[stream.len()]);
+        for _ in 0..3 {
+            assert!(matches!(
+                rx.poll_lanes(&mut src, NO_BULK, alloc),
+                Ok(Event::Message { .. })
+            ));
+            assert!(!rx.caught_up(), "messages or part of one still here");
+        }
+        assert!(matches!(
+            rx.poll_lanes(&mut src, NO_BULK, alloc),
+            Ok(Event::WouldBlock)
+        ));
+        assert!(!rx.caught_up(), "half a message waits for its rest");
+        let mut src = ScriptedSource::whole(small[30..].to_vec());
+        let (got, _) = drain(&mut rx, &mut src);
+        assert_eq!(got.len(), 1);
+        assert!(rx.caught_up());
+
+        // A long read of small messages, all handed out, is no sign of keeping up...
+        let (got, _) = drain(&mut rx, &mut ScriptedSource::whole(small.repeat(100)));
+        assert_eq!(got.len(), 100);
+        assert!(!rx.caught_up());
+        // ...nor is a large payload, even one that ends with a short read.
+        let large = frame(Kind::Bytes, &vec![1u8; SMALL_PAYLOAD + 1]);
+        let mut src = ScriptedSource::chunks(&large, 1000);
+        let (got, _) = drain(&mut rx, &mut src);
+        assert_eq!(got.len(), 1);
+        assert!(!rx.caught_up());
     }
 
     #[test]
