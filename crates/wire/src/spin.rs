@@ -110,6 +110,7 @@ impl SpinPolicy {
             self.penalty = (self.penalty * 2 + 1).min(MAX_PENALTY);
         }
     }
+
     /// Before a reader that has caught up with its writer reads again ([`crate::recv::
     /// Receiver::caught_up`]): waits [`STREAM_PAUSE`] on the CPU if this is a stream policy
     /// in the middle of a stream, so that the next read takes several messages. A policy
