@@ -971,6 +971,22 @@ class TestReplySpin:
         # message was caught by a spin, and a spin never ended the slice).
         assert len(turns) >= 10, turns
 
+    def test_a_stream_reader_spinning_on_poll_still_ends_its_time_slice(self):
+        """A stream's reader spins on poll, not on reads, but its spin still counts
+        against the time slice: a spin set far longer than the slice answers YIELD once the
+        slice is used up, rather than holding the event loop until the message comes.
+        (When only the poll ran, a 5 s spin held the loop until the message, 0.3 s later.)"""
+        with gipc.pipe() as (r, w):
+            r._core.spin_us = 5_000_000
+            for i in range(3):
+                w.put(i)
+            assert [r.get() for _ in range(3)] == [0, 1, 2]  # two without a wait: a stream
+            p = gipc.start_process(_put_after, args=(w, 0.3, "late"))
+            assert r._core.try_recv() == _core.YIELD
+            assert r.get() == "late"
+            p.join()
+        assert p.exitcode == 0
+
     def test_spinning_get_keeps_its_timeout_and_end_of_stream(self):
         with gipc.pipe(duplex=True) as (a, b):
             with pytest.raises(gevent.Timeout):

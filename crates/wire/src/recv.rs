@@ -25,8 +25,8 @@ pub const READ_BUFFER: usize = 256 * 1024;
 pub const SMALL_PAYLOAD: usize = 32 * 1024;
 
 /// A read into the buffer of less than this says the lane had little in it (see
-/// [`Receiver::caught_up`]); a stream of payloads of 4 KiB or more never counts as caught up,
-/// so it never pauses.
+/// [`Receiver::caught_up`]). A stream of payloads of 4 KiB or more counts as caught up only
+/// when one of them arrives in pieces and its last piece is short: one pause, now and then.
 pub const SHORT_READ: usize = 4 * 1024;
 
 /// A buffer that a large payload is read into. Its bytes stay at the same address for the
@@ -725,6 +725,23 @@ mod tests {
         let mut src = ScriptedSource::chunks(&large, 1000);
         let (got, _) = drain(&mut rx, &mut src);
         assert_eq!(got.len(), 1);
+        assert!(!rx.caught_up());
+
+        // The same for a payload on the bulk lane, whose header came in a short read.
+        let (got, _) = drain(&mut rx, &mut ScriptedSource::whole(small.clone()));
+        assert_eq!(got.len(), 1);
+        assert!(rx.caught_up());
+        let header = encode_lane_header(Kind::Bytes, 6, Lane::Bulk).unwrap();
+        let mut src = ScriptedSource::whole(header.to_vec());
+        let mut bulk = ScriptedSource::whole(b"abcdef".to_vec());
+        let got = loop {
+            match rx.poll_lanes(&mut src, Some(&mut bulk), alloc).unwrap() {
+                Event::Message { payload, .. } => break payload_vec(payload),
+                Event::WouldBlock => panic!("the payload is all there"),
+                _ => {}
+            }
+        };
+        assert_eq!(got, b"abcdef");
         assert!(!rx.caught_up());
     }
 

@@ -33,11 +33,19 @@ pub const REPLY_SPIN: Duration = Duration::from_micros(50);
 /// How long a reader in the middle of a stream that has caught up with its writer lets
 /// messages gather before it reads again ([`SpinPolicy::pause_in_stream`]). Reading each
 /// small message as it lands means one `read` per `write`, and on a pipe every one of them
-/// holds the lock the writer's next `write` needs: on a 2-core VM, a stream of small dicts
-/// ran at 0.97M messages/s so, and at 1.4M with 1.5 us pauses (one read per 11 messages,
-/// and the writer's kernel time per message down from ~490 ns to ~170). Each message of
-/// such a stream arrives up to this much later.
+/// holds the lock the writer's next `write` needs. On a 2-core VM a stream of small dicts
+/// ran at 0.97M messages/s that way; pauses of 0.5, 1.5 and 4 us gave 1.26M, 1.37M and
+/// 1.38M (at 1.5 us one read per 11 messages, and the writer's kernel time per message
+/// down from ~490 ns to ~170), and 2 us, kept, one read per ~14. Each message of such a
+/// stream arrives up to this much later.
 pub const STREAM_PAUSE: Duration = Duration::from_micros(2);
+
+/// The longest a stream's spin goes on `poll` alone, without an attempt. The attempt (a
+/// call into the receiver) is what the time budget sees: it counts the time since the
+/// previous call only up to [`crate::budget::PAUSE`], so a spin that only polled would be
+/// invisible to it, and one set longer than that (`spin_us`) would hold the event loop for
+/// all of it instead of yielding when the slice is used up.
+pub const ATTEMPT_AT_LEAST_EVERY: Duration = Duration::from_micros(25);
 
 #[derive(Debug)]
 pub struct SpinPolicy {
@@ -132,8 +140,9 @@ impl SpinPolicy {
     }
 
     /// `attempt()`'s answer; when it has none (`Ok(None)`: the caller would have to wait),
-    /// tries again on the CPU until the limit, if the policy spins this time. This is the
-    /// one place in gipc that waits without the event loop, for at most the limit.
+    /// tries again on the CPU until the limit, if the policy spins this time. This and
+    /// [`SpinPolicy::pause_in_stream`] are the only places in gipc that wait without the
+    /// event loop: for at most the limit, and for [`STREAM_PAUSE`].
     pub fn attempt<T, E>(
         &mut self,
         attempt: impl FnMut() -> Result<Option<T>, E>,
@@ -142,8 +151,8 @@ impl SpinPolicy {
     }
 
     /// As [`SpinPolicy::attempt`], but a stream policy, while spinning, attempts again only
-    /// when `ready()` says it may find something: a cheap look that leaves alone what the
-    /// attempt itself would disturb. A stream's reader spins on `poll` rather than on
+    /// when `ready()` says it may find something, or [`ATTEMPT_AT_LEAST_EVERY`] after its
+    /// last attempt: a cheap look that leaves alone what the attempt itself would disturb. A stream's reader spins on `poll` rather than on
     /// `read`, because every empty read takes the pipe's lock: on a 2-core VM, a stream of
     /// small dicts whose reader spun on reads ran 7-10% slower, its writer waiting for that
     /// lock. A reader that expects replies reads at once: its peer writes one reply and
@@ -166,15 +175,18 @@ impl SpinPolicy {
         let Some(deadline) = self.start(Instant::now()) else {
             return Ok(None);
         };
+        let mut attempted = Instant::now();
         loop {
             std::hint::spin_loop();
-            if self.streams_only && !ready() {
-                if Instant::now() >= deadline {
+            let now = Instant::now();
+            if self.streams_only && now - attempted < ATTEMPT_AT_LEAST_EVERY && !ready() {
+                if now >= deadline {
                     self.finish(false);
                     return Ok(None);
                 }
                 continue;
             }
+            attempted = now;
             if let Some(answer) = attempt()? {
                 self.finish(true);
                 self.answers = 2; // still in the stream: the next wait spins too
@@ -267,6 +279,20 @@ mod tests {
             let expected = if attempts_while_not_ready { 21 } else { 2 };
             assert_eq!(attempts, expected, "{policy:?}");
         }
+        // A look that never says ready still lets the attempt run now and then (it is what
+        // the time budget sees): an answer that only the attempt finds is found.
+        let mut policy = SpinPolicy::for_streams(Some(Duration::from_secs(5)));
+        policy.answers = 2;
+        let (mut attempts, started) = (0, Instant::now());
+        let got: Result<_, ()> = policy.attempt_when(
+            || false,
+            || {
+                attempts += 1;
+                Ok((attempts == 3).then_some("yield, say"))
+            },
+        );
+        assert_eq!(got, Ok(Some("yield, say")));
+        assert!(started.elapsed() >= 2 * ATTEMPT_AT_LEAST_EVERY);
         // A look that never says ready ends with the limit, as a spin does.
         let mut policy = SpinPolicy::for_streams(Some(Duration::from_micros(200)));
         policy.answers = 2;
