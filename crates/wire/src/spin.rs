@@ -152,10 +152,10 @@ impl SpinPolicy {
 
     /// As [`SpinPolicy::attempt`], but a stream policy, while spinning, attempts again only
     /// when `ready()` says it may find something, or [`ATTEMPT_AT_LEAST_EVERY`] after its
-    /// last attempt: a cheap look that leaves alone what the attempt itself would disturb. A stream's reader spins on `poll` rather than on
-    /// `read`, because every empty read takes the pipe's lock: on a 2-core VM, a stream of
-    /// small dicts whose reader spun on reads ran 7-10% slower, its writer waiting for that
-    /// lock. A reader that expects replies reads at once: its peer writes one reply and
+    /// last attempt: a cheap look that leaves alone what the attempt itself would disturb.
+    /// A stream's reader spins on `poll` rather than on `read`, because every empty read
+    /// takes the pipe's lock: on a 2-core VM, a stream of small dicts whose reader spun on
+    /// reads ran 7-10% slower, its writer waiting for that lock. A reader that expects replies reads at once: its peer writes one reply and
     /// waits, and a look first would put a system call on the reply's way (ping-pong went
     /// from 2.1 to 2.2 us).
     pub fn attempt_when<T, E>(
@@ -264,7 +264,7 @@ mod tests {
                 let _: Result<_, ()> = policy.attempt(|| Ok(Some(())));
             }
             // The message arrives after 20 looks or attempts, whichever the policy makes.
-            let (ticks, attempts) = (Cell::new(0), Cell::new(0));
+            let (ticks, attempts, started) = (Cell::new(0), Cell::new(0), Instant::now());
             let arrived = || {
                 ticks.set(ticks.get() + 1);
                 ticks.get() > 20
@@ -275,9 +275,15 @@ mod tests {
             });
             assert_eq!(got, Ok(Some("caught")));
             let attempts = attempts.get();
-            // The first attempt is made without a look, whatever the policy.
-            let expected = if attempts_while_not_ready { 21 } else { 2 };
-            assert_eq!(attempts, expected, "{policy:?}");
+            // The first attempt is made without a look, whatever the policy; a stream's
+            // spin makes one more only when ready, or when it went on for a while (here,
+            // only if this thread lost its CPU in the middle of the 20 looks).
+            if attempts_while_not_ready {
+                assert_eq!(attempts, 21, "{policy:?}");
+            } else {
+                let long = started.elapsed() >= ATTEMPT_AT_LEAST_EVERY;
+                assert!(attempts == 2 || (long && attempts < 21), "{attempts}");
+            }
         }
         // A look that never says ready still lets the attempt run now and then (it is what
         // the time budget sees): an answer that only the attempt finds is found.
