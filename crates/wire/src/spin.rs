@@ -40,12 +40,14 @@ pub const REPLY_SPIN: Duration = Duration::from_micros(50);
 /// stream arrives up to this much later.
 pub const STREAM_PAUSE: Duration = Duration::from_micros(2);
 
-/// The longest a stream's spin goes on `poll` alone, without an attempt. The attempt (a
-/// call into the receiver) is what the time budget sees: it counts the time since the
-/// previous call only up to [`crate::budget::PAUSE`], so a spin that only polled would be
-/// invisible to it, and one set longer than that (`spin_us`) would hold the event loop for
-/// all of it instead of yielding when the slice is used up.
-pub const ATTEMPT_AT_LEAST_EVERY: Duration = Duration::from_micros(25);
+/// The longest a stream's spin goes on `poll` alone, without an attempt: half of
+/// [`crate::budget::PAUSE`] (25 us). The attempt (a call into the receiver) is what the time
+/// budget sees, and it counts the time since the previous call only up to `PAUSE`, so a
+/// spin that only polled would be invisible to it, and one set longer than that
+/// (`spin_us`) would hold the event loop for all of it instead of yielding when the slice
+/// is used up.
+pub const ATTEMPT_AT_LEAST_EVERY: Duration =
+    Duration::from_nanos((crate::budget::PAUSE.as_nanos() / 2) as u64);
 
 #[derive(Debug)]
 pub struct SpinPolicy {
@@ -155,9 +157,9 @@ impl SpinPolicy {
     /// last attempt: a cheap look that leaves alone what the attempt itself would disturb.
     /// A stream's reader spins on `poll` rather than on `read`, because every empty read
     /// takes the pipe's lock: on a 2-core VM, a stream of small dicts whose reader spun on
-    /// reads ran 7-10% slower, its writer waiting for that lock. A reader that expects replies reads at once: its peer writes one reply and
-    /// waits, and a look first would put a system call on the reply's way (ping-pong went
-    /// from 2.1 to 2.2 us).
+    /// reads ran 7-10% slower, its writer waiting for that lock. A reader that expects
+    /// replies reads at once: its peer writes one reply and waits, and a look first would
+    /// put a system call on the reply's way (ping-pong went from 2.1 to 2.2 us).
     pub fn attempt_when<T, E>(
         &mut self,
         mut ready: impl FnMut() -> bool,
