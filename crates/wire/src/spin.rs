@@ -17,7 +17,10 @@
 //! pipe, a slow peer, a request now and then) never spins, and a stream's reader that keeps
 //! up with its writer takes the next message on the CPU instead of sleeping for it (going to
 //! sleep and being woken every few messages was most of a small message's cost between two
-//! processes, see docs/performance.md).
+//! processes, see docs/performance.md). Such a reader spins on `poll` rather than on empty
+//! reads ([`SpinPolicy::attempt_when`]), and once it has caught up it waits
+//! [`STREAM_PAUSE`] before it reads again ([`SpinPolicy::pause_in_stream`]): both keep its
+//! reads off the pipe's lock, which the writer needs for every message.
 
 use std::time::{Duration, Instant};
 
