@@ -8,6 +8,7 @@ descriptor or a child (the autouse fixture in conftest.py checks the last two).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import json
@@ -1131,22 +1132,28 @@ class TestStartsInterruptedBetweenAnyTwoLines:
                 if failures or not to_interrupt:
                     break
             # A line that a start reaches only when the server's answer is late (a wait for
-            # it) can be stepped over by every count: aimed at where it is, until reached.
-            for location in sorted(to_interrupt):
-                for _ in range(20):
-                    if failures:
-                        break
-                    where = []
-                    _ForkServerStarts.attempt(
-                        server, held, fds_before, mask, failures, location,
-                        functools.partial(
-                            _interrupt_at,
-                            location, _ForkServerStarts.start, _ForkServerStarts.LAUNCHER, where,
-                        ),
-                    )
-                    if where:
-                        to_interrupt.discard(location)
-                        break
+            # it) can be stepped over by every count: aimed at where it is, until reached,
+            # with each start's answer made late (on timing alone, 20 starts aimed at such a
+            # line did not always reach it: CI, 2026-12-02, Python 3.10).
+            with _ForkServerStarts.late_answers():
+                for location in sorted(to_interrupt):
+                    for _ in range(20):
+                        if failures:
+                            break
+                        where = []
+                        _ForkServerStarts.attempt(
+                            server, held, fds_before, mask, failures, location,
+                            functools.partial(
+                                _interrupt_at,
+                                location,
+                                _ForkServerStarts.start,
+                                _ForkServerStarts.LAUNCHER,
+                                where,
+                            ),
+                        )
+                        if where:
+                            to_interrupt.discard(location)
+                            break
             assert not failures, f"{path}:\n" + "\n".join(failures)
             assert not to_interrupt, f"{path}: never interrupted at {sorted(to_interrupt)}"
             assert _forkserver._server is server, "the server was dropped"
@@ -1166,6 +1173,29 @@ class _ForkServerStarts:
     LAUNCHER = ("_forkserver.py", "_popen.py")
     #: What ``start()`` started.
     started = []
+
+    @staticmethod
+    @contextlib.contextmanager
+    def late_answers():
+        """Each start's first look at the server's answer finds nothing, as when the
+        answer is late: the start then goes through the lines that wait for it."""
+        from gipc import _forkserver
+
+        real = _forkserver.ForkServerPopen._read_answer
+        looked = {}  # id -> the Popen, kept alive so that no other one takes its id
+
+        def late_once(popen, start):
+            if id(popen) not in looked:
+                looked[id(popen)] = popen
+                return None
+            return real(popen, start)
+
+        _forkserver.ForkServerPopen._read_answer = late_once
+        try:
+            yield
+        finally:
+            _forkserver.ForkServerPopen._read_answer = real
+            looked.clear()
 
     @staticmethod
     def start():
